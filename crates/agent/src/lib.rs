@@ -1,0 +1,1 @@
+//! The per-host agent: metadata store, REST API, NBD exports, VM manager

@@ -1,0 +1,1 @@
+//! Benchmarks that compare spore with its baselines in the same run

@@ -1,0 +1,1 @@
+//! Content-addressed chunk store: BLAKE3 ids, zstd, verified reads

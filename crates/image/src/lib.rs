@@ -1,0 +1,1 @@
+//! Images and layers: versioned on-disk formats, flat block map, import and export

@@ -1,0 +1,3 @@
+//! NBD server.
+pub mod export;
+pub use export::{Export, Exports, Extent};

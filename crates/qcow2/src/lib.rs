@@ -1,0 +1,1 @@
+//! qcow2 image reader and writer (for import and export)

@@ -1,0 +1,1 @@
+//! Driving QEMU: command lines, accelerator choice, QMP client
