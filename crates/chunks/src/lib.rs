@@ -1,1 +1,481 @@
-//! Content-addressed chunk store: BLAKE3 ids, zstd, verified reads
+//! Content-addressed chunk store.
+//!
+//! Everything spore keeps — image blocks, layer tables, manifests, later
+//! template memory — is a chunk named by the BLAKE3 hash of its contents.
+//! Identical data is therefore stored once, whichever image or layer it
+//! belongs to, and a chunk that comes from anywhere (disk, peer, origin) is
+//! checked against its name before it is used.
+//!
+//! On disk, each chunk is one file `chunks/<2 hex>/<64 hex>` holding a
+//! 16-byte header (magic, version, codec, lengths) and the payload, raw or
+//! zstd-compressed. The format is described in docs/formats.md.
+//!
+//! Writes are not synced one by one: a writer stores a batch of chunks and
+//! then calls [`ChunkStore::sync`] before it publishes anything that refers
+//! to them (a layer, a name). That keeps imports fast and still guarantees
+//! that no durable metadata ever points at a chunk a crash could lose.
+
+mod id;
+
+pub use id::{ChunkId, ParseChunkIdError};
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Magic at the start of every chunk file.
+pub const CHUNK_MAGIC: [u8; 4] = *b"SPCK";
+/// Current chunk file version.
+pub const CHUNK_VERSION: u8 = 1;
+/// Largest chunk the store accepts (also bounds what a reader allocates).
+pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+const HEADER_LEN: usize = 16;
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// How new chunks are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Store payloads as they are.
+    None,
+    /// zstd at a fast level; kept only where it saves at least 1/8.
+    #[default]
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "zstd" => Ok(Self::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?} (expected none or zstd)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("chunk {0} is not in the store")]
+    NotFound(ChunkId),
+    #[error("chunk {id} is corrupt: {why}")]
+    Corrupt { id: ChunkId, why: &'static str },
+    #[error("chunk of {0} bytes is larger than the limit of {MAX_CHUNK_SIZE}")]
+    TooLarge(usize),
+    #[error("chunk store I/O at {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::NotFound(_) => io::ErrorKind::NotFound,
+            Error::Corrupt { .. } => io::ErrorKind::InvalidData,
+            Error::TooLarge(_) => io::ErrorKind::InvalidInput,
+            Error::Io { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// True when every byte of `data` is zero. Zero blocks are never stored.
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(16);
+    let tail = words.remainder();
+    words
+        .into_iter()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Counters of what the store did since it was opened.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub chunks_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub chunks_deduplicated: AtomicU64,
+    pub chunks_read: AtomicU64,
+}
+
+/// A directory of content-addressed chunks.
+#[derive(Debug)]
+pub struct ChunkStore {
+    root: PathBuf,
+    compression: Compression,
+    stats: Stats,
+}
+
+/// What [`ChunkStore::put`] did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Put {
+    pub id: ChunkId,
+    /// Bytes the chunk occupies on disk (header included).
+    pub stored_len: u64,
+    /// False when the store already held the chunk.
+    pub new: bool,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>, compression: Compression) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        Ok(ChunkStore {
+            root,
+            compression,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(&hex[..2]).join(&hex)
+    }
+
+    /// True when the chunk is present (not verified).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.path_of(id).exists()
+    }
+
+    /// Stores `data` under its hash. Not durable until [`ChunkStore::sync`].
+    pub fn put(&self, data: &[u8]) -> Result<Put> {
+        let id = ChunkId::of(data);
+        self.put_with_id(id, data)
+    }
+
+    /// Stores `data` whose hash the caller has already computed (and, for
+    /// data from elsewhere, verified).
+    pub fn put_with_id(&self, id: ChunkId, data: &[u8]) -> Result<Put> {
+        if data.len() > MAX_CHUNK_SIZE {
+            return Err(Error::TooLarge(data.len()));
+        }
+        let path = self.path_of(&id);
+        if let Ok(meta) = fs::metadata(&path) {
+            self.stats
+                .chunks_deduplicated
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Put {
+                id,
+                stored_len: meta.len(),
+                new: false,
+            });
+        }
+        let (codec, payload): (u8, std::borrow::Cow<[u8]>) = match self.compression {
+            Compression::Zstd => match zstd::bulk::compress(data, 1) {
+                Ok(c) if c.len() <= data.len() - data.len() / 8 => (CODEC_ZSTD, c.into()),
+                _ => (CODEC_RAW, data.into()),
+            },
+            Compression::None => (CODEC_RAW, data.into()),
+        };
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&CHUNK_MAGIC);
+        header[4] = CHUNK_VERSION;
+        header[5] = codec;
+        header[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+
+        let dir = path.parent().expect("chunk path has a parent");
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // Write beside the final name and rename, so a reader never sees half
+        // a chunk and a crash leaves at worst a stray temporary file.
+        let tmp = dir.join(format!(".{}.tmp{}", id.to_hex(), std::process::id()));
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&header)?;
+            f.write_all(&payload)?;
+            fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&path, e));
+        }
+        let stored_len = (HEADER_LEN + payload.len()) as u64;
+        self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(stored_len, Ordering::Relaxed);
+        Ok(Put {
+            id,
+            stored_len,
+            new: true,
+        })
+    }
+
+    /// Reads a chunk and checks it against its id.
+    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let path = self.path_of(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::NotFound(*id)),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw)
+            .map_err(|e| Error::io(&path, e))?;
+        let data = decode_chunk_file(id, &raw)?;
+        self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Bytes the chunk occupies on disk, if present.
+    pub fn stored_len(&self, id: &ChunkId) -> Option<u64> {
+        fs::metadata(self.path_of(id)).ok().map(|m| m.len())
+    }
+
+    /// Deletes a chunk. Missing chunks are not an error.
+    pub fn remove(&self, id: &ChunkId) -> Result<()> {
+        let path = self.path_of(id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Every chunk id present in the store (stray temporary files skipped).
+    pub fn list(&self) -> Result<Vec<ChunkId>> {
+        let mut ids = Vec::new();
+        let top = fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        for dir in top {
+            let dir = dir.map_err(|e| Error::io(&self.root, e))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Makes every chunk written so far durable (one `syncfs` of the store's
+    /// file system, then an fsync of each fan-out directory is unnecessary:
+    /// syncfs covers directory entries too).
+    pub fn sync(&self) -> Result<()> {
+        let dir = File::open(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(Error::io(&self.root, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes the bytes of a chunk file and verifies them against `id`.
+///
+/// Public so that fuzzing and peers (whose bytes come in the same framing)
+/// can use it.
+pub fn decode_chunk_file(id: &ChunkId, raw: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = |why| Error::Corrupt { id: *id, why };
+    if raw.len() < HEADER_LEN {
+        return Err(corrupt("truncated header"));
+    }
+    if raw[..4] != CHUNK_MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    if raw[4] != CHUNK_VERSION {
+        return Err(corrupt("unsupported version"));
+    }
+    let raw_len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")) as usize;
+    let stored_len = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes")) as usize;
+    if raw_len > MAX_CHUNK_SIZE {
+        return Err(corrupt("length over limit"));
+    }
+    let payload = &raw[HEADER_LEN..];
+    if payload.len() != stored_len {
+        return Err(corrupt("payload length mismatch"));
+    }
+    let data = match raw[5] {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_ZSTD => {
+            let data = zstd::bulk::decompress(payload, raw_len)
+                .map_err(|_| corrupt("bad zstd payload"))?;
+            if data.len() != raw_len {
+                return Err(corrupt("decompressed length mismatch"));
+            }
+            data
+        }
+        _ => return Err(corrupt("unknown codec")),
+    };
+    if data.len() != raw_len {
+        return Err(corrupt("length mismatch"));
+    }
+    if ChunkId::of(&data) != *id {
+        return Err(corrupt("hash mismatch"));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(c: Compression) -> (tempfile::TempDir, ChunkStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path().join("chunks"), c).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        assert!(is_zero(&[]));
+        let mut v = vec![0u8; 4099];
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        v[4098] = 0;
+        v[7] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn put_get_roundtrip_and_dedup() {
+        for c in [Compression::None, Compression::Zstd] {
+            let (_d, s) = store(c);
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+            let p = s.put(&data).unwrap();
+            assert!(p.new);
+            assert_eq!(s.get(&p.id).unwrap(), data);
+            let again = s.put(&data).unwrap();
+            assert!(!again.new);
+            assert_eq!(again.id, p.id);
+            assert_eq!(s.list().unwrap(), vec![p.id]);
+            if c == Compression::Zstd {
+                assert!(
+                    p.stored_len < data.len() as u64 / 4,
+                    "compressible data compressed"
+                );
+            }
+            s.sync().unwrap();
+            s.remove(&p.id).unwrap();
+            assert!(matches!(s.get(&p.id), Err(Error::NotFound(_))));
+        }
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let (_d, s) = store(Compression::None);
+        let data = vec![42u8; 8192];
+        let p = s.put(&data).unwrap();
+        let path = s.path_of(&p.id);
+        let mut raw = fs::read(&path).unwrap();
+        raw[100] ^= 1;
+        fs::write(&path, &raw).unwrap();
+        assert!(matches!(
+            s.get(&p.id),
+            Err(Error::Corrupt {
+                why: "hash mismatch",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn malformed_files_are_rejected() {
+        let id = ChunkId::of(b"x");
+        let mut good = Vec::from(CHUNK_MAGIC);
+        good.extend_from_slice(&[CHUNK_VERSION, CODEC_RAW, 0, 0]);
+        good.extend_from_slice(&1u32.to_le_bytes());
+        good.extend_from_slice(&1u32.to_le_bytes());
+        good.push(b'x');
+        assert_eq!(decode_chunk_file(&id, &good).unwrap(), b"x");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (good[..10].to_vec(), "truncated header"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = b'X';
+                    b
+                },
+                "bad magic",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[4] = 9;
+                    b
+                },
+                "unsupported version",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[5] = 7;
+                    b
+                },
+                "unknown codec",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b.push(0);
+                    b
+                },
+                "payload length mismatch",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+                    b
+                },
+                "length over limit",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[5] = CODEC_ZSTD;
+                    b
+                },
+                "bad zstd payload",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[16] = b'y';
+                    b
+                },
+                "hash mismatch",
+            ),
+        ];
+        for (bytes, want) in cases {
+            match decode_chunk_file(&id, &bytes) {
+                Err(Error::Corrupt { why, .. }) => assert_eq!(why, want),
+                other => panic!("expected {want}, got {other:?}"),
+            }
+        }
+    }
+}
