@@ -1,0 +1,54 @@
+# spore guest shell helpers; source with `. /etc/spore/lib.sh`.
+#
+# Kernel command line options of the form spore.NAME or spore.NAME=VALUE.
+# Values cannot contain spaces (the kernel splits the line on blanks).
+
+SPORE_CMDLINE=$(cat /proc/cmdline 2>/dev/null)
+export SPORE_CMDLINE
+
+# spore_flag NAME: true if "spore.NAME" or "spore.NAME=..." is on the command line
+spore_flag() {
+    for _a in $SPORE_CMDLINE; do
+        case "$_a" in "spore.$1"|"spore.$1="*) return 0 ;; esac
+    done
+    return 1
+}
+
+# spore_arg NAME: value of the last spore.NAME=VALUE (empty if absent)
+spore_arg() {
+    _v=
+    for _a in $SPORE_CMDLINE; do
+        case "$_a" in "spore.$1="*) _v=${_a#spore.$1=} ;; esac
+    done
+    printf '%s' "$_v"
+}
+
+# spore_args NAME: every value of spore.NAME=VALUE, one per line, in order
+spore_args() {
+    for _a in $SPORE_CMDLINE; do
+        case "$_a" in "spore.$1="*) printf '%s\n' "${_a#spore.$1=}" ;; esac
+    done
+}
+
+# spore_print_file PATH: one console line
+#   SPORE-FILE <path> <content>     content with the final newline removed and
+#                                   inner newlines shown as the two characters \n
+#   SPORE-FILE-MISSING <path>       if PATH is not a readable regular file
+spore_print_file() {
+    if [ -f "$1" ] && [ -r "$1" ]; then
+        printf 'SPORE-FILE %s %s\n' "$1" "$(sed -e ':a' -e 'N' -e '$!ba' -e 's/\n/\\n/g' "$1")"
+    else
+        printf 'SPORE-FILE-MISSING %s\n' "$1"
+    fi
+}
+
+# spore_run_hooks DIR: run every executable DIR/* in name order
+spore_run_hooks() {
+    [ -d "$1" ] || return 0
+    for _h in "$1"/*; do
+        [ -f "$_h" ] && [ -x "$_h" ] || continue
+        "$_h"
+        _rc=$?
+        [ "$_rc" -eq 0 ] || echo "spore-init: warning: hook $_h exited with status $_rc"
+    done
+}
