@@ -1,1 +1,36 @@
-//! Virtual block devices: an image's flat map plus a writable 4 KiB overlay
+//! Virtual block devices.
+//!
+//! - [`ImageDevice`]: an image, read-only. A read looks its block up in the
+//!   image's flat map (one array index at any layer depth) and copies from
+//!   the chunk, which the shared [`ChunkCache`] holds verified.
+//! - [`Disk`]: an image plus a 4 KiB [`Overlay`] of the VM's own writes,
+//!   with durable flush.
+//!
+//! Both implement [`spore_nbd::Export`], so the agent can serve them.
+
+pub mod cache;
+pub mod disk;
+pub mod image;
+pub mod overlay;
+
+use std::io;
+use std::sync::atomic::AtomicU64;
+
+pub use cache::ChunkCache;
+pub use disk::Disk;
+pub use image::ImageDevice;
+pub use overlay::{Overlay, OverlayError};
+
+/// I/O counters of a device.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+pub(crate) fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "read-only device")
+}

@@ -1,1 +1,13 @@
-//! Driving QEMU: command lines, accelerator choice, QMP client
+//! Driving QEMU: choosing the accelerator, building the command line of a
+//! VM whose disk is an NBD export, and talking QMP.
+//!
+//! spore does not emulate hardware. It starts `qemu-system-x86_64` with the
+//! disk attached over NBD and controls it through its QMP socket.
+
+pub mod accel;
+pub mod cmdline;
+pub mod qmp;
+
+pub use accel::Accel;
+pub use cmdline::{VmSpec, QEMU_BINARY};
+pub use qmp::{Qmp, QmpError};

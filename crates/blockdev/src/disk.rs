@@ -1,0 +1,266 @@
+//! A writable disk: an image underneath, an overlay on top.
+//!
+//! Reads take each 4 KiB granule from the overlay when the VM has written
+//! it, else from the image. A write of whole granules goes straight to the
+//! overlay without reading the image; only a write that covers part of a
+//! granule the overlay does not have yet reads that one granule of the
+//! image first (read-modify-write, serialised per granule so that two
+//! partial writes into one granule cannot lose each other).
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use spore_chunks::ChunkStore;
+use spore_image::{LayerWriter, Published, TransferError};
+use spore_nbd::{Export, Extent};
+
+use crate::image::ImageDevice;
+use crate::overlay::{Overlay, OverlayError, GRANULE, GRANULE_SHIFT};
+use crate::IoStats;
+
+const RMW_STRIPES: usize = 64;
+
+#[derive(Debug)]
+pub struct Disk {
+    base: Arc<ImageDevice>,
+    overlay: Overlay,
+    rmw: Vec<Mutex<()>>,
+    stats: IoStats,
+}
+
+impl Disk {
+    /// Creates a new, empty overlay in `dir` on top of `base`.
+    pub fn create(dir: &Path, base: Arc<ImageDevice>) -> Result<Self, OverlayError> {
+        let overlay = Overlay::create(dir, base.image().manifest.virtual_size)?;
+        Ok(Self::with_overlay(base, overlay))
+    }
+
+    /// Opens the overlay in `dir` on top of `base`.
+    pub fn open(dir: &Path, base: Arc<ImageDevice>) -> Result<Self, OverlayError> {
+        Ok(Self::with_overlay(base, Overlay::open(dir)?))
+    }
+
+    fn with_overlay(base: Arc<ImageDevice>, overlay: Overlay) -> Self {
+        Disk { base, overlay, rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(), stats: IoStats::default() }
+    }
+
+    pub fn base(&self) -> &Arc<ImageDevice> {
+        &self.base
+    }
+
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let granule = pos >> GRANULE_SHIFT;
+            let from_overlay = self.overlay.is_allocated(granule);
+            // Extend the run while granules come from the same side.
+            let mut end = ((granule + 1) << GRANULE_SHIFT).min(offset + buf.len() as u64);
+            while end < offset + buf.len() as u64 && self.overlay.is_allocated(end >> GRANULE_SHIFT) == from_overlay {
+                end = (end + GRANULE).min(offset + buf.len() as u64);
+            }
+            let n = (end - pos) as usize;
+            let out = &mut buf[done..done + n];
+            if from_overlay {
+                self.overlay.read_data(pos, out)?;
+            } else {
+                self.base.read_at(pos, out)?;
+            }
+            done += n;
+        }
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `data` into part of one granule.
+    fn write_partial(&self, granule: u64, within: usize, data: &[u8]) -> io::Result<()> {
+        let _serial = self.rmw[granule as usize % RMW_STRIPES].lock();
+        let start = granule << GRANULE_SHIFT;
+        if self.overlay.is_allocated(granule) {
+            return self.overlay.write_data(start + within as u64, data);
+        }
+        let len = GRANULE.min(self.size() - start) as usize;
+        let mut block = vec![0u8; len];
+        self.base.read_at(start, &mut block)?;
+        block[within..within + data.len()].copy_from_slice(data);
+        self.overlay.write_data(start, &block)?;
+        self.overlay.mark(granule, granule);
+        Ok(())
+    }
+
+    /// Splits `[offset, offset+len)` into a partial head, whole granules and
+    /// a partial tail, and applies `whole` to the middle and `partial` to
+    /// the edges.
+    fn by_granule(
+        &self,
+        offset: u64,
+        len: u64,
+        mut partial: impl FnMut(u64, usize, std::ops::Range<usize>) -> io::Result<()>,
+        whole: impl FnOnce(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let size = self.size();
+        // A granule is whole when the range covers it up to its end or up
+        // to the end of the disk.
+        let head_g = offset >> GRANULE_SHIFT;
+        let first_whole = if offset % GRANULE == 0 { head_g } else { head_g + 1 };
+        let last_end = if end == size { end.div_ceil(GRANULE) } else { end >> GRANULE_SHIFT };
+        if first_whole >= last_end {
+            // Everything is inside one or two partial granules.
+            let mut pos = offset;
+            while pos < end {
+                let g = pos >> GRANULE_SHIFT;
+                let g_end = ((g + 1) << GRANULE_SHIFT).min(end);
+                partial(g, (pos - (g << GRANULE_SHIFT)) as usize, (pos - offset) as usize..(g_end - offset) as usize)?;
+                pos = g_end;
+            }
+            return Ok(());
+        }
+        if offset % GRANULE != 0 {
+            let head_end = first_whole << GRANULE_SHIFT;
+            partial(head_g, (offset % GRANULE) as usize, 0..(head_end - offset) as usize)?;
+        }
+        let mid_start = first_whole << GRANULE_SHIFT;
+        let mid_end = (last_end << GRANULE_SHIFT).min(end);
+        whole(mid_start, mid_end)?;
+        if mid_end < end {
+            partial(last_end, 0, (mid_end - offset) as usize..len as usize)?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.by_granule(
+            offset,
+            data.len() as u64,
+            |g, within, range| self.write_partial(g, within, &data[range]),
+            |start, end| {
+                let slice = &data[(start - offset) as usize..(end - offset) as usize];
+                self.overlay.write_data(start, slice)?;
+                self.overlay.mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+                Ok(())
+            },
+        )?;
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn zero_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; GRANULE as usize];
+        self.by_granule(
+            offset,
+            len,
+            |g, within, range| self.write_partial(g, within, &zeros[..range.len()]),
+            |start, end| {
+                self.overlay.punch(start, end - start)?;
+                self.overlay.mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+                Ok(())
+            },
+        )
+    }
+
+    /// Turns the disk's writes into a new layer on its image and publishes
+    /// a manifest for image + layer. The disk itself is unchanged.
+    pub fn commit(&self, store: &ChunkStore, source: &str) -> Result<Published, TransferError> {
+        self.flush().map_err(|source| TransferError::Read { offset: 0, source })?;
+        let image = self.base.image();
+        let bs = image.manifest.block_size as u64;
+        let writer = LayerWriter::new(store, Some(image), image.manifest.block_size, self.size())?;
+        let granules_per_block = bs / GRANULE;
+        let mut buf = vec![0u8; bs as usize];
+        for block in 0..self.size().div_ceil(bs) {
+            let g0 = block * granules_per_block;
+            if (g0..g0 + granules_per_block).any(|g| self.overlay.is_allocated(g)) {
+                let offset = block * bs;
+                let len = bs.min(self.size() - offset) as usize;
+                self.read_at(offset, &mut buf[..len]).map_err(|source| TransferError::Read { offset, source })?;
+                writer.add(block, &buf[..len])?;
+            }
+        }
+        let (id, manifest, stats) = writer.publish(source)?;
+        Ok(Published { id, manifest, stats })
+    }
+}
+
+impl Export for Disk {
+    fn size(&self) -> u64 {
+        self.overlay.size()
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_at(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.write_at(offset, data)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, _may_trim: bool, fua: bool) -> io::Result<()> {
+        self.zero_at(offset, length)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.zero_at(offset, length)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.overlay.flush()
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.base.prefetch(offset, length)
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let end = (offset + length).min(self.size());
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |e: Extent| match out.last_mut() {
+            Some(last) if last.hole == e.hole && last.zero == e.zero => last.length += e.length,
+            _ => out.push(e),
+        };
+        let mut pos = offset;
+        while pos < end {
+            let g = pos >> GRANULE_SHIFT;
+            let allocated = self.overlay.is_allocated(g);
+            let mut run_end = ((g + 1) << GRANULE_SHIFT).min(end);
+            while run_end < end && self.overlay.is_allocated(run_end >> GRANULE_SHIFT) == allocated {
+                run_end = (run_end + GRANULE).min(end);
+            }
+            if allocated {
+                push(Extent { length: run_end - pos, hole: false, zero: false });
+            } else {
+                for e in self.base.extents(pos, run_end - pos) {
+                    push(e);
+                }
+            }
+            pos = run_end;
+        }
+        Ok(out)
+    }
+}

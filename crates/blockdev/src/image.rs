@@ -1,0 +1,148 @@
+//! The read-only block device of an image: flat map + chunk cache + store.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use spore_chunks::ChunkStore;
+use spore_image::Image;
+use spore_nbd::{Export, Extent};
+
+use crate::cache::ChunkCache;
+use crate::{read_only, IoStats};
+
+#[derive(Debug)]
+pub struct ImageDevice {
+    image: Image,
+    store: Arc<ChunkStore>,
+    cache: Arc<ChunkCache>,
+    stats: IoStats,
+}
+
+impl ImageDevice {
+    pub fn new(image: Image, store: Arc<ChunkStore>, cache: Arc<ChunkCache>) -> Self {
+        ImageDevice { image, store, cache, stats: IoStats::default() }
+    }
+
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+
+    /// The verified contents of the chunk at `slot`.
+    fn chunk(&self, slot: u32) -> io::Result<Arc<[u8]>> {
+        let id = self.image.flat.chunk(slot);
+        self.cache.get_or_load(id, || Ok(self.store.get(id)?))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zero.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let flat = &self.image.flat;
+        let shift = flat.block_shift();
+        let bs = flat.block_size() as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos >> shift;
+            let within = (pos & (bs - 1)) as usize;
+            let n = (bs as usize - within).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match flat.slot(block) {
+                0 => out.fill(0),
+                slot => {
+                    let data = self.chunk(slot)?;
+                    // The last block of an image may be short.
+                    let avail = data.len().saturating_sub(within).min(n);
+                    out[..avail].copy_from_slice(&data[within..within + avail]);
+                    out[avail..].fill(0);
+                }
+            }
+            done += n;
+        }
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Allocation of the image from `offset`: runs of data and of holes.
+    pub fn extents(&self, offset: u64, length: u64) -> Vec<Extent> {
+        let flat = &self.image.flat;
+        let shift = flat.block_shift();
+        let bs = flat.block_size() as u64;
+        let end = (offset + length).min(flat.virtual_size());
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos >> shift;
+            let next = ((block + 1) * bs).min(end);
+            let hole = flat.slot(block) == 0;
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.length += next - pos,
+                _ => out.push(Extent { length: next - pos, hole, zero: hole }),
+            }
+            pos = next;
+        }
+        out
+    }
+
+    /// Loads the chunks of a range into the cache.
+    pub fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
+        let flat = &self.image.flat;
+        let shift = flat.block_shift();
+        if length == 0 {
+            return Ok(());
+        }
+        let last = (offset + length - 1) >> shift;
+        for block in (offset >> shift)..=last.min(flat.block_count().saturating_sub(1)) {
+            if let s @ 1.. = flat.slot(block) {
+                self.chunk(s)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Export for ImageDevice {
+    fn size(&self) -> u64 {
+        self.image.manifest.virtual_size
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        4096
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_at(offset, buf)
+    }
+
+    fn write(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.prefetch(offset, length)
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        Ok(self.extents(offset, length))
+    }
+}

@@ -1,0 +1,108 @@
+//! A small blocking QMP client.
+//!
+//! QMP is line-delimited JSON over a unix socket: a greeting, then
+//! `qmp_capabilities`, then commands each answered by `return` or `error`,
+//! with asynchronous `event` messages interleaved (kept for the caller).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP socket I/O")]
+    Io(#[from] io::Error),
+    #[error("QMP sent something that is not JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP socket {0} did not come up in time")]
+    Timeout(String),
+}
+
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events received while waiting for command replies.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects, retrying until `timeout` (QEMU creates the socket shortly
+    /// after it starts), and negotiates capabilities.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => return Err(QmpError::Timeout(path.display().to_string())),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Closed);
+        }
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(QmpError::Closed);
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut line = serde_json::to_vec(&msg)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        loop {
+            let reply = self.read_message()?;
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_owned(),
+                    class: err["class"].as_str().unwrap_or("?").to_owned(),
+                    desc: err["desc"].as_str().unwrap_or("?").to_owned(),
+                });
+            }
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+            }
+        }
+    }
+
+    /// `query-status`: the run state ("running", "paused", ...).
+    pub fn status(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", None)?;
+        Ok(v["status"].as_str().unwrap_or("unknown").to_owned())
+    }
+}
