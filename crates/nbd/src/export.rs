@@ -46,6 +46,13 @@ pub trait Export: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Bring the range into local caches (NBD_CMD_CACHE).
     fn cache(&self, offset: u64, length: u64) -> io::Result<()>;
+    /// Whether [`Export::write_zeroes`] is much cheaper than writing zero
+    /// bytes (a metadata update rather than data I/O). Only then does the
+    /// server advertise `NBD_FLAG_SEND_FAST_ZERO`, so that clients such as
+    /// `qemu-img convert` can pre-zero a target with it.
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
     /// Allocation status of `[offset, offset+length)`, as a run of extents
     /// starting at `offset`. The extents may cover less than `length` (but at
     /// least one byte) and must not cover more.
