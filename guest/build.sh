@@ -265,6 +265,45 @@ EOF
     echo "$dir"
 }
 
+# populate_image STAGE IMG: copy the staging tree into the (empty, unmounted)
+# ext4 image with debugfs; modes from the stage, owner root, times fixed.
+populate_image() {
+    local stage=$1 img=$2 script=$WORK/populate.debugfs rel p d b mode
+    {
+        echo "set_current_time @$SPORE_EPOCH"
+        ( cd "$stage" && find . -mindepth 1 -print0 | LC_ALL=C sort -z ) \
+        | while IFS= read -r -d '' rel; do
+            p=${rel#.}
+            case "$p" in *[[:space:]\"\\]*) die "unsupported file name: $p" ;; esac
+            d=$(dirname "$p") b=$(basename "$p")
+            mode=$(printf '%o' "0x$(stat -c %f "$stage/$rel")")
+            if [ -L "$stage/$rel" ]; then
+                echo "symlink $p $(readlink "$stage/$rel")"
+            elif [ -d "$stage/$rel" ]; then
+                echo "mkdir $p"
+                echo "sif $p mode 0$mode"
+            elif [ -f "$stage/$rel" ]; then
+                echo "cd $d"
+                echo "write $stage/$rel $b"
+                echo "cd /"
+                echo "sif $p mode 0$mode"
+                echo "sif $p uid 0"
+                echo "sif $p gid 0"
+            else
+                die "unsupported file type: $p"
+            fi
+          done
+    } > "$script"
+    debugfs -w -f "$script" "$img" > "$WORK/populate.log" 2>&1 \
+        || { tail -n 20 "$WORK/populate.log" >&2; die "debugfs populate failed"; }
+    # debugfs does not stop on a failed command; its errors look like
+    # "<command>: <message>" lines without the "debugfs: " prompt prefix
+    if grep -v -e '^debugfs' -e '^Allocated inode' -e '^Setting current time' -e '^$' "$WORK/populate.log" | grep -q .; then
+        grep -v -e '^debugfs' -e '^Allocated inode' -e '^Setting current time' -e '^$' "$WORK/populate.log" | head -n 20 >&2
+        die "debugfs reported errors while populating the image (log: $WORK/populate.log)"
+    fi
+}
+
 if stamp_ok rootfs.img "$ROOTFS_STAMP"; then
     log "rootfs.img: up to date"
 else
@@ -299,12 +338,16 @@ else
         chmod 644 "$S"/data/filler-*
     fi
     normalize_tree "$S"
+    # An empty file system first, then every file written by one debugfs
+    # script in sorted order with a fixed clock.  (mke2fs -d would copy the
+    # host's ctimes and readdir order, which are not reproducible.)
     rm -f "$OUT/rootfs.img.tmp"
+    truncate -s "${DISK_MIB}M" "$OUT/rootfs.img.tmp"
     mke2fs -q -F -t ext4 -b 4096 -I 256 -i 16384 -m 0 \
         -L spore-root -U "$SPORE_FS_UUID" \
         -E "root_owner=0:0,hash_seed=$SPORE_FS_HASH_SEED,lazy_itable_init=0,lazy_journal_init=0,nodiscard" \
-        -d "$S" "$OUT/rootfs.img.tmp" "${DISK_MIB}M" >&2 \
-        || die "mke2fs failed"
+        "$OUT/rootfs.img.tmp" >&2 || die "mke2fs failed"
+    populate_image "$S" "$OUT/rootfs.img.tmp"
     e2fsck -fn "$OUT/rootfs.img.tmp" >/dev/null 2>&1 || { e2fsck -fn "$OUT/rootfs.img.tmp" >&2 || true; die "fresh rootfs.img does not pass e2fsck"; }
     touch -d "@$SPORE_EPOCH" "$OUT/rootfs.img.tmp"
     mv "$OUT/rootfs.img.tmp" "$OUT/rootfs.img"
