@@ -63,8 +63,8 @@ pub enum Error {
     VirtualSizeTooLarge(u64),
     #[error("cluster {index} written twice")]
     ClusterWrittenTwice { index: u64 },
-    #[error("cluster data has length {len}, expected {expected}")]
-    BadClusterLength { len: usize, expected: usize },
+    #[error("cluster data has length {len}, expected {min}..={max}")]
+    BadClusterLength { len: usize, min: usize, max: usize },
     #[error("write at {offset:#x} goes backwards (previous write ended at {previous_end:#x})")]
     WriteNotSequential { offset: u64, previous_end: u64 },
 }

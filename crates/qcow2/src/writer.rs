@@ -38,6 +38,8 @@ const REFCOUNT_BYTES: u64 = 2;
 pub struct Qcow2Writer {
     file: File,
     path: PathBuf,
+    /// The size asked for; `virtual_size` is this rounded up to a sector.
+    requested_size: u64,
     virtual_size: u64,
     cluster_bits: u32,
     l1_size: u64,
@@ -71,6 +73,9 @@ fn is_zero(data: &[u8]) -> bool {
 impl Qcow2Writer {
     /// Creates (or truncates) `path` for an image of `virtual_size` bytes
     /// with clusters of `cluster_size` bytes (a power of two, 512 B to 2 MiB).
+    ///
+    /// The size is rounded up to whole 512-byte sectors: QEMU ignores a
+    /// partial last sector, which would hide the end of the data.
     pub fn create(
         path: impl AsRef<Path>,
         virtual_size: u64,
@@ -82,6 +87,10 @@ impl Qcow2Writer {
         {
             return Err(Error::InvalidClusterSize(cluster_size));
         }
+        let requested_size = virtual_size;
+        let virtual_size = virtual_size
+            .checked_next_multiple_of(512)
+            .ok_or(Error::VirtualSizeTooLarge(virtual_size))?;
         let cluster_bits = cluster_size.trailing_zeros();
         let l2_entries = cluster_size / 8;
         let l1_size = virtual_size.div_ceil(cluster_size).div_ceil(l2_entries);
@@ -100,6 +109,7 @@ impl Qcow2Writer {
         Ok(Qcow2Writer {
             file,
             path,
+            requested_size,
             virtual_size,
             cluster_bits,
             l1_size,
@@ -131,8 +141,9 @@ impl Qcow2Writer {
 
     /// Stores guest cluster `index`. `data` is a whole cluster, or for the
     /// last cluster of an image whose size is not a multiple of the cluster
-    /// size, either a whole cluster or just the bytes inside the image.
-    /// All-zero data is not stored. Each cluster may be written once.
+    /// size, anything from the bytes inside the image to a whole cluster
+    /// (the rest reads as zeros). All-zero data is not stored. Each cluster
+    /// may be written once.
     pub fn write_cluster(&mut self, index: u64, data: &[u8]) -> Result<(), Error> {
         let cluster_size = self.cluster_size();
         if index >= self.cluster_count() {
@@ -142,12 +153,18 @@ impl Qcow2Writer {
                 size: self.virtual_size,
             });
         }
-        let guest_len = self.cluster_len(index);
         let len = data.len() as u64;
-        if len != cluster_size && len != guest_len {
+        let last = index + 1 == self.cluster_count();
+        let min_len = if last {
+            self.requested_size - (index << self.cluster_bits)
+        } else {
+            cluster_size
+        };
+        if len < min_len || len > cluster_size {
             return Err(Error::BadClusterLength {
                 len: data.len(),
-                expected: cluster_size as usize,
+                min: min_len as usize,
+                max: cluster_size as usize,
             });
         }
         if is_zero(data) {
@@ -246,9 +263,14 @@ impl Qcow2Writer {
         }
         drop(tables);
 
-        // L1 table: at least one cluster, so its offset is never zero.
-        let l1_offset = self.next_cluster << self.cluster_bits;
-        let l1_clusters = (self.l1_size * 8).div_ceil(cluster_size).max(1);
+        // L1 table (none for an empty disk: an unreferenced cluster would
+        // count as leaked).
+        let l1_clusters = (self.l1_size * 8).div_ceil(cluster_size);
+        let l1_offset = if l1_clusters == 0 {
+            0
+        } else {
+            self.next_cluster << self.cluster_bits
+        };
         let mut l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         l1_bytes.resize((l1_clusters * cluster_size) as usize, 0);
         self.file.write_all_at(&l1_bytes, l1_offset)?;
