@@ -8,9 +8,12 @@
 #   layer  make-layer.sh adds /etc/layer.txt to a copy of rootfs.img; the guest
 #          booted with spore.cat=/etc/layer.txt prints
 #          "SPORE-FILE /etc/layer.txt <content>"
+#   write  the guest booted (no snapshot) on a copy of rootfs.img with
+#          spore.write=/etc/vm-written.txt=... writes the file; after power-off
+#          debugfs finds it in the image and e2fsck finds the image clean
 #
 # Environment:
-#   SPORE_BOOT_TESTS    tests to run (default "base layer")
+#   SPORE_BOOT_TESTS    tests to run (default "base layer write")
 #   SPORE_BOOT_TIMEOUT  seconds to wait for SPORE-READY (default 120)
 #   SPORE_ACCEL         tcg|kvm (default: kvm only if the CPU has vmx/svm)
 #   SPORE_BOOT_APPEND   extra kernel command line
@@ -21,7 +24,7 @@ GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$GUEST_DIR/lib.sh"
 
 OUT=${1:-$DEFAULT_OUT}
-TESTS=${SPORE_BOOT_TESTS:-base layer}
+TESTS=${SPORE_BOOT_TESTS:-base layer write}
 TIMEOUT=${SPORE_BOOT_TIMEOUT:-120}
 ACCEL=$(pick_accel)
 
@@ -38,9 +41,10 @@ mkdir -p "$TDIR"
 
 now_ms() { date +%s%3N; }
 
-# boot NAME DISK APPEND: boots, sets READY_LINE, BOOT_MS, SERIAL_LOG; returns 1 on failure
+# boot NAME DISK APPEND [DRIVEOPTS]: boots (DRIVEOPTS default snapshot=on, the
+# image is not modified), sets READY_LINE, BOOT_MS, SERIAL_LOG; returns 1 on failure
 boot() {
-    local name=$1 disk=$2 append=$3 serial=$TDIR/$1.serial.log pid t0 t1 deadline rc=0
+    local name=$1 disk=$2 append=$3 driveopts=${4-,snapshot=on} serial=$TDIR/$1.serial.log pid t0 t1 deadline rc=0
     SERIAL_LOG=$serial
     READY_LINE=
     BOOT_MS=
@@ -50,7 +54,7 @@ boot() {
         -display none -monitor none -serial "file:$serial" -no-reboot
         -kernel "$OUT/vmlinuz" -initrd "$OUT/initrd.img"
         -append "console=ttyS0 root=/dev/vda spore.poweroff $append${SPORE_BOOT_APPEND:+ $SPORE_BOOT_APPEND}"
-        -drive "file=$disk,format=raw,if=virtio,snapshot=on")
+        -drive "file=$disk,format=raw,if=virtio$driveopts")
     log "[$name] ${cmd[*]}"
     t0=$(now_ms)
     "${cmd[@]}" > "$TDIR/$name.qemu.log" 2>&1 &
@@ -125,6 +129,23 @@ for t in $TESTS; do
             FAILED=1
         fi
         rm -f "$TDIR/layer.img"
+        ;;
+    write)
+        content="vm-wrote-$(date +%s)"
+        cp --sparse=always "$OUT/rootfs.img" "$TDIR/write.img"
+        if boot write "$TDIR/write.img" "spore.write=/etc/vm-written.txt=$content" ""; then
+            got=$(debugfs -R "cat /etc/vm-written.txt" "$TDIR/write.img" 2>/dev/null || true)
+            if [ "$got" = "$content" ] && e2fsck -fn "$TDIR/write.img" >/dev/null 2>&1; then
+                printf 'write: guest wrote /etc/vm-written.txt, visible in the image after power-off, fsck clean\n'
+            else
+                log "[write] /etc/vm-written.txt in the image: '$got' (want '$content'); e2fsck:"
+                e2fsck -fn "$TDIR/write.img" >&2 || true
+                FAILED=1
+            fi
+        else
+            FAILED=1
+        fi
+        rm -f "$TDIR/write.img"
         ;;
     *) die "unknown test $t" ;;
     esac

@@ -42,6 +42,24 @@ spore_print_file() {
     fi
 }
 
+# spore_write_file /path=CONTENT: write CONTENT and a newline to /path, sync;
+# prints "SPORE-WROTE <path>" or "SPORE-WRITE-FAILED <path>"
+spore_write_file() {
+    _p=${1%%=*}
+    _c=${1#*=}
+    case "$_p" in
+        /*) ;;
+        *) printf 'SPORE-WRITE-FAILED %s\n' "$_p"; return 1 ;;
+    esac
+    _d=${_p%/*}
+    if { [ -z "$_d" ] || mkdir -p "$_d" 2>/dev/null; } && printf '%s\n' "$_c" > "$_p" && sync; then
+        printf 'SPORE-WROTE %s\n' "$_p"
+    else
+        printf 'SPORE-WRITE-FAILED %s\n' "$_p"
+        return 1
+    fi
+}
+
 # spore_run_hooks DIR: run every executable DIR/* in name order
 spore_run_hooks() {
     [ -d "$1" ] || return 0
