@@ -350,6 +350,10 @@ impl<T: Transport + ?Sized, R: BufRead> Haggler<'_, T, R> {
         };
         if let Some((code, message)) = error {
             debug!(option, export, message, "meta context refused");
+            if !list {
+                // A failed SET still replaces the previous selection.
+                self.meta_context_export = None;
+            }
             return self.reply(option, &[OptionReply::Error { code, message }]);
         }
         let selected = if list && queries.is_empty() {

@@ -100,8 +100,8 @@ pub mod opt {
     pub const INFO: u32 = 6;
     pub const GO: u32 = 7;
     pub const STRUCTURED_REPLY: u32 = 8;
-    pub const LIST_META_CONTEXT: u32 = 10;
-    pub const SET_META_CONTEXT: u32 = 11;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
 }
 
 /// Option reply types (`NBD_REP_*`).
@@ -173,8 +173,27 @@ impl ErrorCode {
     }
 
     /// The NBD error for an export I/O error: the errno where NBD has an
-    /// equivalent, otherwise EIO.
+    /// equivalent, otherwise EIO. ENOTSUP and EOVERFLOW are reserved by the
+    /// protocol for fast zeroing and unfragmented reads, so they are not
+    /// produced here (see [`ErrorCode::from_io_fast_zero`]).
     pub fn from_io(err: &std::io::Error) -> ErrorCode {
+        match Self::from_io_any(err) {
+            ErrorCode::Overflow => ErrorCode::Inval,
+            ErrorCode::NotSup => ErrorCode::Io,
+            code => code,
+        }
+    }
+
+    /// [`ErrorCode::from_io`] for a WRITE_ZEROES with `NBD_CMD_FLAG_FAST_ZERO`,
+    /// where "not supported" means "not fast" and is passed on.
+    pub fn from_io_fast_zero(err: &std::io::Error) -> ErrorCode {
+        match Self::from_io_any(err) {
+            ErrorCode::NotSup => ErrorCode::NotSup,
+            _ => Self::from_io(err),
+        }
+    }
+
+    fn from_io_any(err: &std::io::Error) -> ErrorCode {
         use std::io::ErrorKind;
         if let Some(errno) = err.raw_os_error() {
             return match errno {
@@ -1360,6 +1379,14 @@ mod tests {
             ErrorCode::Io
         );
         assert_eq!(ErrorCode::from_io(&io::Error::other("boom")), ErrorCode::Io);
+        let unsupported = io::Error::from(io::ErrorKind::Unsupported);
+        assert_eq!(ErrorCode::from_io(&unsupported), ErrorCode::Io);
+        assert_eq!(
+            ErrorCode::from_io_fast_zero(&unsupported),
+            ErrorCode::NotSup
+        );
+        let overflow = io::Error::from_raw_os_error(libc::EOVERFLOW);
+        assert_eq!(ErrorCode::from_io(&overflow), ErrorCode::Inval);
         assert_eq!(
             ErrorCode::from_io(&io::Error::new(io::ErrorKind::InvalidInput, "x")),
             ErrorCode::Inval

@@ -273,7 +273,7 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
             warn!(?op, "export panicked");
             self.reply_error(handle, ErrorCode::Io, "export failed");
         }
-        if !payload.is_empty() || payload.capacity() > 0 {
+        if payload.capacity() > 0 {
             self.return_buffer(payload);
         }
         self.budget.release(reserved);
@@ -362,7 +362,10 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
                 },
             ),
             Err(err) => {
-                let code = ErrorCode::from_io(&err);
+                let code = match op {
+                    Op::WriteZeroes { fast: true, .. } => ErrorCode::from_io_fast_zero(&err),
+                    _ => ErrorCode::from_io(&err),
+                };
                 debug!(?op, error = %err, ?code, "export request failed");
                 self.reply_error(handle, code, "export i/o error");
             }

@@ -169,20 +169,30 @@ impl Export for MemExport {
 /// A fixed set of named exports.
 #[derive(Default)]
 pub struct MemExports {
-    exports: Mutex<HashMap<String, (Arc<dyn Export>, String)>>,
+    /// name -> (export, description)
+    exports: Mutex<HashMap<String, (Arc<MemExport>, String)>>,
 }
 
 impl MemExports {
-    pub fn add(&self, name: &str, description: &str, export: Arc<dyn Export>) {
+    pub fn add(&self, name: &str, description: &str, export: Arc<MemExport>) {
         self.exports
             .lock()
             .insert(name.to_owned(), (export, description.to_owned()));
+    }
+
+    /// Export `name` as the concrete fixture type.
+    pub fn get_mem(&self, name: &str) -> Arc<MemExport> {
+        let exports = self.exports.lock();
+        let (export, _) = exports.get(name).expect("no such export");
+        Arc::clone(export)
     }
 }
 
 impl Exports for MemExports {
     fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.exports.lock().get(name).map(|(e, _)| Arc::clone(e))
+        let exports = self.exports.lock();
+        let (export, _) = exports.get(name)?;
+        Some(Arc::clone(export) as Arc<dyn Export>)
     }
     fn list(&self) -> Vec<(String, String)> {
         let mut v: Vec<_> = self
@@ -210,6 +220,7 @@ impl Fixture {
     }
 
     pub fn start_with(exports: MemExports, config: ServerConfig) -> Fixture {
+        init_logging();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
@@ -267,8 +278,8 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_LIST_META_CONTEXT: u32 = 10;
-pub const OPT_SET_META_CONTEXT: u32 = 11;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
@@ -516,4 +527,12 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Server logs on stderr, filtered by `RUST_LOG` (shown for failing tests).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
