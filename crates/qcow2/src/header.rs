@@ -275,7 +275,7 @@ impl Header {
                 return Err(Error::corrupt("backing file name too long"));
             }
             let start = backing_file_offset;
-            let end = start + u64::from(backing_file_size);
+            let end = start.saturating_add(u64::from(backing_file_size));
             if start < u64::from(header_length) || end > cluster_size {
                 return Err(Error::corrupt(
                     "backing file name outside the header cluster",
@@ -476,5 +476,303 @@ impl NewHeader {
         b.extend_from_slice(&EXT_END.to_be_bytes());
         b.extend_from_slice(&0u32.to_be_bytes());
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE_LEN: u64 = 1 << 20;
+
+    /// A valid v3 header with 64 KiB clusters for a 1 GiB disk, L1 table at
+    /// cluster 3 and refcount table at cluster 1, as QEMU lays them out.
+    fn valid() -> Vec<u8> {
+        let mut b = NewHeader {
+            cluster_bits: 16,
+            size: 1 << 30,
+            l1_size: 2,
+            l1_table_offset: 3 << 16,
+            refcount_table_offset: 1 << 16,
+            refcount_table_clusters: 1,
+            refcount_order: 4,
+        }
+        .encode();
+        b.resize(4096, 0);
+        b
+    }
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn parse(b: &[u8]) -> Result<Header, Error> {
+        Header::parse(b, FILE_LEN)
+    }
+
+    fn corrupt_message(b: &[u8]) -> String {
+        match parse(b) {
+            Err(Error::Corrupt(msg)) => msg,
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_header_parses() {
+        let h = parse(&valid()).unwrap();
+        assert_eq!(h.version, 3);
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.size, 1 << 30);
+        assert_eq!(h.l1_entries_needed(), 2);
+        assert_eq!(h.compression, Compression::Deflate);
+        assert!(h.backing.is_none());
+    }
+
+    #[test]
+    fn magic_detection() {
+        assert!(is_qcow2(b"QFI\xfb\0\0\0\x03"));
+        assert!(!is_qcow2(b"QFI"));
+        assert!(!is_qcow2(b"\0\0\0\0QFI\xfb"));
+    }
+
+    #[test]
+    fn truncated_headers_are_refused() {
+        let b = valid();
+        for len in [0, 3, 4, 7, 8, 50, 71, 72, 103] {
+            match parse(&b[..len]) {
+                Err(Error::Truncated { .. }) => {}
+                other => panic!("length {len}: {other:?}"),
+            }
+        }
+        // v3 header_length larger than what the file holds.
+        let mut b = valid();
+        put32(&mut b, 100, 4096);
+        assert!(matches!(
+            parse(&b[..200]),
+            Err(Error::Truncated { needed: 4096, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_magic_and_version() {
+        let mut b = valid();
+        b[0] = b'X';
+        assert!(matches!(parse(&b), Err(Error::NotQcow2)));
+        assert!(matches!(parse(&b[..5]), Err(Error::NotQcow2)));
+        for version in [0, 1, 4, u32::MAX] {
+            let mut b = valid();
+            put32(&mut b, 4, version);
+            assert!(
+                matches!(parse(&b), Err(Error::UnsupportedVersion(v)) if v == version),
+                "version {version}"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_bits_out_of_range() {
+        for bits in [0, 8, 22, 64, u32::MAX] {
+            let mut b = valid();
+            put32(&mut b, 20, bits);
+            assert!(corrupt_message(&b).contains("cluster_bits"));
+        }
+    }
+
+    #[test]
+    fn l1_table_sizes_and_offsets_are_checked() {
+        // Too small for the virtual size.
+        let mut b = valid();
+        put32(&mut b, 36, 1);
+        assert!(corrupt_message(&b).contains("virtual size needs"));
+        // A huge virtual size needs a huge L1 table, which is refused.
+        let mut b = valid();
+        put64(&mut b, 24, u64::MAX);
+        put32(&mut b, 36, u32::MAX);
+        assert!(corrupt_message(&b).contains("virtual size needs"));
+        let mut b = valid();
+        put32(&mut b, 36, u32::MAX);
+        assert!(corrupt_message(&b).contains("too large"));
+        // Large but within QEMU's limit: must still lie inside the file.
+        let mut b = valid();
+        put64(&mut b, 24, 1 << 50);
+        put32(&mut b, 36, 1 << 21);
+        assert!(corrupt_message(&b).contains("beyond end of file"));
+        // Offset past the end of the file, or overflowing.
+        let mut b = valid();
+        put64(&mut b, 40, FILE_LEN);
+        assert!(corrupt_message(&b).contains("beyond end of file"));
+        let mut b = valid();
+        put64(&mut b, 40, u64::MAX & !0xffff);
+        assert!(corrupt_message(&b).contains("beyond end of file"));
+        // Misaligned or inside the header.
+        let mut b = valid();
+        put64(&mut b, 40, (3 << 16) + 8);
+        assert!(corrupt_message(&b).contains("aligned"));
+        let mut b = valid();
+        put64(&mut b, 40, 0);
+        assert!(corrupt_message(&b).contains("overlaps the header"));
+    }
+
+    #[test]
+    fn refcount_table_is_checked() {
+        let mut b = valid();
+        put64(&mut b, 48, 3 << 16);
+        assert!(corrupt_message(&b).contains("overlaps the L1 table"));
+        let mut b = valid();
+        put32(&mut b, 56, 0);
+        assert!(corrupt_message(&b).contains("no refcount table"));
+        let mut b = valid();
+        put32(&mut b, 56, u32::MAX);
+        assert!(corrupt_message(&b).contains("too large"));
+        let mut b = valid();
+        put64(&mut b, 48, FILE_LEN);
+        assert!(corrupt_message(&b).contains("beyond end of file"));
+    }
+
+    #[test]
+    fn feature_bits() {
+        let cases: [(u64, fn(&Error) -> bool); 4] = [
+            (INCOMPAT_DIRTY, |e| matches!(e, Error::Dirty)),
+            (INCOMPAT_CORRUPT, |e| matches!(e, Error::MarkedCorrupt)),
+            (INCOMPAT_DATA_FILE, |e| matches!(e, Error::ExternalDataFile)),
+            (
+                1 << 40,
+                |e| matches!(e, Error::UnknownIncompatibleFeatures(s) if s == "bit 40"),
+            ),
+        ];
+        for (bits, expected) in cases {
+            let mut b = valid();
+            put64(&mut b, 72, bits);
+            let err = parse(&b).unwrap_err();
+            assert!(expected(&err), "bits {bits:#x}: {err:?}");
+        }
+        // The dirty message tells how to repair.
+        assert!(Error::Dirty.to_string().contains("qemu-img check -r all"));
+        // Compatible and autoclear bits are ignored.
+        let mut b = valid();
+        put64(&mut b, 80, u64::MAX);
+        put64(&mut b, 88, u64::MAX);
+        parse(&b).unwrap();
+    }
+
+    #[test]
+    fn unknown_feature_named_from_feature_table() {
+        let mut b = valid();
+        put64(&mut b, 72, 1 << 9);
+        // Replace the end marker with a feature name table of one entry.
+        let at = WRITER_HEADER_LEN as usize;
+        put32(&mut b, at, EXT_FEATURE_NAMES);
+        put32(&mut b, at + 4, 48);
+        b[at + 8] = 0;
+        b[at + 9] = 9;
+        b[at + 10..at + 19].copy_from_slice(b"time warp");
+        match parse(&b) {
+            Err(Error::UnknownIncompatibleFeatures(s)) => assert_eq!(s, "time warp (bit 9)"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn encryption_is_refused() {
+        for method in [1, 2, 77] {
+            let mut b = valid();
+            put32(&mut b, 32, method);
+            assert!(matches!(parse(&b), Err(Error::Encrypted(m)) if m == method));
+        }
+    }
+
+    #[test]
+    fn compression_type_must_match_its_bit() {
+        let mut b = valid();
+        b[104] = 1;
+        assert!(corrupt_message(&b).contains("without its incompatible feature bit"));
+        put64(&mut b, 72, INCOMPAT_COMPRESSION);
+        assert_eq!(parse(&b).unwrap().compression, Compression::Zstd);
+        b[104] = 0;
+        assert!(corrupt_message(&b).contains("compression type bit set"));
+        b[104] = 2;
+        assert!(matches!(parse(&b), Err(Error::UnsupportedCompression(2))));
+        // Header too short to hold the field: the bit cannot be honoured.
+        put32(&mut b, 100, 104);
+        assert!(corrupt_message(&b).contains("compression type bit set"));
+    }
+
+    #[test]
+    fn extension_running_past_the_cluster_is_refused() {
+        let mut b = valid();
+        let at = WRITER_HEADER_LEN as usize;
+        put32(&mut b, at, 0x1234_5678);
+        put32(&mut b, at + 4, u32::MAX);
+        assert!(corrupt_message(&b).contains("header extension"));
+        // An unknown extension that fits is skipped.
+        put32(&mut b, at + 4, 5);
+        parse(&b).unwrap();
+    }
+
+    #[test]
+    fn backing_file_name_and_format() {
+        let mut b = valid();
+        let ext = WRITER_HEADER_LEN as usize;
+        put32(&mut b, ext, EXT_BACKING_FORMAT);
+        put32(&mut b, ext + 4, 3);
+        b[ext + 8..ext + 11].copy_from_slice(b"raw");
+        put32(&mut b, ext + 16, EXT_END);
+        put32(&mut b, ext + 20, 0);
+        put64(&mut b, 8, 1024);
+        put32(&mut b, 16, 8);
+        b[1024..1032].copy_from_slice(b"base.img");
+        let h = parse(&b).unwrap();
+        assert_eq!(
+            h.backing,
+            Some(BackingFile {
+                path: PathBuf::from("base.img"),
+                format: Some("raw".into())
+            })
+        );
+        // Name too long, outside the header cluster, inside the header.
+        let mut long = b.clone();
+        put32(&mut long, 16, 5000);
+        assert!(corrupt_message(&long).contains("too long"));
+        let mut outside = b.clone();
+        put64(&mut outside, 8, 65530);
+        assert!(corrupt_message(&outside).contains("outside the header cluster"));
+        let mut overflow = b.clone();
+        put64(&mut overflow, 8, u64::MAX - 2);
+        assert!(corrupt_message(&overflow).contains("outside the header cluster"));
+        let mut inside = b.clone();
+        put64(&mut inside, 8, 16);
+        assert!(corrupt_message(&inside).contains("outside the header cluster"));
+        // The name lies beyond what the file holds.
+        assert!(matches!(parse(&b[..1028]), Err(Error::Truncated { .. })));
+    }
+
+    #[test]
+    fn version_2_header() {
+        let mut b = valid();
+        put32(&mut b, 4, 2);
+        // v3 fields are ignored for v2, even garbage feature bits.
+        put64(&mut b, 72, u64::MAX);
+        let h = parse(&b[..72]).unwrap();
+        assert_eq!(h.version, 2);
+        assert_eq!(h.incompatible_features, 0);
+    }
+
+    #[test]
+    fn extended_l2_needs_16k_clusters() {
+        let mut b = valid();
+        put64(&mut b, 72, INCOMPAT_EXTL2);
+        // Entries are twice as large, so the same disk needs twice the L1.
+        assert!(corrupt_message(&b).contains("virtual size needs 4"));
+        put32(&mut b, 36, 4);
+        assert!(parse(&b).unwrap().extended_l2());
+        put32(&mut b, 20, 13);
+        put32(&mut b, 36, 1 << 12);
+        put64(&mut b, 40, 3 << 13);
+        put64(&mut b, 48, 1 << 13);
+        assert!(corrupt_message(&b).contains("extended L2"));
     }
 }

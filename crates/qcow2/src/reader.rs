@@ -383,3 +383,294 @@ fn open_backing(path: &Path, format: Option<&str>) -> Result<Layer, Error> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Qcow2Writer;
+
+    const CS: u64 = 65536;
+
+    /// A 1 MiB image with clusters 0 and 2 holding data. Layout: header,
+    /// data at clusters 1 and 2, L2 table at 3, L1 table at 4, refcount
+    /// table at 5, refcount block at 6.
+    fn image(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
+        let path = dir.join(name);
+        let mut w = Qcow2Writer::create(&path, 1 << 20, CS).unwrap();
+        w.write_cluster(0, &vec![0xaa; CS as usize]).unwrap();
+        w.write_cluster(2, &vec![0xbb; CS as usize]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, 7 * CS);
+        (path, bytes)
+    }
+
+    fn put64(b: &mut [u8], at: u64, v: u64) {
+        b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    const L1_ENTRY: u64 = 4 * CS;
+    const L2_ENTRY_0: u64 = 3 * CS;
+
+    fn read_all(reader: &Qcow2Reader) -> Result<Vec<u8>, Error> {
+        let mut buf = vec![0u8; reader.virtual_size() as usize];
+        reader.read_at(0, &mut buf)?;
+        Ok(buf)
+    }
+
+    #[test]
+    fn writer_image_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = image(dir.path(), "a.qcow2");
+        let reader = Qcow2Reader::from_source(bytes).unwrap();
+        let data = read_all(&reader).unwrap();
+        assert!(data[..CS as usize].iter().all(|&b| b == 0xaa));
+        assert!(data[CS as usize..2 * CS as usize].iter().all(|&b| b == 0));
+        assert!(data[2 * CS as usize..3 * CS as usize]
+            .iter()
+            .all(|&b| b == 0xbb));
+        let ext = reader.allocation(0, 1 << 20).unwrap();
+        let kinds: Vec<_> = ext.iter().map(|e| (e.offset, e.allocation)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, Allocation::Data),
+                (CS, Allocation::Unallocated),
+                (2 * CS, Allocation::Data),
+                (3 * CS, Allocation::Unallocated)
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_beyond_the_disk_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = image(dir.path(), "a.qcow2");
+        let reader = Qcow2Reader::from_source(bytes).unwrap();
+        let mut buf = [0u8; 2];
+        for offset in [(1 << 20) - 1, 1 << 20, u64::MAX, u64::MAX - 1] {
+            assert!(matches!(
+                reader.read_at(offset, &mut buf),
+                Err(Error::OutOfRange { .. })
+            ));
+        }
+        assert!(reader.extents(1, u64::MAX).is_err());
+        reader.read_at(1 << 20, &mut []).unwrap();
+    }
+
+    fn corrupt_with(bytes: &[u8], at: u64, value: u64) -> Result<Vec<u8>, Error> {
+        let mut b = bytes.to_vec();
+        put64(&mut b, at, value);
+        let reader = Qcow2Reader::from_source(b)?;
+        read_all(&reader)
+    }
+
+    fn expect_corrupt(result: Result<Vec<u8>, Error>, what: &str) {
+        match result {
+            Err(Error::Corrupt(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("expected corrupt ({what}), got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn bad_l2_table_offsets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = image(dir.path(), "a.qcow2");
+        expect_corrupt(corrupt_with(&bytes, L1_ENTRY, 3 * CS + 512), "aligned");
+        expect_corrupt(corrupt_with(&bytes, L1_ENTRY, 7 * CS), "beyond end of file");
+        expect_corrupt(
+            corrupt_with(&bytes, L1_ENTRY, 1 << 55),
+            "beyond end of file",
+        );
+        expect_corrupt(
+            corrupt_with(&bytes, L1_ENTRY, 4 * CS),
+            "overlaps the L1 table",
+        );
+        expect_corrupt(
+            corrupt_with(&bytes, L1_ENTRY, 5 * CS),
+            "overlaps the refcount table",
+        );
+        // Reserved bits are ignored, as QEMU does.
+        let data = corrupt_with(&bytes, L1_ENTRY, (3 * CS) | 0x7f00_0000_0000_0000).unwrap();
+        assert_eq!(data[0], 0xaa);
+    }
+
+    #[test]
+    fn bad_data_cluster_offsets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = image(dir.path(), "a.qcow2");
+        expect_corrupt(corrupt_with(&bytes, L2_ENTRY_0, CS + 4096), "aligned");
+        expect_corrupt(
+            corrupt_with(&bytes, L2_ENTRY_0, 7 * CS),
+            "beyond end of file",
+        );
+        expect_corrupt(
+            corrupt_with(&bytes, L2_ENTRY_0, 1 << 62 | 100 * CS),
+            "compressed cluster",
+        );
+    }
+
+    #[test]
+    fn zero_flag_reads_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut bytes) = image(dir.path(), "a.qcow2");
+        put64(&mut bytes, L2_ENTRY_0, (1 << 63) | CS | 1);
+        let reader = Qcow2Reader::from_source(bytes).unwrap();
+        assert!(read_all(&reader).unwrap()[..CS as usize]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(
+            reader.allocation(0, CS).unwrap()[0].allocation,
+            Allocation::Zero
+        );
+    }
+
+    #[test]
+    fn garbage_compressed_data_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = image(dir.path(), "a.qcow2");
+        // Points at the 0xaa cluster, which is not a deflate stream.
+        let entry = (1 << 62) | (3 << (62 - 8)) | CS;
+        match corrupt_with(&bytes, L2_ENTRY_0, entry) {
+            Err(Error::Decompress { host_offset, .. }) => assert_eq!(host_offset, CS),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// Gives the image at `path` a backing file `name`, stored right after
+    /// the writer's header and end-of-extensions marker.
+    fn set_backing(path: &Path, name: &str) {
+        let mut b = std::fs::read(path).unwrap();
+        let at = 120u64;
+        put64(&mut b, 8, at);
+        b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        b[at as usize..at as usize + name.len()].copy_from_slice(name.as_bytes());
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn backing_loops_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (me, _) = image(dir.path(), "me.qcow2");
+        set_backing(&me, "me.qcow2");
+        assert!(matches!(
+            Qcow2Reader::open(&me),
+            Err(Error::BackingLoop(p)) if p == me
+        ));
+
+        let (a, _) = image(dir.path(), "a.qcow2");
+        let (b, _) = image(dir.path(), "b.qcow2");
+        set_backing(&a, "b.qcow2");
+        set_backing(&b, "./sub/../a.qcow2");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        match Qcow2Reader::open(&a) {
+            Err(Error::BackingLoop(p)) => assert!(p.ends_with("a.qcow2")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backing_chain_reads_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x11u8; 3 * CS as usize / 2]).unwrap();
+        let (top, _) = image(dir.path(), "top.qcow2");
+        set_backing(&top, "base.raw");
+        let reader = Qcow2Reader::open(&top).unwrap();
+        assert_eq!(reader.chain_len(), 2);
+        let data = read_all(&reader).unwrap();
+        let cs = CS as usize;
+        assert!(data[..cs].iter().all(|&b| b == 0xaa));
+        assert!(data[cs..cs + cs / 2].iter().all(|&b| b == 0x11));
+        assert!(data[cs + cs / 2..2 * cs].iter().all(|&b| b == 0));
+        let ext = reader.allocation(0, 4 * CS).unwrap();
+        let kinds: Vec<_> = ext.iter().map(|e| (e.offset, e.allocation)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, Allocation::Data),
+                (3 * CS / 2, Allocation::Unallocated),
+                (2 * CS, Allocation::Data),
+                (3 * CS, Allocation::Unallocated)
+            ]
+        );
+    }
+
+    #[test]
+    fn unsupported_backing_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (top, _) = image(dir.path(), "top.qcow2");
+        std::fs::write(dir.path().join("base.vmdk"), b"KDMV").unwrap();
+        // Backing format extension "vmdk" in place of the end marker, name
+        // after it.
+        let mut b = std::fs::read(&top).unwrap();
+        b[112..116].copy_from_slice(&0xe279_2acau32.to_be_bytes());
+        b[116..120].copy_from_slice(&4u32.to_be_bytes());
+        b[120..124].copy_from_slice(b"vmdk");
+        put64(&mut b, 8, 136);
+        b[16..20].copy_from_slice(&9u32.to_be_bytes());
+        b[136..145].copy_from_slice(b"base.vmdk");
+        std::fs::write(&top, b).unwrap();
+        match Qcow2Reader::open(&top) {
+            Err(Error::Backing { source, .. }) => {
+                assert!(matches!(*source, Error::UnsupportedBackingFormat(ref f) if f == "vmdk"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_their_cause() {
+        let err = Qcow2Reader::open("/nonexistent/x.qcow2").unwrap_err();
+        assert_eq!(err.to_string(), "cannot open /nonexistent/x.qcow2");
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    /// Random byte flips in a small image: opening and reading must fail
+    /// cleanly or succeed, never panic or allocate wildly.
+    #[test]
+    fn mutated_images_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.qcow2");
+        let mut w = Qcow2Writer::create(&path, 300_000, 512).unwrap();
+        for i in (0..586).step_by(3) {
+            w.write_cluster(i, &[i as u8 | 1; 512]).unwrap();
+        }
+        w.finish().unwrap();
+        let original = std::fs::read(&path).unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut opened = 0;
+        for _ in 0..2000 {
+            let mut b = original.clone();
+            for _ in 0..1 + next() % 6 {
+                // Favour the header and the metadata at the end.
+                let at = match next() % 3 {
+                    0 => next() % 128,
+                    1 => b.len() as u64 - 1 - next() % 8192,
+                    _ => next() % b.len() as u64,
+                } as usize;
+                b[at] = next() as u8;
+            }
+            if let Ok(reader) = Qcow2Reader::from_source(b) {
+                opened += 1;
+                let size = reader.virtual_size().min(1 << 20);
+                let mut buf = vec![0u8; size as usize];
+                let _ = reader.read_at(0, &mut buf);
+                if let Ok(extents) = reader.extents(0, reader.virtual_size()) {
+                    for extent in extents.take(1000) {
+                        if extent.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(opened > 100, "only {opened} mutants opened");
+    }
+}
