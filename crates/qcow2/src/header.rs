@@ -606,7 +606,7 @@ mod tests {
         put64(&mut b, 40, FILE_LEN);
         assert!(corrupt_message(&b).contains("beyond end of file"));
         let mut b = valid();
-        put64(&mut b, 40, u64::MAX & !0xffff);
+        put64(&mut b, 40, !0xffff);
         assert!(corrupt_message(&b).contains("beyond end of file"));
         // Misaligned or inside the header.
         let mut b = valid();
@@ -635,7 +635,8 @@ mod tests {
 
     #[test]
     fn feature_bits() {
-        let cases: [(u64, fn(&Error) -> bool); 4] = [
+        type Check = fn(&Error) -> bool;
+        let cases: [(u64, Check); 4] = [
             (INCOMPAT_DIRTY, |e| matches!(e, Error::Dirty)),
             (INCOMPAT_CORRUPT, |e| matches!(e, Error::MarkedCorrupt)),
             (INCOMPAT_DATA_FILE, |e| matches!(e, Error::ExternalDataFile)),

@@ -505,7 +505,7 @@ mod tests {
             "beyond end of file",
         );
         expect_corrupt(
-            corrupt_with(&bytes, L2_ENTRY_0, 1 << 62 | 100 * CS),
+            corrupt_with(&bytes, L2_ENTRY_0, (1 << 62) | (100 * CS)),
             "compressed cluster",
         );
     }
