@@ -6,28 +6,38 @@
 SPORE_CMDLINE=$(cat /proc/cmdline 2>/dev/null)
 export SPORE_CMDLINE
 
+# Word-split the command line without expanding globs (spore.cat=/etc/*).
+_nog_begin() { case $- in *f*) _nog_was=1 ;; *) _nog_was=; set -f ;; esac; }
+_nog_end() { [ -n "$_nog_was" ] || set +f; }
+
 # spore_flag NAME: true if "spore.NAME" or "spore.NAME=..." is on the command line
 spore_flag() {
+    _nog_begin
     for _a in $SPORE_CMDLINE; do
-        case "$_a" in "spore.$1"|"spore.$1="*) return 0 ;; esac
+        case "$_a" in "spore.$1"|"spore.$1="*) _nog_end; return 0 ;; esac
     done
+    _nog_end
     return 1
 }
 
 # spore_arg NAME: value of the last spore.NAME=VALUE (empty if absent)
 spore_arg() {
     _v=
+    _nog_begin
     for _a in $SPORE_CMDLINE; do
-        case "$_a" in "spore.$1="*) _v=${_a#spore.$1=} ;; esac
+        case "$_a" in "spore.$1="*) _v=${_a#spore."$1"=} ;; esac
     done
+    _nog_end
     printf '%s' "$_v"
 }
 
 # spore_args NAME: every value of spore.NAME=VALUE, one per line, in order
 spore_args() {
+    _nog_begin
     for _a in $SPORE_CMDLINE; do
-        case "$_a" in "spore.$1="*) printf '%s\n' "${_a#spore.$1=}" ;; esac
+        case "$_a" in "spore.$1="*) printf '%s\n' "${_a#spore."$1"=}" ;; esac
     done
+    _nog_end
 }
 
 # spore_print_file PATH: one console line
@@ -64,7 +74,7 @@ spore_write_file() {
 spore_run_hooks() {
     [ -d "$1" ] || return 0
     for _h in "$1"/*; do
-        [ -f "$_h" ] && [ -x "$_h" ] || continue
+        { [ -f "$_h" ] && [ -x "$_h" ]; } || continue
         "$_h"
         _rc=$?
         [ "$_rc" -eq 0 ] || echo "spore-init: warning: hook $_h exited with status $_rc"
