@@ -239,15 +239,11 @@ ROOTFS_STAMP=$( {
     mke2fs -V 2>&1 | head -n1
 } | hash_str)
 
-# Deterministic incompressible filler, cached across builds:
+# Deterministic incompressible filler, written into DIR:
 # file i = Python's Mersenne Twister seeded with "spore-filler-<i>".
 make_filler() {
-    local dir=$WORK/filler-${FILLER_MIB}m-${FILLER_FILE_MIB}m
-    if [ ! -f "$dir/.done" ]; then
-        log "generating ${FILLER_MIB} MiB of filler data"
-        rm -rf "$dir"
-        mkdir -p "$dir"
-        "$PYTHON" - "$dir" "$FILLER_MIB" "$FILLER_FILE_MIB" <<'EOF'
+    log "generating ${FILLER_MIB} MiB of filler data"
+    "$PYTHON" - "$1" "$FILLER_MIB" "$FILLER_FILE_MIB" <<'EOF'
 import os, random, sys
 out, total, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 i = 0
@@ -260,9 +256,6 @@ while total > 0:
     total -= n
     i += 1
 EOF
-        touch "$dir/.done"
-    fi
-    echo "$dir"
 }
 
 # populate_image STAGE IMG: copy the staging tree into the (empty, unmounted)
@@ -331,10 +324,7 @@ else
     printf 'spore-guest %s\n' "$GUEST_VERSION" > "$S/etc/spore-release"
     chmod 644 "$S/etc/spore-release"
     if [ "$FILLER_MIB" -gt 0 ]; then
-        fdir=$(make_filler)
-        for f in "$fdir"/filler-*; do
-            ln "$f" "$S/data/" 2>/dev/null || cp "$f" "$S/data/"
-        done
+        make_filler "$S/data"
         chmod 644 "$S"/data/filler-*
     fi
     normalize_tree "$S"
