@@ -1,1 +1,92 @@
-//! The per-host agent: metadata store, REST API, NBD exports, VM manager
+//! The per-host agent.
+//!
+//! One agent owns a data directory. It keeps the chunk store and the
+//! metadata of images, disks and VMs, serves images and disks over NBD, runs
+//! VMs in QEMU, and answers the CLI over a REST API on a unix socket. The
+//! library crates know nothing of each other's wiring; this crate is where
+//! they meet.
+
+pub mod agent;
+pub mod api;
+mod disks;
+pub mod error;
+pub mod exports;
+mod images;
+pub mod meta;
+mod metrics;
+pub mod vms;
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::sync::Arc;
+
+pub use agent::{Agent, AgentConfig};
+pub use error::AgentError;
+
+use error::Result;
+
+/// Runs an agent until SIGINT or SIGTERM, then stops its VMs, flushes its
+/// disks and removes its sockets.
+pub fn run(config: AgentConfig) -> Result<()> {
+    let agent = Agent::open(config)?;
+    let dir = agent.data_dir().to_owned();
+
+    let nbd_path = agent.nbd_socket();
+    let _ = std::fs::remove_file(&nbd_path);
+    let nbd_listener = StdUnixListener::bind(&nbd_path)
+        .map_err(AgentError::io(format!("binding {}", nbd_path.display())))?;
+    let exports: Arc<dyn spore_nbd::Exports> = agent.exports.clone();
+    let nbd = spore_nbd::serve_unix(
+        nbd_listener,
+        exports.clone(),
+        spore_nbd::ServerConfig::default(),
+    )
+    .map_err(AgentError::io("starting the NBD server"))?;
+    let nbd_tcp = match &agent.config.nbd_tcp {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(AgentError::io(format!("binding NBD TCP {addr}")))?;
+            Some(
+                spore_nbd::serve_tcp(l, exports, spore_nbd::ServerConfig::default())
+                    .map_err(AgentError::io("starting NBD over TCP"))?,
+            )
+        }
+        None => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::io("starting the async runtime"))?;
+    let api_path = dir.join(spore_api::API_SOCKET);
+    let served = runtime.block_on(async {
+        let _ = std::fs::remove_file(&api_path);
+        let listener = tokio::net::UnixListener::bind(&api_path).map_err(AgentError::io(format!("binding {}", api_path.display())))?;
+        tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.accel, "spore agent ready");
+        eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());
+        axum::serve(listener, api::router(agent.clone()))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(AgentError::io("serving the API"))
+    });
+    tracing::info!("shutting down");
+    let stopper = agent.clone();
+    let _ = runtime.block_on(tokio::task::spawn_blocking(move || stopper.stop_all_vms()));
+    nbd.shutdown();
+    if let Some(t) = nbd_tcp {
+        t.shutdown();
+    }
+    agent.flush_all();
+    let _ = std::fs::remove_file(&api_path);
+    let _ = std::fs::remove_file(&nbd_path);
+    served
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,5 @@
-//! Benchmarks that compare spore with its baselines in the same run
+//! Benchmarks: programs that measure spore against a baseline in the same
+//! run, print a table and write JSON. They are not tests.
+
+pub mod blockdev;
+pub mod procs;

@@ -1,0 +1,218 @@
+//! The agent's state and its start-up: data directory layout, stores,
+//! exports, and recovery of what a previous run left behind.
+//!
+//! ```text
+//! DATA_DIR/
+//!   agent.lock      flock'd while an agent runs on this directory
+//!   meta.redb       names of images, disks, VMs (see meta.rs)
+//!   chunks/         content-addressed chunks (images, layers, manifests)
+//!   disks/NAME/     overlay of each disk (data + meta)
+//!   vms/NAME/       serial.log, qmp.sock, qemu.log of each VM
+//!   api.sock        REST API
+//!   nbd.sock        NBD server
+//! ```
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use spore_blockdev::{ChunkCache, Disk};
+use spore_chunks::{ChunkId, ChunkStore, Compression};
+use spore_qemu::Accel;
+
+use crate::error::{AgentError, Result};
+use crate::exports::Registry;
+use crate::meta::{Meta, Table};
+use crate::vms::VmManager;
+
+/// How an agent is run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    /// Bytes of chunk data kept in memory.
+    pub cache_bytes: usize,
+    pub compression: Compression,
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809).
+    pub nbd_tcp: Option<String>,
+    /// Accelerator override; detected when None.
+    pub accel: Option<Accel>,
+}
+
+impl AgentConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            data_dir: data_dir.into(),
+            cache_bytes: 512 << 20,
+            compression: Compression::Zstd,
+            nbd_tcp: None,
+            accel: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub manifest: ChunkId,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub image: String,
+    /// The manifest the disk was made from: renaming or removing the image
+    /// name later does not change what the disk sees.
+    pub manifest: ChunkId,
+    pub created: u64,
+    pub vm: Option<String>,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub config: AgentConfig,
+    pub meta: Meta,
+    pub store: Arc<ChunkStore>,
+    pub exports: Arc<Registry>,
+    pub accel: Accel,
+    pub vms: VmManager,
+    /// Held shared by operations that write chunks not yet referenced by
+    /// any name (import, commit), exclusively by garbage collection.
+    pub gc_lock: RwLock<()>,
+    _lock: File,
+}
+
+impl Agent {
+    /// Opens the data directory (creating it), takes its lock, and recovers.
+    pub fn open(config: AgentConfig) -> Result<Arc<Self>> {
+        let dir = &config.data_dir;
+        fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join("agent.lock");
+        let lock = File::create(&lock_path)
+            .map_err(AgentError::io(format!("creating {}", lock_path.display())))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(AgentError::State(format!(
+                "another agent is already running on {}",
+                dir.display()
+            )));
+        }
+        for sub in ["disks", "vms"] {
+            fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
+        }
+        let meta = Meta::open(&dir.join("meta.redb"))?;
+        let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
+        let cache = Arc::new(ChunkCache::new(config.cache_bytes));
+        let exports = Arc::new(Registry::new(store.clone(), cache));
+        let accel = config.accel.unwrap_or_else(Accel::detect);
+        let agent = Arc::new(Agent {
+            vms: VmManager::new(dir.join("vms")),
+            config,
+            meta,
+            store,
+            exports,
+            accel,
+            gc_lock: RwLock::new(()),
+            _lock: lock,
+        });
+        agent.recover()?;
+        Ok(agent)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    pub fn disk_dir(&self, name: &str) -> PathBuf {
+        self.data_dir().join("disks").join(name)
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.data_dir().join(spore_api::NBD_SOCKET)
+    }
+
+    /// Rebuilds the export registry from the metadata store, removes disk
+    /// directories that no record owns (a crash between creating one and
+    /// recording it), and settles VMs that a previous agent left running.
+    fn recover(self: &Arc<Self>) -> Result<()> {
+        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
+            self.exports.bind_image(&name, rec.manifest);
+        }
+        let disks = self.meta.list::<DiskRecord>(Table::Disks)?;
+        let known: HashSet<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
+        let disk_root = self.data_dir().join("disks");
+        for entry in fs::read_dir(&disk_root).map_err(AgentError::io("listing disks"))? {
+            let entry = entry.map_err(AgentError::io("listing disks"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(name.as_str()) {
+                tracing::warn!(disk = %name, "removing a disk directory without a record (left by a crash)");
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        for (name, rec) in disks {
+            let base = self.exports.open_image(&rec.manifest)?;
+            let disk = Disk::open(&self.disk_dir(&name), base)?;
+            self.exports.add_disk(&name, Arc::new(disk));
+        }
+        self.vms.recover(&self.meta)?;
+        Ok(())
+    }
+
+    /// Every manifest some name or disk still needs.
+    pub fn live_manifests(&self) -> Result<HashSet<ChunkId>> {
+        let mut keep: HashSet<ChunkId> = self
+            .meta
+            .list::<ImageRecord>(Table::Images)?
+            .into_iter()
+            .map(|(_, r)| r.manifest)
+            .collect();
+        keep.extend(
+            self.meta
+                .list::<DiskRecord>(Table::Disks)?
+                .into_iter()
+                .map(|(_, r)| r.manifest),
+        );
+        Ok(keep)
+    }
+
+    /// Deletes chunks that no image or disk refers to; returns (chunks, bytes).
+    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+        let _exclusive = self.gc_lock.write();
+        let manifests = self.live_manifests()?;
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        for m in &manifests {
+            live.extend(spore_image::Image::referenced_chunks(&self.store, m)?);
+        }
+        let (mut chunks, mut bytes) = (0, 0);
+        for id in self.store.list()? {
+            if !live.contains(&id) {
+                bytes += self.store.stored_len(&id).unwrap_or(0);
+                self.store.remove(&id)?;
+                chunks += 1;
+            }
+        }
+        self.exports.retain_images(&manifests);
+        if chunks > 0 {
+            tracing::info!(chunks, bytes, "garbage collected");
+        }
+        Ok((chunks, bytes))
+    }
+
+    /// Flushes every disk; called on shutdown.
+    pub fn flush_all(&self) {
+        for (name, disk) in self.exports.disks() {
+            if let Err(e) = spore_nbd::Export::flush(&*disk) {
+                tracing::error!(disk = %name, error = %e, "flush on shutdown failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The REST API on the agent's unix socket. Routes are listed in [`ROUTES`]
+//! and documented in docs/api.yaml (a test keeps the two in step).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use spore_api::{
+    AgentStatus, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest, ImportRequest,
+    VmCreate,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::agent::Agent;
+use crate::error::{AgentError, Result};
+
+/// Every route: (method, path). Kept beside the router so docs/api.yaml can
+/// be checked against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/status"),
+    ("get", "/v1/images"),
+    ("post", "/v1/images"),
+    ("get", "/v1/images/{name}"),
+    ("delete", "/v1/images/{name}"),
+    ("post", "/v1/images/{name}/export"),
+    ("get", "/v1/disks"),
+    ("post", "/v1/disks"),
+    ("get", "/v1/disks/{name}"),
+    ("delete", "/v1/disks/{name}"),
+    ("post", "/v1/disks/{name}/commit"),
+    ("get", "/v1/vms"),
+    ("post", "/v1/vms"),
+    ("get", "/v1/vms/{name}"),
+    ("delete", "/v1/vms/{name}"),
+    ("post", "/v1/vms/{name}/stop"),
+    ("get", "/v1/vms/{name}/log"),
+    ("get", "/metrics"),
+];
+
+type S = State<Arc<Agent>>;
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/{name}", get(inspect_image).delete(remove_image))
+        .route("/v1/images/{name}/export", post(export_image))
+        .route("/v1/disks", get(list_disks).post(create_disk))
+        .route("/v1/disks/{name}", get(get_disk).delete(remove_disk))
+        .route("/v1/disks/{name}/commit", post(commit_disk))
+        .route("/v1/vms", get(list_vms).post(run_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/log", get(vm_log))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error_response(
+                &AgentError::Invalid("no such API route".into()),
+                StatusCode::NOT_FOUND,
+            )
+        })
+        .with_state(agent)
+}
+
+fn error_response(e: &AgentError, status: StatusCode) -> Response {
+    let (_, code) = e.status();
+    let body = ErrorBody {
+        code: code.into(),
+        message: e.chain(),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self.chain(), "request failed");
+        }
+        error_response(&self, status)
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| AgentError::Invalid(format!("bad request body: {e}")))
+}
+
+/// Runs blocking agent work off the async threads.
+async fn blocking<T: Serialize + Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => AgentError::State(format!("internal task failed: {e}")).into_response(),
+    }
+}
+
+/// Runs a long operation, streaming NDJSON progress events and the result.
+fn streaming<T: Serialize + Send + 'static>(
+    f: impl FnOnce(&(dyn Fn(&str, u64, u64) + Sync)) -> Result<T> + Send + 'static,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::task::spawn_blocking(move || {
+        // At most ~4 progress events a second, plus the last one.
+        let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+        let progress = |phase: &str, done: u64, total: u64| {
+            let mut l = last.lock();
+            if done >= total || l.elapsed() >= Duration::from_millis(250) {
+                *l = Instant::now();
+                let _ = tx.try_send(Event::Progress {
+                    phase: phase.into(),
+                    done,
+                    total,
+                });
+            }
+        };
+        let event = match f(&progress) {
+            Ok(v) => Event::Done {
+                result: serde_json::to_value(v).unwrap_or_default(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "operation failed");
+                Event::Error {
+                    error: ErrorBody {
+                        code: e.status().1.into(),
+                        message: e.chain(),
+                    },
+                }
+            }
+        };
+        let _ = tx.blocking_send(event);
+    });
+    let stream = ReceiverStream::new(rx).map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn status(State(a): S) -> Response {
+    blocking(move || {
+        Ok(AgentStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            data_dir: a.data_dir().to_owned(),
+            nbd_socket: a.nbd_socket(),
+            nbd_tcp: a.config.nbd_tcp.clone(),
+            accel: a.accel.to_string(),
+            images: a.list_images()?.len(),
+            disks: a.list_disks()?.len(),
+            vms: a.list_vms()?.len(),
+            cache_bytes: a.exports.cache().bytes() as u64,
+            cache_budget: a.config.cache_bytes as u64,
+        })
+    })
+    .await
+}
+
+async fn list_images(State(a): S) -> Response {
+    blocking(move || a.list_images()).await
+}
+
+async fn import_image(State(a): S, body: Bytes) -> Response {
+    match parse::<ImportRequest>(&body) {
+        Ok(req) => streaming(move |p| a.import_image(&req, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn inspect_image(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.inspect_image(&name)).await
+}
+
+async fn remove_image(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.remove_image(&name)).await
+}
+
+async fn export_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<ExportRequest>(&body) {
+        Ok(req) => streaming(move |p| a.export_image(&name, &req.path, &req.format, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_disks(State(a): S) -> Response {
+    blocking(move || a.list_disks()).await
+}
+
+async fn create_disk(State(a): S, body: Bytes) -> Response {
+    match parse::<DiskCreate>(&body) {
+        Ok(req) => blocking(move || a.create_disk(&req.name, &req.image, None)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_disk(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.get_disk(&name)).await
+}
+
+async fn remove_disk(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.remove_disk(&name, false)).await
+}
+
+async fn commit_disk(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<CommitRequest>(&body) {
+        Ok(req) => blocking(move || a.commit_disk(&name, &req.name)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_vms(State(a): S) -> Response {
+    blocking(move || a.list_vms()).await
+}
+
+async fn run_vm(State(a): S, body: Bytes) -> Response {
+    match parse::<VmCreate>(&body) {
+        Ok(req) => blocking(move || a.run_vm(&req)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_vm(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.get_vm(&name)).await
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_vm(
+    State(a): S,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Response {
+    blocking(move || {
+        a.remove_vm(&name, q.force)
+            .map(|()| serde_json::json!({ "removed": name }))
+    })
+    .await
+}
+
+async fn stop_vm(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.stop_vm(&name)).await
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn vm_log(State(a): S, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Response {
+    blocking(move || a.vm_log(&name, q.offset)).await
+}
+
+async fn metrics(State(a): S) -> Response {
+    let text = crate::metrics::render(&a);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,154 @@
+//! Disk operations: create, list, commit, remove.
+
+use std::fs;
+use std::sync::Arc;
+
+use spore_api::{DiskInfo, ImageSummary, RemoveResult};
+use spore_blockdev::Disk;
+
+use crate::agent::{now, Agent, DiskRecord, ImageRecord};
+use crate::error::{check_name, AgentError, Result};
+use crate::exports::DISK_PREFIX;
+use crate::meta::Table;
+
+impl Agent {
+    pub fn disk_record(&self, name: &str) -> Result<DiskRecord> {
+        self.meta
+            .get(Table::Disks, name)?
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "disk",
+                name: name.into(),
+            })
+    }
+
+    fn disk_info(&self, name: &str, rec: &DiskRecord) -> DiskInfo {
+        let disk = self.exports.disk(name);
+        DiskInfo {
+            name: name.to_owned(),
+            image: rec.image.clone(),
+            manifest: rec.manifest.to_hex(),
+            virtual_size: disk.as_ref().map(|d| d.overlay().size()).unwrap_or(0),
+            written_bytes: disk
+                .as_ref()
+                .map(|d| d.overlay().allocated_granules() * 4096)
+                .unwrap_or(0),
+            export: format!("{DISK_PREFIX}{name}"),
+            vm: rec.vm.clone(),
+            created: rec.created,
+        }
+    }
+
+    pub fn create_disk(&self, name: &str, image: &str, vm: Option<&str>) -> Result<DiskInfo> {
+        check_name("disk", name)?;
+        let image_rec = self.image_record(image)?;
+        if self.meta.get::<DiskRecord>(Table::Disks, name)?.is_some() {
+            return Err(AgentError::Exists {
+                kind: "disk",
+                name: name.into(),
+            });
+        }
+        let base = self.exports.open_image(&image_rec.manifest)?;
+        let dir = self.disk_dir(name);
+        // A directory without a record is debris from a crash.
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .map_err(AgentError::io(format!("removing stale {}", dir.display())))?;
+        }
+        let disk = Disk::create(&dir, base)?;
+        let rec = DiskRecord {
+            image: image.to_owned(),
+            manifest: image_rec.manifest,
+            created: now(),
+            vm: vm.map(str::to_owned),
+        };
+        if !self.meta.insert_new(Table::Disks, name, &rec)? {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(AgentError::Exists {
+                kind: "disk",
+                name: name.into(),
+            });
+        }
+        self.exports.add_disk(name, Arc::new(disk));
+        Ok(self.disk_info(name, &rec))
+    }
+
+    pub fn list_disks(&self) -> Result<Vec<DiskInfo>> {
+        Ok(self
+            .meta
+            .list::<DiskRecord>(Table::Disks)?
+            .iter()
+            .map(|(n, r)| self.disk_info(n, r))
+            .collect())
+    }
+
+    pub fn get_disk(&self, name: &str) -> Result<DiskInfo> {
+        let rec = self.disk_record(name)?;
+        Ok(self.disk_info(name, &rec))
+    }
+
+    /// Makes the disk's writes a new layer on its image, named `new_image`.
+    pub fn commit_disk(&self, name: &str, new_image: &str) -> Result<ImageSummary> {
+        check_name("image", new_image)?;
+        self.disk_record(name)?;
+        if self
+            .meta
+            .get::<ImageRecord>(Table::Images, new_image)?
+            .is_some()
+        {
+            return Err(AgentError::Exists {
+                kind: "image",
+                name: new_image.into(),
+            });
+        }
+        let disk = self
+            .exports
+            .disk(name)
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "disk",
+                name: name.into(),
+            })?;
+        let published = {
+            let _shared = self.gc_lock.read();
+            disk.commit(&self.store, &format!("disk {name}"))?
+        };
+        let rec = ImageRecord {
+            manifest: published.id,
+            created: now(),
+        };
+        if !self.meta.insert_new(Table::Images, new_image, &rec)? {
+            return Err(AgentError::Exists {
+                kind: "image",
+                name: new_image.into(),
+            });
+        }
+        self.exports.bind_image(new_image, published.id);
+        tracing::info!(
+            disk = name,
+            image = new_image,
+            blocks = published.stats.changed_blocks,
+            "committed"
+        );
+        self.image_summary(new_image, &rec)
+    }
+
+    pub fn remove_disk(&self, name: &str, allow_vm: bool) -> Result<RemoveResult> {
+        let rec = self.disk_record(name)?;
+        if let (Some(vm), false) = (&rec.vm, allow_vm) {
+            return Err(AgentError::InUse {
+                kind: "disk",
+                name: name.into(),
+                by: format!("vm {vm} (remove the VM instead)"),
+            });
+        }
+        self.exports.remove_disk(name);
+        self.meta.remove(Table::Disks, name)?;
+        let dir = self.disk_dir(name);
+        fs::remove_dir_all(&dir).map_err(AgentError::io(format!("removing {}", dir.display())))?;
+        let (freed_chunks, freed_bytes) = self.collect_garbage()?;
+        Ok(RemoveResult {
+            removed: name.into(),
+            freed_chunks,
+            freed_bytes,
+        })
+    }
+}

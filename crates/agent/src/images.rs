@@ -1,0 +1,231 @@
+//! Image operations: import, list, inspect, export, remove.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use spore_api::{ImageInfo, ImageSummary, ImportRequest, ImportResult, LayerInfo, RemoveResult};
+use spore_chunks::ChunkId;
+use spore_image::{Format, Image, DEFAULT_BLOCK_SIZE};
+
+use crate::agent::{now, Agent, DiskRecord, ImageRecord};
+use crate::error::{check_name, AgentError, Result};
+use crate::exports::IMAGE_PREFIX;
+use crate::meta::Table;
+
+/// Reports (phase, done, total) of a long operation.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+impl Agent {
+    pub fn image_record(&self, name: &str) -> Result<ImageRecord> {
+        self.meta
+            .get(Table::Images, name)?
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "image",
+                name: name.into(),
+            })
+    }
+
+    pub fn image_summary(&self, name: &str, rec: &ImageRecord) -> Result<ImageSummary> {
+        let m = spore_image::image::load_manifest(&self.store, &rec.manifest)?;
+        Ok(ImageSummary {
+            name: name.to_owned(),
+            manifest: rec.manifest.to_hex(),
+            virtual_size: m.virtual_size,
+            block_size: m.block_size,
+            layers: m.layers.len(),
+            created: rec.created,
+            source: m.source,
+        })
+    }
+
+    pub fn import_image(
+        &self,
+        req: &ImportRequest,
+        progress: Progress<'_>,
+    ) -> Result<ImportResult> {
+        check_name("image", &req.name)?;
+        if !req.path.is_absolute() {
+            return Err(AgentError::Invalid(format!(
+                "import path {} must be absolute",
+                req.path.display()
+            )));
+        }
+        if self
+            .meta
+            .get::<ImageRecord>(Table::Images, &req.name)?
+            .is_some()
+        {
+            return Err(AgentError::Exists {
+                kind: "image",
+                name: req.name.clone(),
+            });
+        }
+        let parent = match &req.parent {
+            Some(p) => Some(self.exports.open_image(&self.image_record(p)?.manifest)?),
+            None => None,
+        };
+        let block_size = req
+            .block_size
+            .or(parent.as_ref().map(|p| p.image().manifest.block_size))
+            .unwrap_or(DEFAULT_BLOCK_SIZE);
+        let source = spore_image::source::open(&req.path)?;
+        let started = Instant::now();
+        let published = {
+            let _shared = self.gc_lock.read();
+            let name = req
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            spore_image::import(
+                &self.store,
+                &*source,
+                &name,
+                block_size,
+                parent.as_ref().map(|p| p.image()),
+                &|done, total| progress("import", done, total),
+            )?
+        };
+        let rec = ImageRecord {
+            manifest: published.id,
+            created: now(),
+        };
+        if !self.meta.insert_new(Table::Images, &req.name, &rec)? {
+            return Err(AgentError::Exists {
+                kind: "image",
+                name: req.name.clone(),
+            });
+        }
+        self.exports.bind_image(&req.name, published.id);
+        tracing::info!(image = %req.name, manifest = %published.id, "imported");
+        Ok(ImportResult {
+            image: self.image_summary(&req.name, &rec)?,
+            format: source.format().to_string(),
+            changed_blocks: published.stats.changed_blocks,
+            new_chunks: published.stats.new_chunks,
+            new_bytes: published.stats.new_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageSummary>> {
+        self.meta
+            .list::<ImageRecord>(Table::Images)?
+            .iter()
+            .map(|(name, rec)| self.image_summary(name, rec))
+            .collect()
+    }
+
+    pub fn inspect_image(&self, name: &str) -> Result<ImageInfo> {
+        let rec = self.image_record(name)?;
+        let summary = self.image_summary(name, &rec)?;
+        let dev = self.exports.open_image(&rec.manifest)?;
+        let image = dev.image();
+        let mut layer_list = Vec::new();
+        for id in &image.manifest.layers {
+            let layer = spore_image::image::load_layer(&self.store, id)?;
+            layer_list.push(LayerInfo {
+                id: id.to_hex(),
+                blocks: layer.len() as u64,
+                chunks: layer.chunks().len() as u64,
+            });
+        }
+        let mine: HashSet<ChunkId> = Image::referenced_chunks(&self.store, &rec.manifest)?
+            .into_iter()
+            .collect();
+        // Chunks of every other image and disk, to tell what is shared.
+        let mut others: HashSet<ChunkId> = HashSet::new();
+        let mut other_manifests: HashSet<ChunkId> = self.live_manifests()?;
+        other_manifests.remove(&rec.manifest);
+        for m in &other_manifests {
+            others.extend(Image::referenced_chunks(&self.store, m)?);
+        }
+        let (mut stored, mut shared) = (0, 0);
+        for id in &mine {
+            let len = self.store.stored_len(id).unwrap_or(0);
+            stored += len;
+            if others.contains(id) {
+                shared += len;
+            }
+        }
+        let used_by = self
+            .meta
+            .list::<DiskRecord>(Table::Disks)?
+            .into_iter()
+            .filter(|(_, d)| d.image == name)
+            .map(|(n, _)| n)
+            .collect();
+        Ok(ImageInfo {
+            summary,
+            layer_list,
+            chunks: image.flat.chunks().len() as u64,
+            data_blocks: image.flat.data_blocks(),
+            stored_bytes: stored,
+            shared_bytes: shared,
+            map_bytes: image.flat.memory_bytes() as u64,
+            used_by,
+            export: format!("{IMAGE_PREFIX}{name}"),
+        })
+    }
+
+    pub fn export_image(
+        &self,
+        name: &str,
+        path: &Path,
+        format: &str,
+        progress: Progress<'_>,
+    ) -> Result<ImageSummary> {
+        let format: Format = format.parse().map_err(AgentError::Invalid)?;
+        if !path.is_absolute() {
+            return Err(AgentError::Invalid(format!(
+                "export path {} must be absolute",
+                path.display()
+            )));
+        }
+        let rec = self.image_record(name)?;
+        let dev = self.exports.open_image(&rec.manifest)?;
+        spore_image::export(&self.store, dev.image(), path, format, &|d, t| {
+            progress("export", d, t)
+        })?;
+        self.image_summary(name, &rec)
+    }
+
+    pub fn remove_image(&self, name: &str) -> Result<RemoveResult> {
+        self.image_record(name)?;
+        let users: Vec<String> = self
+            .meta
+            .list::<DiskRecord>(Table::Disks)?
+            .into_iter()
+            .filter(|(_, d)| d.image == name)
+            .map(|(n, d)| match d.vm {
+                Some(vm) => format!("vm {vm}"),
+                None => format!("disk {n}"),
+            })
+            .collect();
+        if !users.is_empty() {
+            return Err(AgentError::InUse {
+                kind: "image",
+                name: name.into(),
+                by: users.join(", "),
+            });
+        }
+        self.meta.remove(Table::Images, name)?;
+        self.exports.unbind_image(name);
+        let (freed_chunks, freed_bytes) = self.collect_garbage()?;
+        Ok(RemoveResult {
+            removed: name.into(),
+            freed_chunks,
+            freed_bytes,
+        })
+    }
+
+    /// Names bound to each manifest (for listings that show relations).
+    pub fn image_names_by_manifest(&self) -> Result<HashMap<ChunkId, Vec<String>>> {
+        let mut out: HashMap<ChunkId, Vec<String>> = HashMap::new();
+        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
+            out.entry(rec.manifest).or_default().push(name);
+        }
+        Ok(out)
+    }
+}

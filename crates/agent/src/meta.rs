@@ -1,0 +1,165 @@
+//! The agent's metadata store: names of images, disks and VMs.
+//!
+//! Content (chunks, layers, manifests) lives in the chunk store and never
+//! changes; what changes is which name points at which manifest, which disks
+//! exist and what state VMs are in. That is kept in an embedded redb
+//! database (`meta.redb`), one table per kind of record, values in JSON.
+//! redb commits are durable and atomic, so a crash never leaves a half-made
+//! record.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Table {
+    Images,
+    Disks,
+    Vms,
+}
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Images => TableDefinition::new("images"),
+            Table::Disks => TableDefinition::new("disks"),
+            Table::Vms => TableDefinition::new("vms"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database")]
+    Db(#[from] redb::Error),
+    #[error("metadata record {0} is not valid JSON")]
+    Json(String, #[source] serde_json::Error),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for MetaError {
+            fn from(e: $t) -> Self {
+                MetaError::Db(e.into())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[derive(Debug)]
+pub struct Meta {
+    db: Database,
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        for t in [Table::Images, Table::Disks, Table::Vms] {
+            txn.open_table(t.def())?;
+        }
+        txn.commit()?;
+        Ok(Meta { db })
+    }
+
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        name: &str,
+    ) -> Result<Option<T>, MetaError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table.def())?;
+        let Some(v) = t.get(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| MetaError::Json(name.to_owned(), e))
+    }
+
+    pub fn put<T: Serialize>(&self, table: Table, name: &str, value: &T) -> Result<(), MetaError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| MetaError::Json(name.to_owned(), e))?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(table.def())?
+            .insert(name, bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Inserts only if `name` is free; false when it is taken.
+    pub fn insert_new<T: Serialize>(
+        &self,
+        table: Table,
+        name: &str,
+        value: &T,
+    ) -> Result<bool, MetaError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| MetaError::Json(name.to_owned(), e))?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(table.def())?;
+            if t.get(name)?.is_some() {
+                return Ok(false);
+            }
+            t.insert(name, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
+    /// Removes a record; false when there was none.
+    pub fn remove(&self, table: Table, name: &str) -> Result<bool, MetaError> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(table.def())?.remove(name)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, MetaError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table.def())?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let name = k.value().to_owned();
+            let value =
+                serde_json::from_slice(v.value()).map_err(|e| MetaError::Json(name.clone(), e))?;
+            out.push((name, value));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crud_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let m = Meta::open(&path).unwrap();
+            assert!(m.insert_new(Table::Images, "a", &1u32).unwrap());
+            assert!(!m.insert_new(Table::Images, "a", &2u32).unwrap());
+            m.put(Table::Disks, "d", &"x").unwrap();
+        }
+        let m = Meta::open(&path).unwrap();
+        assert_eq!(m.get::<u32>(Table::Images, "a").unwrap(), Some(1));
+        assert_eq!(
+            m.list::<String>(Table::Disks).unwrap(),
+            vec![("d".to_string(), "x".to_string())]
+        );
+        assert!(m.remove(Table::Images, "a").unwrap());
+        assert!(!m.remove(Table::Images, "a").unwrap());
+        assert_eq!(m.get::<u32>(Table::Images, "a").unwrap(), None);
+    }
+}

@@ -1,0 +1,87 @@
+//! Prometheus text exposition of the agent's counters.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::agent::Agent;
+
+pub fn render(a: &Agent) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let cache = a.exports.cache();
+    let s = cache.stats();
+    metric(
+        "spore_cache_hits_total",
+        "counter",
+        "Chunk cache hits.",
+        vec![(String::new(), s.hits.load(Relaxed))],
+    );
+    metric(
+        "spore_cache_misses_total",
+        "counter",
+        "Chunk cache misses.",
+        vec![(String::new(), s.misses.load(Relaxed))],
+    );
+    metric(
+        "spore_cache_bytes",
+        "gauge",
+        "Bytes of chunk data cached.",
+        vec![(String::new(), cache.bytes() as u64)],
+    );
+    let st = a.store.stats();
+    metric(
+        "spore_store_chunks_written_total",
+        "counter",
+        "Chunks written to the store.",
+        vec![(String::new(), st.chunks_written.load(Relaxed))],
+    );
+    metric(
+        "spore_store_chunks_read_total",
+        "counter",
+        "Chunks read (and verified) from the store.",
+        vec![(String::new(), st.chunks_read.load(Relaxed))],
+    );
+    let disks = a.exports.disks();
+    let per_disk = |f: &dyn Fn(&spore_blockdev::IoStats) -> u64| {
+        disks
+            .iter()
+            .map(|(n, d)| (format!("{{disk=\"{n}\"}}"), f(d.stats())))
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "spore_disk_reads_total",
+        "counter",
+        "Read requests per disk.",
+        per_disk(&|s| s.reads.load(Relaxed)),
+    );
+    metric(
+        "spore_disk_read_bytes_total",
+        "counter",
+        "Bytes read per disk.",
+        per_disk(&|s| s.bytes_read.load(Relaxed)),
+    );
+    metric(
+        "spore_disk_writes_total",
+        "counter",
+        "Write requests per disk.",
+        per_disk(&|s| s.writes.load(Relaxed)),
+    );
+    metric(
+        "spore_disk_written_bytes_total",
+        "counter",
+        "Bytes written per disk.",
+        per_disk(&|s| s.bytes_written.load(Relaxed)),
+    );
+    metric(
+        "spore_disk_flushes_total",
+        "counter",
+        "Flushes per disk.",
+        per_disk(&|s| s.flushes.load(Relaxed)),
+    );
+    out
+}

@@ -1,0 +1,168 @@
+//! A client for the agent's API over its unix socket.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+use crate::types::{ErrorBody, Event};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no spore agent is running at {socket} (start one with `spore agent`, or set --data-dir / SPORE_HOME)")]
+    NoAgent { socket: PathBuf },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("talking to the agent")]
+    Http(#[from] hyper::Error),
+    #[error("building the request")]
+    Request(#[from] hyper::http::Error),
+    #[error("the agent's answer is not the expected JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("agent socket I/O")]
+    Io(#[from] std::io::Error),
+    #[error("the agent closed the stream before the operation finished")]
+    Truncated,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    /// The client for the agent of `data_dir`.
+    pub fn for_data_dir(data_dir: &Path) -> Self {
+        Self::new(data_dir.join(crate::API_SOCKET))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = match UnixStream::connect(&self.socket).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(ClientError::NoAgent {
+                    socket: self.socket.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "spore-agent")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender.send_request(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Err(api_error(status, &bytes))
+    }
+
+    /// A request answered by one JSON document.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// A request answered by a stream of events; `on_progress` sees each
+    /// progress event, and the final result is returned.
+    pub async fn stream<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+        mut on_progress: impl FnMut(&str, u64, u64),
+    ) -> Result<T, ClientError> {
+        let resp = self
+            .send(method, path, Some(serde_json::to_vec(body)?))
+            .await?;
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                pending.extend_from_slice(&data);
+            }
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                if line.len() <= 1 {
+                    continue;
+                }
+                match serde_json::from_slice::<Event>(&line)? {
+                    Event::Progress { phase, done, total } => on_progress(&phase, done, total),
+                    Event::Done { result } => return Ok(serde_json::from_value(result)?),
+                    Event::Error { error } => {
+                        return Err(ClientError::Api {
+                            status: 500,
+                            code: error.code,
+                            message: error.message,
+                        })
+                    }
+                }
+            }
+        }
+        Err(ClientError::Truncated)
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api {
+            status: status.as_u16(),
+            code: e.code,
+            message: e.message,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: "http".into(),
+            message: format!("HTTP {status}: {}", String::from_utf8_lossy(body)),
+        },
+    }
+}

@@ -1,0 +1,225 @@
+//! Request and response bodies.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A short machine-readable code: not_found, conflict, invalid, in_use, internal.
+    pub code: String,
+    /// The error and its causes, outermost first.
+    pub message: String,
+}
+
+/// One line of a streamed (NDJSON) response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Progress {
+        phase: String,
+        done: u64,
+        total: u64,
+    },
+    Done {
+        result: serde_json::Value,
+    },
+    Error {
+        error: ErrorBody,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub version: String,
+    pub data_dir: PathBuf,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<String>,
+    pub accel: String,
+    pub images: usize,
+    pub disks: usize,
+    pub vms: usize,
+    pub cache_bytes: u64,
+    pub cache_budget: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// A raw or qcow2 file on the agent's host (absolute path).
+    pub path: PathBuf,
+    pub name: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportResult {
+    pub image: ImageSummary,
+    pub format: String,
+    /// Blocks that differ from the parent (all data blocks without one).
+    pub changed_blocks: u64,
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub manifest: String,
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub layers: usize,
+    pub created: u64,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub id: String,
+    /// Blocks the layer sets.
+    pub blocks: u64,
+    pub chunks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    #[serde(flatten)]
+    pub summary: ImageSummary,
+    /// Bottom first.
+    pub layer_list: Vec<LayerInfo>,
+    /// Distinct chunks the image reads.
+    pub chunks: u64,
+    /// Blocks holding data.
+    pub data_blocks: u64,
+    /// Bytes on disk for the image's chunks, layers and manifest.
+    pub stored_bytes: u64,
+    /// Part of `stored_bytes` that other images use too.
+    pub shared_bytes: u64,
+    /// Memory of the flat block map.
+    pub map_bytes: u64,
+    /// Disks created from the image.
+    pub used_by: Vec<String>,
+    pub export: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportRequest {
+    pub path: PathBuf,
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+fn default_format() -> String {
+    "raw".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveResult {
+    pub removed: String,
+    pub freed_chunks: u64,
+    pub freed_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskCreate {
+    pub name: String,
+    pub image: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub name: String,
+    pub image: String,
+    pub manifest: String,
+    pub virtual_size: u64,
+    /// Bytes the VM wrote (4 KiB granules in the overlay).
+    pub written_bytes: u64,
+    pub export: String,
+    pub vm: Option<String>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// Name of the new image.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmCreate {
+    pub name: String,
+    pub image: String,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub append: Option<String>,
+    /// kvm or tcg; detected when absent.
+    #[serde(default)]
+    pub accel: Option<String>,
+}
+
+fn default_memory() -> u64 {
+    512
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub image: String,
+    pub disk: String,
+    pub state: VmState,
+    pub pid: Option<u32>,
+    pub accel: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub created: u64,
+    /// Why the VM is stopped or failed, when it is.
+    pub reason: Option<String>,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmLog {
+    /// Serial console output from `offset` on.
+    pub text: String,
+    /// Offset to ask for next time to get only new output.
+    pub next_offset: u64,
+    pub state: VmState,
+}

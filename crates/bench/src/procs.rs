@@ -1,0 +1,202 @@
+//! Processes the benchmarks drive: a spore agent, qemu-nbd, fio.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// A `spore agent` child process, stopped with SIGTERM on drop.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    pub data_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent of this very binary on `data_dir`.
+    pub fn start(spore: &Path, data_dir: &Path, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let log = std::fs::File::create(data_dir.with_extension("agent.log"))?;
+        let child = Command::new(spore)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("agent")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} agent", spore.display()))?;
+        let mut agent = AgentProcess {
+            child,
+            data_dir: data_dir.to_owned(),
+        };
+        let sock = data_dir.join(spore_api::API_SOCKET);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "agent exited with {status} (see {})",
+                    data_dir.with_extension("agent.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not come up in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(agent)
+    }
+
+    pub fn client(&self) -> spore_api::Client {
+        spore_api::Client::for_data_dir(&self.data_dir)
+    }
+
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.data_dir.join(spore_api::NBD_SOCKET).display()
+        )
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill sends a signal; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qemu-nbd` serving one file read-only on a unix socket, killed on drop.
+#[derive(Debug)]
+pub struct QemuNbd {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl QemuNbd {
+    pub fn start(file: &Path, format: &str, socket: &Path) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-nbd")
+            .args([
+                "--read-only",
+                "--persistent",
+                "--shared=8",
+                "--export-name=x",
+            ])
+            .arg(format!("--format={format}"))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd (apt-get install qemu-utils)")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("qemu-nbd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(QemuNbd {
+            child,
+            socket: socket.to_owned(),
+        })
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///x?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One fio job's result.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FioResult {
+    pub iops: f64,
+    pub bytes_per_sec: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+}
+
+/// Runs fio's nbd engine against `uri` and returns its read figures.
+pub fn fio_nbd(
+    uri: &str,
+    rw: &str,
+    bs: &str,
+    iodepth: u32,
+    seconds: u32,
+    size: u64,
+) -> Result<FioResult> {
+    let out = run(Command::new("fio")
+        .args([
+            "--name=job",
+            "--ioengine=nbd",
+            "--output-format=json",
+            "--time_based",
+            "--direct=1",
+        ])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={iodepth}"))
+        .arg(format!("--runtime={seconds}"))
+        .arg(format!("--size={size}"))
+        .arg("--randseed=42"))?;
+    // fio may print warnings before the JSON document.
+    let start = out.find('{').context("fio printed no JSON")?;
+    let v: Value = serde_json::from_str(&out[start..]).context("parsing fio JSON")?;
+    let read = &v["jobs"][0]["read"];
+    let pct = |p: &str| read["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(FioResult {
+        iops: read["iops"].as_f64().unwrap_or(0.0),
+        bytes_per_sec: read["bw_bytes"].as_f64().unwrap_or(0.0),
+        lat_p50_us: pct("50.000000"),
+        lat_p99_us: pct("99.000000"),
+    })
+}
+
+/// Checks that the tools a benchmark needs are installed.
+pub fn require(tools: &[&str]) -> Result<()> {
+    for t in tools {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!("{t} is not installed (run scripts/install-deps.sh)");
+        }
+    }
+    Ok(())
+}

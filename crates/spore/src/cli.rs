@@ -1,0 +1,657 @@
+//! Command-line definitions and their handlers.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use spore_api::{
+    AgentStatus, Client, CommitRequest, DiskCreate, DiskInfo, ExportRequest, ImageInfo,
+    ImageSummary, ImportRequest, ImportResult, RemoveResult, VmCreate, VmInfo, VmLog, VmState,
+};
+
+use crate::format::{human, parse_size, table};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "spore",
+    version,
+    about = "VMs where they are needed, in seconds"
+)]
+pub struct Cli {
+    /// The agent's data directory [default: $SPORE_HOME or ~/.local/share/spore]
+    #[arg(long, global = true, env = "SPORE_HOME")]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the per-host agent (foreground; stop with Ctrl-C or SIGTERM)
+    Agent(AgentArgs),
+    /// Show the agent's status
+    Status,
+    /// Images: layered, content-addressed, read-only
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Disks: writable overlays on images
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// Virtual machines
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Benchmarks (print a table, write JSON)
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Memory for cached chunk data
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    cache_size: u64,
+    /// Also serve NBD on this TCP address, e.g. 127.0.0.1:10809
+    #[arg(long)]
+    nbd_tcp: Option<String>,
+    /// Accelerator for VMs (kvm or tcg) [default: detected]
+    #[arg(long)]
+    accel: Option<spore_qemu::Accel>,
+    /// Compression of new chunks (zstd or none)
+    #[arg(long, default_value = "zstd")]
+    compression: spore_chunks::Compression,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import a raw or qcow2 file (format detected)
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Store only the blocks that differ from this image
+        #[arg(long)]
+        parent: Option<String>,
+        /// Block size, 4K to 4M [default: 64K, or the parent's]
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+    },
+    /// List images
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Layers, sizes, chunks and sharing of an image
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image to a file
+    Export {
+        name: String,
+        file: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+    },
+    /// Remove an image and free the chunks nothing else uses
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Create a writable disk over an image
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+    },
+    /// Turn a disk's writes into a new image (a layer on the disk's image)
+    Commit {
+        disk: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List disks
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a disk
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Start a VM on a new disk over an image
+    Run {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line
+        #[arg(long, allow_hyphen_values = true)]
+        append: Option<String>,
+        /// kvm or tcg [default: detected by the agent]
+        #[arg(long)]
+        accel: Option<String>,
+        /// Wait until the serial console prints this text
+        #[arg(long)]
+        wait_for: Option<String>,
+        /// Seconds to wait for --wait-for
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// List VMs
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM (QEMU quits; the disk stays)
+    Stop { name: String },
+    /// Remove a stopped VM and its disk
+    Rm {
+        name: String,
+        /// Stop it first if it runs
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the VM's serial console
+    Log {
+        name: String,
+        /// Keep printing new output
+        #[arg(long, short)]
+        follow: bool,
+        /// Follow until this text appears (exit 0), the VM stops or the timeout passes (exit 1)
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// NBD read throughput at layer depths 1..1000, against qemu-nbd over qcow2 chains
+    Blockdev(spore_bench::blockdev::Options),
+}
+
+fn abs(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn bar(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
+    match cli.command {
+        Command::Agent(a) => {
+            let mut config = spore_agent::AgentConfig::new(abs(&data_dir)?);
+            config.cache_bytes = a.cache_size as usize;
+            config.nbd_tcp = a.nbd_tcp;
+            config.accel = a.accel;
+            config.compression = a.compression;
+            spore_agent::run(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Blockdev(opts)) => {
+            spore_bench::blockdev::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(client_command(other, Client::for_data_dir(&data_dir)))
+        }
+    }
+}
+
+async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
+    match cmd {
+        Command::Status => {
+            let s: AgentStatus = c.get("/v1/status").await?;
+            println!("agent {} at {}", s.version, s.data_dir.display());
+            println!(
+                "  NBD        {}{}",
+                s.nbd_socket.display(),
+                s.nbd_tcp
+                    .map(|t| format!(" and tcp {t}"))
+                    .unwrap_or_default()
+            );
+            println!("  accel      {}", s.accel);
+            println!("  images {}  disks {}  vms {}", s.images, s.disks, s.vms);
+            println!(
+                "  cache      {} of {}",
+                human(s.cache_bytes),
+                human(s.cache_budget)
+            );
+        }
+        Command::Image(cmd) => image_command(cmd, &c).await?,
+        Command::Disk(cmd) => disk_command(cmd, &c).await?,
+        Command::Vm(cmd) => return vm_command(cmd, &c).await,
+        Command::Agent(_) | Command::Bench(_) => unreachable!("handled without a client"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
+    match cmd {
+        ImageCmd::Import {
+            file,
+            name,
+            parent,
+            block_size,
+        } => {
+            let path = abs(&file)?;
+            if !path.exists() {
+                bail!("{} does not exist", path.display());
+            }
+            let block_size = block_size
+                .map(|b| u32::try_from(b).context("block size too large"))
+                .transpose()?;
+            let req = ImportRequest {
+                path,
+                name,
+                parent,
+                block_size,
+            };
+            let pb = bar(0);
+            let r: ImportResult = c
+                .stream(
+                    hyper::Method::POST,
+                    "/v1/images",
+                    &req,
+                    |phase, done, total| {
+                        pb.set_message(phase.to_owned());
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    },
+                )
+                .await?;
+            pb.finish_and_clear();
+            println!(
+                "imported {} ({}, {} virtual, {} blocks) in {:.1}s: {} blocks changed, {} new chunks, {} stored",
+                r.image.name,
+                r.format,
+                human(r.image.virtual_size),
+                human(r.image.block_size as u64),
+                r.seconds,
+                r.changed_blocks,
+                r.new_chunks,
+                human(r.new_bytes)
+            );
+        }
+        ImageCmd::Ls { json } => {
+            let list: Vec<ImageSummary> = c.get("/v1/images").await?;
+            if json {
+                return print_json(&list);
+            }
+            table(
+                &["NAME", "SIZE", "BLOCK", "LAYERS", "MANIFEST", "SOURCE"],
+                list.into_iter()
+                    .map(|i| {
+                        vec![
+                            i.name,
+                            human(i.virtual_size),
+                            human(i.block_size as u64),
+                            i.layers.to_string(),
+                            i.manifest[..12].to_owned(),
+                            i.source,
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        ImageCmd::Inspect { name, json } => {
+            let i: ImageInfo = c.get(&format!("/v1/images/{name}")).await?;
+            if json {
+                return print_json(&i);
+            }
+            let s = &i.summary;
+            println!("image      {}", s.name);
+            println!("manifest   {}", s.manifest);
+            println!("export     {}", i.export);
+            println!(
+                "size       {} virtual, block size {}",
+                human(s.virtual_size),
+                human(s.block_size as u64)
+            );
+            println!(
+                "data       {} blocks ({}), {} distinct chunks",
+                i.data_blocks,
+                human(i.data_blocks * s.block_size as u64),
+                i.chunks
+            );
+            println!(
+                "stored     {} ({} shared with other images)",
+                human(i.stored_bytes),
+                human(i.shared_bytes)
+            );
+            println!("block map  {} in memory", human(i.map_bytes));
+            println!(
+                "used by    {}",
+                if i.used_by.is_empty() {
+                    "-".into()
+                } else {
+                    i.used_by.join(", ")
+                }
+            );
+            println!("layers     {} (bottom first)", i.layer_list.len());
+            let shown = i.layer_list.len().min(20);
+            for (n, l) in i.layer_list.iter().enumerate().take(shown) {
+                println!(
+                    "  {n:>4}  {}  {} blocks, {} chunks",
+                    &l.id[..16],
+                    l.blocks,
+                    l.chunks
+                );
+            }
+            if shown < i.layer_list.len() {
+                println!("  ... {} more (use --json)", i.layer_list.len() - shown);
+            }
+        }
+        ImageCmd::Export { name, file, format } => {
+            let req = ExportRequest {
+                path: abs(&file)?,
+                format,
+            };
+            let pb = bar(0);
+            let s: ImageSummary = c
+                .stream(
+                    hyper::Method::POST,
+                    &format!("/v1/images/{name}/export"),
+                    &req,
+                    |phase, done, total| {
+                        pb.set_message(phase.to_owned());
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    },
+                )
+                .await?;
+            pb.finish_and_clear();
+            println!(
+                "exported {} ({}) to {} as {}",
+                s.name,
+                human(s.virtual_size),
+                req.path.display(),
+                req.format
+            );
+        }
+        ImageCmd::Rm { name } => {
+            let r: RemoveResult = c
+                .call(
+                    hyper::Method::DELETE,
+                    &format!("/v1/images/{name}"),
+                    None::<&()>,
+                )
+                .await?;
+            println!(
+                "removed image {}: freed {} chunks ({})",
+                r.removed,
+                r.freed_chunks,
+                human(r.freed_bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn disk_command(cmd: DiskCmd, c: &Client) -> Result<()> {
+    match cmd {
+        DiskCmd::Create { name, image } => {
+            let d: DiskInfo = c
+                .call(
+                    hyper::Method::POST,
+                    "/v1/disks",
+                    Some(&DiskCreate { name, image }),
+                )
+                .await?;
+            println!(
+                "created disk {} on {} ({}); NBD export {}",
+                d.name,
+                d.image,
+                human(d.virtual_size),
+                d.export
+            );
+        }
+        DiskCmd::Commit { disk, name } => {
+            let s: ImageSummary = c
+                .call(
+                    hyper::Method::POST,
+                    &format!("/v1/disks/{disk}/commit"),
+                    Some(&CommitRequest { name }),
+                )
+                .await?;
+            println!(
+                "committed disk {disk} as image {} ({} layers)",
+                s.name, s.layers
+            );
+        }
+        DiskCmd::Ls { json } => {
+            let list: Vec<DiskInfo> = c.get("/v1/disks").await?;
+            if json {
+                return print_json(&list);
+            }
+            table(
+                &["NAME", "IMAGE", "SIZE", "WRITTEN", "VM", "EXPORT"],
+                list.into_iter()
+                    .map(|d| {
+                        vec![
+                            d.name,
+                            d.image,
+                            human(d.virtual_size),
+                            human(d.written_bytes),
+                            d.vm.unwrap_or_else(|| "-".into()),
+                            d.export,
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        DiskCmd::Rm { name } => {
+            let r: RemoveResult = c
+                .call(
+                    hyper::Method::DELETE,
+                    &format!("/v1/disks/{name}"),
+                    None::<&()>,
+                )
+                .await?;
+            println!(
+                "removed disk {}: freed {} chunks ({})",
+                r.removed,
+                r.freed_chunks,
+                human(r.freed_bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints the serial log from `offset`, following it if asked; returns
+/// whether `until` was seen.
+async fn follow_log(
+    c: &Client,
+    name: &str,
+    follow: bool,
+    until: Option<&str>,
+    timeout: Duration,
+) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    let mut offset = 0;
+    let mut seen = String::new();
+    loop {
+        let log: VmLog = c
+            .get(&format!("/v1/vms/{name}/log?offset={offset}"))
+            .await?;
+        print!("{}", log.text);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        offset = log.next_offset;
+        if let Some(pattern) = until {
+            seen.push_str(&log.text);
+            if seen.contains(pattern) {
+                return Ok(true);
+            }
+            // Keep only a tail long enough to match a pattern split across reads.
+            if seen.len() > 4 * pattern.len() + 4096 {
+                let cut = seen.len() - 2 * pattern.len();
+                let cut = (cut..seen.len())
+                    .find(|&i| seen.is_char_boundary(i))
+                    .unwrap_or(seen.len());
+                seen.drain(..cut);
+            }
+        }
+        let live = matches!(
+            log.state,
+            VmState::Starting | VmState::Running | VmState::Stopping
+        );
+        if !(follow || until.is_some()) || (!live && log.text.is_empty()) {
+            return Ok(false);
+        }
+        if Instant::now() >= deadline && until.is_some() {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
+    match cmd {
+        VmCmd::Run {
+            name,
+            image,
+            memory,
+            cpus,
+            kernel,
+            initrd,
+            append,
+            accel,
+            wait_for,
+            timeout,
+        } => {
+            let req = VmCreate {
+                name: name.clone(),
+                image,
+                memory_mib: memory / (1 << 20),
+                cpus,
+                kernel: kernel.as_deref().map(abs).transpose()?,
+                initrd: initrd.as_deref().map(abs).transpose()?,
+                append,
+                accel,
+            };
+            let started = Instant::now();
+            let vm: VmInfo = c.call(hyper::Method::POST, "/v1/vms", Some(&req)).await?;
+            eprintln!(
+                "vm {} {} (pid {}, {}, {} MiB, {} cpu) in {:.2}s",
+                vm.name,
+                vm.state,
+                vm.pid.unwrap_or(0),
+                vm.accel,
+                vm.memory_mib,
+                vm.cpus,
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(pattern) = wait_for {
+                if !follow_log(c, &name, true, Some(&pattern), Duration::from_secs(timeout)).await?
+                {
+                    let vm: VmInfo = c.get(&format!("/v1/vms/{name}")).await?;
+                    bail!("{pattern:?} did not appear on vm {name}'s console within {timeout}s (vm is {}{})", vm.state, vm.reason.map(|r| format!(": {r}")).unwrap_or_default());
+                }
+                println!();
+                eprintln!(
+                    "vm {name}: {pattern:?} seen {:.2}s after the request",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        VmCmd::Ls { json } => {
+            let list: Vec<VmInfo> = c.get("/v1/vms").await?;
+            if json {
+                print_json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            table(
+                &[
+                    "NAME", "STATE", "IMAGE", "PID", "ACCEL", "MEMORY", "CPUS", "REASON",
+                ],
+                list.into_iter()
+                    .map(|v| {
+                        vec![
+                            v.name,
+                            v.state.to_string(),
+                            v.image,
+                            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                            v.accel,
+                            format!("{}M", v.memory_mib),
+                            v.cpus.to_string(),
+                            v.reason.unwrap_or_default(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        VmCmd::Stop { name } => {
+            let v: VmInfo = c
+                .call(
+                    hyper::Method::POST,
+                    &format!("/v1/vms/{name}/stop"),
+                    None::<&()>,
+                )
+                .await?;
+            println!("vm {} {}", v.name, v.state);
+        }
+        VmCmd::Rm { name, force } => {
+            let _: serde_json::Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &format!("/v1/vms/{name}?force={force}"),
+                    None::<&()>,
+                )
+                .await?;
+            println!("removed vm {name} and its disk");
+        }
+        VmCmd::Log {
+            name,
+            follow,
+            until,
+            timeout,
+        } => {
+            let found = follow_log(
+                c,
+                &name,
+                follow,
+                until.as_deref(),
+                Duration::from_secs(timeout),
+            )
+            .await?;
+            if until.is_some() && !found {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
