@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use thiserror::Error;
@@ -33,9 +33,15 @@ pub struct ServerConfig {
     /// READ/WRITE payload bytes one connection may have in flight; the
     /// reader stops reading requests beyond that.
     pub max_inflight_bytes: usize,
-    /// How long a client may take over each read of the handshake (`None`:
-    /// forever). Transmission has no timeout: idle clients are normal.
+    /// How long a client may take from connecting to choosing an export
+    /// (`None`: forever). Transmission has no timeout: idle clients are
+    /// normal.
     pub handshake_timeout: Option<Duration>,
+    /// On [`ServerHandle::shutdown`], how long connections get to answer
+    /// the requests they have already read before their sockets are closed
+    /// outright (a client that stops reading replies cannot stall shutdown
+    /// beyond this).
+    pub shutdown_grace: Duration,
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
 }
@@ -47,6 +53,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Some(Duration::from_secs(30)),
             max_connections: 256,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -92,18 +99,22 @@ fn serve_connection_inner<T: Transport + ?Sized>(
     exports: &dyn Exports,
     config: &ServerConfig,
 ) -> Result<SessionEnd, ConnectionError> {
-    // A failure here only loses the timeout.
-    let _ = transport.set_read_timeout(config.handshake_timeout);
     // Buffered so that pipelined request headers cost one read between them;
     // large WRITE payloads bypass the buffer.
-    let mut reader = BufReader::with_capacity(64 * 1024, Recv(transport));
+    let mut reader = BufReader::with_capacity(64 * 1024, Recv::new(transport));
+    let deadline = config.handshake_timeout.map(|t| Instant::now() + t);
+    reader
+        .get_mut()
+        .set_deadline(deadline)
+        .map_err(ConnectionError::Io)?;
     let negotiated = match handshake::negotiate(transport, &mut reader, exports)? {
         HandshakeEnd::Transmission(n) => n,
         HandshakeEnd::Aborted => return Ok(SessionEnd::Aborted),
         HandshakeEnd::Closed => return Ok(SessionEnd::Closed),
     };
-    transport
-        .set_read_timeout(None)
+    reader
+        .get_mut()
+        .set_deadline(None)
         .map_err(ConnectionError::Io)?;
     transmission::run(transport, &mut reader, negotiated, config)
 }
@@ -189,11 +200,13 @@ impl Server {
             next_id: AtomicU64::new(0),
         });
         let accept_shared = Arc::clone(&shared);
+        let grace = self.config.shutdown_grace;
         let accept = thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || accept_loop(listener, wake_rx, self, accept_shared))?;
         Ok(ServerHandle {
             shared,
+            grace,
             wake: Some(wake_tx),
             accept: Some(accept),
         })
@@ -206,6 +219,12 @@ struct Live {
     thread: Option<JoinHandle<()>>,
 }
 
+impl Live {
+    fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
 struct Shared {
     stopping: AtomicBool,
     connections: Mutex<HashMap<u64, Live>>,
@@ -215,6 +234,7 @@ struct Shared {
 /// Controls a running server; dropping it shuts the server down.
 pub struct ServerHandle {
     shared: Arc<Shared>,
+    grace: Duration,
     wake: Option<OwnedFd>,
     accept: Option<JoinHandle<()>>,
 }
@@ -249,6 +269,15 @@ impl ServerHandle {
         // queued and exit; the connection then closes itself.
         for l in &live {
             let _ = l.transport.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + self.grace;
+        while Instant::now() < deadline && live.iter().any(Live::running) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Whoever is still there (say, blocked sending to a client that does
+        // not read) is cut off.
+        for l in live.iter().filter(|l| l.running()) {
+            let _ = l.transport.shutdown(Shutdown::Both);
         }
         for mut l in live {
             if let Some(t) = l.thread.take() {

@@ -10,7 +10,7 @@ use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A connected, bidirectional byte stream that can be used from several
 /// threads at once.
@@ -95,11 +95,41 @@ impl Transport for TcpStream {
 }
 
 /// [`io::Read`] over a shared transport, for buffering the reading side.
-pub(crate) struct Recv<'a, T: ?Sized>(pub &'a T);
+/// With a deadline, every read is bounded by the time left, so a client
+/// cannot stretch the handshake by trickling bytes.
+pub(crate) struct Recv<'a, T: ?Sized> {
+    transport: &'a T,
+    deadline: Option<Instant>,
+}
+
+impl<'a, T: Transport + ?Sized> Recv<'a, T> {
+    pub fn new(transport: &'a T) -> Self {
+        Recv {
+            transport,
+            deadline: None,
+        }
+    }
+
+    /// Bound all further reads by `deadline` (`None`: no bound).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            self.transport.set_read_timeout(None)?;
+        }
+        Ok(())
+    }
+}
 
 impl<T: Transport + ?Sized> io::Read for Recv<'_, T> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.recv(buf)
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.transport.set_read_timeout(Some(left))?;
+        }
+        self.transport.recv(buf)
     }
 }
 

@@ -557,3 +557,52 @@ fn handshake_timeout_drops_silent_clients() {
     thread::sleep(Duration::from_millis(500));
     assert!(c.is_closed());
 }
+
+#[test]
+fn handshake_deadline_is_total_not_per_read() {
+    let exports = MemExports::default();
+    exports.add("disk", "", MemExport::new(4096));
+    let config = ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::default()
+    };
+    let f = Fixture::start_with(exports, config);
+    let mut c = f.connect();
+    c.greet();
+    // Trickle an option header one byte at a time, each well within 300 ms.
+    let start = Instant::now();
+    let mut closed = false;
+    for b in IHAVEOPT.to_be_bytes().iter().chain(&[0u8; 8]) {
+        if c.stream.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(closed || c.is_closed());
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn shutdown_does_not_wait_forever_for_a_client_that_never_reads() {
+    let exports = MemExports::default();
+    exports.add("disk", "", MemExport::new(32 << 20));
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let mut f = Fixture::start_with(exports, config);
+    let mut c = RawClient::open(&f.socket, "disk", false);
+    // 64 MiB of replies that nobody reads: the workers block in send.
+    for h in 0..32 {
+        c.request(0, CMD_READ, h, 0, 2 << 20);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    f.handle.take().unwrap().shutdown();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
