@@ -57,6 +57,9 @@ struct Budget {
 
 impl Budget {
     fn acquire(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         let mut used = self.used.lock();
         // A request larger than the whole budget still goes through once
         // nothing else is in flight.

@@ -252,3 +252,35 @@ fn nbdinfo_lists_exports_maps_holes_and_reports_flags() {
     assert!(compact.contains("\"is_read_only\":false"), "{so}");
     assert!(compact.contains("\"can_fast_zero\":true"), "{so}");
 }
+
+#[test]
+fn serves_over_tcp_too() {
+    if !have("qemu-io") {
+        return;
+    }
+    let exports = MemExports::default();
+    exports.add("disk", "", MemExport::new(SIZE));
+    let exports = std::sync::Arc::new(exports);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = spore_nbd::serve_tcp(
+        listener,
+        exports.clone(),
+        spore_nbd::ServerConfig::default(),
+    )
+    .unwrap();
+    let (ok, out, err) = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 4k 8k",
+        "-c",
+        "read -P 0x5a 4k 8k",
+        &format!("nbd://127.0.0.1:{port}/disk"),
+    ]));
+    assert!(ok && !out.contains("fail"), "{out}\n{err}");
+    handle.shutdown();
+    let c = exports.get_mem("disk").contents();
+    assert!(c[4096..12288].iter().all(|&b| b == 0x5a));
+    assert!(c[..4096].iter().all(|&b| b == 0));
+}

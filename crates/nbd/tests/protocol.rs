@@ -606,3 +606,35 @@ fn shutdown_does_not_wait_forever_for_a_client_that_never_reads() {
         start.elapsed()
     );
 }
+
+#[test]
+fn write_zeroes_flags() {
+    let (f, disk) = fixture();
+    let mut c = RawClient::connect(&f.socket);
+    c.greet();
+    let (_, flags) = c.go("disk");
+    assert_ne!(
+        flags & (1 << 11),
+        0,
+        "SEND_FAST_ZERO for a fast-zero export"
+    );
+    assert_ne!(flags & (1 << 6), 0, "SEND_WRITE_ZEROES");
+    c.request(0, CMD_WRITE, 1, 0, 8192);
+    c.stream.write_all(&[7; 8192]).unwrap();
+    c.reply(0).unwrap();
+    // FAST_ZERO | NO_HOLE | FUA.
+    c.request((1 << 4) | (1 << 1) | 1, CMD_WRITE_ZEROES, 2, 0, 4096);
+    assert_eq!(
+        c.reply(0).unwrap().0,
+        RawReply::Simple {
+            error: 0,
+            handle: 2
+        }
+    );
+    let contents = disk.contents();
+    assert!(contents[..4096].iter().all(|&b| b == 0));
+    assert!(contents[4096..8192].iter().all(|&b| b == 7));
+    // REQ_ONE does not belong to WRITE_ZEROES.
+    c.request(1 << 3, CMD_WRITE_ZEROES, 3, 0, 4096);
+    assert_eq!(simple_error(&c.reply(0).unwrap()), EINVAL);
+}
