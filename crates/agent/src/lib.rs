@@ -70,8 +70,8 @@ pub fn run(config: AgentConfig) -> Result<()> {
             .map_err(AgentError::io("serving the API"))
     });
     tracing::info!("shutting down");
-    let stopper = agent.clone();
-    let _ = runtime.block_on(tokio::task::spawn_blocking(move || stopper.stop_all_vms()));
+    // Outside the runtime now: plain blocking calls.
+    agent.stop_all_vms();
     nbd.shutdown();
     if let Some(t) = nbd_tcp {
         t.shutdown();

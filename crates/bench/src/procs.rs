@@ -50,6 +50,28 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: kill sends a signal; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn client(&self) -> spore_api::Client {
         spore_api::Client::for_data_dir(&self.data_dir)
     }
@@ -64,17 +86,9 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        // SAFETY: kill sends a signal; no memory is involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if matches!(self.child.try_wait(), Ok(None)) && self.stop().is_err() {
+            self.kill();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,203 @@
+//! Shared test harness: a real `spore agent` process on a temporary data
+//! directory, the `spore` CLI against it, and the demo guest.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use spore_bench::procs::AgentProcess;
+
+pub const SPORE: &str = env!("CARGO_BIN_EXE_spore");
+
+pub struct TestAgent {
+    pub dir: tempfile::TempDir,
+    pub agent: Option<AgentProcess>,
+}
+
+impl TestAgent {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = AgentProcess::start(
+            Path::new(SPORE),
+            &dir.path().join("data"),
+            &["--cache-size", "64M"],
+        )
+        .expect("agent starts");
+        TestAgent {
+            dir,
+            agent: Some(agent),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(SPORE)
+            .env("SPORE_HOME", self.data_dir())
+            .args(args)
+            .output()
+            .expect("spore runs")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "spore {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a CLI command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "spore {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.data_dir().join("nbd.sock").display()
+        )
+    }
+
+    /// Graceful restart (SIGTERM, then start again on the same directory).
+    pub fn restart(&mut self) {
+        let status = self
+            .agent
+            .as_mut()
+            .expect("running")
+            .stop()
+            .expect("agent stops");
+        assert!(status.success(), "agent exited with {status}");
+        self.agent = None;
+        self.start_again();
+    }
+
+    /// Crash: SIGKILL, then start again on the same directory.
+    pub fn crash_and_restart(&mut self) {
+        self.agent.as_mut().expect("running").kill();
+        self.agent = None;
+        self.start_again();
+    }
+
+    fn start_again(&mut self) {
+        self.agent = Some(
+            AgentProcess::start(Path::new(SPORE), &self.data_dir(), &["--cache-size", "64M"])
+                .expect("agent restarts"),
+        );
+    }
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes a file of `size` bytes: pseudo-random data in some 64 KiB
+/// regions, holes (never written) elsewhere.
+pub fn sparse_random_file(path: &Path, size: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed | 1;
+    let mut w = std::io::BufWriter::new(&f);
+    use std::io::Seek;
+    let mut buf = vec![0u8; 65536];
+    for region in 0..size / 65536 {
+        // Two regions in three hold data.
+        if region % 3 == 2 {
+            continue;
+        }
+        for b in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        w.seek(std::io::SeekFrom::Start(region * 65536)).unwrap();
+        w.write_all(&buf).unwrap();
+    }
+    w.flush().unwrap();
+}
+
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// The demo guest, built by guest/build.sh if it is not there yet (once
+/// per test binary; only the VM tests use it).
+pub fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Guest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::var_os("SPORE_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".cache/guest"));
+        let g = Guest {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            rootfs: dir.join("rootfs.img"),
+        };
+        if !(g.kernel.exists() && g.initrd.exists() && g.rootfs.exists()) {
+            sh(Command::new("bash")
+                .arg(root.join("guest/build.sh"))
+                .arg(&dir));
+        }
+        g
+    })
+}
+
+/// `vm run` arguments for the demo guest with extra kernel options.
+pub fn vm_run_args<'a>(
+    g: &'a Guest,
+    name: &'a str,
+    image: &'a str,
+    append: &'a str,
+) -> Vec<String> {
+    vec![
+        "vm".into(),
+        "run".into(),
+        name.into(),
+        "--image".into(),
+        image.into(),
+        "--kernel".into(),
+        g.kernel.display().to_string(),
+        "--initrd".into(),
+        g.initrd.display().to_string(),
+        "--append".into(),
+        format!("console=ttyS0 root=/dev/vda {append}"),
+        "--wait-for".into(),
+        "SPORE-READY".into(),
+        "--timeout".into(),
+        "180".into(),
+    ]
+}

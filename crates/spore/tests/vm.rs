@@ -1,0 +1,170 @@
+//! VMs: the demo guest booting from spore over NBD.
+
+mod common;
+
+use common::{guest, vm_run_args, TestAgent};
+
+fn run_vm(t: &TestAgent, name: &str, image: &str, append: &str) -> String {
+    let args = vm_run_args(guest(), name, image, append);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args)
+}
+
+#[test]
+fn guest_boots_from_an_image_and_from_a_committed_layer() {
+    let g = guest();
+    let t = TestAgent::start();
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+
+    // First VM: boots, writes a file from inside the guest, powers off.
+    let out = run_vm(
+        &t,
+        "builder",
+        "base",
+        "spore.write=/etc/layer.txt=made-by-a-vm spore.poweroff",
+    );
+    assert!(out.contains("SPORE-READY uptime="), "{out}");
+    // Wait for the power-off to land.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let vms = t.json(&["vm", "ls", "--json"]);
+        if vms[0]["state"] == "stopped" {
+            assert_eq!(vms[0]["reason"], "the guest shut down");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest did not power off: {vms}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The VM's disk cannot be removed on its own; its image is in use.
+    assert!(t
+        .fails(&["disk", "rm", "builder"])
+        .contains("in use by vm builder"));
+    assert!(t
+        .fails(&["image", "rm", "base"])
+        .contains("in use by vm builder"));
+
+    // Its writes become a layer; a second VM boots from base + layer.
+    t.ok(&["disk", "commit", "builder", "--name", "app"]);
+    let info = t.json(&["image", "inspect", "app", "--json"]);
+    assert_eq!(info["layers"], 2);
+    let out = run_vm(&t, "user", "app", "spore.cat=/etc/layer.txt");
+    assert!(
+        out.contains("SPORE-FILE /etc/layer.txt made-by-a-vm"),
+        "{out}"
+    );
+    let log = t.ok(&["vm", "log", "user"]);
+    assert!(log.contains("SPORE-READY"), "{log}");
+
+    // A running VM can't be removed without --force; stop works.
+    assert!(t.fails(&["vm", "rm", "user"]).contains("stop it first"));
+    let out = t.ok(&["vm", "stop", "user"]);
+    assert!(out.contains("stopped"), "{out}");
+    t.ok(&["vm", "rm", "user"]);
+    t.ok(&["vm", "rm", "builder"]);
+    t.ok(&["image", "rm", "base"]);
+    assert_eq!(t.json(&["vm", "ls", "--json"]).as_array().unwrap().len(), 0);
+    assert_eq!(
+        t.json(&["disk", "ls", "--json"]).as_array().unwrap().len(),
+        0
+    );
+}
+
+#[test]
+fn stopping_the_agent_stops_its_vms_and_says_why() {
+    let g = guest();
+    let mut t = TestAgent::start();
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    run_vm(&t, "v", "base", "");
+    let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
+    t.restart();
+    assert!(!alive(pid), "QEMU {pid} outlived the agent");
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["state"], "stopped", "{vms}");
+    assert_eq!(
+        vms[0]["reason"], "stopped because the agent shut down",
+        "{vms}"
+    );
+
+    // A crash (SIGKILL) of the agent takes its VMs down too.
+    run_vm_again(&t);
+    let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
+    t.crash_and_restart();
+    // SIGKILL of a 512 MiB QEMU takes a moment to tear down.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU {pid} outlived a crashed agent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["state"], "stopped", "{vms}");
+    assert!(
+        vms[0]["reason"].as_str().unwrap().contains("agent"),
+        "{vms}"
+    );
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn run_vm_again(t: &TestAgent) {
+    t.ok(&["vm", "rm", "v"]);
+    run_vm(t, "v", "base", "");
+}
+
+#[test]
+fn bad_vm_requests_get_clear_errors() {
+    let t = TestAgent::start();
+    let src = t.path("src.raw");
+    common::sparse_random_file(&src, 1 << 20, 1);
+    t.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let err = t.fails(&[
+        "vm",
+        "run",
+        "v",
+        "--image",
+        "img",
+        "--kernel",
+        "/nonexistent/vmlinuz",
+    ]);
+    assert!(err.contains("not an absolute path to a file"), "{err}");
+    let err = t.fails(&["vm", "run", "v", "--image", "nope"]);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = t.fails(&["vm", "run", "v", "--image", "img", "--accel", "hvf"]);
+    assert!(err.contains("unknown accelerator"), "{err}");
+    assert_eq!(
+        t.json(&["vm", "ls", "--json"]).as_array().unwrap().len(),
+        0,
+        "no half-made VM left"
+    );
+    assert_eq!(
+        t.json(&["disk", "ls", "--json"]).as_array().unwrap().len(),
+        0,
+        "no half-made disk left"
+    );
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the system packages spore needs on Debian (bookworm): QEMU, the
+# NBD clients used by tests and benchmarks, fio, and the tools that build the
+# demo guest. Idempotent; run as root.
+#
+# Debian bookworm's qemu-system-x86 (7.2) conflicts with a newer qemu-utils
+# from backports, so qemu-utils is pinned to bookworm in the same call.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have nbdcopy || need+=(libnbd-bin)
+have fio || need+=(fio)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^switch_root$' || need+=(busybox-static)
+have mke2fs || need+=(e2fsprogs)
+have debugfs || need+=(e2fsprogs)
+have cpio || need+=(cpio)
+have depmod || need+=(kmod)
+have ip || need+=(iproute2)
+
+if [ "${#need[@]}" -eq 0 ] && qemu-img --version | grep -q 'version 7\.'; then
+    echo "[deps] everything is installed" >&2
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "[deps] missing packages (${need[*]}); run this script as root" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+echo "[deps] apt-get update" >&2
+apt-get update -q >/dev/null
+# qemu-utils must match qemu-system-x86 (see above).
+pkgs=(qemu-system-x86 "qemu-utils/bookworm" libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 ca-certificates)
+echo "[deps] apt-get install ${pkgs[*]}" >&2
+apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
+qemu-system-x86_64 --version | head -1 >&2
