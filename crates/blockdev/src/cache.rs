@@ -9,7 +9,6 @@
 //! the others wait for its result (single flight).
 
 use std::io;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -46,7 +45,9 @@ pub struct ChunkCache {
 
 impl std::fmt::Debug for ChunkCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkCache").field("budget", &(self.budget_per_shard * SHARDS)).finish()
+        f.debug_struct("ChunkCache")
+            .field("budget", &(self.budget_per_shard * SHARDS))
+            .finish()
     }
 }
 
@@ -54,9 +55,18 @@ impl ChunkCache {
     /// A cache holding up to `budget` bytes of chunk data.
     pub fn new(budget: usize) -> Self {
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { map: LruCache::unbounded(), bytes: 0 }))
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: LruCache::unbounded(),
+                    bytes: 0,
+                })
+            })
             .collect();
-        ChunkCache { shards, budget_per_shard: (budget / SHARDS).max(1), stats: CacheStats::default() }
+        ChunkCache {
+            shards,
+            budget_per_shard: (budget / SHARDS).max(1),
+            stats: CacheStats::default(),
+        }
     }
 
     pub fn stats(&self) -> &CacheStats {
@@ -74,12 +84,20 @@ impl ChunkCache {
 
     /// True when the chunk is cached.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.shard(id).lock().map.peek(id).is_some_and(|s| s.data.get().is_some())
+        self.shard(id)
+            .lock()
+            .map
+            .peek(id)
+            .is_some_and(|s| s.data.get().is_some())
     }
 
     /// The chunk's contents, loading them with `load` on a miss. `load`
     /// must return verified data.
-    pub fn get_or_load(&self, id: &ChunkId, load: impl FnOnce() -> io::Result<Vec<u8>>) -> io::Result<Arc<[u8]>> {
+    pub fn get_or_load(
+        &self,
+        id: &ChunkId,
+        load: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<Arc<[u8]>> {
         let shard = self.shard(id);
         let slot = {
             let mut s = shard.lock();
@@ -171,7 +189,9 @@ mod tests {
     fn concurrent_misses_load_once_and_errors_are_not_cached() {
         let cache = ChunkCache::new(1 << 20);
         let id = ChunkId::of(b"x");
-        assert!(cache.get_or_load(&id, || Err(io::Error::other("down"))).is_err());
+        assert!(cache
+            .get_or_load(&id, || Err(io::Error::other("down")))
+            .is_err());
         let loads = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..8 {

@@ -44,7 +44,12 @@ impl Disk {
     }
 
     fn with_overlay(base: Arc<ImageDevice>, overlay: Overlay) -> Self {
-        Disk { base, overlay, rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(), stats: IoStats::default() }
+        Disk {
+            base,
+            overlay,
+            rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            stats: IoStats::default(),
+        }
     }
 
     pub fn base(&self) -> &Arc<ImageDevice> {
@@ -67,7 +72,9 @@ impl Disk {
             let from_overlay = self.overlay.is_allocated(granule);
             // Extend the run while granules come from the same side.
             let mut end = ((granule + 1) << GRANULE_SHIFT).min(offset + buf.len() as u64);
-            while end < offset + buf.len() as u64 && self.overlay.is_allocated(end >> GRANULE_SHIFT) == from_overlay {
+            while end < offset + buf.len() as u64
+                && self.overlay.is_allocated(end >> GRANULE_SHIFT) == from_overlay
+            {
                 end = (end + GRANULE).min(offset + buf.len() as u64);
             }
             let n = (end - pos) as usize;
@@ -80,7 +87,9 @@ impl Disk {
             done += n;
         }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -115,22 +124,38 @@ impl Disk {
         // A granule is whole when the range covers it up to its end or up
         // to the end of the disk.
         let head_g = offset >> GRANULE_SHIFT;
-        let first_whole = if offset % GRANULE == 0 { head_g } else { head_g + 1 };
-        let last_end = if end == size { end.div_ceil(GRANULE) } else { end >> GRANULE_SHIFT };
+        let first_whole = if offset.is_multiple_of(GRANULE) {
+            head_g
+        } else {
+            head_g + 1
+        };
+        let last_end = if end == size {
+            end.div_ceil(GRANULE)
+        } else {
+            end >> GRANULE_SHIFT
+        };
         if first_whole >= last_end {
             // Everything is inside one or two partial granules.
             let mut pos = offset;
             while pos < end {
                 let g = pos >> GRANULE_SHIFT;
                 let g_end = ((g + 1) << GRANULE_SHIFT).min(end);
-                partial(g, (pos - (g << GRANULE_SHIFT)) as usize, (pos - offset) as usize..(g_end - offset) as usize)?;
+                partial(
+                    g,
+                    (pos - (g << GRANULE_SHIFT)) as usize,
+                    (pos - offset) as usize..(g_end - offset) as usize,
+                )?;
                 pos = g_end;
             }
             return Ok(());
         }
-        if offset % GRANULE != 0 {
+        if !offset.is_multiple_of(GRANULE) {
             let head_end = first_whole << GRANULE_SHIFT;
-            partial(head_g, (offset % GRANULE) as usize, 0..(head_end - offset) as usize)?;
+            partial(
+                head_g,
+                (offset % GRANULE) as usize,
+                0..(head_end - offset) as usize,
+            )?;
         }
         let mid_start = first_whole << GRANULE_SHIFT;
         let mid_end = (last_end << GRANULE_SHIFT).min(end);
@@ -149,12 +174,15 @@ impl Disk {
             |start, end| {
                 let slice = &data[(start - offset) as usize..(end - offset) as usize];
                 self.overlay.write_data(start, slice)?;
-                self.overlay.mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+                self.overlay
+                    .mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
                 Ok(())
             },
         )?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -166,7 +194,8 @@ impl Disk {
             |g, within, range| self.write_partial(g, within, &zeros[..range.len()]),
             |start, end| {
                 self.overlay.punch(start, end - start)?;
-                self.overlay.mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+                self.overlay
+                    .mark(start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
                 Ok(())
             },
         )
@@ -175,7 +204,8 @@ impl Disk {
     /// Turns the disk's writes into a new layer on its image and publishes
     /// a manifest for image + layer. The disk itself is unchanged.
     pub fn commit(&self, store: &ChunkStore, source: &str) -> Result<Published, TransferError> {
-        self.flush().map_err(|source| TransferError::Read { offset: 0, source })?;
+        self.flush()
+            .map_err(|source| TransferError::Read { offset: 0, source })?;
         let image = self.base.image();
         let bs = image.manifest.block_size as u64;
         let writer = LayerWriter::new(store, Some(image), image.manifest.block_size, self.size())?;
@@ -186,12 +216,17 @@ impl Disk {
             if (g0..g0 + granules_per_block).any(|g| self.overlay.is_allocated(g)) {
                 let offset = block * bs;
                 let len = bs.min(self.size() - offset) as usize;
-                self.read_at(offset, &mut buf[..len]).map_err(|source| TransferError::Read { offset, source })?;
+                self.read_at(offset, &mut buf[..len])
+                    .map_err(|source| TransferError::Read { offset, source })?;
                 writer.add(block, &buf[..len])?;
             }
         }
         let (id, manifest, stats) = writer.publish(source)?;
-        Ok(Published { id, manifest, stats })
+        Ok(Published {
+            id,
+            manifest,
+            stats,
+        })
     }
 }
 
@@ -249,11 +284,16 @@ impl Export for Disk {
             let g = pos >> GRANULE_SHIFT;
             let allocated = self.overlay.is_allocated(g);
             let mut run_end = ((g + 1) << GRANULE_SHIFT).min(end);
-            while run_end < end && self.overlay.is_allocated(run_end >> GRANULE_SHIFT) == allocated {
+            while run_end < end && self.overlay.is_allocated(run_end >> GRANULE_SHIFT) == allocated
+            {
                 run_end = (run_end + GRANULE).min(end);
             }
             if allocated {
-                push(Extent { length: run_end - pos, hole: false, zero: false });
+                push(Extent {
+                    length: run_end - pos,
+                    hole: false,
+                    zero: false,
+                });
             } else {
                 for e in self.base.extents(pos, run_end - pos) {
                     push(e);

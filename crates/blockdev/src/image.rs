@@ -21,7 +21,12 @@ pub struct ImageDevice {
 
 impl ImageDevice {
     pub fn new(image: Image, store: Arc<ChunkStore>, cache: Arc<ChunkCache>) -> Self {
-        ImageDevice { image, store, cache, stats: IoStats::default() }
+        ImageDevice {
+            image,
+            store,
+            cache,
+            stats: IoStats::default(),
+        }
     }
 
     pub fn image(&self) -> &Image {
@@ -63,7 +68,9 @@ impl ImageDevice {
             done += n;
         }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -81,7 +88,11 @@ impl ImageDevice {
             let hole = flat.slot(block) == 0;
             match out.last_mut() {
                 Some(e) if e.hole == hole => e.length += next - pos,
-                _ => out.push(Extent { length: next - pos, hole, zero: hole }),
+                _ => out.push(Extent {
+                    length: next - pos,
+                    hole,
+                    zero: hole,
+                }),
             }
             pos = next;
         }

@@ -49,7 +49,10 @@ pub enum OverlayError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OverlayError + '_ {
-    move |source| OverlayError::Io { path: path.to_owned(), source }
+    move |source| OverlayError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[derive(Debug)]
@@ -80,7 +83,8 @@ fn encode_meta(generation: u64, size: u64, words: &[u64]) -> Vec<u8> {
 
 /// Parses one meta slot: (generation, size, bitmap words).
 pub fn decode_meta(bytes: &[u8]) -> Result<(u64, u64, Vec<u64>), OverlayError> {
-    let (_, p) = envelope::open(OVERLAY_MAGIC, OVERLAY_VERSION, bytes).map_err(|_| OverlayError::Malformed("bad envelope"))?;
+    let (_, p) = envelope::open(OVERLAY_MAGIC, OVERLAY_VERSION, bytes)
+        .map_err(|_| OverlayError::Malformed("bad envelope"))?;
     if p.len() < META_HEADER {
         return Err(OverlayError::Malformed("short header"));
     }
@@ -94,7 +98,10 @@ pub fn decode_meta(bytes: &[u8]) -> Result<(u64, u64, Vec<u64>), OverlayError> {
     if (p.len() - META_HEADER) as u64 != words * 8 {
         return Err(OverlayError::Malformed("bitmap length does not match size"));
     }
-    let bits = p[META_HEADER..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let bits = p[META_HEADER..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
     Ok((generation, size, bits))
 }
 
@@ -112,15 +119,28 @@ impl Overlay {
     pub fn create(dir: &Path, size: u64) -> Result<Self, OverlayError> {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let data_path = dir.join("data");
-        let data = OpenOptions::new().read(true).write(true).create_new(true).open(&data_path).map_err(io_at(&data_path))?;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(io_at(&data_path))?;
         data.set_len(size).map_err(io_at(&data_path))?;
         data.sync_all().map_err(io_at(&data_path))?;
         let meta_path = dir.join("meta");
-        let meta = OpenOptions::new().read(true).write(true).create_new(true).open(&meta_path).map_err(io_at(&meta_path))?;
+        let meta = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&meta_path)
+            .map_err(io_at(&meta_path))?;
         let words = vec![0u64; word_count(size) as usize];
-        meta.write_all_at(&encode_meta(1, size, &words), 0).map_err(io_at(&meta_path))?;
+        meta.write_all_at(&encode_meta(1, size, &words), 0)
+            .map_err(io_at(&meta_path))?;
         meta.sync_all().map_err(io_at(&meta_path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_at(dir))?;
         Ok(Overlay {
             dir: dir.to_owned(),
             data,
@@ -135,9 +155,17 @@ impl Overlay {
     /// Opens an existing overlay, taking the newest valid metadata slot.
     pub fn open(dir: &Path) -> Result<Self, OverlayError> {
         let data_path = dir.join("data");
-        let data = OpenOptions::new().read(true).write(true).open(&data_path).map_err(io_at(&data_path))?;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(io_at(&data_path))?;
         let meta_path = dir.join("meta");
-        let meta = OpenOptions::new().read(true).write(true).open(&meta_path).map_err(io_at(&meta_path))?;
+        let meta = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&meta_path)
+            .map_err(io_at(&meta_path))?;
         let meta_len = meta.metadata().map_err(io_at(&meta_path))?.len();
         // Slot A is at 0; its length tells where slot B starts.
         let read_slot = |offset: u64| -> Option<(u64, u64, Vec<u64>)> {
@@ -153,7 +181,9 @@ impl Overlay {
             decode_meta(&buf).ok()
         };
         let a = read_slot(0);
-        let b = a.as_ref().and_then(|(_, size, _)| read_slot(slot_len(*size)));
+        let b = a
+            .as_ref()
+            .and_then(|(_, size, _)| read_slot(slot_len(*size)));
         let best = match (a, b) {
             (Some(a), Some(b)) => {
                 if b.0 > a.0 {
@@ -167,7 +197,9 @@ impl Overlay {
             // the data file has.
             (None, _) => {
                 let size = data.metadata().map_err(io_at(&data_path))?.len();
-                read_slot(slot_len(size)).ok_or(OverlayError::NoValidSlot { path: meta_path.clone() })?
+                read_slot(slot_len(size)).ok_or(OverlayError::NoValidSlot {
+                    path: meta_path.clone(),
+                })?
             }
         };
         let (generation, size, words) = best;
@@ -211,7 +243,10 @@ impl Overlay {
 
     /// Granules that hold overlay data.
     pub fn allocated_granules(&self) -> u64 {
-        self.bits.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.bits
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 
     pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -257,12 +292,21 @@ impl Overlay {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let words: Vec<u64> = self.bits.iter().map(|w| w.load(Ordering::Acquire)).collect();
+        let words: Vec<u64> = self
+            .bits
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
         let result = (|| {
             self.data.sync_data()?;
             let next = *generation + 1;
-            let slot = if next % 2 == 1 { 0 } else { slot_len(self.size) };
-            self.meta.write_all_at(&encode_meta(next, self.size, &words), slot)?;
+            let slot = if next % 2 == 1 {
+                0
+            } else {
+                slot_len(self.size)
+            };
+            self.meta
+                .write_all_at(&encode_meta(next, self.size, &words), slot)?;
             self.meta.sync_data()?;
             *generation = next;
             Ok(())
@@ -320,7 +364,10 @@ mod tests {
         assert!(!o.is_allocated(3));
         // Tear both: a clear error.
         meta.write_all_at(&[0xff; 64], slot_len(size) + 30).unwrap();
-        assert!(matches!(Overlay::open(&p), Err(OverlayError::NoValidSlot { .. })));
+        assert!(matches!(
+            Overlay::open(&p),
+            Err(OverlayError::NoValidSlot { .. })
+        ));
     }
 
     #[test]
@@ -329,6 +376,9 @@ mod tests {
         assert!(decode_meta(&good).is_ok());
         assert!(decode_meta(&good[..40]).is_err());
         let wrong_size = encode_meta(1, 1 << 30, &[0; 2]);
-        assert!(matches!(decode_meta(&wrong_size), Err(OverlayError::Malformed("bitmap length does not match size"))));
+        assert!(matches!(
+            decode_meta(&wrong_size),
+            Err(OverlayError::Malformed("bitmap length does not match size"))
+        ));
     }
 }

@@ -56,7 +56,9 @@ pub fn open<'a>(
     }
     if &bytes[..8] != magic {
         return Err(EnvelopeError::BadMagic {
-            expected: String::from_utf8_lossy(magic).trim_end_matches('\0').to_owned(),
+            expected: String::from_utf8_lossy(magic)
+                .trim_end_matches('\0')
+                .to_owned(),
         });
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
@@ -71,7 +73,10 @@ pub fn open<'a>(
     // Version is checked after the checksum so that a corrupt file is
     // reported as corrupt, not as "from the future".
     if version == 0 || version > supported {
-        return Err(EnvelopeError::UnsupportedVersion { found: version, supported });
+        return Err(EnvelopeError::UnsupportedVersion {
+            found: version,
+            supported,
+        });
     }
     Ok((version, &bytes[HEADER_LEN..body_end]))
 }
@@ -91,20 +96,32 @@ mod tests {
     fn rejects_malformed() {
         let sealed = seal(M, 1, b"payload");
         assert_eq!(open(M, 1, &sealed[..20]), Err(EnvelopeError::Truncated(20)));
-        assert!(matches!(open(b"SPOTHER\0", 1, &sealed), Err(EnvelopeError::BadMagic { .. })));
+        assert!(matches!(
+            open(b"SPOTHER\0", 1, &sealed),
+            Err(EnvelopeError::BadMagic { .. })
+        ));
         let mut flipped = sealed.clone();
         flipped[26] ^= 1;
         assert_eq!(open(M, 1, &flipped), Err(EnvelopeError::Checksum));
         let mut extended = sealed.clone();
         extended.push(0);
-        assert!(matches!(open(M, 1, &extended), Err(EnvelopeError::BadLength(_))));
+        assert!(matches!(
+            open(M, 1, &extended),
+            Err(EnvelopeError::BadLength(_))
+        ));
         let future = seal(M, 7, b"payload");
         assert_eq!(
             open(M, 1, &future),
-            Err(EnvelopeError::UnsupportedVersion { found: 7, supported: 1 })
+            Err(EnvelopeError::UnsupportedVersion {
+                found: 7,
+                supported: 1
+            })
         );
         let mut huge = sealed.clone();
         huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(open(M, 1, &huge), Err(EnvelopeError::BadLength(_))));
+        assert!(matches!(
+            open(M, 1, &huge),
+            Err(EnvelopeError::BadLength(_))
+        ));
     }
 }

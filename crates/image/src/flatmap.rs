@@ -18,7 +18,11 @@ use crate::manifest::Manifest;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FlatMapError {
     #[error("layer {index} has block size {found}, the image has {expected}")]
-    BlockSizeMismatch { index: usize, found: u32, expected: u32 },
+    BlockSizeMismatch {
+        index: usize,
+        found: u32,
+        expected: u32,
+    },
     #[error("image of {0} bytes has too many blocks to map")]
     TooLarge(u64),
 }
@@ -46,7 +50,11 @@ impl FlatMap {
         let mut slots: HashMap<ChunkId, u32> = HashMap::new();
         for (index, layer) in layers.iter().enumerate() {
             if layer.block_size() != block_size {
-                return Err(FlatMapError::BlockSizeMismatch { index, found: layer.block_size(), expected: block_size });
+                return Err(FlatMapError::BlockSizeMismatch {
+                    index,
+                    found: layer.block_size(),
+                    expected: block_size,
+                });
             }
             // Translate the layer's chunk table into global slots once.
             let translate: Vec<u32> = layer
@@ -65,7 +73,13 @@ impl FlatMap {
                 }
             }
         }
-        let mut flat = FlatMap { block_size, shift: block_size.trailing_zeros(), virtual_size: manifest.virtual_size, map, chunks };
+        let mut flat = FlatMap {
+            block_size,
+            shift: block_size.trailing_zeros(),
+            virtual_size: manifest.virtual_size,
+            map,
+            chunks,
+        };
         flat.compact();
         Ok(flat)
     }
@@ -165,7 +179,14 @@ mod tests {
         l1.set(2, Entry::Zero);
         l1.set(3, Entry::Chunk(id(100)));
         let layers = vec![l0.finish(), l1.finish()];
-        let m = Manifest { virtual_size: size, block_size: bs, layers: vec![], parent: None, created: 0, source: String::new() };
+        let m = Manifest {
+            virtual_size: size,
+            block_size: bs,
+            layers: vec![],
+            parent: None,
+            created: 0,
+            source: String::new(),
+        };
         let f = FlatMap::build(&m, &layers).unwrap();
         assert_eq!(f.get(0), Some(&id(0)));
         assert_eq!(f.get(2), None);
@@ -180,7 +201,14 @@ mod tests {
     fn memory_does_not_grow_with_depth() {
         let bs = 4096;
         let size = 1024 * bs as u64;
-        let m = Manifest { virtual_size: size, block_size: bs, layers: vec![], parent: None, created: 0, source: String::new() };
+        let m = Manifest {
+            virtual_size: size,
+            block_size: bs,
+            layers: vec![],
+            parent: None,
+            created: 0,
+            source: String::new(),
+        };
         let mut layers = Vec::new();
         for depth in 0..1000u32 {
             let mut l = LayerBuilder::new(bs, size).unwrap();
@@ -197,7 +225,17 @@ mod tests {
     #[test]
     fn mismatched_block_size_is_an_error() {
         let l = LayerBuilder::new(8192, 8192).unwrap().finish();
-        let m = Manifest { virtual_size: 8192, block_size: 4096, layers: vec![], parent: None, created: 0, source: String::new() };
-        assert!(matches!(FlatMap::build(&m, &[l]), Err(FlatMapError::BlockSizeMismatch { .. })));
+        let m = Manifest {
+            virtual_size: 8192,
+            block_size: 4096,
+            layers: vec![],
+            parent: None,
+            created: 0,
+            source: String::new(),
+        };
+        assert!(matches!(
+            FlatMap::build(&m, &[l]),
+            Err(FlatMapError::BlockSizeMismatch { .. })
+        ));
     }
 }

@@ -55,9 +55,17 @@ impl Image {
     /// Loads the manifest and every layer, and folds them into a flat map.
     pub fn open(store: &ChunkStore, id: &ChunkId) -> Result<Self, ImageError> {
         let manifest = load_manifest(store, id)?;
-        let layers = manifest.layers.iter().map(|l| load_layer(store, l)).collect::<Result<Vec<_>, _>>()?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| load_layer(store, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let flat = FlatMap::build(&manifest, &layers)?;
-        Ok(Image { id: *id, manifest, flat })
+        Ok(Image {
+            id: *id,
+            manifest,
+            flat,
+        })
     }
 
     /// Every chunk the image depends on: manifest, layers and data, for
@@ -100,16 +108,26 @@ pub struct LayerWriter<'a> {
 }
 
 impl<'a> LayerWriter<'a> {
-    pub fn new(store: &'a ChunkStore, parent: Option<&'a Image>, block_size: u32, virtual_size: u64) -> Result<Self, ImageError> {
+    pub fn new(
+        store: &'a ChunkStore,
+        parent: Option<&'a Image>,
+        block_size: u32,
+        virtual_size: u64,
+    ) -> Result<Self, ImageError> {
         if let Some(p) = parent {
             if p.manifest.block_size != block_size {
-                return Err(ImageError::ParentBlockSize { found: block_size, parent: p.manifest.block_size });
+                return Err(ImageError::ParentBlockSize {
+                    found: block_size,
+                    parent: p.manifest.block_size,
+                });
             }
         }
         Ok(LayerWriter {
             store,
             parent,
-            builder: Mutex::new(LayerBuilder::new(block_size, virtual_size).map_err(ImageError::Params)?),
+            builder: Mutex::new(
+                LayerBuilder::new(block_size, virtual_size).map_err(ImageError::Params)?,
+            ),
             blocks: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
@@ -162,7 +180,10 @@ impl<'a> LayerWriter<'a> {
         };
         let layer_put = self.store.put(&layer.encode())?;
         stats.new_bytes += layer_put.stored_len;
-        let mut layers = self.parent.map(|p| p.manifest.layers.clone()).unwrap_or_default();
+        let mut layers = self
+            .parent
+            .map(|p| p.manifest.layers.clone())
+            .unwrap_or_default();
         layers.push(layer_put.id);
         let manifest = Manifest {
             virtual_size: layer.virtual_size(),

@@ -93,7 +93,11 @@ impl Layer {
     /// The layer's entries in block order.
     pub fn entries(&self) -> impl Iterator<Item = (u64, Entry)> + '_ {
         self.entries.iter().map(|&(block, r)| {
-            let entry = if r == 0 { Entry::Zero } else { Entry::Chunk(self.chunks[r as usize - 1]) };
+            let entry = if r == 0 {
+                Entry::Zero
+            } else {
+                Entry::Chunk(self.chunks[r as usize - 1])
+            };
             (block, entry)
         })
     }
@@ -166,7 +170,12 @@ impl Layer {
             prev = Some(block);
             entries.push((block, r));
         }
-        Ok(Layer { block_size, virtual_size, chunks, entries })
+        Ok(Layer {
+            block_size,
+            virtual_size,
+            chunks,
+            entries,
+        })
     }
 }
 
@@ -224,7 +233,12 @@ impl LayerBuilder {
         }
         let block_count = self.virtual_size.div_ceil(self.block_size as u64);
         entries.retain(|&(b, _)| b < block_count);
-        Layer { block_size: self.block_size, virtual_size: self.virtual_size, chunks: self.chunks, entries }
+        Layer {
+            block_size: self.block_size,
+            virtual_size: self.virtual_size,
+            chunks: self.chunks,
+            entries,
+        }
     }
 }
 
@@ -272,9 +286,20 @@ mod tests {
             f(&mut p);
             Layer::decode(&envelope::seal(LAYER_MAGIC, LAYER_VERSION, &p))
         };
-        assert_eq!(reseal(&|p| p[0..4].copy_from_slice(&1000u32.to_le_bytes())), Err(LayerError::BlockSize(1000)));
-        assert_eq!(reseal(&|p| p.truncate(20)), Err(LayerError::Malformed("short header")));
-        assert_eq!(reseal(&|p| { p.pop(); }), Err(LayerError::Malformed("counts do not match length")));
+        assert_eq!(
+            reseal(&|p| p[0..4].copy_from_slice(&1000u32.to_le_bytes())),
+            Err(LayerError::BlockSize(1000))
+        );
+        assert_eq!(
+            reseal(&|p| p.truncate(20)),
+            Err(LayerError::Malformed("short header"))
+        );
+        assert_eq!(
+            reseal(&|p| {
+                p.pop();
+            }),
+            Err(LayerError::Malformed("counts do not match length"))
+        );
         assert_eq!(
             reseal(&|p| p[24..32].copy_from_slice(&u64::MAX.to_le_bytes())),
             Err(LayerError::Malformed("counts overflow"))

@@ -79,9 +79,21 @@ mod tests {
         };
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         let bad = envelope::seal(MANIFEST_MAGIC, 1, b"{not json");
-        assert!(matches!(Manifest::decode(&bad), Err(ManifestError::Json(_))));
-        let bad_bs = Manifest { block_size: 3, ..m.clone() };
-        assert!(matches!(Manifest::decode(&bad_bs.encode()), Err(ManifestError::BlockSize(_))));
-        assert!(matches!(Manifest::decode(b"short"), Err(ManifestError::Envelope(_))));
+        assert!(matches!(
+            Manifest::decode(&bad),
+            Err(ManifestError::Json(_))
+        ));
+        let bad_bs = Manifest {
+            block_size: 3,
+            ..m.clone()
+        };
+        assert!(matches!(
+            Manifest::decode(&bad_bs.encode()),
+            Err(ManifestError::BlockSize(_))
+        ));
+        assert!(matches!(
+            Manifest::decode(b"short"),
+            Err(ManifestError::Envelope(_))
+        ));
     }
 }

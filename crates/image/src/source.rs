@@ -65,18 +65,35 @@ pub enum SourceError {
 /// Opens `path`, detecting raw or qcow2.
 pub fn open(path: &Path) -> Result<Box<dyn Source>, SourceError> {
     let shown = path.display().to_string();
-    let file = File::open(path).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
-    let meta = file.metadata().map_err(|source| SourceError::Open { path: shown.clone(), source })?;
+    let file = File::open(path).map_err(|source| SourceError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| SourceError::Open {
+        path: shown.clone(),
+        source,
+    })?;
     if meta.is_dir() {
         return Err(SourceError::NotAFile { path: shown });
     }
     let mut head = [0u8; 8];
-    let n = file.read_at(&mut head, 0).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
+    let n = file
+        .read_at(&mut head, 0)
+        .map_err(|source| SourceError::Open {
+            path: shown.clone(),
+            source,
+        })?;
     if spore_qcow2::is_qcow2(&head[..n]) {
-        let reader = spore_qcow2::Qcow2Reader::open(path).map_err(|source| SourceError::Qcow2 { path: shown, source })?;
+        let reader = spore_qcow2::Qcow2Reader::open(path).map_err(|source| SourceError::Qcow2 {
+            path: shown,
+            source,
+        })?;
         return Ok(Box::new(Qcow2Source(reader)));
     }
-    let size = file_size(&file).map_err(|source| SourceError::Open { path: shown, source })?;
+    let size = file_size(&file).map_err(|source| SourceError::Open {
+        path: shown,
+        source,
+    })?;
     Ok(Box::new(RawSource { file, size }))
 }
 
@@ -126,7 +143,13 @@ impl Source for RawSource {
 
     fn may_have_data(&self, offset: u64, len: u64) -> io::Result<bool> {
         // SAFETY: lseek on a descriptor we own; no memory is passed.
-        let next = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        let next = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_DATA,
+            )
+        };
         if next < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {

@@ -65,7 +65,10 @@ pub fn import(
     let size = source.size();
     if let Some(p) = parent {
         if size < p.manifest.virtual_size {
-            return Err(TransferError::Shrink { parent: p.manifest.virtual_size, found: size });
+            return Err(TransferError::Shrink {
+                parent: p.manifest.virtual_size,
+                found: size,
+            });
         }
     }
     let writer = LayerWriter::new(store, parent, block_size, size)?;
@@ -74,7 +77,10 @@ pub fn import(
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     // Hashing and compression are CPU-bound: one worker per core.
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
     const BATCH: u64 = 16;
     std::thread::scope(|scope| -> Result<(), TransferError> {
         let handles: Vec<_> = (0..workers)
@@ -113,11 +119,20 @@ pub fn import(
         Ok(())
     })?;
     let (id, manifest, stats) = writer.publish(source_name)?;
-    Ok(Published { id, manifest, stats })
+    Ok(Published {
+        id,
+        manifest,
+        stats,
+    })
 }
 
 /// Reads the contents of `block` of an image (zero-filled when it has none).
-pub fn read_block(store: &ChunkStore, image: &Image, block: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+pub fn read_block(
+    store: &ChunkStore,
+    image: &Image,
+    block: u64,
+    buf: &mut [u8],
+) -> Result<(), ImageError> {
     match image.flat.get(block) {
         None => buf.fill(0),
         Some(id) => {
@@ -139,13 +154,21 @@ pub fn export(
     progress: Progress<'_>,
 ) -> Result<(), TransferError> {
     let shown = path.display().to_string();
-    let wr = |source| TransferError::Write { path: shown.clone(), source };
+    let wr = |source| TransferError::Write {
+        path: shown.clone(),
+        source,
+    };
     let size = image.manifest.virtual_size;
     let bs = image.manifest.block_size as u64;
     let mut buf = vec![0u8; bs as usize];
     match format {
         Format::Raw => {
-            let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(wr)?;
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(wr)?;
             file.set_len(size).map_err(wr)?;
             for block in 0..image.flat.block_count() {
                 let offset = block * bs;
@@ -159,12 +182,15 @@ pub fn export(
             file.sync_all().map_err(wr)?;
         }
         Format::Qcow2 => {
-            let q = |source| TransferError::Qcow2 { path: shown.clone(), source };
+            let q = |source| TransferError::Qcow2 {
+                path: shown.clone(),
+                source,
+            };
             // Clusters of at least 64 KiB (qcow2's default) and at most 2 MiB
             // (qcow2's limit); blocks are split or gathered to fit.
             let cluster = bs.clamp(64 * 1024, 2 << 20);
             let unit = bs.max(cluster);
-            let mut writer = spore_qcow2::Qcow2Writer::create(path, size, cluster as u32).map_err(q)?;
+            let mut writer = spore_qcow2::Qcow2Writer::create(path, size, cluster).map_err(q)?;
             let mut unit_buf = vec![0u8; unit as usize];
             let mut offset = 0;
             while offset < size {
