@@ -143,8 +143,9 @@ impl Image {
         &self.header
     }
 
+    /// Guest size; like QEMU, a partial last 512-byte sector is ignored.
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     fn cluster_size(&self) -> u64 {

@@ -171,7 +171,7 @@ impl Qcow2Reader {
     /// Size of the guest disk in bytes. Like QEMU, this ignores a partial
     /// last 512-byte sector (`qemu-img` never creates one).
     pub fn virtual_size(&self) -> u64 {
-        self.top.virtual_size() & !511
+        self.top.virtual_size()
     }
 
     /// Cluster size of this image (not of its backing files).

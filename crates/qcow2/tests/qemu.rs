@@ -746,3 +746,40 @@ fn writer_empty_and_all_zero_images() {
     assert_eq!(ext.len(), 1);
     assert_eq!(ext[0].allocation, Allocation::Unallocated);
 }
+
+#[test]
+fn writer_large_sparse_image() {
+    // 64 GiB of guest disk with a little data scattered over it: several
+    // L2 tables, and only the data stored.
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 << 30;
+    let cluster = 65536u64;
+    let img = dir.path().join("big.qcow2");
+    let raw = dir.path().join("big.raw");
+    let raw_file = fs::File::create(&raw).unwrap();
+    raw_file.set_len(size).unwrap();
+    let mut w = Qcow2Writer::create(&img, size, cluster).unwrap();
+    let mut index = 3u64;
+    let mut written = 0;
+    while index < size / cluster {
+        let data = pseudo_random(cluster as usize, index, 0);
+        w.write_cluster(index, &data).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&raw_file, &data, index * cluster).unwrap();
+        written += 1;
+        index = index * 3 + 7;
+    }
+    w.finish().unwrap();
+    drop(raw_file);
+    qemu_img_check(&img);
+    qemu_img_compare(&img, &raw);
+    let reader = Qcow2Reader::open(&img).unwrap();
+    assert_map_like_qemu(&reader, &img);
+    let data_extents = reader
+        .allocation(0, size)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.allocation == Allocation::Data)
+        .count();
+    assert_eq!(data_extents, written);
+    assert!(fs::metadata(&img).unwrap().len() < (written as u64 + 40) * cluster);
+}
