@@ -28,7 +28,9 @@ use crate::{transmission, Exports};
 /// Tunables of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Threads running requests for each connection.
+    /// Threads running requests for each connection. With 0 the
+    /// connection's own thread runs each request before reading the next
+    /// (no concurrency, but deterministic: the fuzz targets use it).
     pub workers_per_connection: usize,
     /// READ/WRITE payload bytes one connection may have in flight; the
     /// reader stops reading requests beyond that.

@@ -99,7 +99,7 @@ pub(crate) fn run<T: Transport + ?Sized, R: BufRead>(
     negotiated: Negotiated,
     config: &ServerConfig,
 ) -> Result<SessionEnd, ConnectionError> {
-    let workers = config.workers_per_connection.max(1);
+    let workers = config.workers_per_connection;
     let conn = Conn {
         transport,
         send_lock: Mutex::new(()),
@@ -111,11 +111,11 @@ pub(crate) fn run<T: Transport + ?Sized, R: BufRead>(
             limit: config.max_inflight_bytes.max(1),
         },
         buffers: Mutex::new(Vec::new()),
-        max_buffers: workers * 2,
+        max_buffers: workers.max(1) * 2,
         broken: AtomicBool::new(false),
     };
     debug!(export = %negotiated.name, workers, "transmission");
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 4);
+    let (tx, rx) = crossbeam_channel::bounded::<Job>(workers.max(1) * 4);
     thread::scope(|s| {
         for i in 0..workers {
             let rx = rx.clone();
@@ -143,6 +143,8 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
         jobs: &Sender<Job>,
     ) -> Result<SessionEnd, ConnectionError> {
         let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+        // For requests the reader runs itself (no workers).
+        let (mut buf, mut scratch) = (Vec::new(), Vec::new());
         loop {
             if !read_message(reader, &mut header)? {
                 debug!("client closed the connection");
@@ -185,10 +187,10 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
                 payload,
                 reserved,
             };
-            // Fails only if no worker is left; run it here then.
+            // Fails only if there are no workers (none configured, or none
+            // could be started): then the reader runs the request itself.
             if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
-                let mut scratch = Vec::new();
-                self.execute(job, &mut Vec::new(), &mut scratch);
+                self.execute(job, &mut buf, &mut scratch);
             }
         }
     }
