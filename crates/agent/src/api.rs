@@ -273,3 +273,35 @@ async fn metrics(State(a): S) -> Response {
     let text = crate::metrics::render(&a);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+
+    /// docs/api.yaml documents exactly the routes the router serves.
+    #[test]
+    fn openapi_matches_the_router() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.yaml"))
+                .unwrap();
+        let mut documented = Vec::new();
+        let mut path: Option<String> = None;
+        for line in doc.lines() {
+            if let Some(p) = line.strip_prefix("  /") {
+                path = Some(format!("/{}", p.trim_end_matches(':')));
+            } else if let (Some(p), Some(m)) = (&path, line.strip_prefix("    ")) {
+                let m = m.trim_end_matches(':');
+                if ["get", "post", "delete", "put", "patch"].contains(&m) {
+                    documented.push((m.to_owned(), p.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+}

@@ -32,6 +32,14 @@ impl Agent {
                 .as_ref()
                 .map(|d| d.overlay().allocated_granules() * 4096)
                 .unwrap_or(0),
+            read_bytes: disk
+                .as_ref()
+                .map(|d| {
+                    d.stats()
+                        .bytes_read
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .unwrap_or(0),
             export: format!("{DISK_PREFIX}{name}"),
             vm: rec.vm.clone(),
             created: rec.created,

@@ -138,6 +138,8 @@ pub struct DiskInfo {
     pub virtual_size: u64,
     /// Bytes the VM wrote (4 KiB granules in the overlay).
     pub written_bytes: u64,
+    /// Bytes read through the disk since the agent started.
+    pub read_bytes: u64,
     pub export: String,
     pub vm: Option<String>,
     pub created: u64,

@@ -113,6 +113,8 @@ impl QemuNbd {
             .arg(format!("--socket={}", socket.display()))
             .arg(file)
             .stdin(Stdio::null())
+            // It reports every client that hangs up without NBD_CMD_DISC (fio does).
+            .stderr(Stdio::null())
             .spawn()
             .context("starting qemu-nbd (apt-get install qemu-utils)")?;
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -304,3 +304,123 @@ impl Export for Disk {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spore_chunks::Compression;
+    use spore_image::Image;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<ChunkStore>,
+        disk: Disk,
+        expect: Vec<u8>,
+    }
+
+    /// A 1 MiB + 1000 byte image (short last block) of pseudo-random data
+    /// with a zero hole, 64 KiB blocks, and a disk over it.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(ChunkStore::open(dir.path().join("chunks"), Compression::Zstd).unwrap());
+        let size = (1 << 20) + 1000;
+        let mut data: Vec<u8> = (0..size as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        data[65536..3 * 65536].fill(0);
+        let raw = dir.path().join("img.raw");
+        std::fs::write(&raw, &data).unwrap();
+        let src = spore_image::source::open(&raw).unwrap();
+        let p = spore_image::import(&store, &*src, "img.raw", 65536, None, &|_, _| {}).unwrap();
+        let image = Image::open(&store, &p.id).unwrap();
+        let dev = Arc::new(ImageDevice::new(
+            image,
+            store.clone(),
+            Arc::new(crate::ChunkCache::new(1 << 20)),
+        ));
+        let disk = Disk::create(&dir.path().join("disk"), dev).unwrap();
+        Fixture {
+            _dir: dir,
+            store,
+            disk,
+            expect: data,
+        }
+    }
+
+    fn read_all(d: &Disk) -> Vec<u8> {
+        let mut buf = vec![0u8; d.size() as usize];
+        d.read(0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn reads_see_the_image_until_written() {
+        let f = fixture();
+        assert_eq!(read_all(&f.disk), f.expect);
+        assert_eq!(f.disk.overlay().allocated_granules(), 0);
+    }
+
+    #[test]
+    fn partial_aligned_and_tail_writes_merge_with_the_image() {
+        let mut f = fixture();
+        let cases: [(u64, usize, u8); 5] = [
+            (10, 3, 0xa1),               // inside one granule: read-modify-write
+            (4090, 20, 0xa2),            // across two partial granules
+            (8192, 8192, 0xa3),          // whole granules only
+            (20000, 70000, 0xa4),        // head, middle, tail
+            ((1 << 20) + 990, 10, 0xa5), // the short last granule
+        ];
+        for (off, len, byte) in cases {
+            f.disk.write(off, &vec![byte; len], false).unwrap();
+            f.expect[off as usize..off as usize + len].fill(byte);
+            assert_eq!(read_all(&f.disk), f.expect, "after write at {off}+{len}");
+        }
+        // Only touched granules are in the overlay; whole-granule writes
+        // read nothing from the image (covered by the counts).
+        assert!(f.disk.overlay().allocated_granules() <= 2 + 2 + 18 + 1 + 1);
+    }
+
+    #[test]
+    fn zeroes_and_trim_read_as_zero_and_status_reports_it() {
+        let mut f = fixture();
+        f.disk
+            .write_zeroes(4096 * 40, 4096 * 3 + 100, true, false)
+            .unwrap();
+        f.expect[4096 * 40..4096 * 43 + 100].fill(0);
+        f.disk.trim(5, 10).unwrap();
+        f.expect[5..15].fill(0);
+        assert_eq!(read_all(&f.disk), f.expect);
+        let ext = f.disk.block_status(0, f.disk.size()).unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), f.disk.size());
+        // The image's hole at 64 KiB..192 KiB is reported as a hole.
+        let mut pos = 0;
+        let mut saw_hole = false;
+        for e in &ext {
+            if e.hole && pos >= 65536 && pos + e.length <= 3 * 65536 {
+                saw_hole = true;
+            }
+            pos += e.length;
+        }
+        assert!(saw_hole, "{ext:?}");
+    }
+
+    #[test]
+    fn commit_makes_a_layer_with_only_the_changed_blocks() {
+        let mut f = fixture();
+        f.disk.write(100_000, &[7u8; 5000], true).unwrap();
+        f.expect[100_000..105_000].fill(7);
+        let p = f.disk.commit(&f.store, "test").unwrap();
+        assert_eq!(p.manifest.layers.len(), 2);
+        assert_eq!(p.stats.changed_blocks, 1);
+        let image = Image::open(&f.store, &p.id).unwrap();
+        let dev = ImageDevice::new(
+            image,
+            f.store.clone(),
+            Arc::new(crate::ChunkCache::new(1 << 20)),
+        );
+        let mut buf = vec![0u8; f.expect.len()];
+        dev.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, f.expect);
+    }
+}

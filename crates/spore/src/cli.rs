@@ -457,7 +457,7 @@ async fn disk_command(cmd: DiskCmd, c: &Client) -> Result<()> {
                 return print_json(&list);
             }
             table(
-                &["NAME", "IMAGE", "SIZE", "WRITTEN", "VM", "EXPORT"],
+                &["NAME", "IMAGE", "SIZE", "READ", "WRITTEN", "VM", "EXPORT"],
                 list.into_iter()
                     .map(|d| {
                         vec![

@@ -1,0 +1,22 @@
+//! Every spore on-disk format decoder on arbitrary bytes: none may panic,
+//! and whatever decodes must re-encode to something that decodes the same.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use spore_chunks::{decode_chunk_file, ChunkId};
+use spore_image::{Layer, Manifest};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(layer) = Layer::decode(data) {
+        assert_eq!(Layer::decode(&layer.encode()).as_ref(), Ok(&layer));
+    }
+    if let Ok(m) = Manifest::decode(data) {
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+    let _ = spore_blockdev::overlay::decode_meta(data);
+    // Chunk files: checked against the id of their own payload and a fixed one.
+    let _ = decode_chunk_file(&ChunkId::of(data), data);
+    if data.len() > 16 {
+        let _ = decode_chunk_file(&ChunkId::of(&data[16..]), data);
+    }
+});
