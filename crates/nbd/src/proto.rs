@@ -4,7 +4,7 @@
 //!
 //! Everything a client sends is parsed here, from byte slices, so that the
 //! parsers can be fuzzed and unit-tested without sockets or threads. The I/O
-//! layers ([`crate::handshake`], [`crate::transmission`]) only move bytes.
+//! layers (the `handshake` and `transmission` modules) only move bytes.
 //!
 //! All integers are big-endian on the wire. Messages, by phase:
 //!
