@@ -131,6 +131,12 @@ pub(crate) fn run<T: Transport + ?Sized, R: BufRead>(
         }
         drop(rx);
         let end = conn.read_requests(reader, &tx);
+        if end.is_err() {
+            // A broken or vanished client: a hard disconnect, so that workers
+            // blocked sending to a client that no longer reads give up.
+            conn.broken.store(true, Ordering::Relaxed);
+            let _ = transport.shutdown(Shutdown::Both);
+        }
         drop(tx);
         end
     })
