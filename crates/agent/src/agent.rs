@@ -88,6 +88,9 @@ pub struct Agent {
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
     pub gc_lock: RwLock<()>,
+    /// Serialises creating and removing disks, so that two requests for
+    /// one name cannot clean up each other's directory.
+    pub disk_names: parking_lot::Mutex<()>,
     _lock: File,
 }
 
@@ -122,6 +125,7 @@ impl Agent {
             exports,
             accel,
             gc_lock: RwLock::new(()),
+            disk_names: parking_lot::Mutex::new(()),
             _lock: lock,
         });
         agent.recover()?;
@@ -184,14 +188,20 @@ impl Agent {
         Ok(keep)
     }
 
+    /// Collects garbage after `manifest` lost a reference, unless another
+    /// name or disk still holds it (then nothing can have become garbage).
+    pub fn release_manifest(&self, manifest: &ChunkId) -> Result<(u64, u64)> {
+        if self.live_manifests()?.contains(manifest) {
+            return Ok((0, 0));
+        }
+        self.collect_garbage()
+    }
+
     /// Deletes chunks that no image or disk refers to; returns (chunks, bytes).
     pub fn collect_garbage(&self) -> Result<(u64, u64)> {
         let _exclusive = self.gc_lock.write();
         let manifests = self.live_manifests()?;
-        let mut live: HashSet<ChunkId> = HashSet::new();
-        for m in &manifests {
-            live.extend(spore_image::Image::referenced_chunks(&self.store, m)?);
-        }
+        let live = spore_image::image::reachable_chunks(&self.store, &manifests)?;
         let (mut chunks, mut bytes) = (0, 0);
         for id in self.store.list()? {
             if !live.contains(&id) {

@@ -48,6 +48,7 @@ impl Agent {
 
     pub fn create_disk(&self, name: &str, image: &str, vm: Option<&str>) -> Result<DiskInfo> {
         check_name("disk", name)?;
+        let _names = self.disk_names.lock();
         let image_rec = self.image_record(image)?;
         if self.meta.get::<DiskRecord>(Table::Disks, name)?.is_some() {
             return Err(AgentError::Exists {
@@ -140,6 +141,7 @@ impl Agent {
     }
 
     pub fn remove_disk(&self, name: &str, allow_vm: bool) -> Result<RemoveResult> {
+        let _names = self.disk_names.lock();
         let rec = self.disk_record(name)?;
         if let (Some(vm), false) = (&rec.vm, allow_vm) {
             return Err(AgentError::InUse {
@@ -152,7 +154,8 @@ impl Agent {
         self.meta.remove(Table::Disks, name)?;
         let dir = self.disk_dir(name);
         fs::remove_dir_all(&dir).map_err(AgentError::io(format!("removing {}", dir.display())))?;
-        let (freed_chunks, freed_bytes) = self.collect_garbage()?;
+        drop(_names);
+        let (freed_chunks, freed_bytes) = self.release_manifest(&rec.manifest)?;
         Ok(RemoveResult {
             removed: name.into(),
             freed_chunks,

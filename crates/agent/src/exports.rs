@@ -50,8 +50,14 @@ impl Registry {
         if let Some(dev) = self.images.lock().get(manifest) {
             return Ok(dev.clone());
         }
-        // Open outside the lock: deep images take a moment to fold.
-        let image = Image::open(&self.store, manifest)?;
+        // Open outside the lock. When the parent image is open already,
+        // fold only the new layers onto its map.
+        let parent_id = spore_image::image::load_manifest(&self.store, manifest)?.parent;
+        let parent = parent_id.and_then(|p| self.images.lock().get(&p).cloned());
+        let image = match parent {
+            Some(p) => Image::open_on(&self.store, manifest, p.image())?,
+            None => Image::open(&self.store, manifest)?,
+        };
         let dev = Arc::new(ImageDevice::new(
             image,
             self.store.clone(),

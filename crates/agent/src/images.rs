@@ -1,12 +1,13 @@
 //! Image operations: import, list, inspect, export, remove.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use spore_api::{ImageInfo, ImageSummary, ImportRequest, ImportResult, LayerInfo, RemoveResult};
 use spore_chunks::ChunkId;
-use spore_image::{Format, Image, DEFAULT_BLOCK_SIZE};
+use spore_image::image::reachable_chunks;
+use spore_image::{Format, DEFAULT_BLOCK_SIZE};
 
 use crate::agent::{now, Agent, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
@@ -131,16 +132,11 @@ impl Agent {
                 chunks: layer.chunks().len() as u64,
             });
         }
-        let mine: HashSet<ChunkId> = Image::referenced_chunks(&self.store, &rec.manifest)?
-            .into_iter()
-            .collect();
+        let mine = reachable_chunks(&self.store, [&rec.manifest])?;
         // Chunks of every other image and disk, to tell what is shared.
-        let mut others: HashSet<ChunkId> = HashSet::new();
-        let mut other_manifests: HashSet<ChunkId> = self.live_manifests()?;
+        let mut other_manifests = self.live_manifests()?;
         other_manifests.remove(&rec.manifest);
-        for m in &other_manifests {
-            others.extend(Image::referenced_chunks(&self.store, m)?);
-        }
+        let others = reachable_chunks(&self.store, &other_manifests)?;
         let (mut stored, mut shared) = (0, 0);
         for id in &mine {
             let len = self.store.stored_len(id).unwrap_or(0);
@@ -192,7 +188,7 @@ impl Agent {
     }
 
     pub fn remove_image(&self, name: &str) -> Result<RemoveResult> {
-        self.image_record(name)?;
+        let rec = self.image_record(name)?;
         let users: Vec<String> = self
             .meta
             .list::<DiskRecord>(Table::Disks)?
@@ -212,7 +208,7 @@ impl Agent {
         }
         self.meta.remove(Table::Images, name)?;
         self.exports.unbind_image(name);
-        let (freed_chunks, freed_bytes) = self.collect_garbage()?;
+        let (freed_chunks, freed_bytes) = self.release_manifest(&rec.manifest)?;
         Ok(RemoveResult {
             removed: name.into(),
             freed_chunks,

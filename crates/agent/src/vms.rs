@@ -243,6 +243,16 @@ impl Agent {
             if self.exports.disk(&req.name).is_none() {
                 // The disk was never made: nothing of the VM remains.
                 let _ = self.meta.remove(Table::Vms, &req.name);
+            } else if !self.vms.running.lock().contains_key(&req.name) {
+                // QEMU never ran (or is gone): record why, keep the disk.
+                let reason = e.chain();
+                let _ = self.set_vm_state(&req.name, |r| {
+                    if matches!(r.state, VmState::Starting | VmState::Running) {
+                        r.state = VmState::Failed;
+                        r.pid = None;
+                        r.reason = Some(reason);
+                    }
+                });
             }
         }
         result

@@ -40,21 +40,36 @@ pub struct FlatMap {
 impl FlatMap {
     /// Folds `layers` (bottom first) into one map of the manifest's size.
     pub fn build(manifest: &Manifest, layers: &[Layer]) -> Result<Self, FlatMapError> {
+        let empty = FlatMap {
+            block_size: manifest.block_size,
+            shift: manifest.block_size.trailing_zeros(),
+            virtual_size: 0,
+            map: Vec::new(),
+            chunks: Vec::new(),
+        };
+        empty.extend(manifest, layers)
+    }
+
+    /// The map of this image with `layers` folded on top, sized for
+    /// `manifest`: how a child image is opened when its parent already is,
+    /// at a cost independent of the parent's depth.
+    pub fn extend(&self, manifest: &Manifest, layers: &[Layer]) -> Result<Self, FlatMapError> {
         let block_size = manifest.block_size;
+        if block_size != self.block_size {
+            return Err(FlatMapError::BlockSizeMismatch { index: 0, found: self.block_size, expected: block_size });
+        }
         let block_count = manifest.virtual_size.div_ceil(block_size as u64);
         if block_count >= u32::MAX as u64 {
             return Err(FlatMapError::TooLarge(manifest.virtual_size));
         }
-        let mut map = vec![0u32; block_count as usize];
-        let mut chunks: Vec<ChunkId> = Vec::new();
-        let mut slots: HashMap<ChunkId, u32> = HashMap::new();
+        let mut map = self.map.clone();
+        map.resize(block_count as usize, 0);
+        let mut chunks = self.chunks.clone();
+        let mut slots: HashMap<ChunkId, u32> =
+            chunks.iter().enumerate().map(|(i, id)| (*id, i as u32 + 1)).collect();
         for (index, layer) in layers.iter().enumerate() {
             if layer.block_size() != block_size {
-                return Err(FlatMapError::BlockSizeMismatch {
-                    index,
-                    found: layer.block_size(),
-                    expected: block_size,
-                });
+                return Err(FlatMapError::BlockSizeMismatch { index, found: layer.block_size(), expected: block_size });
             }
             // Translate the layer's chunk table into global slots once.
             let translate: Vec<u32> = layer
@@ -73,13 +88,7 @@ impl FlatMap {
                 }
             }
         }
-        let mut flat = FlatMap {
-            block_size,
-            shift: block_size.trailing_zeros(),
-            virtual_size: manifest.virtual_size,
-            map,
-            chunks,
-        };
+        let mut flat = FlatMap { block_size, shift: block_size.trailing_zeros(), virtual_size: manifest.virtual_size, map, chunks };
         flat.compact();
         Ok(flat)
     }
@@ -220,6 +229,28 @@ mod tests {
         assert_eq!(deep.get(5), Some(&id(5)));
         assert!(deep.memory_bytes() <= 1024 * 4 + 1024 * 32);
         assert!(shallow.memory_bytes() <= deep.memory_bytes());
+    }
+
+    #[test]
+    fn extending_equals_building_from_scratch() {
+        let bs = 4096;
+        let m = |blocks: u64| Manifest { virtual_size: blocks * bs as u64, block_size: bs, layers: vec![], parent: None, created: 0, source: String::new() };
+        let mut layers = Vec::new();
+        for depth in 0..20u32 {
+            let mut l = LayerBuilder::new(bs, (10 + depth as u64) * bs as u64).unwrap();
+            l.set((depth * 7 % (10 + depth)) as u64, Entry::Chunk(id(depth % 5)));
+            if depth % 3 == 0 {
+                l.set(0, Entry::Zero);
+            }
+            layers.push(l.finish());
+        }
+        let full = FlatMap::build(&m(29), &layers).unwrap();
+        let base = FlatMap::build(&m(20), &layers[..11]).unwrap();
+        let extended = base.extend(&m(29), &layers[11..]).unwrap();
+        for b in 0..30 {
+            assert_eq!(full.get(b), extended.get(b), "block {b}");
+        }
+        assert_eq!(full.block_count(), extended.block_count());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Opening images from the store and publishing new ones.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -68,17 +69,40 @@ impl Image {
         })
     }
 
-    /// Every chunk the image depends on: manifest, layers and data, for
-    /// garbage collection and transfer.
-    pub fn referenced_chunks(store: &ChunkStore, id: &ChunkId) -> Result<Vec<ChunkId>, ImageError> {
+    /// Opens `id`, reusing `parent`'s folded map when the manifest is the
+    /// parent's layers plus some more (the usual case after a commit or a
+    /// `--parent` import): only the new layers are loaded.
+    pub fn open_on(store: &ChunkStore, id: &ChunkId, parent: &Image) -> Result<Self, ImageError> {
         let manifest = load_manifest(store, id)?;
-        let mut out = vec![*id];
-        for l in &manifest.layers {
-            out.push(*l);
-            out.extend_from_slice(load_layer(store, l)?.chunks());
+        let base = &parent.manifest.layers;
+        if manifest.block_size != parent.manifest.block_size || !manifest.layers.starts_with(base) {
+            return Self::open(store, id);
         }
-        Ok(out)
+        let extra = manifest.layers[base.len()..].iter().map(|l| load_layer(store, l)).collect::<Result<Vec<_>, _>>()?;
+        let flat = parent.flat.extend(&manifest, &extra)?;
+        Ok(Image { id: *id, manifest, flat })
     }
+}
+
+/// Every chunk reachable from `manifests`: the manifests, their layers and
+/// the data the layers name. Each layer is read once however many images
+/// share it.
+pub fn reachable_chunks<'a>(
+    store: &ChunkStore,
+    manifests: impl IntoIterator<Item = &'a ChunkId>,
+) -> Result<HashSet<ChunkId>, ImageError> {
+    let mut out = HashSet::new();
+    for m in manifests {
+        if !out.insert(*m) {
+            continue;
+        }
+        for l in load_manifest(store, m)?.layers {
+            if out.insert(l) {
+                out.extend(load_layer(store, &l)?.chunks().iter().copied());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What building a layer did.
