@@ -56,7 +56,11 @@ impl FlatMap {
     pub fn extend(&self, manifest: &Manifest, layers: &[Layer]) -> Result<Self, FlatMapError> {
         let block_size = manifest.block_size;
         if block_size != self.block_size {
-            return Err(FlatMapError::BlockSizeMismatch { index: 0, found: self.block_size, expected: block_size });
+            return Err(FlatMapError::BlockSizeMismatch {
+                index: 0,
+                found: self.block_size,
+                expected: block_size,
+            });
         }
         let block_count = manifest.virtual_size.div_ceil(block_size as u64);
         if block_count >= u32::MAX as u64 {
@@ -65,11 +69,18 @@ impl FlatMap {
         let mut map = self.map.clone();
         map.resize(block_count as usize, 0);
         let mut chunks = self.chunks.clone();
-        let mut slots: HashMap<ChunkId, u32> =
-            chunks.iter().enumerate().map(|(i, id)| (*id, i as u32 + 1)).collect();
+        let mut slots: HashMap<ChunkId, u32> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u32 + 1))
+            .collect();
         for (index, layer) in layers.iter().enumerate() {
             if layer.block_size() != block_size {
-                return Err(FlatMapError::BlockSizeMismatch { index, found: layer.block_size(), expected: block_size });
+                return Err(FlatMapError::BlockSizeMismatch {
+                    index,
+                    found: layer.block_size(),
+                    expected: block_size,
+                });
             }
             // Translate the layer's chunk table into global slots once.
             let translate: Vec<u32> = layer
@@ -88,7 +99,13 @@ impl FlatMap {
                 }
             }
         }
-        let mut flat = FlatMap { block_size, shift: block_size.trailing_zeros(), virtual_size: manifest.virtual_size, map, chunks };
+        let mut flat = FlatMap {
+            block_size,
+            shift: block_size.trailing_zeros(),
+            virtual_size: manifest.virtual_size,
+            map,
+            chunks,
+        };
         flat.compact();
         Ok(flat)
     }
@@ -234,11 +251,21 @@ mod tests {
     #[test]
     fn extending_equals_building_from_scratch() {
         let bs = 4096;
-        let m = |blocks: u64| Manifest { virtual_size: blocks * bs as u64, block_size: bs, layers: vec![], parent: None, created: 0, source: String::new() };
+        let m = |blocks: u64| Manifest {
+            virtual_size: blocks * bs as u64,
+            block_size: bs,
+            layers: vec![],
+            parent: None,
+            created: 0,
+            source: String::new(),
+        };
         let mut layers = Vec::new();
         for depth in 0..20u32 {
             let mut l = LayerBuilder::new(bs, (10 + depth as u64) * bs as u64).unwrap();
-            l.set((depth * 7 % (10 + depth)) as u64, Entry::Chunk(id(depth % 5)));
+            l.set(
+                (depth * 7 % (10 + depth)) as u64,
+                Entry::Chunk(id(depth % 5)),
+            );
             if depth % 3 == 0 {
                 l.set(0, Entry::Zero);
             }

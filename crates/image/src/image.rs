@@ -78,9 +78,16 @@ impl Image {
         if manifest.block_size != parent.manifest.block_size || !manifest.layers.starts_with(base) {
             return Self::open(store, id);
         }
-        let extra = manifest.layers[base.len()..].iter().map(|l| load_layer(store, l)).collect::<Result<Vec<_>, _>>()?;
+        let extra = manifest.layers[base.len()..]
+            .iter()
+            .map(|l| load_layer(store, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let flat = parent.flat.extend(&manifest, &extra)?;
-        Ok(Image { id: *id, manifest, flat })
+        Ok(Image {
+            id: *id,
+            manifest,
+            flat,
+        })
     }
 }
 
