@@ -64,19 +64,22 @@ impl Disk {
         &self.stats
     }
 
+    /// From `pos`, the run of granules up to `end` that all come from the
+    /// same side: (true for the overlay, where the run ends).
+    fn run(&self, pos: u64, end: u64) -> (bool, u64) {
+        let from_overlay = self.overlay.is_allocated(pos >> GRANULE_SHIFT);
+        let mut run_end = (((pos >> GRANULE_SHIFT) + 1) << GRANULE_SHIFT).min(end);
+        while run_end < end && self.overlay.is_allocated(run_end >> GRANULE_SHIFT) == from_overlay {
+            run_end = (run_end + GRANULE).min(end);
+        }
+        (from_overlay, run_end)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let granule = pos >> GRANULE_SHIFT;
-            let from_overlay = self.overlay.is_allocated(granule);
-            // Extend the run while granules come from the same side.
-            let mut end = ((granule + 1) << GRANULE_SHIFT).min(offset + buf.len() as u64);
-            while end < offset + buf.len() as u64
-                && self.overlay.is_allocated(end >> GRANULE_SHIFT) == from_overlay
-            {
-                end = (end + GRANULE).min(offset + buf.len() as u64);
-            }
+            let (from_overlay, end) = self.run(pos, offset + buf.len() as u64);
             let n = (end - pos) as usize;
             let out = &mut buf[done..done + n];
             if from_overlay {
@@ -86,10 +89,7 @@ impl Disk {
             }
             done += n;
         }
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats.record_read(buf.len());
         Ok(())
     }
 
@@ -179,10 +179,7 @@ impl Disk {
                 Ok(())
             },
         )?;
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats.record_write(data.len());
         Ok(())
     }
 
@@ -281,13 +278,7 @@ impl Export for Disk {
         };
         let mut pos = offset;
         while pos < end {
-            let g = pos >> GRANULE_SHIFT;
-            let allocated = self.overlay.is_allocated(g);
-            let mut run_end = ((g + 1) << GRANULE_SHIFT).min(end);
-            while run_end < end && self.overlay.is_allocated(run_end >> GRANULE_SHIFT) == allocated
-            {
-                run_end = (run_end + GRANULE).min(end);
-            }
+            let (allocated, run_end) = self.run(pos, end);
             if allocated {
                 push(Extent {
                     length: run_end - pos,

@@ -1,7 +1,6 @@
 //! The read-only block device of an image: flat map + chunk cache + store.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use spore_chunks::ChunkStore;
@@ -67,10 +66,7 @@ impl ImageDevice {
             }
             done += n;
         }
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats.record_read(buf.len());
         Ok(())
     }
 

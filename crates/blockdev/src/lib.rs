@@ -31,6 +31,22 @@ pub struct IoStats {
     pub flushes: AtomicU64,
 }
 
+impl IoStats {
+    pub(crate) fn record_read(&self, bytes: usize) {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.bytes_read
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_write(&self, bytes: usize) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub(crate) fn read_only() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "read-only device")
 }

@@ -114,26 +114,26 @@ fn slot_len(size: u64) -> u64 {
     (envelope::HEADER_LEN + META_HEADER + envelope::CHECKSUM_LEN) as u64 + word_count(size) * 8
 }
 
+/// Opens a file for reading and writing; `create` insists on a new one.
+fn open_rw(path: &Path, create: bool) -> Result<File, OverlayError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+        .map_err(io_at(path))
+}
+
 impl Overlay {
     /// Creates an empty overlay for a disk of `size` bytes in `dir`.
     pub fn create(dir: &Path, size: u64) -> Result<Self, OverlayError> {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let data_path = dir.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(io_at(&data_path))?;
+        let data = open_rw(&data_path, true)?;
         data.set_len(size).map_err(io_at(&data_path))?;
         data.sync_all().map_err(io_at(&data_path))?;
         let meta_path = dir.join("meta");
-        let meta = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&meta_path)
-            .map_err(io_at(&meta_path))?;
+        let meta = open_rw(&meta_path, true)?;
         let words = vec![0u64; word_count(size) as usize];
         meta.write_all_at(&encode_meta(1, size, &words), 0)
             .map_err(io_at(&meta_path))?;
@@ -155,17 +155,9 @@ impl Overlay {
     /// Opens an existing overlay, taking the newest valid metadata slot.
     pub fn open(dir: &Path) -> Result<Self, OverlayError> {
         let data_path = dir.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(io_at(&data_path))?;
+        let data = open_rw(&data_path, false)?;
         let meta_path = dir.join("meta");
-        let meta = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&meta_path)
-            .map_err(io_at(&meta_path))?;
+        let meta = open_rw(&meta_path, false)?;
         let meta_len = meta.metadata().map_err(io_at(&meta_path))?.len();
         // Slot A is at 0; its length tells where slot B starts.
         let read_slot = |offset: u64| -> Option<(u64, u64, Vec<u64>)> {

@@ -402,19 +402,7 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
             );
         }
         ImageCmd::Rm { name } => {
-            let r: RemoveResult = c
-                .call(
-                    hyper::Method::DELETE,
-                    &format!("/v1/images/{name}"),
-                    None::<&()>,
-                )
-                .await?;
-            println!(
-                "removed image {}: freed {} chunks ({})",
-                r.removed,
-                r.freed_chunks,
-                human(r.freed_bytes)
-            );
+            remove(c, "image", &name).await?;
         }
     }
     Ok(())
@@ -473,19 +461,7 @@ async fn disk_command(cmd: DiskCmd, c: &Client) -> Result<()> {
             );
         }
         DiskCmd::Rm { name } => {
-            let r: RemoveResult = c
-                .call(
-                    hyper::Method::DELETE,
-                    &format!("/v1/disks/{name}"),
-                    None::<&()>,
-                )
-                .await?;
-            println!(
-                "removed disk {}: freed {} chunks ({})",
-                r.removed,
-                r.freed_chunks,
-                human(r.freed_bytes)
-            );
+            remove(c, "disk", &name).await?;
         }
     }
     Ok(())
@@ -654,4 +630,22 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes an image or disk and says what it freed.
+async fn remove(c: &Client, kind: &str, name: &str) -> Result<()> {
+    let r: RemoveResult = c
+        .call(
+            hyper::Method::DELETE,
+            &format!("/v1/{kind}s/{name}"),
+            None::<&()>,
+        )
+        .await?;
+    println!(
+        "removed {kind} {}: freed {} chunks ({})",
+        r.removed,
+        r.freed_chunks,
+        human(r.freed_bytes)
+    );
+    Ok(())
 }
