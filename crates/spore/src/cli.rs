@@ -201,6 +201,24 @@ fn bar(total: u64) -> ProgressBar {
     pb
 }
 
+/// A POST answered by a stream of progress events, shown as a bar.
+async fn with_progress<T: serde::de::DeserializeOwned>(
+    c: &Client,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> Result<T> {
+    let pb = bar(0);
+    let result = c
+        .stream(hyper::Method::POST, path, body, |phase, done, total| {
+            pb.set_message(phase.to_owned());
+            pb.set_length(total);
+            pb.set_position(done);
+        })
+        .await;
+    pb.finish_and_clear();
+    Ok(result?)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -279,20 +297,7 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 parent,
                 block_size,
             };
-            let pb = bar(0);
-            let r: ImportResult = c
-                .stream(
-                    hyper::Method::POST,
-                    "/v1/images",
-                    &req,
-                    |phase, done, total| {
-                        pb.set_message(phase.to_owned());
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    },
-                )
-                .await?;
-            pb.finish_and_clear();
+            let r: ImportResult = with_progress(c, "/v1/images", &req).await?;
             println!(
                 "imported {} ({}, {} virtual, {} blocks) in {:.1}s: {} blocks changed, {} new chunks, {} stored",
                 r.image.name,
@@ -379,20 +384,8 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 path: abs(&file)?,
                 format,
             };
-            let pb = bar(0);
-            let s: ImageSummary = c
-                .stream(
-                    hyper::Method::POST,
-                    &format!("/v1/images/{name}/export"),
-                    &req,
-                    |phase, done, total| {
-                        pb.set_message(phase.to_owned());
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    },
-                )
-                .await?;
-            pb.finish_and_clear();
+            let s: ImageSummary =
+                with_progress(c, &format!("/v1/images/{name}/export"), &req).await?;
             println!(
                 "exported {} ({}) to {} as {}",
                 s.name,
