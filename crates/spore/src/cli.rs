@@ -445,6 +445,7 @@ async fn disk_command(cmd: DiskCmd, c: &Client) -> Result<()> {
                             d.name,
                             d.image,
                             human(d.virtual_size),
+                            human(d.read_bytes),
                             human(d.written_bytes),
                             d.vm.unwrap_or_else(|| "-".into()),
                             d.export,

@@ -97,6 +97,18 @@ fn writes_survive_restart_and_kill_9_after_flush_and_commit_makes_a_layer() {
     assert_eq!(nbd_bytes(&t, "image/base"), std::fs::read(&base).unwrap());
     let disks = t.json(&["disk", "ls", "--json"]);
     assert!(disks[0]["written_bytes"].as_u64().unwrap() >= 65536);
+    assert!(disks[0]["read_bytes"].as_u64().unwrap() >= expect.len() as u64);
+    // The table has a value under every heading (sizes print as "N unit").
+    let table = t.ok(&["disk", "ls"]);
+    let mut lines = table.lines();
+    let heads = lines.next().unwrap().split_whitespace().count();
+    let row = lines
+        .next()
+        .unwrap()
+        .replace(" KiB", "KiB")
+        .replace(" MiB", "MiB")
+        .replace(" B", "B");
+    assert_eq!(row.split_whitespace().count(), heads, "{table}");
 }
 
 #[test]
