@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use spore_blockdev::{ChunkCache, Disk};
 use spore_chunks::{ChunkId, ChunkStore, Compression};
 use spore_qemu::Accel;
+use spore_transfer::{Fetcher, Remote};
 
 use crate::error::{AgentError, Result};
 use crate::exports::Registry;
@@ -40,6 +41,15 @@ pub struct AgentConfig {
     pub nbd_tcp: Option<String>,
     /// Accelerator override; detected when None.
     pub accel: Option<Accel>,
+    /// Serve peers (chunks, image names) over HTTP on this address.
+    pub listen: Option<String>,
+    /// Other agents to fetch missing chunks from, asked first.
+    pub peers: Vec<String>,
+    /// The origin (registry) of images: names not known here are looked up
+    /// there, and chunks no peer has come from there.
+    pub origin: Option<String>,
+    /// Accept pushed chunks and image names on the peer listener.
+    pub accept_push: bool,
 }
 
 impl AgentConfig {
@@ -50,6 +60,10 @@ impl AgentConfig {
             compression: Compression::Zstd,
             nbd_tcp: None,
             accel: None,
+            listen: None,
+            peers: Vec::new(),
+            origin: None,
+            accept_push: false,
         }
     }
 }
@@ -59,6 +73,26 @@ pub struct ImageRecord {
     pub manifest: ChunkId,
     pub created: u64,
 }
+
+/// What this agent served to peers.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub chunks: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl PeerStats {
+    pub fn record(&self, raws: &[Option<Vec<u8>>]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for r in raws.iter().flatten() {
+            self.chunks.fetch_add(1, Relaxed);
+            self.bytes.fetch_add(r.len() as u64, Relaxed);
+        }
+    }
+}
+
+/// How long one request to a peer or the origin may take.
+pub const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -85,6 +119,9 @@ pub struct Agent {
     pub exports: Arc<Registry>,
     pub accel: Accel,
     pub vms: VmManager,
+    /// Peers then origin, when any is configured.
+    pub fetcher: Option<Arc<Fetcher>>,
+    pub peer_stats: PeerStats,
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
     pub gc_lock: RwLock<()>,
@@ -115,7 +152,14 @@ impl Agent {
         let meta = Meta::open(&dir.join("meta.redb"))?;
         let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
         let cache = Arc::new(ChunkCache::new(config.cache_bytes));
-        let exports = Arc::new(Registry::new(store.clone(), cache));
+        let remotes: Vec<Remote> = config
+            .peers
+            .iter()
+            .chain(config.origin.iter())
+            .map(|url| Remote::new(url, REMOTE_TIMEOUT))
+            .collect();
+        let fetcher = (!remotes.is_empty()).then(|| Arc::new(Fetcher::new(remotes)));
+        let exports = Arc::new(Registry::new(store.clone(), cache, fetcher.clone()));
         let accel = config.accel.unwrap_or_else(Accel::detect);
         let agent = Arc::new(Agent {
             vms: VmManager::new(dir.join("vms")),
@@ -123,6 +167,8 @@ impl Agent {
             meta,
             store,
             exports,
+            fetcher,
+            peer_stats: PeerStats::default(),
             accel,
             gc_lock: RwLock::new(()),
             disk_names: parking_lot::Mutex::new(()),

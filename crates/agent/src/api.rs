@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spore_api::{
     AgentStatus, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest, ImportRequest,
-    VmCreate,
+    PushRequest, VmCreate,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -32,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/images/{name}"),
     ("delete", "/v1/images/{name}"),
     ("post", "/v1/images/{name}/export"),
+    ("post", "/v1/images/{name}/push"),
     ("get", "/v1/disks"),
     ("post", "/v1/disks"),
     ("get", "/v1/disks/{name}"),
@@ -54,6 +55,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{name}", get(inspect_image).delete(remove_image))
         .route("/v1/images/{name}/export", post(export_image))
+        .route("/v1/images/{name}/push", post(push_image))
         .route("/v1/disks", get(list_disks).post(create_disk))
         .route("/v1/disks/{name}", get(get_disk).delete(remove_disk))
         .route("/v1/disks/{name}/commit", post(commit_disk))
@@ -192,6 +194,13 @@ async fn remove_image(State(a): S, Path(name): Path<String>) -> Response {
 async fn export_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
     match parse::<ExportRequest>(&body) {
         Ok(req) => streaming(move |p| a.export_image(&name, &req.path, &req.format, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn push_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<PushRequest>(&body) {
+        Ok(req) => streaming(move |p| a.push_image(&name, &req.to, p)),
         Err(e) => e.into_response(),
     }
 }

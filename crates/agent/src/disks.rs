@@ -49,7 +49,7 @@ impl Agent {
     pub fn create_disk(&self, name: &str, image: &str, vm: Option<&str>) -> Result<DiskInfo> {
         check_name("disk", name)?;
         let _names = self.disk_names.lock();
-        let image_rec = self.image_record(image)?;
+        let image_rec = self.resolve_image(image)?;
         if self.meta.get::<DiskRecord>(Table::Disks, name)?.is_some() {
             return Err(AgentError::Exists {
                 kind: "disk",

@@ -13,6 +13,7 @@ use spore_blockdev::{ChunkCache, Disk, ImageDevice};
 use spore_chunks::{ChunkId, ChunkStore};
 use spore_image::Image;
 use spore_nbd::{Export, Exports};
+use spore_transfer::Fetcher;
 
 pub const IMAGE_PREFIX: &str = "image/";
 pub const DISK_PREFIX: &str = "disk/";
@@ -21,6 +22,7 @@ pub const DISK_PREFIX: &str = "disk/";
 pub struct Registry {
     store: Arc<ChunkStore>,
     cache: Arc<ChunkCache>,
+    fetcher: Option<Arc<Fetcher>>,
     /// Image name → manifest, mirrored from the metadata store.
     image_names: RwLock<HashMap<String, ChunkId>>,
     images: Mutex<HashMap<ChunkId, Arc<ImageDevice>>>,
@@ -28,10 +30,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(store: Arc<ChunkStore>, cache: Arc<ChunkCache>) -> Self {
+    pub fn new(
+        store: Arc<ChunkStore>,
+        cache: Arc<ChunkCache>,
+        fetcher: Option<Arc<Fetcher>>,
+    ) -> Self {
         Registry {
             store,
             cache,
+            fetcher,
             image_names: RwLock::default(),
             images: Mutex::default(),
             disks: RwLock::default(),
@@ -62,6 +69,7 @@ impl Registry {
             image,
             self.store.clone(),
             self.cache.clone(),
+            self.fetcher.clone(),
         ));
         Ok(self.images.lock().entry(*manifest).or_insert(dev).clone())
     }

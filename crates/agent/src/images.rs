@@ -27,6 +27,94 @@ impl Agent {
             })
     }
 
+    /// The image called `name`: known here, or else looked up at the
+    /// origin, whose manifest and layers are fetched (data chunks come later,
+    /// when they are read) and the name recorded here.
+    pub fn resolve_image(&self, name: &str) -> Result<ImageRecord> {
+        if let Some(rec) = self.meta.get(Table::Images, name)? {
+            return Ok(rec);
+        }
+        let (Some(origin), Some(fetcher)) = (&self.config.origin, &self.fetcher) else {
+            return Err(AgentError::NotFound {
+                kind: "image",
+                name: name.into(),
+            });
+        };
+        check_name("image", name)?;
+        let remote = spore_transfer::Remote::new(origin, crate::agent::REMOTE_TIMEOUT);
+        let manifest = remote
+            .resolve_image(name)
+            .map_err(|e| {
+                AgentError::State(format!("looking up image {name:?} at the origin: {e}"))
+            })?
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "image (here or at the origin)",
+                name: name.into(),
+            })?;
+        let fetch = |ids: &[spore_chunks::ChunkId]| {
+            fetcher
+                .fetch(&self.store, ids)
+                .map_err(|e| AgentError::State(format!("fetching image {name:?}: {e}")))
+        };
+        fetch(&[manifest])?;
+        let layers = spore_image::image::load_manifest(&self.store, &manifest)?.layers;
+        fetch(&layers)?;
+        self.store.sync()?;
+        let rec = ImageRecord {
+            manifest,
+            created: now(),
+        };
+        if !self.meta.insert_new(Table::Images, name, &rec)? {
+            return self.image_record(name);
+        }
+        self.exports.bind_image(name, manifest);
+        tracing::info!(image = name, %manifest, origin, "image found at the origin");
+        Ok(rec)
+    }
+
+    /// Sends an image's chunks that the remote lacks, then binds the name there.
+    pub fn push_image(
+        &self,
+        name: &str,
+        to: &str,
+        progress: Progress<'_>,
+    ) -> Result<spore_api::PushResult> {
+        let rec = self.image_record(name)?;
+        let remote = spore_transfer::Remote::new(to, std::time::Duration::from_secs(60));
+        let push_err =
+            |e: spore_transfer::RemoteError| AgentError::State(format!("pushing to {to}: {e}"));
+        let mut ids: Vec<spore_chunks::ChunkId> = reachable_chunks(&self.store, [&rec.manifest])?
+            .into_iter()
+            .collect();
+        ids.sort();
+        let total = ids.len() as u64;
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        for (n, batch) in ids.chunks(spore_transfer::wire::MAX_BATCH).enumerate() {
+            for id in remote.missing(batch).map_err(push_err)? {
+                let raw = self
+                    .store
+                    .get_raw(&id)?
+                    .ok_or(spore_chunks::Error::NotFound(id))?;
+                remote.put_chunk(&id, &raw).map_err(push_err)?;
+                sent += 1;
+                bytes += raw.len() as u64;
+            }
+            progress(
+                "push",
+                ((n + 1) * spore_transfer::wire::MAX_BATCH).min(ids.len()) as u64,
+                total,
+            );
+        }
+        remote.put_image(name, &rec.manifest).map_err(push_err)?;
+        Ok(spore_api::PushResult {
+            image: name.into(),
+            to: to.into(),
+            chunks: total,
+            sent_chunks: sent,
+            sent_bytes: bytes,
+        })
+    }
+
     pub fn image_summary(&self, name: &str, rec: &ImageRecord) -> Result<ImageSummary> {
         let m = spore_image::image::load_manifest(&self.store, &rec.manifest)?;
         Ok(ImageSummary {

@@ -14,6 +14,7 @@ pub mod exports;
 mod images;
 pub mod meta;
 mod metrics;
+pub mod peer;
 pub mod vms;
 
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -62,6 +63,16 @@ pub fn run(config: AgentConfig) -> Result<()> {
     let served = runtime.block_on(async {
         let _ = std::fs::remove_file(&api_path);
         let listener = tokio::net::UnixListener::bind(&api_path).map_err(AgentError::io(format!("binding {}", api_path.display())))?;
+        if let Some(addr) = &agent.config.listen {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(AgentError::io(format!("binding peer listener {addr}")))?;
+            let router = peer::router(agent.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, router).await {
+                    tracing::error!(error = %e, "peer listener failed");
+                }
+            });
+            tracing::info!(%addr, accept_push = agent.config.accept_push, "serving peers");
+        }
         tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.accel, "spore agent ready");
         eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());
         axum::serve(listener, api::router(agent.clone()))

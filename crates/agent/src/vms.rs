@@ -214,7 +214,7 @@ impl Agent {
                 }
             }
         }
-        self.image_record(&req.image)?;
+        self.resolve_image(&req.image)?;
         let rec = VmRecord {
             image: req.image.clone(),
             disk: req.name.clone(),

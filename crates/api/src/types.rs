@@ -225,3 +225,20 @@ pub struct VmLog {
     pub next_offset: u64,
     pub state: VmState,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// The origin's peer URL, e.g. http://10.77.0.1:7070
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushResult {
+    pub image: String,
+    pub to: String,
+    /// Chunks the image consists of (manifest, layers, data).
+    pub chunks: u64,
+    /// Chunks the origin lacked and that were sent.
+    pub sent_chunks: u64,
+    pub sent_bytes: u64,
+}

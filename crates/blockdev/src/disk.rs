@@ -329,6 +329,7 @@ mod tests {
             image,
             store.clone(),
             Arc::new(crate::ChunkCache::new(1 << 20)),
+            None,
         ));
         let disk = Disk::create(&dir.path().join("disk"), dev).unwrap();
         Fixture {
@@ -409,6 +410,7 @@ mod tests {
             image,
             f.store.clone(),
             Arc::new(crate::ChunkCache::new(1 << 20)),
+            None,
         );
         let mut buf = vec![0u8; f.expect.len()];
         dev.read_at(0, &mut buf).unwrap();

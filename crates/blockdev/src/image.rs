@@ -6,6 +6,7 @@ use std::sync::Arc;
 use spore_chunks::ChunkStore;
 use spore_image::Image;
 use spore_nbd::{Export, Extent};
+use spore_transfer::Fetcher;
 
 use crate::cache::ChunkCache;
 use crate::{read_only, IoStats};
@@ -15,15 +16,27 @@ pub struct ImageDevice {
     image: Image,
     store: Arc<ChunkStore>,
     cache: Arc<ChunkCache>,
+    /// Where chunks missing from the store come from (peers, origin).
+    fetcher: Option<Arc<Fetcher>>,
     stats: IoStats,
 }
 
+/// On a miss, this many following blocks that are missing too are fetched
+/// in the same round trip.
+const READAHEAD_BLOCKS: u64 = 15;
+
 impl ImageDevice {
-    pub fn new(image: Image, store: Arc<ChunkStore>, cache: Arc<ChunkCache>) -> Self {
+    pub fn new(
+        image: Image,
+        store: Arc<ChunkStore>,
+        cache: Arc<ChunkCache>,
+        fetcher: Option<Arc<Fetcher>>,
+    ) -> Self {
         ImageDevice {
             image,
             store,
             cache,
+            fetcher,
             stats: IoStats::default(),
         }
     }
@@ -36,10 +49,32 @@ impl ImageDevice {
         &self.stats
     }
 
-    /// The verified contents of the chunk at `slot`.
-    fn chunk(&self, slot: u32) -> io::Result<Arc<[u8]>> {
+    /// The verified contents of the chunk that `block` maps to (`slot`).
+    fn chunk(&self, block: u64, slot: u32) -> io::Result<Arc<[u8]>> {
         let id = self.image.flat.chunk(slot);
-        self.cache.get_or_load(id, || Ok(self.store.get(id)?))
+        self.cache.get_or_load(id, || match self.store.get(id) {
+            Err(spore_chunks::Error::NotFound(_)) if self.fetcher.is_some() => {
+                let fetcher = self.fetcher.as_ref().expect("checked");
+                // The missing chunk and the next few missing ones, in one batch.
+                let flat = &self.image.flat;
+                let mut ids = vec![*id];
+                let end = (block + 1 + READAHEAD_BLOCKS).min(flat.block_count());
+                for b in block + 1..end {
+                    if let Some(next) = flat.get(b) {
+                        if !ids.contains(next) && !self.store.contains(next) {
+                            ids.push(*next);
+                        }
+                    }
+                }
+                if let Err(e) = fetcher.fetch(&self.store, &ids) {
+                    // The guest sees EIO; the agent's log says why.
+                    tracing::error!(chunk = %id, error = %e, "read failed: chunk unavailable");
+                    return Err(e.into());
+                }
+                Ok(self.store.get(id)?)
+            }
+            other => Ok(other?),
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zero.
@@ -57,7 +92,7 @@ impl ImageDevice {
             match flat.slot(block) {
                 0 => out.fill(0),
                 slot => {
-                    let data = self.chunk(slot)?;
+                    let data = self.chunk(block, slot)?;
                     // The last block of an image may be short.
                     let avail = data.len().saturating_sub(within).min(n);
                     out[..avail].copy_from_slice(&data[within..within + avail]);
@@ -105,7 +140,7 @@ impl ImageDevice {
         let last = (offset + length - 1) >> shift;
         for block in (offset >> shift)..=last.min(flat.block_count().saturating_sub(1)) {
             if let s @ 1.. = flat.slot(block) {
-                self.chunk(s)?;
+                self.chunk(block, s)?;
             }
         }
         Ok(())

@@ -207,7 +207,15 @@ impl ChunkStore {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // Write beside the final name and rename, so a reader never sees half
         // a chunk and a crash leaves at worst a stray temporary file.
-        let tmp = dir.join(format!(".{}.tmp{}", id.to_hex(), std::process::id()));
+        // Unique per write: two threads storing the same chunk at once
+        // (overlapping fetches) must not share a temporary file.
+        static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{}.tmp{}.{}",
+            id.to_hex(),
+            std::process::id(),
+            NEXT_TMP.fetch_add(1, Ordering::Relaxed)
+        ));
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&header)?;
@@ -244,6 +252,17 @@ impl ChunkStore {
         let data = decode_chunk_file(id, &raw)?;
         self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
         Ok(data)
+    }
+
+    /// The chunk file as stored (header and possibly compressed payload),
+    /// unverified: for sending to another host, which verifies it.
+    pub fn get_raw(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let path = self.path_of(id);
+        match std::fs::read(&path) {
+            Ok(raw) => Ok(Some(raw)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 
     /// Bytes the chunk occupies on disk, if present.
@@ -383,6 +402,27 @@ mod tests {
             s.remove(&p.id).unwrap();
             assert!(matches!(s.get(&p.id), Err(Error::NotFound(_))));
         }
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_chunk_all_succeed_and_store_it_whole() {
+        let (_d, s) = store(Compression::Zstd);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..20 {
+                        s.put(&data).unwrap();
+                    }
+                });
+            }
+        });
+        let id = ChunkId::of(&data);
+        assert_eq!(s.get(&id).unwrap(), data);
+        // No temporary files left behind.
+        assert_eq!(s.list().unwrap(), vec![id]);
+        let dir = s.path_of(&id).parent().unwrap().to_owned();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1);
     }
 
     #[test]

@@ -62,6 +62,18 @@ pub struct AgentArgs {
     /// Compression of new chunks (zstd or none)
     #[arg(long, default_value = "zstd")]
     compression: spore_chunks::Compression,
+    /// Serve peers (chunks and image names) over HTTP here, e.g. 10.77.0.2:7070
+    #[arg(long)]
+    listen: Option<String>,
+    /// Another agent to fetch missing chunks from (repeatable; asked before the origin)
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// The origin of images, e.g. http://10.77.0.1:7070: unknown image names are looked up there
+    #[arg(long)]
+    origin: Option<String>,
+    /// Accept pushed images on the peer listener (run as an origin)
+    #[arg(long)]
+    accept_push: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +110,13 @@ pub enum ImageCmd {
     },
     /// Remove an image and free the chunks nothing else uses
     Rm { name: String },
+    /// Send an image to an origin (only the chunks it lacks)
+    Push {
+        name: String,
+        /// The origin's peer URL, e.g. http://10.77.0.1:7070
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -232,6 +251,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.nbd_tcp = a.nbd_tcp;
             config.accel = a.accel;
             config.compression = a.compression;
+            config.listen = a.listen;
+            config.peers = a.peers;
+            config.origin = a.origin;
+            config.accept_push = a.accept_push;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -392,6 +415,22 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 human(s.virtual_size),
                 req.path.display(),
                 req.format
+            );
+        }
+        ImageCmd::Push { name, to } => {
+            let r: spore_api::PushResult = with_progress(
+                c,
+                &format!("/v1/images/{name}/push"),
+                &spore_api::PushRequest { to },
+            )
+            .await?;
+            println!(
+                "pushed {} to {}: {} chunks, {} sent ({})",
+                r.image,
+                r.to,
+                r.chunks,
+                r.sent_chunks,
+                human(r.sent_bytes)
             );
         }
         ImageCmd::Rm { name } => {

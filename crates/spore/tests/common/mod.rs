@@ -14,20 +14,26 @@ pub const SPORE: &str = env!("CARGO_BIN_EXE_spore");
 pub struct TestAgent {
     pub dir: tempfile::TempDir,
     pub agent: Option<AgentProcess>,
+    args: Vec<String>,
 }
 
 impl TestAgent {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// An agent with extra `spore agent` arguments (kept for restarts).
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let agent = AgentProcess::start(
-            Path::new(SPORE),
-            &dir.path().join("data"),
-            &["--cache-size", "64M"],
-        )
-        .expect("agent starts");
+        let mut args: Vec<String> = vec!["--cache-size".into(), "64M".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let agent = AgentProcess::start(Path::new(SPORE), &dir.path().join("data"), &refs)
+            .expect("agent starts");
         TestAgent {
             dir,
             agent: Some(agent),
+            args,
         }
     }
 
@@ -102,11 +108,20 @@ impl TestAgent {
     }
 
     fn start_again(&mut self) {
+        let refs: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
         self.agent = Some(
-            AgentProcess::start(Path::new(SPORE), &self.data_dir(), &["--cache-size", "64M"])
-                .expect("agent restarts"),
+            AgentProcess::start(Path::new(SPORE), &self.data_dir(), &refs).expect("agent restarts"),
         );
     }
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Runs a command that must succeed; returns stdout.

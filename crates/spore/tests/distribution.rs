@@ -1,0 +1,181 @@
+//! Images moving between hosts: push to an origin, run on a host that lacks
+//! the image (chunks fetched on demand, verified), peers before the origin,
+//! and what happens when a source lies or dies. Agents talk over loopback.
+
+mod common;
+
+use std::process::Command;
+
+use common::{free_port, sh, sparse_random_file, TestAgent};
+
+const MIB: u64 = 1 << 20;
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+fn nbd_copy(t: &TestAgent, export: &str) -> Vec<u8> {
+    let out = t.path("copy.raw");
+    let _ = std::fs::remove_file(&out);
+    sh(Command::new("nbdcopy").arg(t.uri(export)).arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
+fn chunk_files(t: &TestAgent) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(t.data_dir().join("chunks"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    let builder = TestAgent::start();
+    let src = builder.path("img.raw");
+    sparse_random_file(&src, 16 * MIB, 21);
+    builder.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let out = builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+    assert!(out.contains("pushed img"), "{out}");
+    // A second push sends nothing new.
+    let out = builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+    assert!(out.contains(", 0 sent"), "{out}");
+
+    // A host with nothing: the name resolves at the origin, only manifest
+    // and layers come at once, data chunks come as they are read.
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    cold.ok(&["disk", "create", "d", "--image", "img"]);
+    let before = chunk_files(&cold).len();
+    assert!(
+        before <= 3,
+        "only manifest and layer fetched up front, found {before}"
+    );
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4096"])
+        .arg(cold.uri("disk/d")));
+    let after_one_read = chunk_files(&cold).len();
+    assert!(
+        after_one_read > before && after_one_read <= before + 16,
+        "one read fetched {} chunks",
+        after_one_read - before
+    );
+    assert_eq!(nbd_copy(&cold, "image/img"), std::fs::read(&src).unwrap());
+
+    // A corrupt chunk at a peer is detected and fetched from the origin.
+    let peer_port = free_port();
+    let peer = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{peer_port}"),
+        "--origin",
+        &url(origin_port),
+    ]);
+    peer.ok(&["disk", "create", "warm", "--image", "img"]);
+    let _ = nbd_copy(&peer, "image/img");
+    let mut corrupted = 0;
+    for f in chunk_files(&peer) {
+        let mut b = std::fs::read(&f).unwrap();
+        if b.len() > 1000 {
+            let n = b.len();
+            b[n - 10] ^= 0xff;
+            std::fs::write(&f, &b).unwrap();
+            corrupted += 1;
+        }
+    }
+    assert!(corrupted > 10);
+    let dead_port = free_port();
+    let third = TestAgent::start_with(&[
+        "--peer",
+        &url(dead_port), // nobody listens here: a dead peer
+        "--peer",
+        &url(peer_port),
+        "--origin",
+        &url(origin_port),
+    ]);
+    third.ok(&["disk", "create", "d", "--image", "img"]);
+    assert_eq!(
+        nbd_copy(&third, "disk/d"),
+        std::fs::read(&src).unwrap(),
+        "no wrong byte from a lying peer"
+    );
+    let log = std::fs::read_to_string(third.dir.path().join("data.agent.log")).unwrap();
+    assert!(
+        log.contains("remote sent a bad chunk"),
+        "the lie was noticed: {log}"
+    );
+    let metrics = third.ok(&["status"]);
+    assert!(metrics.contains("agent"), "{metrics}");
+
+    // The origin dies: what is local still reads; what is not fails with
+    // an I/O error (no hang), and the agent says why.
+    drop(origin);
+    let fourth = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let err = fourth.fails(&["disk", "create", "x", "--image", "img"]);
+    assert!(err.contains("origin"), "{err}");
+    let started = std::time::Instant::now();
+    let out = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 8M 4096"])
+        .arg(cold.uri("image/img"))
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "read hung"
+    );
+    // `cold` read everything already, so this still works.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 8 * MIB, 22);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    cold.ok(&["disk", "create", "d", "--image", "img"]);
+    drop(origin);
+    let started = std::time::Instant::now();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4096"])
+        .arg(cold.uri("disk/d"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Input/output error") || text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "read hung"
+    );
+    let log = std::fs::read_to_string(cold.dir.path().join("data.agent.log")).unwrap();
+    assert!(
+        log.contains("no source has chunk"),
+        "agent log says why: {log}"
+    );
+}

@@ -1,0 +1,130 @@
+//! Fetching missing chunks from remotes into the local store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use spore_chunks::{decode_chunk_file, ChunkId, ChunkStore};
+
+use crate::remote::Remote;
+use crate::wire::MAX_BATCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no source has chunk {first} ({missing} chunks missing); tried: {tried}")]
+    Unavailable {
+        first: ChunkId,
+        missing: usize,
+        tried: String,
+    },
+    #[error("storing a fetched chunk")]
+    Store(#[from] spore_chunks::Error),
+}
+
+impl From<FetchError> for std::io::Error {
+    fn from(e: FetchError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    pub chunks: AtomicU64,
+    pub bytes: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Remotes in the order they are asked: peers, then the origin.
+#[derive(Debug, Default)]
+pub struct Fetcher {
+    remotes: Vec<Remote>,
+    pub stats: FetchStats,
+}
+
+impl Fetcher {
+    pub fn new(remotes: Vec<Remote>) -> Self {
+        Fetcher {
+            remotes,
+            stats: FetchStats::default(),
+        }
+    }
+
+    pub fn remotes(&self) -> &[Remote] {
+        &self.remotes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remotes.is_empty()
+    }
+
+    /// Makes every chunk of `ids` present (and verified) in `store`.
+    pub fn fetch(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
+        let mut missing: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| !store.contains(id))
+            .copied()
+            .collect();
+        let mut tried: Vec<String> = Vec::new();
+        for remote in &self.remotes {
+            if missing.is_empty() {
+                break;
+            }
+            let mut still = Vec::new();
+            for batch in missing.chunks(MAX_BATCH) {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                let records = match remote.batch(batch) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(remote = remote.url(), error = %e, "chunk fetch failed; trying the next source");
+                        tried.push(e.to_string());
+                        still.extend_from_slice(batch);
+                        continue;
+                    }
+                };
+                for (id, raw) in batch.iter().zip(records) {
+                    let Some(raw) = raw else {
+                        still.push(*id);
+                        continue;
+                    };
+                    match decode_chunk_file(id, &raw) {
+                        Ok(data) => {
+                            store.put_with_id(*id, &data)?;
+                            self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .bytes
+                                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                            remote.stats.chunks.fetch_add(1, Ordering::Relaxed);
+                            remote
+                                .stats
+                                .bytes
+                                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            // A lying or broken remote: never use its bytes.
+                            tracing::warn!(remote = remote.url(), error = %e, "remote sent a bad chunk; trying the next source");
+                            self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                            remote.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                            tried.push(format!("{}: {e}", remote.url()));
+                            still.push(*id);
+                        }
+                    }
+                }
+            }
+            if !still.is_empty() && !tried.iter().any(|t| t.starts_with(remote.url())) {
+                tried.push(format!("{}: lacks {} chunks", remote.url(), still.len()));
+            }
+            missing = still;
+        }
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(FetchError::Unavailable {
+                first: *first,
+                missing: missing.len(),
+                tried: if tried.is_empty() {
+                    "no sources configured".into()
+                } else {
+                    tried.join("; ")
+                },
+            }),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Moving chunks between hosts.
+//!
+//! A host that lacks a chunk asks other agents for it: its peers first,
+//! then the origin. Requests are batched (several chunks per round trip),
+//! and every chunk that arrives is decoded and hashed against its id before
+//! it is stored or used, so a lying or broken remote costs a retry
+//! elsewhere, never a wrong byte. See docs/distribution.md.
+
+pub mod fetcher;
+pub mod remote;
+pub mod wire;
+
+pub use fetcher::{FetchError, Fetcher};
+pub use remote::{Remote, RemoteError};

@@ -1,0 +1,174 @@
+//! Another agent (a peer or the origin), reached over HTTP.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use spore_chunks::ChunkId;
+
+use crate::wire::{self, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{url}: {message}")]
+    Http { url: String, message: String },
+    #[error("{url}: bad batch response")]
+    Wire {
+        url: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("{url}: answer is not the expected JSON")]
+    Json { url: String },
+    #[error("{url} is marked down for a few seconds after a failure")]
+    Down { url: String },
+}
+
+/// Counters of what a remote delivered.
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    pub chunks: AtomicU64,
+    pub bytes: AtomicU64,
+    pub failures: AtomicU64,
+    pub corrupt: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Remote {
+    url: String,
+    agent: ureq::Agent,
+    down_until: Mutex<Option<Instant>>,
+    pub stats: RemoteStats,
+}
+
+/// After a failure a remote is skipped for this long, so a dead peer costs
+/// one timeout rather than one per read.
+const BACKOFF: Duration = Duration::from_secs(5);
+
+impl Remote {
+    /// `url` is the remote agent's peer address, e.g. `http://10.77.0.2:7070`.
+    pub fn new(url: &str, timeout: Duration) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1).min(timeout))
+            .timeout(timeout)
+            .build();
+        Remote {
+            url: url.trim_end_matches('/').to_owned(),
+            agent,
+            down_until: Mutex::new(None),
+            stats: RemoteStats::default(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn check_up(&self) -> Result<(), RemoteError> {
+        let mut d = self.down_until.lock();
+        match *d {
+            Some(t) if Instant::now() < t => Err(RemoteError::Down {
+                url: self.url.clone(),
+            }),
+            _ => {
+                *d = None;
+                Ok(())
+            }
+        }
+    }
+
+    fn failed(&self, message: String) -> RemoteError {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        *self.down_until.lock() = Some(Instant::now() + BACKOFF);
+        RemoteError::Http {
+            url: self.url.clone(),
+            message,
+        }
+    }
+
+    fn read_body(&self, resp: ureq::Response) -> Result<Vec<u8>, RemoteError> {
+        let mut body = Vec::new();
+        resp.into_reader()
+            .take((wire::MAX_BATCH * (spore_chunks::MAX_CHUNK_SIZE + 64)) as u64)
+            .read_to_end(&mut body)
+            .map_err(|e| self.failed(format!("reading the answer: {e}")))?;
+        Ok(body)
+    }
+
+    /// Asks for `ids` in one round trip: the raw chunk file bytes
+    /// (unverified) of each, or None where the remote lacks it.
+    pub fn batch(&self, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        self.check_up()?;
+        let resp = self
+            .agent
+            .post(&format!("{}/v1/chunks/batch", self.url))
+            .send_bytes(&wire::encode_request(ids))
+            .map_err(|e| self.failed(e.to_string()))?;
+        let body = self.read_body(resp)?;
+        let records = wire::decode_response(ids, &body).map_err(|source| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            RemoteError::Wire {
+                url: self.url.clone(),
+                source,
+            }
+        })?;
+        Ok(records.into_iter().map(|r| r.map(<[u8]>::to_vec)).collect())
+    }
+
+    /// The manifest id the remote binds to an image name, if any.
+    pub fn resolve_image(&self, name: &str) -> Result<Option<ChunkId>, RemoteError> {
+        self.check_up()?;
+        let resp = match self
+            .agent
+            .get(&format!("{}/v1/images/{name}", self.url))
+            .call()
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(404, _)) => return Ok(None),
+            Err(e) => return Err(self.failed(e.to_string())),
+        };
+        let body = self.read_body(resp)?;
+        let json_err = || RemoteError::Json {
+            url: self.url.clone(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| json_err())?;
+        let id = v["manifest"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(json_err)?;
+        Ok(Some(id))
+    }
+
+    /// Which of `ids` the remote lacks (at most [`wire::MAX_BATCH`] at once).
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, RemoteError> {
+        let resp = self
+            .agent
+            .post(&format!("{}/v1/chunks/missing", self.url))
+            .send_bytes(&wire::encode_request(ids))
+            .map_err(|e| self.failed(e.to_string()))?;
+        let body = self.read_body(resp)?;
+        wire::decode_request(&body).map_err(|source| RemoteError::Wire {
+            url: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Uploads one chunk file (the origin verifies it).
+    pub fn put_chunk(&self, id: &ChunkId, raw: &[u8]) -> Result<(), RemoteError> {
+        self.agent
+            .put(&format!("{}/v1/chunks/{id}", self.url))
+            .send_bytes(raw)
+            .map_err(|e| self.failed(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Binds `name` to `manifest` on the remote (an origin).
+    pub fn put_image(&self, name: &str, manifest: &ChunkId) -> Result<(), RemoteError> {
+        self.agent
+            .put(&format!("{}/v1/images/{name}", self.url))
+            .send_string(&format!("{{\"manifest\":\"{manifest}\"}}"))
+            .map_err(|e| self.failed(e.to_string()))?;
+        Ok(())
+    }
+}
