@@ -1,6 +1,7 @@
 //! The REST API on the agent's unix socket. Routes are listed in [`ROUTES`]
 //! and documented in docs/api.yaml (a test keeps the two in step).
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spore_api::{
     AgentStatus, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest, ImportRequest,
-    PushRequest, VmCreate,
+    PushRequest, SourceStatus, VmCreate,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -167,6 +168,20 @@ async fn status(State(a): S) -> Response {
             vms: a.list_vms()?.len(),
             cache_bytes: a.exports.cache().bytes() as u64,
             cache_budget: a.config.cache_bytes as u64,
+            sources: a
+                .fetcher
+                .iter()
+                .flat_map(|f| f.remotes())
+                .map(|r| SourceStatus {
+                    url: r.url().to_owned(),
+                    chunks: r.stats.chunks.load(Relaxed),
+                    bytes: r.stats.bytes.load(Relaxed),
+                    corrupt: r.stats.corrupt.load(Relaxed),
+                    failures: r.stats.failures.load(Relaxed),
+                })
+                .collect(),
+            served_chunks: a.peer_stats.chunks.load(Relaxed),
+            served_bytes: a.peer_stats.bytes.load(Relaxed),
         })
     })
     .await

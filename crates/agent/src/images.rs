@@ -233,6 +233,13 @@ impl Agent {
                 shared += len;
             }
         }
+        let (mut local_chunks, mut local_bytes) = (0, 0);
+        for id in image.flat.chunks() {
+            if let Some(len) = self.store.stored_len(id) {
+                local_chunks += 1;
+                local_bytes += len;
+            }
+        }
         let used_by = self
             .meta
             .list::<DiskRecord>(Table::Disks)?
@@ -248,6 +255,8 @@ impl Agent {
             stored_bytes: stored,
             shared_bytes: shared,
             map_bytes: image.flat.memory_bytes() as u64,
+            local_chunks,
+            local_bytes,
             used_by,
             export: format!("{IMAGE_PREFIX}{name}"),
         })

@@ -46,6 +46,50 @@ pub fn render(a: &Agent) -> String {
         "Chunks read (and verified) from the store.",
         vec![(String::new(), st.chunks_read.load(Relaxed))],
     );
+    if let Some(f) = &a.fetcher {
+        let per_remote = |g: &dyn Fn(&spore_transfer::remote::RemoteStats) -> u64| {
+            f.remotes()
+                .iter()
+                .map(|r| (format!("{{remote=\"{}\"}}", r.url()), g(&r.stats)))
+                .collect::<Vec<_>>()
+        };
+        metric(
+            "spore_fetch_chunks_total",
+            "counter",
+            "Chunks fetched, by source.",
+            per_remote(&|s| s.chunks.load(Relaxed)),
+        );
+        metric(
+            "spore_fetch_bytes_total",
+            "counter",
+            "Bytes fetched, by source.",
+            per_remote(&|s| s.bytes.load(Relaxed)),
+        );
+        metric(
+            "spore_fetch_corrupt_total",
+            "counter",
+            "Chunks a source sent that failed verification.",
+            per_remote(&|s| s.corrupt.load(Relaxed)),
+        );
+        metric(
+            "spore_fetch_failures_total",
+            "counter",
+            "Failed requests, by source.",
+            per_remote(&|s| s.failures.load(Relaxed)),
+        );
+    }
+    metric(
+        "spore_peer_served_chunks_total",
+        "counter",
+        "Chunks served to other hosts.",
+        vec![(String::new(), a.peer_stats.chunks.load(Relaxed))],
+    );
+    metric(
+        "spore_peer_served_bytes_total",
+        "counter",
+        "Bytes served to other hosts.",
+        vec![(String::new(), a.peer_stats.bytes.load(Relaxed))],
+    );
     let disks = a.exports.disks();
     let per_disk = |f: &dyn Fn(&spore_blockdev::IoStats) -> u64| {
         disks

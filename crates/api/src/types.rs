@@ -42,6 +42,24 @@ pub struct AgentStatus {
     pub vms: usize,
     pub cache_bytes: u64,
     pub cache_budget: u64,
+    /// Peers and origin this agent fetches from, in the order it asks them.
+    #[serde(default)]
+    pub sources: Vec<SourceStatus>,
+    /// Chunks and bytes this agent served to other hosts.
+    #[serde(default)]
+    pub served_chunks: u64,
+    #[serde(default)]
+    pub served_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub url: String,
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Chunks it sent that failed verification.
+    pub corrupt: u64,
+    pub failures: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +119,11 @@ pub struct ImageInfo {
     pub shared_bytes: u64,
     /// Memory of the flat block map.
     pub map_bytes: u64,
+    /// Data chunks of the image present in this host's store (the rest is
+    /// fetched from peers or the origin when read).
+    pub local_chunks: u64,
+    /// Bytes those local chunks take.
+    pub local_bytes: u64,
     /// Disks created from the image.
     pub used_by: Vec<String>,
     pub export: String,

@@ -33,7 +33,10 @@ pub enum Command {
     /// Run the per-host agent (foreground; stop with Ctrl-C or SIGTERM)
     Agent(AgentArgs),
     /// Show the agent's status
-    Status,
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Images: layered, content-addressed, read-only
     #[command(subcommand)]
     Image(ImageCmd),
@@ -273,8 +276,12 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
 
 async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
     match cmd {
-        Command::Status => {
+        Command::Status { json } => {
             let s: AgentStatus = c.get("/v1/status").await?;
+            if json {
+                print_json(&s)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("agent {} at {}", s.version, s.data_dir.display());
             println!(
                 "  NBD        {}{}",
@@ -285,6 +292,23 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
             );
             println!("  accel      {}", s.accel);
             println!("  images {}  disks {}  vms {}", s.images, s.disks, s.vms);
+            for src in &s.sources {
+                println!(
+                    "  source     {}: {} chunks ({}) fetched, {} failed verification, {} failed requests",
+                    src.url,
+                    src.chunks,
+                    human(src.bytes),
+                    src.corrupt,
+                    src.failures
+                );
+            }
+            if s.served_chunks > 0 {
+                println!(
+                    "  served     {} chunks ({}) to other hosts",
+                    s.served_chunks,
+                    human(s.served_bytes)
+                );
+            }
             println!(
                 "  cache      {} of {}",
                 human(s.cache_bytes),
@@ -380,6 +404,7 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 human(i.shared_bytes)
             );
             println!("block map  {} in memory", human(i.map_bytes));
+            println!("local      {} of {} chunks ({}); the rest comes from peers or the origin when read", i.local_chunks, i.chunks, human(i.local_bytes));
             println!(
                 "used by    {}",
                 if i.used_by.is_empty() {

@@ -113,8 +113,21 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
         log.contains("remote sent a bad chunk"),
         "the lie was noticed: {log}"
     );
-    let metrics = third.ok(&["status"]);
-    assert!(metrics.contains("agent"), "{metrics}");
+    let status = third.json(&["status", "--json"]);
+    let sources = status["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 3, "{status}");
+    assert!(
+        sources[0]["failures"].as_u64().unwrap() >= 1,
+        "the dead peer failed: {status}"
+    );
+    assert!(
+        sources[1]["corrupt"].as_u64().unwrap() >= 1,
+        "the lying peer was caught: {status}"
+    );
+    assert!(
+        sources[2]["chunks"].as_u64().unwrap() >= 1,
+        "the origin filled in: {status}"
+    );
 
     // The origin dies: what is local still reads; what is not fails with
     // an I/O error (no hang), and the agent says why.
@@ -178,4 +191,39 @@ fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
         log.contains("no source has chunk"),
         "agent log says why: {log}"
     );
+}
+
+#[test]
+fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
+    let g = common::guest();
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    origin.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let args = common::vm_run_args(g, "v", "guest", "spore.poweroff");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = cold.ok(&args);
+    assert!(out.contains("SPORE-READY"), "{out}");
+    let info = cold.json(&["image", "inspect", "guest", "--json"]);
+    let fetched = info["local_bytes"].as_u64().unwrap();
+    let size = info["stored_bytes"]
+        .as_u64()
+        .unwrap()
+        .max(info["data_blocks"].as_u64().unwrap() * 65536);
+    assert!(fetched > 0);
+    assert!(
+        fetched * 10 < size,
+        "a boot fetched {fetched} of {size} bytes"
+    );
+    eprintln!("cold boot fetched {fetched} bytes of a {size}-byte image");
 }
