@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub origin: Option<String>,
     /// Accept pushed chunks and image names on the peer listener.
     pub accept_push: bool,
+    /// Complete every image found at the origin in the background (the
+    /// per-image policy `spore image pull --background` sets, as a default).
+    pub complete_images: bool,
 }
 
 impl AgentConfig {
@@ -64,6 +67,7 @@ impl AgentConfig {
             peers: Vec::new(),
             origin: None,
             accept_push: false,
+            complete_images: false,
         }
     }
 }
@@ -72,6 +76,10 @@ impl AgentConfig {
 pub struct ImageRecord {
     pub manifest: ChunkId,
     pub created: u64,
+    /// Policy: fetch every chunk of the image in the background (after
+    /// it is first used), so that a later outage of the origin does no harm.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 /// What this agent served to peers.
@@ -214,7 +222,42 @@ impl Agent {
             self.exports.add_disk(&name, Arc::new(disk));
         }
         self.vms.recover(&self.meta)?;
+        // Resume completing images whose policy says so.
+        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
+            if rec.complete {
+                let dev = self.exports.open_image(&rec.manifest)?;
+                self.complete_in_background(&name, dev.image().flat.chunks());
+            }
+        }
         Ok(())
+    }
+
+    /// Fetches the chunks of `chunks` that are not here, at low priority,
+    /// on a thread of its own.
+    pub fn complete_in_background(&self, name: &str, chunks: &[ChunkId]) {
+        let missing: Vec<ChunkId> = chunks
+            .iter()
+            .filter(|id| !self.store.contains(id))
+            .copied()
+            .collect();
+        let Some(fetcher) = self.fetcher.clone() else {
+            return;
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let name = name.to_owned();
+        tracing::info!(image = %name, chunks = missing.len(), "completing image in the background");
+        let spawned = std::thread::Builder::new().name(format!("complete-{name}")).spawn(move || {
+            match fetcher.fetch_background(&store, &missing, &|_, _| {}).and_then(|()| Ok(store.sync()?)) {
+                Ok(()) => tracing::info!(image = %name, "image complete: every chunk is local"),
+                Err(e) => tracing::warn!(image = %name, error = %e, "completing image failed; it resumes when the agent restarts"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start background completion");
+        }
     }
 
     /// Every manifest some name or disk still needs.

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spore_api::{
     AgentStatus, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest, ImportRequest,
-    PushRequest, SourceStatus, VmCreate,
+    PullRequest, PushRequest, SourceStatus, VmCreate,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/images/{name}"),
     ("post", "/v1/images/{name}/export"),
     ("post", "/v1/images/{name}/push"),
+    ("post", "/v1/images/{name}/pull"),
     ("get", "/v1/disks"),
     ("post", "/v1/disks"),
     ("get", "/v1/disks/{name}"),
@@ -57,6 +58,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/images/{name}", get(inspect_image).delete(remove_image))
         .route("/v1/images/{name}/export", post(export_image))
         .route("/v1/images/{name}/push", post(push_image))
+        .route("/v1/images/{name}/pull", post(pull_image))
         .route("/v1/disks", get(list_disks).post(create_disk))
         .route("/v1/disks/{name}", get(get_disk).delete(remove_disk))
         .route("/v1/disks/{name}/commit", post(commit_disk))
@@ -216,6 +218,18 @@ async fn export_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Res
 async fn push_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
         Ok(req) => streaming(move |p| a.push_image(&name, &req.to, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pull_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    let req = if body.is_empty() {
+        Ok(PullRequest { background: false })
+    } else {
+        parse::<PullRequest>(&body)
+    };
+    match req {
+        Ok(req) => streaming(move |p| a.pull_image(&name, req.background, p)),
         Err(e) => e.into_response(),
     }
 }

@@ -123,6 +123,7 @@ impl Agent {
         let rec = ImageRecord {
             manifest: published.id,
             created: now(),
+            complete: false,
         };
         if !self.meta.insert_new(Table::Images, new_image, &rec)? {
             return Err(AgentError::Exists {

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use spore_api::{ImageInfo, ImageSummary, ImportRequest, ImportResult, LayerInfo, RemoveResult};
+use spore_api::{
+    ImageInfo, ImageSummary, ImportRequest, ImportResult, LayerInfo, PullResult, RemoveResult,
+};
 use spore_chunks::ChunkId;
 use spore_image::image::reachable_chunks;
 use spore_image::{Format, DEFAULT_BLOCK_SIZE};
@@ -63,13 +65,64 @@ impl Agent {
         let rec = ImageRecord {
             manifest,
             created: now(),
+            complete: self.config.complete_images,
         };
         if !self.meta.insert_new(Table::Images, name, &rec)? {
             return self.image_record(name);
         }
         self.exports.bind_image(name, manifest);
+        if rec.complete {
+            let dev = self.exports.open_image(&manifest)?;
+            self.complete_in_background(name, dev.image().flat.chunks());
+        }
         tracing::info!(image = name, %manifest, origin, "image found at the origin");
         Ok(rec)
+    }
+
+    /// Fetches every chunk of the image that is not here yet and records
+    /// the policy to keep it complete. `background`: return at once.
+    pub fn pull_image(
+        &self,
+        name: &str,
+        background: bool,
+        progress: Progress<'_>,
+    ) -> Result<PullResult> {
+        let mut rec = self.resolve_image(name)?;
+        let dev = self.exports.open_image(&rec.manifest)?;
+        let chunks = dev.image().flat.chunks();
+        let missing: Vec<ChunkId> = chunks
+            .iter()
+            .filter(|id| !self.store.contains(id))
+            .copied()
+            .collect();
+        let result = PullResult {
+            image: name.into(),
+            chunks: chunks.len() as u64,
+            missing: missing.len() as u64,
+            background,
+        };
+        if missing.is_empty() {
+            return Ok(result);
+        }
+        let fetcher = self.fetcher.as_ref().ok_or_else(|| {
+            AgentError::State(format!(
+                "{} chunks of {name} are missing and no origin or peers are configured",
+                missing.len()
+            ))
+        })?;
+        if !rec.complete {
+            rec.complete = true;
+            self.meta.put(Table::Images, name, &rec)?;
+        }
+        if background {
+            self.complete_in_background(name, chunks);
+            return Ok(result);
+        }
+        fetcher
+            .fetch_background(&self.store, &missing, &|d, t| progress("pull", d, t))
+            .map_err(|e| AgentError::State(format!("pulling {name}: {e}")))?;
+        self.store.sync()?;
+        Ok(result)
     }
 
     /// Sends an image's chunks that the remote lacks, then binds the name there.
@@ -179,6 +232,7 @@ impl Agent {
         let rec = ImageRecord {
             manifest: published.id,
             created: now(),
+            complete: false,
         };
         if !self.meta.insert_new(Table::Images, &req.name, &rec)? {
             return Err(AgentError::Exists {

@@ -135,6 +135,7 @@ async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
             &ImageRecord {
                 manifest,
                 created: now(),
+                complete: false,
             },
         )?;
         a.exports.bind_image(&name, manifest);

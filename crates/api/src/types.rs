@@ -265,3 +265,20 @@ pub struct PushResult {
     pub sent_chunks: u64,
     pub sent_bytes: u64,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// Return at once and complete the image in the background.
+    #[serde(default)]
+    pub background: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullResult {
+    pub image: String,
+    /// Data chunks the image reads.
+    pub chunks: u64,
+    /// Chunks that were not here when the pull started.
+    pub missing: u64,
+    pub background: bool,
+}

@@ -77,6 +77,9 @@ pub struct AgentArgs {
     /// Accept pushed images on the peer listener (run as an origin)
     #[arg(long)]
     accept_push: bool,
+    /// Complete images found at the origin in the background after first use
+    #[arg(long)]
+    complete_images: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +116,13 @@ pub enum ImageCmd {
     },
     /// Remove an image and free the chunks nothing else uses
     Rm { name: String },
+    /// Fetch every chunk of an image not here yet, and keep it complete
+    Pull {
+        name: String,
+        /// Return at once; the agent completes the image in the background
+        #[arg(long)]
+        background: bool,
+    },
     /// Send an image to an origin (only the chunks it lacks)
     Push {
         name: String,
@@ -258,6 +268,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.peers = a.peers;
             config.origin = a.origin;
             config.accept_push = a.accept_push;
+            config.complete_images = a.complete_images;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -440,6 +451,23 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 human(s.virtual_size),
                 req.path.display(),
                 req.format
+            );
+        }
+        ImageCmd::Pull { name, background } => {
+            let r: spore_api::PullResult = with_progress(
+                c,
+                &format!("/v1/images/{name}/pull"),
+                &spore_api::PullRequest { background },
+            )
+            .await?;
+            let how = if r.background {
+                "being fetched in the background"
+            } else {
+                "fetched"
+            };
+            println!(
+                "{}: {} chunks, {} were missing and are {how}",
+                r.image, r.chunks, r.missing
             );
         }
         ImageCmd::Push { name, to } => {

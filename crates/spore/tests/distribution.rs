@@ -227,3 +227,43 @@ fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
     );
     eprintln!("cold boot fetched {fetched} bytes of a {size}-byte image");
 }
+
+#[test]
+fn completed_images_survive_an_origin_outage() {
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 12 * MIB, 23);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+
+    // Foreground pull.
+    let pulled = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let out = pulled.ok(&["image", "pull", "img"]);
+    assert!(out.contains("were missing and are fetched"), "{out}");
+    // Background completion as the agent's policy: the first use starts it.
+    let lazy = TestAgent::start_with(&["--origin", &url(origin_port), "--complete-images"]);
+    lazy.ok(&["disk", "create", "d", "--image", "img"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let info = lazy.json(&["image", "inspect", "img", "--json"]);
+        if info["local_chunks"] == info["chunks"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background completion stalled: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let expect = std::fs::read(&src).unwrap();
+    drop(origin);
+    for t in [&pulled, &lazy] {
+        t.ok(&["disk", "create", "after", "--image", "img"]);
+        assert_eq!(nbd_copy(t, "disk/after"), expect);
+    }
+}

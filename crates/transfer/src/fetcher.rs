@@ -1,6 +1,6 @@
 //! Fetching missing chunks from remotes into the local store.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use spore_chunks::{decode_chunk_file, ChunkId, ChunkStore};
 
@@ -38,6 +38,21 @@ pub struct FetchStats {
 pub struct Fetcher {
     remotes: Vec<Remote>,
     pub stats: FetchStats,
+    /// Demand fetches (a guest is waiting) in flight; background work
+    /// waits while there are any.
+    demand: AtomicUsize,
+}
+
+/// Background fetches go in batches this small, so a demand read waits at
+/// most one small batch.
+const BACKGROUND_BATCH: usize = 16;
+
+struct DemandGuard<'a>(&'a AtomicUsize);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Fetcher {
@@ -45,6 +60,7 @@ impl Fetcher {
         Fetcher {
             remotes,
             stats: FetchStats::default(),
+            demand: AtomicUsize::new(0),
         }
     }
 
@@ -56,8 +72,41 @@ impl Fetcher {
         self.remotes.is_empty()
     }
 
-    /// Makes every chunk of `ids` present (and verified) in `store`.
+    /// Makes every chunk of `ids` present (and verified) in `store`, for a
+    /// reader that is waiting: background fetches pause meanwhile.
     pub fn fetch(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        let _done = DemandGuard(&self.demand);
+        self.fetch_from_remotes(store, ids)
+    }
+
+    /// Fetches `ids` at low priority: in small batches, each one only when
+    /// no demand fetch is in flight. Reports (done, total) after each batch.
+    pub fn fetch_background(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), FetchError> {
+        for (n, batch) in ids.chunks(BACKGROUND_BATCH).enumerate() {
+            // Bounded wait: a steady stream of demand must not stall the
+            // background forever, only slow it down.
+            for _ in 0..200 {
+                if self.demand.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            self.fetch_from_remotes(store, batch)?;
+            progress(
+                ((n + 1) * BACKGROUND_BATCH).min(ids.len()) as u64,
+                ids.len() as u64,
+            );
+        }
+        Ok(())
+    }
+
+    fn fetch_from_remotes(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
         let mut missing: Vec<ChunkId> = ids
             .iter()
             .filter(|id| !store.contains(id))
