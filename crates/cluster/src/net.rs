@@ -15,6 +15,7 @@
 //! `lo`, egress qdisc) need one process per namespace and run in parallel.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -116,6 +117,7 @@ pub(crate) fn run_batch(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
     let what = match netns {
         Some(ns) => format!("{program} -n {ns} -batch"),
         None => format!("{program} -batch"),
@@ -143,6 +145,26 @@ pub(crate) fn run_batch(
         status: out.status,
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     })
+}
+
+/// If `up` is killed, the `ip` it started must not go on creating
+/// namespaces behind the back of the `down` that cleans up after it.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        let parent = libc::getpid();
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Runs `job` for every item on a few threads; the first error wins (the

@@ -76,7 +76,7 @@ impl fmt::Display for Rate {
             ("mbit", 1_000_000),
             ("kbit", 1_000),
         ] {
-            if self.0 >= mult && self.0 % mult == 0 {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }
