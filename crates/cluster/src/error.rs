@@ -70,6 +70,13 @@ pub enum ClusterError {
         waited: Duration,
         log_tail: String,
     },
+    #[error("transfer from {from} to {to} failed")]
+    Probe {
+        from: String,
+        to: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("down left {what} behind")]
     NotGone { what: String },
 }

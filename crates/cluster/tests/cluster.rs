@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spore_cluster::{down, load, up, Cluster, ClusterError, ClusterSpec, Node, Rate};
+use spore_cluster::{
+    down, load, measure_goodput, up, Cluster, ClusterError, ClusterSpec, Node, Rate,
+};
 
 struct Guard {
     state_dir: tempfile::TempDir,
@@ -82,64 +84,8 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Sends `bytes` from `from` to `to` over TCP and returns the goodput in
-/// bits per second, measured until the receiver has read everything.
-/// Everything is bounded by `limit`.
 fn goodput(from: &Node, to: &Node, bytes: usize, limit: Duration) -> f64 {
-    let listener = to
-        .run_in_netns(|| TcpListener::bind((to.ip, 0)))
-        .unwrap()
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let server = std::thread::spawn(move || -> std::io::Result<usize> {
-        let deadline = Instant::now() + limit;
-        let mut stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(limit))?;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut total = 0;
-        loop {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            total += n;
-        }
-        stream.write_all(b"k")?;
-        Ok(total)
-    });
-    let mut stream = from
-        .run_in_netns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    stream.set_write_timeout(Some(limit)).unwrap();
-    stream.set_read_timeout(Some(limit)).unwrap();
-    let chunk = vec![0x5au8; 64 << 10];
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        let n = chunk.len().min(bytes - sent);
-        stream.write_all(&chunk[..n]).unwrap();
-        sent += n;
-    }
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut ack = [0u8; 1];
-    stream.read_exact(&mut ack).unwrap();
-    let elapsed = started.elapsed();
-    assert_eq!(server.join().unwrap().unwrap(), bytes);
-    bytes as f64 * 8.0 / elapsed.as_secs_f64()
+    measure_goodput(from, to, bytes as u64, limit).unwrap()
 }
 
 /// A TCP echo of one line from `from` to `to`'s listener at `addr`.
@@ -605,4 +551,28 @@ fn bad_input_is_an_error() {
     ));
     assert!("fast".parse::<Rate>().is_err());
     assert!(fs::read_dir(tmp.path()).unwrap().next().is_none());
+}
+
+#[test]
+fn probe_gives_up_in_time() {
+    let g = Guard::new("scprobe");
+    let cluster = up(&g.spec(1, Some("1mbit"))).unwrap();
+    // 64 MB at 1 Mbit/s would take minutes.
+    let t = Instant::now();
+    let err = measure_goodput(
+        &cluster.nodes[0],
+        &cluster.origin,
+        64 << 20,
+        Duration::from_secs(1),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ClusterError::Probe { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A host that is not there.
+    let mut ghost = cluster.nodes[0].clone();
+    ghost.netns = "scprobe-99".into();
+    assert!(matches!(
+        measure_goodput(&ghost, &cluster.origin, 1, Duration::from_secs(1)),
+        Err(ClusterError::Netns { .. })
+    ));
 }
