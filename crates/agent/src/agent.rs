@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// Complete every image found at the origin in the background (the
     /// per-image policy `spore image pull --background` sets, as a default).
     pub complete_images: bool,
+    /// How long after an image's first use its boot profile is recorded.
+    pub profile_seconds: u64,
 }
 
 impl AgentConfig {
@@ -68,6 +70,7 @@ impl AgentConfig {
             origin: None,
             accept_push: false,
             complete_images: false,
+            profile_seconds: 60,
         }
     }
 }
@@ -80,6 +83,10 @@ pub struct ImageRecord {
     /// it is first used), so that a later outage of the origin does no harm.
     #[serde(default)]
     pub complete: bool,
+    /// The boot profile (a chunk), recorded on the image's first use here
+    /// or received with the image.
+    #[serde(default)]
+    pub profile: Option<ChunkId>,
 }
 
 /// What this agent served to peers.
@@ -260,6 +267,56 @@ impl Agent {
         }
     }
 
+    /// On an image's first use here, records which blocks the boot reads,
+    /// in order, for `profile_seconds`, then stores the profile and binds
+    /// it to the image (unless it has one by then).
+    pub fn record_profile(
+        self: &Arc<Self>,
+        name: &str,
+        rec: &ImageRecord,
+        dev: &Arc<spore_blockdev::ImageDevice>,
+    ) {
+        if rec.profile.is_some() {
+            return;
+        }
+        let Some(profiler) = dev.start_profile() else {
+            return;
+        };
+        let agent = self.clone();
+        let (name, manifest) = (name.to_owned(), rec.manifest);
+        let block_size = dev.image().manifest.block_size;
+        tracing::info!(image = %name, seconds = self.config.profile_seconds, "recording the boot profile");
+        let spawned = std::thread::Builder::new().name(format!("profile-{name}")).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(agent.config.profile_seconds));
+            let blocks = profiler.finish();
+            if blocks.is_empty() {
+                return;
+            }
+            let result = (|| -> Result<()> {
+                let _shared = agent.gc_lock.read();
+                let count = blocks.len();
+                let put = agent.store.put(&spore_image::Profile { block_size, blocks }.encode())?;
+                agent.store.sync()?;
+                let mut rec: ImageRecord = match agent.meta.get(Table::Images, &name)? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                };
+                if rec.manifest == manifest && rec.profile.is_none() {
+                    rec.profile = Some(put.id);
+                    agent.meta.put(Table::Images, &name, &rec)?;
+                    tracing::info!(image = %name, blocks = count, "boot profile recorded");
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                tracing::warn!(image = %name, error = %e.chain(), "saving the boot profile failed");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start profile recording");
+        }
+    }
+
     /// Every manifest some name or disk still needs.
     pub fn live_manifests(&self) -> Result<HashSet<ChunkId>> {
         let mut keep: HashSet<ChunkId> = self
@@ -290,7 +347,13 @@ impl Agent {
     pub fn collect_garbage(&self) -> Result<(u64, u64)> {
         let _exclusive = self.gc_lock.write();
         let manifests = self.live_manifests()?;
-        let live = spore_image::image::reachable_chunks(&self.store, &manifests)?;
+        let mut live = spore_image::image::reachable_chunks(&self.store, &manifests)?;
+        live.extend(
+            self.meta
+                .list::<ImageRecord>(Table::Images)?
+                .into_iter()
+                .filter_map(|(_, r)| r.profile),
+        );
         let (mut chunks, mut bytes) = (0, 0);
         for id in self.store.list()? {
             if !live.contains(&id) {

@@ -46,7 +46,12 @@ impl Agent {
         }
     }
 
-    pub fn create_disk(&self, name: &str, image: &str, vm: Option<&str>) -> Result<DiskInfo> {
+    pub fn create_disk(
+        self: &Arc<Self>,
+        name: &str,
+        image: &str,
+        vm: Option<&str>,
+    ) -> Result<DiskInfo> {
         check_name("disk", name)?;
         let _names = self.disk_names.lock();
         let image_rec = self.resolve_image(image)?;
@@ -78,6 +83,8 @@ impl Agent {
             });
         }
         self.exports.add_disk(name, Arc::new(disk));
+        let base = self.exports.open_image(&image_rec.manifest)?;
+        self.record_profile(image, &image_rec, &base);
         Ok(self.disk_info(name, &rec))
     }
 
@@ -124,6 +131,7 @@ impl Agent {
             manifest: published.id,
             created: now(),
             complete: false,
+            profile: None,
         };
         if !self.meta.insert_new(Table::Images, new_image, &rec)? {
             return Err(AgentError::Exists {

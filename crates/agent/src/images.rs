@@ -44,7 +44,7 @@ impl Agent {
         };
         check_name("image", name)?;
         let remote = spore_transfer::Remote::new(origin, crate::agent::REMOTE_TIMEOUT);
-        let manifest = remote
+        let (manifest, profile) = remote
             .resolve_image(name)
             .map_err(|e| {
                 AgentError::State(format!("looking up image {name:?} at the origin: {e}"))
@@ -61,22 +61,59 @@ impl Agent {
         fetch(&[manifest])?;
         let layers = spore_image::image::load_manifest(&self.store, &manifest)?.layers;
         fetch(&layers)?;
+        // A profile that cannot be had is no reason to fail: the image
+        // still works, only without prefetch.
+        let profile = profile.filter(|p| match fetcher.fetch(&self.store, &[*p]) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(image = name, error = %e, "boot profile unavailable; no prefetch");
+                false
+            }
+        });
         self.store.sync()?;
         let rec = ImageRecord {
             manifest,
             created: now(),
             complete: self.config.complete_images,
+            profile,
         };
         if !self.meta.insert_new(Table::Images, name, &rec)? {
             return self.image_record(name);
         }
         self.exports.bind_image(name, manifest);
+        // Prefetch the boot's working set in the order the boot will read
+        // it, then (with the complete policy) the rest.
+        let dev = self.exports.open_image(&manifest)?;
+        let mut ordered = match profile {
+            Some(p) => self.profile_chunks(&p, &dev)?,
+            None => Vec::new(),
+        };
         if rec.complete {
-            let dev = self.exports.open_image(&manifest)?;
-            self.complete_in_background(name, dev.image().flat.chunks());
+            ordered.extend_from_slice(dev.image().flat.chunks());
+        }
+        if !ordered.is_empty() {
+            self.complete_in_background(name, &ordered);
         }
         tracing::info!(image = name, %manifest, origin, "image found at the origin");
         Ok(rec)
+    }
+
+    /// The chunks a profile names, in profile order, without repeats.
+    fn profile_chunks(
+        &self,
+        profile: &ChunkId,
+        dev: &spore_blockdev::ImageDevice,
+    ) -> Result<Vec<ChunkId>> {
+        let bytes = self.store.get(profile)?;
+        let p = spore_image::Profile::decode(&bytes)
+            .map_err(|e| AgentError::State(format!("boot profile {profile}: {e}")))?;
+        let mut seen = std::collections::HashSet::new();
+        Ok(p.blocks
+            .iter()
+            .filter_map(|b| dev.image().flat.get(*b as u64))
+            .filter(|id| seen.insert(**id))
+            .copied()
+            .collect())
     }
 
     /// Fetches every chunk of the image that is not here yet and records
@@ -139,6 +176,7 @@ impl Agent {
         let mut ids: Vec<spore_chunks::ChunkId> = reachable_chunks(&self.store, [&rec.manifest])?
             .into_iter()
             .collect();
+        ids.extend(rec.profile);
         ids.sort();
         let total = ids.len() as u64;
         let (mut sent, mut bytes) = (0u64, 0u64);
@@ -158,7 +196,9 @@ impl Agent {
                 total,
             );
         }
-        remote.put_image(name, &rec.manifest).map_err(push_err)?;
+        remote
+            .put_image(name, &rec.manifest, rec.profile.as_ref())
+            .map_err(push_err)?;
         Ok(spore_api::PushResult {
             image: name.into(),
             to: to.into(),
@@ -233,6 +273,7 @@ impl Agent {
             manifest: published.id,
             created: now(),
             complete: false,
+            profile: None,
         };
         if !self.meta.insert_new(Table::Images, &req.name, &rec)? {
             return Err(AgentError::Exists {
@@ -311,6 +352,10 @@ impl Agent {
             map_bytes: image.flat.memory_bytes() as u64,
             local_chunks,
             local_bytes,
+            profile_blocks: match &rec.profile {
+                Some(p) => Some(self.profile_chunks(p, &dev)?.len() as u64),
+                None => None,
+            },
             used_by,
             export: format!("{IMAGE_PREFIX}{name}"),
         })

@@ -62,7 +62,11 @@ fn require_push(a: &Agent) -> Result<()> {
 async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
     blocking(move || {
         let rec = a.image_record(&name)?;
-        Ok(axum::Json(serde_json::json!({ "manifest": rec.manifest.to_hex() })).into_response())
+        let mut body = serde_json::json!({ "manifest": rec.manifest.to_hex() });
+        if let Some(p) = rec.profile {
+            body["profile"] = p.to_hex().into();
+        }
+        Ok(axum::Json(body).into_response())
     })
     .await
 }
@@ -119,9 +123,17 @@ async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
             .as_str()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| AgentError::Invalid("body needs a manifest id".into()))?;
+        let profile: Option<ChunkId> = match v.get("profile").and_then(|p| p.as_str()) {
+            Some(p) => Some(
+                p.parse()
+                    .map_err(|_| AgentError::Invalid("bad profile id".into()))?,
+            ),
+            None => None,
+        };
         let _shared = a.gc_lock.read();
         // Every chunk the image needs must be here before its name is.
-        let needed = spore_image::image::reachable_chunks(&a.store, [&manifest])?;
+        let mut needed = spore_image::image::reachable_chunks(&a.store, [&manifest])?;
+        needed.extend(profile);
         let absent = needed.iter().filter(|id| !a.store.contains(id)).count();
         if absent > 0 {
             return Err(AgentError::State(format!(
@@ -136,6 +148,7 @@ async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
                 manifest,
                 created: now(),
                 complete: false,
+                profile,
             },
         )?;
         a.exports.bind_image(&name, manifest);

@@ -124,6 +124,9 @@ pub struct ImageInfo {
     pub local_chunks: u64,
     /// Bytes those local chunks take.
     pub local_bytes: u64,
+    /// Chunks the recorded boot profile names, if the image has one.
+    #[serde(default)]
+    pub profile_blocks: Option<u64>,
     /// Disks created from the image.
     pub used_by: Vec<String>,
     pub export: String,

@@ -1,7 +1,10 @@
 //! The read-only block device of an image: flat map + chunk cache + store.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use spore_chunks::ChunkStore;
 use spore_image::Image;
@@ -18,7 +21,54 @@ pub struct ImageDevice {
     cache: Arc<ChunkCache>,
     /// Where chunks missing from the store come from (peers, origin).
     fetcher: Option<Arc<Fetcher>>,
+    /// Set while the image's boot profile is being recorded.
+    profiler: OnceLock<Arc<Profiler>>,
     stats: IoStats,
+}
+
+/// Records the order in which an image's data blocks are first read.
+///
+/// The read path checks one atomic bit per block; only a block's first
+/// read takes the lock to append it.
+#[derive(Debug)]
+pub struct Profiler {
+    seen: Vec<AtomicU64>,
+    order: Mutex<Vec<u32>>,
+    active: AtomicBool,
+}
+
+impl Profiler {
+    fn new(blocks: u64) -> Self {
+        Profiler {
+            seen: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            order: Mutex::new(Vec::new()),
+            active: AtomicBool::new(true),
+        }
+    }
+
+    #[inline]
+    fn touch(&self, block: u64) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(word) = self.seen.get((block / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (block % 64);
+        if word.load(Ordering::Relaxed) & bit == 0
+            && word.fetch_or(bit, Ordering::AcqRel) & bit == 0
+        {
+            self.order.lock().push(block as u32);
+        }
+    }
+
+    /// Stops recording and returns the blocks in first-read order.
+    pub fn finish(&self) -> Vec<u32> {
+        self.active.store(false, Ordering::Release);
+        std::mem::take(&mut *self.order.lock())
+    }
 }
 
 /// On a miss, this many following blocks that are missing too are fetched
@@ -37,8 +87,15 @@ impl ImageDevice {
             store,
             cache,
             fetcher,
+            profiler: OnceLock::new(),
             stats: IoStats::default(),
         }
+    }
+
+    /// Starts recording the boot profile; None when one was started before.
+    pub fn start_profile(&self) -> Option<Arc<Profiler>> {
+        let p = Arc::new(Profiler::new(self.image.flat.block_count()));
+        self.profiler.set(p.clone()).ok().map(|()| p)
     }
 
     pub fn image(&self) -> &Image {
@@ -92,6 +149,9 @@ impl ImageDevice {
             match flat.slot(block) {
                 0 => out.fill(0),
                 slot => {
+                    if let Some(p) = self.profiler.get() {
+                        p.touch(block);
+                    }
                     let data = self.chunk(block, slot)?;
                     // The last block of an image may be short.
                     let avail = data.len().saturating_sub(within).min(n);

@@ -11,6 +11,7 @@ pub mod flatmap;
 pub mod image;
 pub mod layer;
 pub mod manifest;
+pub mod profile;
 pub mod source;
 pub mod transfer;
 
@@ -18,5 +19,6 @@ pub use flatmap::FlatMap;
 pub use image::{Image, ImageError, LayerStats, LayerWriter};
 pub use layer::{Entry, Layer, LayerBuilder};
 pub use manifest::Manifest;
+pub use profile::Profile;
 pub use source::{Format, Source};
 pub use transfer::{export, import, Published, TransferError, DEFAULT_BLOCK_SIZE};

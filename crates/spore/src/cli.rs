@@ -80,6 +80,9 @@ pub struct AgentArgs {
     /// Complete images found at the origin in the background after first use
     #[arg(long)]
     complete_images: bool,
+    /// Seconds after an image's first use during which its boot profile is recorded
+    #[arg(long, default_value_t = 60)]
+    profile_seconds: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -269,6 +272,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.origin = a.origin;
             config.accept_push = a.accept_push;
             config.complete_images = a.complete_images;
+            config.profile_seconds = a.profile_seconds;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -416,6 +420,11 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
             );
             println!("block map  {} in memory", human(i.map_bytes));
             println!("local      {} of {} chunks ({}); the rest comes from peers or the origin when read", i.local_chunks, i.chunks, human(i.local_bytes));
+            if let Some(p) = i.profile_blocks {
+                println!(
+                    "profile    boot reads {p} chunks; cold hosts prefetch them in that order"
+                );
+            }
             println!(
                 "used by    {}",
                 if i.used_by.is_empty() {

@@ -267,3 +267,80 @@ fn completed_images_survive_an_origin_outage() {
         assert_eq!(nbd_copy(t, "disk/after"), expect);
     }
 }
+
+/// Polls `image inspect` until `ready` holds for it, for at most 60 s.
+fn wait_inspect(
+    t: &TestAgent,
+    image: &str,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let info = t.json(&["image", "inspect", image, "--json"]);
+        if ready(&info) {
+            return info;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {info}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_first_boot_records_a_profile_that_travels_and_drives_prefetch() {
+    let g = common::guest();
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    origin.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+
+    // Host A boots first and records which blocks the boot reads.
+    let a = TestAgent::start_with(&["--origin", &url(origin_port), "--profile-seconds", "10"]);
+    let args = common::vm_run_args(g, "v", "guest", "");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    assert!(a.ok(&args).contains("SPORE-READY"));
+    let info = wait_inspect(&a, "guest", "profile recorded", |i| {
+        !i["profile_blocks"].is_null()
+    });
+    let profile = info["profile_blocks"].as_u64().unwrap();
+    let chunks = info["chunks"].as_u64().unwrap();
+    assert!(
+        profile > 0 && profile * 10 < chunks,
+        "profile of {profile} of {chunks} chunks"
+    );
+
+    // The profile travels with the image.
+    let out = a.ok(&["image", "push", "guest", "--to", &url(origin_port)]);
+    assert!(
+        out.contains("1 sent"),
+        "only the profile is new at the origin: {out}"
+    );
+    assert_eq!(
+        origin.json(&["image", "inspect", "guest", "--json"])["profile_blocks"],
+        profile
+    );
+
+    // Host B prefetches the working set as soon as it learns of the image,
+    // before any guest reads, then boots.
+    let b = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    b.ok(&["disk", "create", "warmup", "--image", "guest"]);
+    let info = wait_inspect(&b, "guest", "prefetch", |i| {
+        i["local_chunks"].as_u64().unwrap() >= profile
+    });
+    assert!(
+        info["local_chunks"].as_u64().unwrap() < chunks / 5,
+        "prefetch took only the working set: {info}"
+    );
+    let args = common::vm_run_args(g, "w", "guest", "");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    assert!(b.ok(&args).contains("SPORE-READY"));
+}

@@ -31,6 +31,8 @@ pub struct FetchStats {
     pub bytes: AtomicU64,
     pub corrupt: AtomicU64,
     pub batches: AtomicU64,
+    /// Chunks handled by background (prefetch, completion) fetches.
+    pub background: AtomicU64,
 }
 
 /// Remotes in the order they are asked: peers, then the origin.
@@ -43,9 +45,8 @@ pub struct Fetcher {
     demand: AtomicUsize,
 }
 
-/// Background fetches go in batches this small, so a demand read waits at
-/// most one small batch.
-const BACKGROUND_BATCH: usize = 16;
+/// First batch size of a background fetch; it then adapts.
+const BACKGROUND_BATCH: usize = 8;
 
 struct DemandGuard<'a>(&'a AtomicUsize);
 
@@ -80,15 +81,20 @@ impl Fetcher {
         self.fetch_from_remotes(store, ids)
     }
 
-    /// Fetches `ids` at low priority: in small batches, each one only when
-    /// no demand fetch is in flight. Reports (done, total) after each batch.
+    /// Fetches `ids` at low priority, in order: each batch only when no
+    /// demand fetch is in flight, and batches sized to the measured speed
+    /// (grown while a batch takes under 50 ms, shrunk over 200 ms), so
+    /// that round trips are amortised and a demand read never waits long.
+    /// Reports (done, total) after each batch.
     pub fn fetch_background(
         &self,
         store: &ChunkStore,
         ids: &[ChunkId],
         progress: &dyn Fn(u64, u64),
     ) -> Result<(), FetchError> {
-        for (n, batch) in ids.chunks(BACKGROUND_BATCH).enumerate() {
+        let mut batch = BACKGROUND_BATCH;
+        let mut at = 0;
+        while at < ids.len() {
             // Bounded wait: a steady stream of demand must not stall the
             // background forever, only slow it down.
             for _ in 0..200 {
@@ -97,11 +103,18 @@ impl Fetcher {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            self.fetch_from_remotes(store, batch)?;
-            progress(
-                ((n + 1) * BACKGROUND_BATCH).min(ids.len()) as u64,
-                ids.len() as u64,
-            );
+            let n = batch.min(ids.len() - at);
+            let started = std::time::Instant::now();
+            self.fetch_from_remotes(store, &ids[at..at + n])?;
+            let took = started.elapsed();
+            if took < std::time::Duration::from_millis(50) {
+                batch = (batch * 2).min(MAX_BATCH);
+            } else if took > std::time::Duration::from_millis(200) {
+                batch = (batch / 2).max(4);
+            }
+            at += n;
+            self.stats.background.fetch_add(n as u64, Ordering::Relaxed);
+            progress(at as u64, ids.len() as u64);
         }
         Ok(())
     }

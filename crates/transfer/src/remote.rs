@@ -116,8 +116,12 @@ impl Remote {
         Ok(records.into_iter().map(|r| r.map(<[u8]>::to_vec)).collect())
     }
 
-    /// The manifest id the remote binds to an image name, if any.
-    pub fn resolve_image(&self, name: &str) -> Result<Option<ChunkId>, RemoteError> {
+    /// What the remote binds to an image name, if anything: the manifest
+    /// id and the image's boot profile, when it has one.
+    pub fn resolve_image(
+        &self,
+        name: &str,
+    ) -> Result<Option<(ChunkId, Option<ChunkId>)>, RemoteError> {
         self.check_up()?;
         let resp = match self
             .agent
@@ -137,7 +141,8 @@ impl Remote {
             .as_str()
             .and_then(|s| s.parse().ok())
             .ok_or_else(json_err)?;
-        Ok(Some(id))
+        let profile = v["profile"].as_str().and_then(|s| s.parse().ok());
+        Ok(Some((id, profile)))
     }
 
     /// Which of `ids` the remote lacks (at most [`wire::MAX_BATCH`] at once).
@@ -163,11 +168,20 @@ impl Remote {
         Ok(())
     }
 
-    /// Binds `name` to `manifest` on the remote (an origin).
-    pub fn put_image(&self, name: &str, manifest: &ChunkId) -> Result<(), RemoteError> {
+    /// Binds `name` to `manifest` (and its boot profile) on the remote (an origin).
+    pub fn put_image(
+        &self,
+        name: &str,
+        manifest: &ChunkId,
+        profile: Option<&ChunkId>,
+    ) -> Result<(), RemoteError> {
+        let body = match profile {
+            Some(p) => format!("{{\"manifest\":\"{manifest}\",\"profile\":\"{p}\"}}"),
+            None => format!("{{\"manifest\":\"{manifest}\"}}"),
+        };
         self.agent
             .put(&format!("{}/v1/images/{name}", self.url))
-            .send_string(&format!("{{\"manifest\":\"{manifest}\"}}"))
+            .send_string(&body)
             .map_err(|e| self.failed(e.to_string()))?;
         Ok(())
     }
