@@ -64,13 +64,19 @@ pub(crate) fn link_del_script(links: &[String]) -> String {
 /// The switch port is named like the host's namespace.
 pub(crate) fn switch_script(hosts: &[&Node]) -> String {
     // No STP: there are no loops, and STP would hold each port in
-    // "learning" for seconds.
-    let mut s = format!("link add name {BRIDGE} type bridge stp_state 0\nlink set {BRIDGE} up\n");
-    s.push_str("link set lo up\n");
+    // "learning" for seconds. No IPv6 link-local addresses anywhere
+    // (`addrgenmode none`): the plan is IPv4, and their chatter (DAD,
+    // router solicitations, MLD) would show up in traffic counters.
+    let mut s = format!(
+        "link add name {BRIDGE} type bridge stp_state 0\n\
+         link set {BRIDGE} addrgenmode none\n\
+         link set {BRIDGE} up\n"
+    );
     for host in hosts {
         let port = &host.netns;
         s.push_str(&format!(
             "link add name {port} type veth peer name {HOST_IFACE} netns {port}\n\
+             link set {port} addrgenmode none\n\
              link set {port} master {BRIDGE} up\n"
         ));
     }
@@ -88,7 +94,10 @@ pub(crate) fn switch_tc_script(hosts: &[&Node], rate: Rate) -> String {
 /// Addresses and links inside one host namespace.
 pub(crate) fn host_script(host: &Node, prefix_len: u8) -> String {
     format!(
-        "link set lo up\naddr add {}/{prefix_len} dev {HOST_IFACE}\nlink set {HOST_IFACE} up\n",
+        "link set lo up\n\
+         link set {HOST_IFACE} addrgenmode none\n\
+         addr add {}/{prefix_len} dev {HOST_IFACE}\n\
+         link set {HOST_IFACE} up\n",
         host.ip
     )
 }
@@ -249,7 +258,8 @@ mod tests {
         assert!(sw.contains("link set sp-o master br0 up\n"));
         assert_eq!(
             host_script(&b, 16),
-            "link set lo up\naddr add 10.77.0.1/16 dev eth0\nlink set eth0 up\n"
+            "link set lo up\nlink set eth0 addrgenmode none\n\
+             addr add 10.77.0.1/16 dev eth0\nlink set eth0 up\n"
         );
         let rate: Rate = "40mbit".parse().unwrap();
         assert_eq!(

@@ -68,14 +68,17 @@ impl ClusterSpec {
         Ok(())
     }
 
-    /// The cluster's own directory, `<state_dir>/<name>`.
+    /// The cluster's own directory, `<state_dir>/<name>`, made absolute.
     pub fn dir(&self) -> PathBuf {
         cluster_dir(&self.state_dir, &self.name)
     }
 }
 
+/// Absolute, because agents get their data dir on the command line and
+/// `down` recognises them by it, maybe from another working directory.
 pub(crate) fn cluster_dir(state_dir: &Path, name: &str) -> PathBuf {
-    state_dir.join(name)
+    let dir = state_dir.join(name);
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 /// Refuses names that would not make valid, unambiguous namespace and

@@ -191,6 +191,14 @@ fn every_host_reaches_every_other() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("inet {}/16", node.ip)), "{text}");
 
+    // IPv4 only: no link-local chatter in the traffic counters.
+    let out = node
+        .command("ip")
+        .args(["-6", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+
     // Loopback is up in every namespace.
     for h in cluster.hosts() {
         let l = h
@@ -456,6 +464,57 @@ fn up_killed_midway() {
     assert_eq!(report.namespaces.len(), made);
     assert_eq!(traces("sckill"), Vec::<String>::new());
     assert!(!state_file.exists());
+}
+
+const ROLLBACK_DIR_ENV: &str = "SPORE_CLUSTER_TEST_ROLLBACK_DIR";
+
+/// Not a test: the body of the child process of `failed_up_rolls_back`,
+/// run with a `tc` that always fails first on its PATH.
+#[test]
+#[ignore]
+fn rollback_child() {
+    let Some(dir) = std::env::var_os(ROLLBACK_DIR_ENV) else {
+        return;
+    };
+    let mut spec = ClusterSpec::new("scroll", 3, PathBuf::from(&dir));
+    spec.bandwidth = Some("10mbit".parse().unwrap());
+    match up(&spec) {
+        Err(ClusterError::Command { what, stderr, .. }) => {
+            assert!(what.starts_with("tc -n scroll-sw"), "{what}");
+            assert!(stderr.contains("fake tc refuses"), "{stderr}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(traces("scroll"), Vec::<String>::new());
+    assert!(!Path::new(&dir).join("scroll/cluster.json").exists());
+    // Unshaped, the same spec needs no tc and works.
+    spec.bandwidth = None;
+    up(&spec).unwrap();
+    down(&spec.state_dir, "scroll").unwrap();
+}
+
+#[test]
+fn failed_up_rolls_back() {
+    let g = Guard::new("scroll");
+    let bin = g.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let tc = bin.join("tc");
+    fs::write(&tc, "#!/bin/sh\necho 'fake tc refuses' >&2\nexit 2\n").unwrap();
+    fs::set_permissions(&tc, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rollback_child", "--ignored", "--nocapture"])
+        .env(ROLLBACK_DIR_ENV, g.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
 }
 
 #[test]
