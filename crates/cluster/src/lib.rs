@@ -198,10 +198,13 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
 
     if let Err(e) = build(&cluster) {
         tracing::warn!(error = %e, "up failed; removing what it made");
-        if let Err(cleanup) = teardown(&dir, &spec.name, Some(&st)) {
-            tracing::error!(error = %cleanup, "cleanup after failed up failed too");
+        match teardown(&dir, &spec.name, Some(&st)) {
+            Ok(_) => {
+                let _ = state::remove(&dir);
+            }
+            // Keep the state file: it helps the `down` that must follow.
+            Err(cleanup) => tracing::error!(error = %cleanup, "cleanup after failed up failed too"),
         }
-        let _ = state::remove(&dir);
         return Err(e);
     }
     st.status = Status::Up;
