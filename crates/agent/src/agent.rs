@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub complete_images: bool,
     /// How long after an image's first use its boot profile is recorded.
     pub profile_seconds: u64,
+    /// Re-export: answer peers' requests for names and chunks this host
+    /// lacks by fetching them from its own sources first (a VirtMan-style
+    /// hierarchy: hosts name a relay as their origin).
+    pub relay: bool,
 }
 
 impl AgentConfig {
@@ -71,6 +75,7 @@ impl AgentConfig {
             accept_push: false,
             complete_images: false,
             profile_seconds: 60,
+            relay: false,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! hosts may ask of this one over the network.
 //!
 //! Read-only for everyone: resolve an image name, fetch chunks in batches.
+//! With `--relay`, names and chunks this host lacks are first fetched from
+//! its own sources (re-export, as in VirtMan's hierarchy).
 //! With `--accept-push` (an origin) also: which chunks are missing, upload a
 //! chunk (verified against its id before it is stored), bind an image name
 //! (only once every chunk it needs is present). The control API stays on
@@ -61,7 +63,11 @@ fn require_push(a: &Agent) -> Result<()> {
 
 async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
     blocking(move || {
-        let rec = a.image_record(&name)?;
+        let rec = if a.config.relay {
+            a.resolve_image(&name)?
+        } else {
+            a.image_record(&name)?
+        };
         let mut body = serde_json::json!({ "manifest": rec.manifest.to_hex() });
         if let Some(p) = rec.profile {
             body["profile"] = p.to_hex().into();
@@ -75,6 +81,21 @@ async fn batch(State(a): S, body: Bytes) -> Response {
     blocking(move || {
         let ids = wire::decode_request(&body)
             .map_err(|e| AgentError::Invalid(format!("bad batch request: {e}")))?;
+        if let (true, Some(fetcher)) = (a.config.relay, &a.fetcher) {
+            // Fetch what we lack from upstream first (coalesced with any
+            // other request for the same chunks). What cannot be had is
+            // answered as missing, and the asker tries its next source.
+            let lacking: Vec<ChunkId> = ids
+                .iter()
+                .filter(|id| !a.store.contains(id))
+                .copied()
+                .collect();
+            if !lacking.is_empty() {
+                if let Err(e) = fetcher.fetch(&a.store, &lacking) {
+                    tracing::warn!(error = %e, "relay could not fetch chunks upstream");
+                }
+            }
+        }
         let raws = ids
             .iter()
             .map(|id| a.store.get_raw(id))

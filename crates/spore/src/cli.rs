@@ -83,6 +83,9 @@ pub struct AgentArgs {
     /// Seconds after an image's first use during which its boot profile is recorded
     #[arg(long, default_value_t = 60)]
     profile_seconds: u64,
+    /// Serve peers' requests for images and chunks this host lacks by fetching them upstream first
+    #[arg(long)]
+    relay: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,6 +276,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.accept_push = a.accept_push;
             config.complete_images = a.complete_images;
             config.profile_seconds = a.profile_seconds;
+            config.relay = a.relay;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }

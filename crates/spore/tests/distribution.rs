@@ -344,3 +344,57 @@ fn the_first_boot_records_a_profile_that_travels_and_drives_prefetch() {
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     assert!(b.ok(&args).contains("SPORE-READY"));
 }
+
+#[test]
+fn a_relay_fetches_each_chunk_from_the_origin_once_however_many_hosts_ask() {
+    let origin_port = free_port();
+    let origin = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{origin_port}"),
+        "--accept-push",
+    ]);
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 16 * MIB, 24);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let expect = std::fs::read(&src).unwrap();
+    let chunks = origin.json(&["image", "inspect", "img", "--json"])["chunks"]
+        .as_u64()
+        .unwrap();
+
+    // origin ← relay ← leaves: the leaves name the relay as their origin.
+    let relay_port = free_port();
+    let relay = TestAgent::start_with(&[
+        "--listen",
+        &format!("127.0.0.1:{relay_port}"),
+        "--origin",
+        &url(origin_port),
+        "--relay",
+    ]);
+    let leaves: Vec<TestAgent> = (0..3)
+        .map(|_| TestAgent::start_with(&["--origin", &url(relay_port)]))
+        .collect();
+    for leaf in &leaves {
+        leaf.ok(&["disk", "create", "d", "--image", "img"]);
+    }
+    std::thread::scope(|s| {
+        for leaf in &leaves {
+            let expect = &expect;
+            s.spawn(move || assert_eq!(&nbd_copy(leaf, "disk/d"), expect));
+        }
+    });
+    let served = origin.json(&["status", "--json"])["served_chunks"]
+        .as_u64()
+        .unwrap();
+    // Data chunks, plus the manifest and the layer: each at most once.
+    assert!(
+        served <= chunks + 2,
+        "origin served {served} chunks for an image of {chunks}"
+    );
+    let relayed = relay.json(&["status", "--json"])["served_chunks"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        relayed >= 3 * chunks,
+        "the relay served the leaves: {relayed}"
+    );
+}

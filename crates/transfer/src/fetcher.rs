@@ -1,6 +1,10 @@
 //! Fetching missing chunks from remotes into the local store.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 use spore_chunks::{decode_chunk_file, ChunkId, ChunkStore};
 
@@ -43,6 +47,14 @@ pub struct Fetcher {
     /// Demand fetches (a guest is waiting) in flight; background work
     /// waits while there are any.
     demand: AtomicUsize,
+    /// Chunks being fetched right now, for single flight across callers.
+    inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
+}
+
+#[derive(Debug, Default)]
+struct Flight {
+    done: Mutex<bool>,
+    cv: Condvar,
 }
 
 /// First batch size of a background fetch; it then adapts.
@@ -62,6 +74,7 @@ impl Fetcher {
             remotes,
             stats: FetchStats::default(),
             demand: AtomicUsize::new(0),
+            inflight: Mutex::default(),
         }
     }
 
@@ -119,7 +132,55 @@ impl Fetcher {
         Ok(())
     }
 
+    /// Fetches what is missing of `ids`, coalescing with fetches already
+    /// in flight: a chunk another caller is fetching is waited for, not
+    /// requested twice (so a relay asks its upstream once per chunk however
+    /// many peers ask it at the same time).
     fn fetch_from_remotes(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        {
+            let mut inflight = self.inflight.lock();
+            for id in ids {
+                if store.contains(id) {
+                    continue;
+                }
+                match inflight.get(id) {
+                    Some(flight) => theirs.push(flight.clone()),
+                    None => {
+                        inflight.insert(*id, Arc::new(Flight::default()));
+                        mine.push(*id);
+                    }
+                }
+            }
+        }
+        let result = self.fetch_uncoalesced(store, &mine);
+        {
+            let mut inflight = self.inflight.lock();
+            for id in &mine {
+                if let Some(flight) = inflight.remove(id) {
+                    *flight.done.lock() = true;
+                    flight.cv.notify_all();
+                }
+            }
+        }
+        result?;
+        for flight in theirs {
+            let mut done = flight.done.lock();
+            while !*done {
+                flight.cv.wait(&mut done);
+            }
+        }
+        // Whatever another caller failed to get, try once ourselves.
+        let left: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| !store.contains(id))
+            .copied()
+            .collect();
+        self.fetch_uncoalesced(store, &left)
+    }
+
+    fn fetch_uncoalesced(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
         let mut missing: Vec<ChunkId> = ids
             .iter()
             .filter(|id| !store.contains(id))
