@@ -46,6 +46,9 @@ pub enum Command {
     /// Virtual machines
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Several hosts on this machine (network namespaces), each with an agent
+    #[command(subcommand)]
+    Cluster(crate::cluster::ClusterCmd),
     /// Benchmarks (print a table, write JSON)
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -280,6 +283,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster(cmd) => {
+            crate::cluster::run(cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCmd::Blockdev(opts)) => {
             spore_bench::blockdev::run(&opts)?;
             Ok(ExitCode::SUCCESS)
@@ -337,7 +344,9 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         Command::Image(cmd) => image_command(cmd, &c).await?,
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
-        Command::Agent(_) | Command::Bench(_) => unreachable!("handled without a client"),
+        Command::Agent(_) | Command::Bench(_) | Command::Cluster(_) => {
+            unreachable!("handled without a client")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

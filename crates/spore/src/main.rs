@@ -4,6 +4,7 @@
 //! over its API socket (`--data-dir` or `SPORE_HOME` tells where).
 
 mod cli;
+mod cluster;
 mod format;
 
 use std::path::PathBuf;

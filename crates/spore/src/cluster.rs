@@ -1,0 +1,215 @@
+//! `spore cluster`: several hosts on one machine, each a network namespace
+//! with its own shaped link and its own agent (crates/cluster builds the
+//! namespaces; this wires the agents).
+//!
+//! Agents form a re-export tree, as in VirtMan: the origin at the root,
+//! every node names its parent as its origin and relays for its children,
+//! so a storm spreads over the tree instead of queueing at the origin.
+//! `--fanout 0` makes every node fetch from the origin directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use spore_cluster::{Cluster, ClusterSpec, Node, Rate};
+
+use crate::format::table;
+
+/// Port every agent serves peers on, inside its namespace.
+pub const PEER_PORT: u16 = 7070;
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Create an origin and N hosts (network namespaces) with an agent each
+    Up(UpArgs),
+    /// Remove every namespace, link and process of the cluster (also after a crash)
+    Down(NameArgs),
+    /// The cluster's hosts and their agents
+    Ls(NameArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    /// Cluster name (1-10 lower-case letters and digits)
+    #[arg(long, default_value = "spore")]
+    pub name: String,
+    /// Where clusters keep their state and agents' data directories
+    #[arg(
+        long,
+        env = "SPORE_CLUSTER_DIR",
+        default_value = "/var/tmp/spore-clusters"
+    )]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub id: NameArgs,
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Per-host link speed, both ways (e.g. 100mbit, 1gbit)
+    #[arg(long)]
+    pub bandwidth: Option<Rate>,
+    /// Children per relay in the re-export tree; 0: all nodes fetch from the origin
+    #[arg(long, default_value_t = 4)]
+    pub fanout: usize,
+    /// Chunk cache of each agent
+    #[arg(long, default_value = "256M")]
+    pub cache_size: String,
+    /// More arguments for every node's agent (e.g. --complete-images)
+    #[arg(long, allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
+/// The host a node fetches from: its parent in the tree (index 0 = origin).
+pub fn parent(node: usize, fanout: usize) -> usize {
+    if fanout == 0 {
+        0
+    } else {
+        (node - 1) / fanout
+    }
+}
+
+fn peer_url(n: &Node) -> String {
+    format!("http://{}:{PEER_PORT}", n.ip)
+}
+
+pub fn up(a: &UpArgs) -> Result<Cluster> {
+    let mut spec = ClusterSpec::new(&a.id.name, a.nodes, &a.id.state_dir);
+    spec.bandwidth = a.bandwidth;
+    let cluster = spore_cluster::up(&spec).context("creating the cluster")?;
+    let spore = std::env::current_exe()?;
+    let started = (|| -> Result<()> {
+        let listen = |n: &Node| format!("{}:{PEER_PORT}", n.ip);
+        let origin_listen = listen(&cluster.origin);
+        let mut handles = vec![cluster.spawn_agent(
+            &cluster.origin,
+            &spore,
+            &[
+                "--cache-size",
+                &a.cache_size,
+                "--listen",
+                &origin_listen,
+                "--accept-push",
+            ],
+        )?];
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let up = match parent(i + 1, a.fanout) {
+                0 => &cluster.origin,
+                p => &cluster.nodes[p - 1],
+            };
+            let mut args = vec![
+                "--cache-size".to_string(),
+                a.cache_size.clone(),
+                "--listen".into(),
+                listen(node),
+                "--origin".into(),
+                peer_url(up),
+                "--relay".into(),
+            ];
+            args.extend(a.agent_args.iter().cloned());
+            let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            handles.push(cluster.spawn_agent(node, &spore, &refs)?);
+        }
+        for h in &mut handles {
+            h.wait_ready(Duration::from_secs(60))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = started {
+        let _ = spore_cluster::down(&a.id.state_dir, &a.id.name);
+        return Err(e.context("starting the agents (the cluster was removed again)"));
+    }
+    Ok(cluster)
+}
+
+pub fn print(cluster: &Cluster, fanout: Option<usize>) {
+    let rows = cluster
+        .hosts()
+        .enumerate()
+        .map(|(i, h)| {
+            let upstream = match (i, fanout) {
+                (0, _) => "-".to_string(),
+                (_, Some(f)) => match parent(i, f) {
+                    0 => "origin".into(),
+                    p => format!("node{p}"),
+                },
+                (_, None) => "?".into(),
+            };
+            let alive = std::os::unix::net::UnixStream::connect(h.api_socket()).is_ok();
+            vec![
+                h.name.clone(),
+                h.ip.to_string(),
+                h.netns.clone(),
+                upstream,
+                if alive { "up" } else { "down" }.into(),
+                h.data_dir.display().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOST",
+            "ADDRESS",
+            "NETNS",
+            "FETCHES FROM",
+            "AGENT",
+            "DATA DIR (SPORE_HOME)",
+        ],
+        rows,
+    );
+}
+
+pub fn run(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Up(a) => {
+            let c = up(&a)?;
+            println!(
+                "cluster {} up: origin + {} nodes{}",
+                a.id.name,
+                c.nodes.len(),
+                a.bandwidth
+                    .map(|b| format!(", {b} per host"))
+                    .unwrap_or_default()
+            );
+            print(&c, Some(a.fanout));
+            println!("use a host: SPORE_HOME=<its data dir> spore ...; push images with: spore image push NAME --to {}", peer_url(&c.origin));
+        }
+        ClusterCmd::Down(n) => {
+            let r = spore_cluster::down(&n.state_dir, &n.name)?;
+            println!(
+                "cluster {} down: {} namespaces, {} links, {} processes removed",
+                n.name,
+                r.namespaces.len(),
+                r.links.len(),
+                r.processes.len()
+            );
+        }
+        ClusterCmd::Ls(n) => {
+            let c = spore_cluster::load(&n.state_dir, &n.name)?;
+            print(&c, None);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parent;
+
+    #[test]
+    fn tree_parents() {
+        assert_eq!(
+            (1..=4).map(|n| parent(n, 4)).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
+        assert_eq!(
+            (5..=9).map(|n| parent(n, 4)).collect::<Vec<_>>(),
+            vec![1, 1, 1, 1, 2]
+        );
+        assert_eq!(parent(100, 0), 0);
+        assert_eq!(parent(3, 1), 2);
+    }
+}

@@ -1,0 +1,108 @@
+//! `spore cluster`: hosts in network namespaces with shaped links, agents in
+//! a re-export tree, an image read on a leaf through a relay.
+
+mod common;
+
+use std::process::Command;
+
+use common::{sh, sparse_random_file, SPORE};
+
+const MIB: u64 = 1 << 20;
+
+struct Down<'a>(&'a std::path::Path, &'a str);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(SPORE)
+            .env("SPORE_CLUSTER_DIR", self.0)
+            .args(["cluster", "down", "--name", self.1])
+            .output();
+    }
+}
+
+fn spore(dir: &std::path::Path, home: Option<&std::path::Path>, args: &[&str]) -> String {
+    let mut c = Command::new(SPORE);
+    c.env("SPORE_CLUSTER_DIR", dir).args(args);
+    if let Some(h) = home {
+        c.env("SPORE_HOME", h);
+    }
+    sh(&mut c)
+}
+
+#[test]
+fn a_leaf_reads_an_image_through_its_relay_and_down_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("t{}", std::process::id() % 100_000);
+    let _guard = Down(dir.path(), &name);
+    let out = spore(
+        dir.path(),
+        None,
+        &[
+            "cluster",
+            "up",
+            "--name",
+            &name,
+            "--nodes",
+            "3",
+            "--fanout",
+            "2",
+            "--bandwidth",
+            "400mbit",
+        ],
+    );
+    assert!(out.contains("origin + 3 nodes"), "{out}");
+    assert!(out.contains("node3") && out.contains("node1"), "{out}");
+    let home = |h: &str| dir.path().join(&name).join(h);
+
+    let src = dir.path().join("img.raw");
+    sparse_random_file(&src, 8 * MIB, 31);
+    spore(
+        dir.path(),
+        Some(&home("origin")),
+        &["image", "import", src.to_str().unwrap(), "--name", "img"],
+    );
+    // node3 fetches from node1, which relays from the origin.
+    spore(
+        dir.path(),
+        Some(&home("node3")),
+        &["disk", "create", "d", "--image", "img"],
+    );
+    let copy = dir.path().join("copy.raw");
+    let uri = format!(
+        "nbd+unix:///disk/d?socket={}",
+        home("node3").join("nbd.sock").display()
+    );
+    sh(Command::new("nbdcopy").arg(&uri).arg(&copy));
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&src).unwrap());
+    let status = |h: &str| -> serde_json::Value {
+        serde_json::from_str(&spore(dir.path(), Some(&home(h)), &["status", "--json"])).unwrap()
+    };
+    let node1 = status("node1");
+    assert!(
+        node1["served_chunks"].as_u64().unwrap() > 0,
+        "node1 relayed: {node1}"
+    );
+    assert!(
+        node1["sources"][0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("10.77.255.254"),
+        "{node1}"
+    );
+    let node2 = status("node2");
+    assert_eq!(
+        node2["sources"][0]["chunks"], 0,
+        "node2 was not involved: {node2}"
+    );
+
+    let out = spore(dir.path(), None, &["cluster", "down", "--name", &name]);
+    assert!(
+        out.contains("4 namespaces") || out.contains("5 namespaces"),
+        "{out}"
+    );
+    let left = sh(Command::new("ip").args(["netns", "list"]));
+    assert!(
+        !left.lines().any(|l| l.starts_with(&format!("{name}-"))),
+        "left behind: {left}"
+    );
+}
