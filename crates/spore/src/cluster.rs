@@ -65,11 +65,7 @@ pub struct UpArgs {
 
 /// The host a node fetches from: its parent in the tree (index 0 = origin).
 pub fn parent(node: usize, fanout: usize) -> usize {
-    if fanout == 0 {
-        0
-    } else {
-        (node - 1) / fanout
-    }
+    (node - 1).checked_div(fanout).unwrap_or(0)
 }
 
 fn peer_url(n: &Node) -> String {
