@@ -26,7 +26,12 @@ export SPORE_HOME=$DEMO/data
 say "starting an agent on $SPORE_HOME"
 "$SPORE" agent >"$DEMO/agent.log" 2>&1 &
 AGENT=$!
-trap 'kill -TERM $AGENT 2>/dev/null; wait $AGENT 2>/dev/null || true' EXIT
+export SPORE_CLUSTER_DIR=$DEMO/clusters
+cleanup() {
+    kill -TERM "$AGENT" 2>/dev/null; wait "$AGENT" 2>/dev/null || true
+    "$SPORE" cluster down --name demo >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 for _ in $(seq 1 100); do "$SPORE" status >/dev/null 2>&1 && break; sleep 0.1; done
 "$SPORE" status
 
@@ -65,6 +70,32 @@ say "what is there"
 "$SPORE" image inspect app | sed -n '1,12p'
 "$SPORE" disk ls
 "$SPORE" vm ls
-echo >&2
 echo "The guests read only a part of the 512 MiB image (READ column above)." >&2
-echo "Stopping the agent stops its VMs; data stays in $SPORE_HOME." >&2
+
+NODES=${SPORE_DEMO_NODES:-4}
+say "a small storm: an origin and $NODES hosts (network namespaces, 100 Mbit/s links), all booting from cold at once"
+"$SPORE" cluster up --name demo --nodes "$NODES" --fanout 2 --bandwidth 100mbit
+C=$SPORE_CLUSTER_DIR/demo
+SPORE_HOME=$C/origin "$SPORE" image import "$G/rootfs.img" --name base >/dev/null
+echo "origin holds image 'base'; hosts 1..$NODES have nothing" >&2
+T0=$(date +%s%N)
+storm=()
+for n in $(seq 1 "$NODES"); do
+    (
+        SPORE_HOME=$C/node$n "$SPORE" vm run "storm$n" --image base --kernel "$G/vmlinuz" --initrd "$G/initrd.img" \
+            --append "$APPEND" --wait-for SPORE-READY --timeout 300 >"$DEMO/storm$n.console" 2>&1
+        t=$(( ($(date +%s%N) - T0) / 1000000 ))
+        printf '  node%s ready after %d.%03d s: %s\n' "$n" $((t / 1000)) $((t % 1000)) "$(grep -m1 -o 'SPORE-READY.*' "$DEMO/storm$n.console" || echo 'no marker')"
+    ) &
+    storm+=($!)
+done
+# Only the storm's jobs: a bare `wait` would also wait for the agent.
+for pid in "${storm[@]}"; do wait "$pid" || true; done
+say "where the bytes came from"
+for h in origin $(seq -f 'node%g' 1 "$NODES"); do
+    echo "  [$h]"
+    SPORE_HOME=$C/$h "$SPORE" status | grep -E 'source|served' | sed 's/^ */    /'
+done
+echo >&2
+echo "Each host fetched only the boot's working set, from its parent in the tree (docs/distribution.md)." >&2
+echo "Stopping: VMs, agents and the cluster's namespaces are removed; data stays in $DEMO." >&2
