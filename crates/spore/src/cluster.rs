@@ -2,9 +2,10 @@
 //! with its own shaped link and its own agent (crates/cluster builds the
 //! namespaces; this wires the agents).
 //!
-//! Agents form a re-export tree, as in VirtMan: the origin at the root,
-//! every node names its parent as its origin and relays for its children,
-//! so a storm spreads over the tree instead of queueing at the origin.
+//! Agents form a re-export tree, as in VirtMan: every node names its parent
+//! as its origin and relays for its children, so a storm spreads over the
+//! tree instead of queueing at the origin, and the origin (whose only child
+//! is node1) sends each chunk once.
 //! `--fanout 0` makes every node fetch from the origin directly.
 
 use std::path::PathBuf;
@@ -63,9 +64,17 @@ pub struct UpArgs {
     pub agent_args: Vec<String>,
 }
 
-/// The host a node fetches from: its parent in the tree (index 0 = origin).
+/// The host node `node` (1-based) fetches from (0 = the origin).
+///
+/// The origin feeds one relay, node1, which heads a `fanout`-ary tree of
+/// the other nodes: the origin sends each chunk once whatever the number of
+/// hosts. `fanout` 0: every node fetches from the origin directly (the
+/// origin-only baseline).
 pub fn parent(node: usize, fanout: usize) -> usize {
-    (node - 1).checked_div(fanout).unwrap_or(0)
+    match (node, fanout) {
+        (_, 0) | (1, _) => 0,
+        _ => (node - 2) / fanout + 1,
+    }
 }
 
 fn peer_url(n: &Node) -> String {
@@ -197,15 +206,13 @@ mod tests {
 
     #[test]
     fn tree_parents() {
-        assert_eq!(
-            (1..=4).map(|n| parent(n, 4)).collect::<Vec<_>>(),
-            vec![0, 0, 0, 0]
-        );
-        assert_eq!(
-            (5..=9).map(|n| parent(n, 4)).collect::<Vec<_>>(),
-            vec![1, 1, 1, 1, 2]
-        );
+        // node1 under the origin; nodes 2..=5 under node1; 6..=9 under node2.
+        let parents: Vec<usize> = (1..=10).map(|n| parent(n, 4)).collect();
+        assert_eq!(parents, vec![0, 1, 1, 1, 1, 2, 2, 2, 2, 3]);
         assert_eq!(parent(100, 0), 0);
-        assert_eq!(parent(3, 1), 2);
+        assert_eq!(
+            (1..=4).map(|n| parent(n, 1)).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
     }
 }
