@@ -95,6 +95,34 @@ fn a_leaf_reads_an_image_through_its_relay_and_down_leaves_nothing() {
         "node2 was not involved: {node2}"
     );
 
+    // A second host reads everything too: the origin still sent each chunk
+    // at most once (its only child is node1, which relays for the tree).
+    spore(
+        dir.path(),
+        Some(&home("node2")),
+        &["disk", "create", "d", "--image", "img"],
+    );
+    let uri2 = format!(
+        "nbd+unix:///disk/d?socket={}",
+        home("node2").join("nbd.sock").display()
+    );
+    let copy2 = dir.path().join("copy2.raw");
+    sh(Command::new("nbdcopy").arg(&uri2).arg(&copy2));
+    assert_eq!(std::fs::read(&copy2).unwrap(), std::fs::read(&src).unwrap());
+    let inspect = spore(
+        dir.path(),
+        Some(&home("origin")),
+        &["image", "inspect", "img", "--json"],
+    );
+    let chunks = serde_json::from_str::<serde_json::Value>(&inspect).unwrap()["chunks"]
+        .as_u64()
+        .unwrap();
+    let served = status("origin")["served_chunks"].as_u64().unwrap();
+    assert!(
+        served <= chunks + 2,
+        "origin served {served} chunks for an image of {chunks}"
+    );
+
     let out = spore(dir.path(), None, &["cluster", "down", "--name", &name]);
     assert!(
         out.contains("4 namespaces") || out.contains("5 namespaces"),
