@@ -14,6 +14,13 @@ fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// An origin agent on a free loopback port.
+fn start_origin() -> (TestAgent, u16) {
+    let port = free_port();
+    let agent = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
+    (agent, port)
+}
+
 fn nbd_copy(t: &TestAgent, export: &str) -> Vec<u8> {
     let out = t.path("copy.raw");
     let _ = std::fs::remove_file(&out);
@@ -36,12 +43,7 @@ fn chunk_files(t: &TestAgent) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     let builder = TestAgent::start();
     let src = builder.path("img.raw");
     sparse_random_file(&src, 16 * MIB, 21);
@@ -155,12 +157,7 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
 
 #[test]
 fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     let src = origin.path("img.raw");
     sparse_random_file(&src, 8 * MIB, 22);
     origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
@@ -196,12 +193,7 @@ fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
 #[test]
 fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
     let g = common::guest();
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     origin.ok(&[
         "image",
         "import",
@@ -230,12 +222,7 @@ fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
 
 #[test]
 fn completed_images_survive_an_origin_outage() {
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     let src = origin.path("img.raw");
     sparse_random_file(&src, 12 * MIB, 23);
     origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
@@ -289,12 +276,7 @@ fn wait_inspect(
 #[test]
 fn the_first_boot_records_a_profile_that_travels_and_drives_prefetch() {
     let g = common::guest();
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     origin.ok(&[
         "image",
         "import",
@@ -347,12 +329,7 @@ fn the_first_boot_records_a_profile_that_travels_and_drives_prefetch() {
 
 #[test]
 fn a_relay_fetches_each_chunk_from_the_origin_once_however_many_hosts_ask() {
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-    ]);
+    let (origin, origin_port) = start_origin();
     let src = origin.path("img.raw");
     sparse_random_file(&src, 16 * MIB, 24);
     origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
