@@ -155,11 +155,50 @@ impl Agent {
             self.complete_in_background(name, chunks);
             return Ok(result);
         }
-        fetcher
-            .fetch_background(&self.store, &missing, &|d, t| progress("pull", d, t))
-            .map_err(|e| AgentError::State(format!("pulling {name}: {e}")))?;
-        self.store.sync()?;
+        self.fetch_missing(name, fetcher, &missing, "pull", progress)?;
         Ok(result)
+    }
+
+    /// Fetches `missing` chunks of image `name` in the foreground, durably.
+    fn fetch_missing(
+        &self,
+        name: &str,
+        fetcher: &spore_transfer::Fetcher,
+        missing: &[ChunkId],
+        phase: &str,
+        progress: Progress<'_>,
+    ) -> Result<()> {
+        fetcher
+            .fetch_background(&self.store, missing, &|d, t| progress(phase, d, t))
+            .map_err(|e| AgentError::State(format!("fetching the rest of image {name}: {e}")))?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// Makes every chunk of an image local before it is read whole (export,
+    /// push), fetching what a host that ran it on demand does not have.
+    fn make_local(
+        &self,
+        name: &str,
+        dev: &spore_blockdev::ImageDevice,
+        progress: Progress<'_>,
+    ) -> Result<()> {
+        let missing: Vec<ChunkId> = dev
+            .image()
+            .flat
+            .chunks()
+            .iter()
+            .filter(|id| !self.store.contains(id))
+            .copied()
+            .collect();
+        match (&self.fetcher, missing.is_empty()) {
+            (_, true) => Ok(()),
+            (Some(f), false) => self.fetch_missing(name, f, &missing, "fetch", progress),
+            (None, false) => Err(AgentError::State(format!(
+                "{} chunks of {name} are missing and no origin or peers are configured",
+                missing.len()
+            ))),
+        }
     }
 
     /// Sends an image's chunks that the remote lacks, then binds the name there.
@@ -170,6 +209,8 @@ impl Agent {
         progress: Progress<'_>,
     ) -> Result<spore_api::PushResult> {
         let rec = self.image_record(name)?;
+        let dev = self.exports.open_image(&rec.manifest)?;
+        self.make_local(name, &dev, progress)?;
         let remote = spore_transfer::Remote::new(to, std::time::Duration::from_secs(60));
         let push_err =
             |e: spore_transfer::RemoteError| AgentError::State(format!("pushing to {to}: {e}"));
@@ -377,6 +418,7 @@ impl Agent {
         }
         let rec = self.image_record(name)?;
         let dev = self.exports.open_image(&rec.manifest)?;
+        self.make_local(name, &dev, progress)?;
         spore_image::export(&self.store, dev.image(), path, format, &|d, t| {
             progress("export", d, t)
         })?;

@@ -73,6 +73,12 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
         after_one_read - before
     );
     assert_eq!(nbd_copy(&cold, "image/img"), std::fs::read(&src).unwrap());
+    // Export on a host that has only part of the image fetches the rest.
+    let half = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    half.ok(&["disk", "create", "d", "--image", "img"]);
+    let out = half.path("export.raw");
+    half.ok(&["image", "export", "img", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 
     // A corrupt chunk at a peer is detected and fetched from the origin.
     let peer_port = free_port();
