@@ -2,10 +2,11 @@
 //! with its own shaped link and its own agent (crates/cluster builds the
 //! namespaces; this wires the agents).
 //!
-//! Agents form a re-export tree, as in VirtMan: every node names its parent
-//! as its origin and relays for its children, so a storm spreads over the
-//! tree instead of queueing at the origin, and the origin (whose only child
-//! is node1) sends each chunk once.
+//! Agents form a re-export tree, as in VirtMan: every node fetches from its
+//! parent relay first (a `--peer`) and relays for its children, so a storm
+//! spreads over the tree instead of queueing at the origin, and the origin
+//! (whose only child is node1) sends each chunk once. The origin stays every
+//! node's fallback: a dead relay costs its subtree a retry, not its images.
 //! `--fanout 0` makes every node fetch from the origin directly.
 
 use std::path::PathBuf;
@@ -101,19 +102,20 @@ pub fn up(a: &UpArgs) -> Result<Cluster> {
             ],
         )?];
         for (i, node) in cluster.nodes.iter().enumerate() {
-            let up = match parent(i + 1, a.fanout) {
-                0 => &cluster.origin,
-                p => &cluster.nodes[p - 1],
-            };
             let mut args = vec![
                 "--cache-size".to_string(),
                 a.cache_size.clone(),
                 "--listen".into(),
                 listen(node),
                 "--origin".into(),
-                peer_url(up),
+                peer_url(&cluster.origin),
                 "--relay".into(),
             ];
+            // Chunks come from the parent relay first; the origin is only
+            // the fallback, for when the parent is dead.
+            if let p @ 1.. = parent(i + 1, a.fanout) {
+                args.extend(["--peer".into(), peer_url(&cluster.nodes[p - 1])]);
+            }
             args.extend(a.agent_args.iter().cloned());
             let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             handles.push(cluster.spawn_agent(node, &spore, &refs)?);

@@ -123,6 +123,38 @@ fn a_leaf_reads_an_image_through_its_relay_and_down_leaves_nothing() {
         "origin served {served} chunks for an image of {chunks}"
     );
 
+    // node1, the relay everyone's chunks pass through, dies: node3 still
+    // gets a new image, from the origin.
+    let relay = home("node1");
+    let pids = sh(Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("data-dir {} agent", relay.display())));
+    for pid in pids.split_whitespace() {
+        sh(Command::new("kill").arg("-9").arg(pid));
+    }
+    let src2 = dir.path().join("img2.raw");
+    sparse_random_file(&src2, 4 * MIB, 32);
+    spore(
+        dir.path(),
+        Some(&home("origin")),
+        &["image", "import", src2.to_str().unwrap(), "--name", "img2"],
+    );
+    spore(
+        dir.path(),
+        Some(&home("node3")),
+        &["disk", "create", "d2", "--image", "img2"],
+    );
+    let uri3 = format!(
+        "nbd+unix:///disk/d2?socket={}",
+        home("node3").join("nbd.sock").display()
+    );
+    let copy3 = dir.path().join("copy3.raw");
+    sh(Command::new("nbdcopy").arg(&uri3).arg(&copy3));
+    assert_eq!(
+        std::fs::read(&copy3).unwrap(),
+        std::fs::read(&src2).unwrap()
+    );
+
     let out = spore(dir.path(), None, &["cluster", "down", "--name", &name]);
     assert!(
         out.contains("4 namespaces") || out.contains("5 namespaces"),
