@@ -18,6 +18,7 @@ have debugfs || need+=(e2fsprogs)
 have cpio || need+=(cpio)
 have depmod || need+=(kmod)
 have ip || need+=(iproute2)
+have curl || need+=(curl)
 
 if [ "${#need[@]}" -eq 0 ] && qemu-img --version | grep -q 'version 7\.'; then
     echo "[deps] everything is installed" >&2
@@ -31,7 +32,7 @@ export DEBIAN_FRONTEND=noninteractive
 echo "[deps] apt-get update" >&2
 apt-get update -q >/dev/null
 # qemu-utils must match qemu-system-x86 (see above).
-pkgs=(qemu-system-x86 "qemu-utils/bookworm" libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 ca-certificates)
+pkgs=(qemu-system-x86 "qemu-utils/bookworm" libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates)
 echo "[deps] apt-get install ${pkgs[*]}" >&2
 apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
 qemu-system-x86_64 --version | head -1 >&2

@@ -212,8 +212,7 @@ impl Agent {
         let dev = self.exports.open_image(&rec.manifest)?;
         self.make_local(name, &dev, progress)?;
         let remote = spore_transfer::Remote::new(to, std::time::Duration::from_secs(60));
-        let push_err =
-            |e: spore_transfer::RemoteError| AgentError::State(format!("pushing to {to}: {e}"));
+        let push_err = |e: spore_transfer::RemoteError| AgentError::State(format!("pushing: {e}"));
         let mut ids: Vec<spore_chunks::ChunkId> = reachable_chunks(&self.store, [&rec.manifest])?
             .into_iter()
             .collect();

@@ -40,6 +40,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/chunks/batch", post(batch))
         .route("/v1/chunks/missing", post(missing))
         .route("/v1/chunks/{id}", put(upload))
+        // A chunk (a layer of a large image, say) may exceed axum's 2 MB default.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            spore_chunks::MAX_CHUNK_SIZE + 4096,
+        ))
         .with_state(agent)
 }
 
@@ -152,6 +156,11 @@ async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
             None => None,
         };
         let _shared = a.gc_lock.read();
+        if !a.store.contains(&manifest) {
+            return Err(AgentError::State(format!(
+                "manifest {manifest} is not here; push its chunks first"
+            )));
+        }
         // Every chunk the image needs must be here before its name is.
         let mut needed = spore_image::image::reachable_chunks(&a.store, [&manifest])?;
         needed.extend(profile);

@@ -50,6 +50,22 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
     builder.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
     let out = builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
     assert!(out.contains("pushed img"), "{out}");
+    // Binding a name to a manifest the origin does not have is refused
+    // clearly, and so is pushing to an agent that does not accept pushes.
+    let bogus = sh(Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "PUT",
+            "-d",
+            &format!("{{\"manifest\":\"{}\"}}", "ab".repeat(32)),
+        ])
+        .arg(format!("{}/v1/images/bogus", url(origin_port))));
+    assert!(bogus.contains("is not here"), "{bogus}");
+    let plain_port = free_port();
+    let _plain = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{plain_port}")]);
+    let err = builder.fails(&["image", "push", "img", "--to", &url(plain_port)]);
+    assert!(err.contains("does not accept pushes"), "{err}");
     // A second push sends nothing new.
     let out = builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
     assert!(out.contains(", 0 sent"), "{out}");

@@ -42,6 +42,22 @@ pub struct Remote {
     pub stats: RemoteStats,
 }
 
+/// A request error in one line: for an HTTP error status, the remote
+/// agent's own message (its error bodies are `{"code", "message"}`).
+fn describe(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body = resp.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            format!("HTTP {code}: {message}")
+        }
+        ureq::Error::Transport(t) => t.to_string(),
+    }
+}
+
 /// After a failure a remote is skipped for this long, so a dead peer costs
 /// one timeout rather than one per read.
 const BACKOFF: Duration = Duration::from_secs(5);
@@ -104,7 +120,7 @@ impl Remote {
             .agent
             .post(&format!("{}/v1/chunks/batch", self.url))
             .send_bytes(&wire::encode_request(ids))
-            .map_err(|e| self.failed(e.to_string()))?;
+            .map_err(|e| self.failed(describe(e)))?;
         let body = self.read_body(resp)?;
         let records = wire::decode_response(ids, &body).map_err(|source| {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -130,7 +146,7 @@ impl Remote {
         {
             Ok(r) => r,
             Err(ureq::Error::Status(404, _)) => return Ok(None),
-            Err(e) => return Err(self.failed(e.to_string())),
+            Err(e) => return Err(self.failed(describe(e))),
         };
         let body = self.read_body(resp)?;
         let json_err = || RemoteError::Json {
@@ -151,7 +167,7 @@ impl Remote {
             .agent
             .post(&format!("{}/v1/chunks/missing", self.url))
             .send_bytes(&wire::encode_request(ids))
-            .map_err(|e| self.failed(e.to_string()))?;
+            .map_err(|e| self.failed(describe(e)))?;
         let body = self.read_body(resp)?;
         wire::decode_request(&body).map_err(|source| RemoteError::Wire {
             url: self.url.clone(),
@@ -164,7 +180,7 @@ impl Remote {
         self.agent
             .put(&format!("{}/v1/chunks/{id}", self.url))
             .send_bytes(raw)
-            .map_err(|e| self.failed(e.to_string()))?;
+            .map_err(|e| self.failed(describe(e)))?;
         Ok(())
     }
 
@@ -182,7 +198,7 @@ impl Remote {
         self.agent
             .put(&format!("{}/v1/images/{name}", self.url))
             .send_string(&body)
-            .map_err(|e| self.failed(e.to_string()))?;
+            .map_err(|e| self.failed(describe(e)))?;
         Ok(())
     }
 }
