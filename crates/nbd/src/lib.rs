@@ -45,6 +45,7 @@
 //! that they can be fuzzed; `docs/nbd.md` lists what is supported, the limits
 //! and how errors are mapped.
 
+pub mod client;
 pub mod export;
 mod handshake;
 pub mod proto;

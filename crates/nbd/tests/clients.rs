@@ -284,3 +284,30 @@ fn serves_over_tcp_too() {
     assert!(c[4096..12288].iter().all(|&b| b == 0x5a));
     assert!(c[..4096].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn the_small_client_reads_exports_and_reports_errors() {
+    let f = fixture();
+    let mut c = spore_nbd::client::Client::connect_unix(&f.socket, "sparse").unwrap();
+    assert_eq!(c.size(), SIZE);
+    let data = sparse_data();
+    for (off, len) in [
+        (0u64, 4096usize),
+        (1 << 20, 65536),
+        (2 << 20, 1 << 20),
+        (SIZE - 512, 512),
+    ] {
+        let mut buf = vec![0xffu8; len];
+        c.read(off, &mut buf).unwrap();
+        assert_eq!(buf, data[off as usize..off as usize + len], "at {off}");
+    }
+    // Past the end: the server's error comes back as an errno; the
+    // connection stays usable.
+    let mut buf = vec![0u8; 4096];
+    let err = c.read(SIZE, &mut buf).unwrap_err();
+    assert!(err.raw_os_error().is_some(), "{err}");
+    c.read(0, &mut buf).unwrap();
+    c.disconnect().unwrap();
+    let err = spore_nbd::client::Client::connect_unix(&f.socket, "nope").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+}
