@@ -43,13 +43,22 @@ pub struct Image {
 }
 
 pub fn load_manifest(store: &ChunkStore, id: &ChunkId) -> Result<Manifest, ImageError> {
-    let bytes = store.get(id)?;
-    Manifest::decode(&bytes).map_err(|source| ImageError::Manifest { id: *id, source })
+    decode_manifest(id, &store.get(id)?)
 }
 
 pub fn load_layer(store: &ChunkStore, id: &ChunkId) -> Result<Layer, ImageError> {
-    let bytes = store.get(id)?;
-    Layer::decode(&bytes).map_err(|source| ImageError::Layer { id: *id, source })
+    decode_layer(id, &store.get(id)?)
+}
+
+/// Parses the verified contents of manifest chunk `id`, wherever they were
+/// read from (the chunk store, or an origin's object store).
+pub fn decode_manifest(id: &ChunkId, bytes: &[u8]) -> Result<Manifest, ImageError> {
+    Manifest::decode(bytes).map_err(|source| ImageError::Manifest { id: *id, source })
+}
+
+/// Parses the verified contents of layer chunk `id`.
+pub fn decode_layer(id: &ChunkId, bytes: &[u8]) -> Result<Layer, ImageError> {
+    Layer::decode(bytes).map_err(|source| ImageError::Layer { id: *id, source })
 }
 
 impl Image {
