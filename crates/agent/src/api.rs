@@ -200,8 +200,19 @@ async fn import_image(State(a): S, body: Bytes) -> Response {
     }
 }
 
-async fn inspect_image(State(a): S, Path(name): Path<String>) -> Response {
-    blocking(move || a.inspect_image(&name)).await
+#[derive(serde::Deserialize)]
+struct InspectQuery {
+    /// Also list the boot profile's blocks in order.
+    #[serde(default)]
+    profile: bool,
+}
+
+async fn inspect_image(
+    State(a): S,
+    Path(name): Path<String>,
+    Query(q): Query<InspectQuery>,
+) -> Response {
+    blocking(move || a.inspect_image(&name, q.profile)).await
 }
 
 async fn remove_image(State(a): S, Path(name): Path<String>) -> Response {

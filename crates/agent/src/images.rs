@@ -85,7 +85,10 @@ impl Agent {
         // it, then (with the complete policy) the rest.
         let dev = self.exports.open_image(&manifest)?;
         let mut ordered = match profile {
-            Some(p) => self.profile_chunks(&p, &dev)?,
+            Some(p) => {
+                dev.follow_profile(self.profile_blocks(&p)?);
+                self.profile_chunks(&p, &dev)?
+            }
             None => Vec::new(),
         };
         if rec.complete {
@@ -98,19 +101,25 @@ impl Agent {
         Ok(rec)
     }
 
+    /// The blocks a profile lists, in first-read order.
+    pub(crate) fn profile_blocks(&self, profile: &ChunkId) -> Result<Vec<u32>> {
+        let bytes = self.store.get(profile)?;
+        let p = spore_image::Profile::decode(&bytes)
+            .map_err(|e| AgentError::State(format!("boot profile {profile}: {e}")))?;
+        Ok(p.blocks)
+    }
+
     /// The chunks a profile names, in profile order, without repeats.
     fn profile_chunks(
         &self,
         profile: &ChunkId,
         dev: &spore_blockdev::ImageDevice,
     ) -> Result<Vec<ChunkId>> {
-        let bytes = self.store.get(profile)?;
-        let p = spore_image::Profile::decode(&bytes)
-            .map_err(|e| AgentError::State(format!("boot profile {profile}: {e}")))?;
         let mut seen = std::collections::HashSet::new();
-        Ok(p.blocks
-            .iter()
-            .filter_map(|b| dev.image().flat.get(*b as u64))
+        Ok(self
+            .profile_blocks(profile)?
+            .into_iter()
+            .filter_map(|b| dev.image().flat.get(b as u64))
             .filter(|id| seen.insert(**id))
             .copied()
             .collect())
@@ -341,7 +350,7 @@ impl Agent {
             .collect()
     }
 
-    pub fn inspect_image(&self, name: &str) -> Result<ImageInfo> {
+    pub fn inspect_image(&self, name: &str, with_profile: bool) -> Result<ImageInfo> {
         let rec = self.image_record(name)?;
         let summary = self.image_summary(name, &rec)?;
         let dev = self.exports.open_image(&rec.manifest)?;
@@ -382,6 +391,13 @@ impl Agent {
             .filter(|(_, d)| d.image == name)
             .map(|(n, _)| n)
             .collect();
+        let profile = match &rec.profile {
+            Some(p) => Some((
+                self.profile_chunks(p, &dev)?,
+                self.profile_blocks(p)?.into_iter().map(u64::from).collect(),
+            )),
+            None => None,
+        };
         Ok(ImageInfo {
             summary,
             layer_list,
@@ -392,9 +408,13 @@ impl Agent {
             map_bytes: image.flat.memory_bytes() as u64,
             local_chunks,
             local_bytes,
-            profile_blocks: match &rec.profile {
-                Some(p) => Some(self.profile_chunks(p, &dev)?.len() as u64),
-                None => None,
+            profile_blocks: profile.as_ref().map(|(ids, _)| ids.len() as u64),
+            profile_bytes: profile
+                .as_ref()
+                .map(|(ids, _)| ids.iter().filter_map(|id| self.store.stored_len(id)).sum()),
+            profile_order: match (with_profile, profile) {
+                (true, Some((_, blocks))) => blocks,
+                _ => Vec::new(),
             },
             used_by,
             export: format!("{IMAGE_PREFIX}{name}"),

@@ -127,6 +127,13 @@ pub struct ImageInfo {
     /// Chunks the recorded boot profile names, if the image has one.
     #[serde(default)]
     pub profile_blocks: Option<u64>,
+    /// Bytes those chunks take as stored and sent (compressed): the boot's
+    /// working set W.
+    #[serde(default)]
+    pub profile_bytes: Option<u64>,
+    /// The profile's blocks in first-read order (with `inspect --profile`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profile_order: Vec<u64>,
     /// Disks created from the image.
     pub used_by: Vec<String>,
     pub export: String,

@@ -3,3 +3,4 @@
 
 pub mod blockdev;
 pub mod procs;
+pub mod storm;

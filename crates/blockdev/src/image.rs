@@ -1,5 +1,6 @@
 //! The read-only block device of an image: flat map + chunk cache + store.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,9 @@ pub struct ImageDevice {
     fetcher: Option<Arc<Fetcher>>,
     /// Set while the image's boot profile is being recorded.
     profiler: OnceLock<Arc<Profiler>>,
+    /// The boot profile's blocks and each one's position in it: a miss on
+    /// a profiled block reads ahead in profile order.
+    profile: OnceLock<(Vec<u32>, HashMap<u32, usize>)>,
     stats: IoStats,
 }
 
@@ -88,6 +92,7 @@ impl ImageDevice {
             cache,
             fetcher,
             profiler: OnceLock::new(),
+            profile: OnceLock::new(),
             stats: IoStats::default(),
         }
     }
@@ -96,6 +101,34 @@ impl ImageDevice {
     pub fn start_profile(&self) -> Option<Arc<Profiler>> {
         let p = Arc::new(Profiler::new(self.image.flat.block_count()));
         self.profiler.set(p.clone()).ok().map(|()| p)
+    }
+
+    /// Reads ahead along the image's boot profile (`blocks` in first-read
+    /// order) from now on: a miss on one of its blocks fetches the next
+    /// missing ones of the profile with it, not its neighbours on disk,
+    /// which the boot may never read. Only the first call counts.
+    pub fn follow_profile(&self, blocks: Vec<u32>) {
+        let _ = self.profile.get_or_init(|| {
+            let pos = blocks.iter().enumerate().map(|(i, b)| (*b, i)).collect();
+            (blocks, pos)
+        });
+    }
+
+    /// The blocks fetched together with a missing `block`.
+    fn readahead(&self, block: u64) -> Vec<u64> {
+        let flat = &self.image.flat;
+        let profiled = self
+            .profile
+            .get()
+            .and_then(|(blocks, pos)| Some((blocks, *pos.get(&u32::try_from(block).ok()?)?)));
+        match profiled {
+            Some((blocks, at)) => blocks[at + 1..]
+                .iter()
+                .map(|b| *b as u64)
+                .take(READAHEAD_BLOCKS as usize * 4)
+                .collect(),
+            None => (block + 1..(block + 1 + READAHEAD_BLOCKS).min(flat.block_count())).collect(),
+        }
     }
 
     pub fn image(&self) -> &Image {
@@ -115,8 +148,10 @@ impl ImageDevice {
                 // The missing chunk and the next few missing ones, in one batch.
                 let flat = &self.image.flat;
                 let mut ids = vec![*id];
-                let end = (block + 1 + READAHEAD_BLOCKS).min(flat.block_count());
-                for b in block + 1..end {
+                for b in self.readahead(block) {
+                    if ids.len() > READAHEAD_BLOCKS as usize {
+                        break;
+                    }
                     if let Some(next) = flat.get(b) {
                         if !ids.contains(next) && !self.store.contains(next) {
                             ids.push(*next);
@@ -246,5 +281,44 @@ impl Export for ImageDevice {
 
     fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         Ok(self.extents(offset, length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spore_chunks::Compression;
+
+    #[test]
+    fn a_miss_reads_ahead_on_disk_or_along_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(ChunkStore::open(dir.path().join("chunks"), Compression::None).unwrap());
+        let raw = dir.path().join("img.raw");
+        let data: Vec<u8> = (0..64u32 * 4096).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&raw, &data).unwrap();
+        let src = spore_image::source::open(&raw).unwrap();
+        let p = spore_image::import(&store, &*src, "img", 4096, None, &|_, _| {}).unwrap();
+        let dev = ImageDevice::new(
+            Image::open(&store, &p.id).unwrap(),
+            store,
+            Arc::new(ChunkCache::new(1 << 20)),
+            None,
+        );
+        // Without a profile: the blocks after the missing one on disk.
+        assert_eq!(
+            dev.readahead(3),
+            (4..4 + READAHEAD_BLOCKS).collect::<Vec<_>>()
+        );
+        assert_eq!(dev.readahead(62), vec![63]);
+        dev.follow_profile(vec![40, 2, 9, 33, 7]);
+        // A profiled block: the ones the boot reads after it.
+        assert_eq!(dev.readahead(2), vec![9, 33, 7]);
+        assert_eq!(dev.readahead(7), Vec::<u64>::new());
+        // A block the profile does not list: its neighbours again.
+        assert_eq!(dev.readahead(60), vec![61, 62, 63]);
+        // Only the first profile counts.
+        dev.follow_profile(vec![1, 2, 3]);
+        assert_eq!(dev.readahead(40), vec![2, 9, 33, 7]);
     }
 }

@@ -21,6 +21,7 @@ mod rate;
 mod spec;
 mod state;
 mod subnet;
+pub mod tree;
 
 pub use agent::AgentHandle;
 pub use error::ClusterError;

@@ -115,6 +115,9 @@ pub enum ImageCmd {
         name: String,
         #[arg(long)]
         json: bool,
+        /// Also list the boot profile's blocks in first-read order
+        #[arg(long)]
+        profile: bool,
     },
     /// Write an image to a file
     Export {
@@ -224,6 +227,8 @@ pub enum VmCmd {
 pub enum BenchCmd {
     /// NBD read throughput at layer depths 1..1000, against qemu-nbd over qcow2 chains
     Blockdev(spore_bench::blockdev::Options),
+    /// N hosts booting one image at once from cold: tree, origin only, full copy
+    Storm(spore_bench::storm::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -289,6 +294,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Blockdev(opts)) => {
             spore_bench::blockdev::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Storm(opts)) => {
+            spore_bench::storm::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {
@@ -406,8 +415,14 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                     .collect(),
             );
         }
-        ImageCmd::Inspect { name, json } => {
-            let i: ImageInfo = c.get(&format!("/v1/images/{name}")).await?;
+        ImageCmd::Inspect {
+            name,
+            json,
+            profile,
+        } => {
+            let i: ImageInfo = c
+                .get(&format!("/v1/images/{name}?profile={profile}"))
+                .await?;
             if json {
                 return print_json(&i);
             }
@@ -433,10 +448,15 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
             );
             println!("block map  {} in memory", human(i.map_bytes));
             println!("local      {} of {} chunks ({}); the rest comes from peers or the origin when read", i.local_chunks, i.chunks, human(i.local_bytes));
-            if let Some(p) = i.profile_blocks {
+            if let (Some(p), Some(b)) = (i.profile_blocks, i.profile_bytes) {
                 println!(
-                    "profile    boot reads {p} chunks; cold hosts prefetch them in that order"
+                    "profile    boot reads {p} chunks ({}); cold hosts prefetch them in that order",
+                    human(b)
                 );
+            }
+            if !i.profile_order.is_empty() {
+                let order: Vec<String> = i.profile_order.iter().map(u64::to_string).collect();
+                println!("boot order {}", order.join(" "));
             }
             println!(
                 "used by    {}",

@@ -14,12 +14,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use spore_cluster::{Cluster, ClusterSpec, Node, Rate};
+use spore_cluster::tree::{self, parent, peer_url};
+use spore_cluster::{Cluster, ClusterSpec, Rate};
 
 use crate::format::table;
-
-/// Port every agent serves peers on, inside its namespace.
-pub const PEER_PORT: u16 = 7070;
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
@@ -63,23 +61,9 @@ pub struct UpArgs {
     /// More arguments for every node's agent (e.g. --complete-images)
     #[arg(long, allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
-}
-
-/// The host node `node` (1-based) fetches from (0 = the origin).
-///
-/// The origin feeds one relay, node1, which heads a `fanout`-ary tree of
-/// the other nodes: the origin sends each chunk once whatever the number of
-/// hosts. `fanout` 0: every node fetches from the origin directly (the
-/// origin-only baseline).
-pub fn parent(node: usize, fanout: usize) -> usize {
-    match (node, fanout) {
-        (_, 0) | (1, _) => 0,
-        _ => (node - 2) / fanout + 1,
-    }
-}
-
-fn peer_url(n: &Node) -> String {
-    format!("http://{}:{PEER_PORT}", n.ip)
+    /// More arguments for the origin's agent (e.g. --profile-seconds 20)
+    #[arg(long, allow_hyphen_values = true)]
+    pub origin_args: Vec<String>,
 }
 
 pub fn up(a: &UpArgs) -> Result<Cluster> {
@@ -88,34 +72,15 @@ pub fn up(a: &UpArgs) -> Result<Cluster> {
     let cluster = spore_cluster::up(&spec).context("creating the cluster")?;
     let spore = std::env::current_exe()?;
     let started = (|| -> Result<()> {
-        let listen = |n: &Node| format!("{}:{PEER_PORT}", n.ip);
-        let origin_listen = listen(&cluster.origin);
-        let mut handles = vec![cluster.spawn_agent(
-            &cluster.origin,
-            &spore,
-            &[
-                "--cache-size",
-                &a.cache_size,
-                "--listen",
-                &origin_listen,
-                "--accept-push",
-            ],
-        )?];
+        let cache = ["--cache-size".to_string(), a.cache_size.clone()];
+        let mut args: Vec<String> = cache.to_vec();
+        args.extend(tree::origin_args(&cluster));
+        args.extend(a.origin_args.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let mut handles = vec![cluster.spawn_agent(&cluster.origin, &spore, &refs)?];
         for (i, node) in cluster.nodes.iter().enumerate() {
-            let mut args = vec![
-                "--cache-size".to_string(),
-                a.cache_size.clone(),
-                "--listen".into(),
-                listen(node),
-                "--origin".into(),
-                peer_url(&cluster.origin),
-                "--relay".into(),
-            ];
-            // Chunks come from the parent relay first; the origin is only
-            // the fallback, for when the parent is dead.
-            if let p @ 1.. = parent(i + 1, a.fanout) {
-                args.extend(["--peer".into(), peer_url(&cluster.nodes[p - 1])]);
-            }
+            let mut args: Vec<String> = cache.to_vec();
+            args.extend(tree::node_args(&cluster, i + 1, a.fanout));
             args.extend(a.agent_args.iter().cloned());
             let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             handles.push(cluster.spawn_agent(node, &spore, &refs)?);
@@ -200,21 +165,4 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parent;
-
-    #[test]
-    fn tree_parents() {
-        // node1 under the origin; nodes 2..=5 under node1; 6..=9 under node2.
-        let parents: Vec<usize> = (1..=10).map(|n| parent(n, 4)).collect();
-        assert_eq!(parents, vec![0, 1, 1, 1, 1, 2, 2, 2, 2, 3]);
-        assert_eq!(parent(100, 0), 0);
-        assert_eq!(
-            (1..=4).map(|n| parent(n, 1)).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
-    }
 }

@@ -49,6 +49,10 @@ pub struct Fetcher {
     demand: AtomicUsize,
     /// Chunks being fetched right now, for single flight across callers.
     inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
+    /// The chunk the latest demand fetch was for (a reader is there now),
+    /// and how many demand fetches there have been: background fetches
+    /// move on to what follows it.
+    last_demand: Mutex<(u64, Option<ChunkId>)>,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +79,7 @@ impl Fetcher {
             stats: FetchStats::default(),
             demand: AtomicUsize::new(0),
             inflight: Mutex::default(),
+            last_demand: Mutex::default(),
         }
     }
 
@@ -91,23 +96,39 @@ impl Fetcher {
     pub fn fetch(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
         self.demand.fetch_add(1, Ordering::AcqRel);
         let _done = DemandGuard(&self.demand);
+        if let Some(first) = ids.first() {
+            let mut last = self.last_demand.lock();
+            *last = (last.0 + 1, Some(*first));
+        }
         self.fetch_from_remotes(store, ids)
     }
 
-    /// Fetches `ids` at low priority, in order: each batch only when no
-    /// demand fetch is in flight, and batches sized to the measured speed
-    /// (grown while a batch takes under 50 ms, shrunk over 200 ms), so
-    /// that round trips are amortised and a demand read never waits long.
-    /// Reports (done, total) after each batch.
+    /// Fetches `ids` at low priority, in order of priority: each batch
+    /// only when no demand fetch is in flight, and batches sized to the
+    /// measured speed (grown while a batch takes under 50 ms, shrunk over
+    /// 200 ms), so that round trips are amortised and a demand read never
+    /// waits long. Reports (done, total) after each batch.
+    ///
+    /// The priority is dynamic: `ids` gives the expected order (a boot
+    /// profile), but when a reader demands a chunk that is further down
+    /// the list, the reader is evidently there now, so the fetch jumps to
+    /// the chunks after it and comes back for the skipped ones last.
     pub fn fetch_background(
         &self,
         store: &ChunkStore,
         ids: &[ChunkId],
         progress: &dyn Fn(u64, u64),
     ) -> Result<(), FetchError> {
+        let position: HashMap<ChunkId, usize> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i))
+            .rev()
+            .collect();
+        let mut queue = PriorityQueue::new(ids.len());
+        let mut seen_demand = self.last_demand.lock().0;
         let mut batch = BACKGROUND_BATCH;
-        let mut at = 0;
-        while at < ids.len() {
+        while !queue.is_empty() {
             // Bounded wait: a steady stream of demand must not stall the
             // background forever, only slow it down.
             for _ in 0..200 {
@@ -116,18 +137,26 @@ impl Fetcher {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            let n = batch.min(ids.len() - at);
+            let (epoch, demanded) = *self.last_demand.lock();
+            if epoch != seen_demand {
+                seen_demand = epoch;
+                if let Some(at) = demanded.and_then(|id| position.get(&id)) {
+                    queue.reader_at(*at);
+                }
+            }
+            let picked: Vec<ChunkId> = queue.take(batch).into_iter().map(|i| ids[i]).collect();
             let started = std::time::Instant::now();
-            self.fetch_from_remotes(store, &ids[at..at + n])?;
+            self.fetch_from_remotes(store, &picked)?;
             let took = started.elapsed();
             if took < std::time::Duration::from_millis(50) {
                 batch = (batch * 2).min(MAX_BATCH);
             } else if took > std::time::Duration::from_millis(200) {
                 batch = (batch / 2).max(4);
             }
-            at += n;
-            self.stats.background.fetch_add(n as u64, Ordering::Relaxed);
-            progress(at as u64, ids.len() as u64);
+            self.stats
+                .background
+                .fetch_add(picked.len() as u64, Ordering::Relaxed);
+            progress(queue.done() as u64, ids.len() as u64);
         }
         Ok(())
     }
@@ -249,5 +278,95 @@ impl Fetcher {
                 },
             }),
         }
+    }
+}
+
+/// The order of a background fetch: positions 0..len, taken from a cursor
+/// that a reader's position can move forward; what the cursor skipped is
+/// taken after the end is reached.
+#[derive(Debug)]
+struct PriorityQueue {
+    taken: Vec<bool>,
+    left: usize,
+    cursor: usize,
+}
+
+impl PriorityQueue {
+    fn new(len: usize) -> Self {
+        PriorityQueue {
+            taken: vec![false; len],
+            left: len,
+            cursor: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    fn done(&self) -> usize {
+        self.taken.len() - self.left
+    }
+
+    /// A reader is at position `at` (being fetched on demand): go on after it.
+    fn reader_at(&mut self, at: usize) {
+        if at < self.taken.len() {
+            if !self.taken[at] {
+                self.taken[at] = true;
+                self.left -= 1;
+            }
+            self.cursor = at + 1;
+        }
+    }
+
+    /// Up to `n` positions not taken yet, from the cursor on, wrapping round.
+    fn take(&mut self, n: usize) -> Vec<usize> {
+        let len = self.taken.len();
+        let mut out = Vec::with_capacity(n.min(self.left));
+        let mut scanned = 0;
+        while out.len() < n && self.left > 0 && scanned < len {
+            if self.cursor >= len {
+                self.cursor = 0;
+            }
+            if !self.taken[self.cursor] {
+                self.taken[self.cursor] = true;
+                self.left -= 1;
+                out.push(self.cursor);
+            }
+            self.cursor += 1;
+            scanned += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PriorityQueue;
+
+    #[test]
+    fn the_queue_follows_the_reader_and_comes_back_for_what_it_skipped() {
+        let mut q = PriorityQueue::new(10);
+        assert_eq!(q.take(3), vec![0, 1, 2]);
+        // A reader demanded position 6: it is fetched by the reader, and
+        // the background goes on after it.
+        q.reader_at(6);
+        assert_eq!(q.take(2), vec![7, 8]);
+        assert_eq!(q.take(10), vec![9, 3, 4, 5]);
+        assert!(q.is_empty());
+        assert_eq!(q.done(), 10);
+        assert!(q.take(5).is_empty());
+    }
+
+    #[test]
+    fn a_reader_behind_the_cursor_or_out_of_range_changes_little() {
+        let mut q = PriorityQueue::new(5);
+        assert_eq!(q.take(4), vec![0, 1, 2, 3]);
+        q.reader_at(1); // already taken: the cursor still follows the reader
+        assert_eq!(q.take(5), vec![4]);
+        assert!(q.is_empty());
+        let mut q = PriorityQueue::new(3);
+        q.reader_at(99);
+        assert_eq!(q.take(5), vec![0, 1, 2]);
     }
 }
