@@ -1,6 +1,7 @@
 //! Image operations: import, list, inspect, export, remove.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
@@ -44,7 +45,11 @@ impl Agent {
         };
         check_name("image", name)?;
         let remote = spore_transfer::Remote::new(origin, crate::agent::REMOTE_TIMEOUT);
-        let (manifest, profile) = remote
+        let spore_transfer::Resolved {
+            manifest,
+            profile,
+            popular,
+        } = remote
             .resolve_image(name)
             .map_err(|e| {
                 AgentError::State(format!("looking up image {name:?} at the origin: {e}"))
@@ -82,7 +87,8 @@ impl Agent {
         }
         self.exports.bind_image(name, manifest);
         // Prefetch the boot's working set in the order the boot will read
-        // it, then (with the complete policy) the rest.
+        // it, then what the origin's other readers read most (access
+        // frequency), then (with the complete policy) the rest.
         let dev = self.exports.open_image(&manifest)?;
         let mut ordered = match profile {
             Some(p) => {
@@ -91,6 +97,13 @@ impl Agent {
             }
             None => Vec::new(),
         };
+        let in_image: HashSet<&ChunkId> = dev.image().flat.chunks().iter().collect();
+        let mut queued: HashSet<ChunkId> = ordered.iter().copied().collect();
+        ordered.extend(
+            popular
+                .into_iter()
+                .filter(|id| in_image.contains(id) && queued.insert(*id)),
+        );
         if rec.complete {
             ordered.extend_from_slice(dev.image().flat.chunks());
         }

@@ -8,7 +8,7 @@ use parking_lot::{Condvar, Mutex};
 
 use spore_chunks::{decode_chunk_file, ChunkId, ChunkStore};
 
-use crate::remote::Remote;
+use crate::remote::{Class, Remote};
 use crate::wire::MAX_BATCH;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,22 @@ impl Fetcher {
             let mut last = self.last_demand.lock();
             *last = (last.0 + 1, Some(*first));
         }
-        self.fetch_from_remotes(store, ids)
+        self.fetch_from_remotes(store, ids, Class::Demand)
+    }
+
+    /// [`Fetcher::fetch`] for a demand; for background work, fetches `ids`
+    /// at once but without pausing other background work (a relay passing
+    /// on a peer's prefetch).
+    pub fn fetch_as(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+    ) -> Result<(), FetchError> {
+        match class {
+            Class::Demand => self.fetch(store, ids),
+            Class::Background => self.fetch_from_remotes(store, ids, class),
+        }
     }
 
     /// Fetches `ids` at low priority, in order of priority: each batch
@@ -146,7 +161,7 @@ impl Fetcher {
             }
             let picked: Vec<ChunkId> = queue.take(batch).into_iter().map(|i| ids[i]).collect();
             let started = std::time::Instant::now();
-            self.fetch_from_remotes(store, &picked)?;
+            self.fetch_from_remotes(store, &picked, Class::Background)?;
             let took = started.elapsed();
             if took < std::time::Duration::from_millis(50) {
                 batch = (batch * 2).min(MAX_BATCH);
@@ -165,7 +180,12 @@ impl Fetcher {
     /// in flight: a chunk another caller is fetching is waited for, not
     /// requested twice (so a relay asks its upstream once per chunk however
     /// many peers ask it at the same time).
-    fn fetch_from_remotes(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
+    fn fetch_from_remotes(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+    ) -> Result<(), FetchError> {
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
         {
@@ -183,7 +203,7 @@ impl Fetcher {
                 }
             }
         }
-        let result = self.fetch_uncoalesced(store, &mine);
+        let result = self.fetch_uncoalesced(store, &mine, class);
         {
             let mut inflight = self.inflight.lock();
             for id in &mine {
@@ -206,10 +226,15 @@ impl Fetcher {
             .filter(|id| !store.contains(id))
             .copied()
             .collect();
-        self.fetch_uncoalesced(store, &left)
+        self.fetch_uncoalesced(store, &left, class)
     }
 
-    fn fetch_uncoalesced(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
+    fn fetch_uncoalesced(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+    ) -> Result<(), FetchError> {
         let mut missing: Vec<ChunkId> = ids
             .iter()
             .filter(|id| !store.contains(id))
@@ -223,7 +248,7 @@ impl Fetcher {
             let mut still = Vec::new();
             for batch in missing.chunks(MAX_BATCH) {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                let records = match remote.batch(batch) {
+                let records = match remote.batch(batch, class) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(remote = remote.url(), error = %e, "chunk fetch failed; trying the next source");

@@ -7,8 +7,10 @@
 //! elsewhere, never a wrong byte. See docs/distribution.md.
 
 pub mod fetcher;
+pub mod popularity;
 pub mod remote;
 pub mod wire;
 
 pub use fetcher::{FetchError, Fetcher};
-pub use remote::{Remote, RemoteError};
+pub use popularity::Popularity;
+pub use remote::{Class, Remote, RemoteError, Resolved, MAX_POPULAR};

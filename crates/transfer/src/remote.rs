@@ -25,6 +25,30 @@ pub enum RemoteError {
     Down { url: String },
 }
 
+/// Why chunks are fetched. A demand batch's first chunk is one a reader
+/// is waiting for, the rest its read-ahead; the remote counts them towards
+/// the chunks' popularity. Background batches (prefetch, completion) do
+/// not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Demand,
+    Background,
+}
+
+/// An image name as another agent resolves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub manifest: ChunkId,
+    /// The boot profile, if the image has one.
+    pub profile: Option<ChunkId>,
+    /// The image's chunks that the remote's guests and peers asked for
+    /// most, most asked for first.
+    pub popular: Vec<ChunkId>,
+}
+
+/// Most popular chunks a resolve answer may carry.
+pub const MAX_POPULAR: usize = 4096;
+
 /// Counters of what a remote delivered.
 #[derive(Debug, Default)]
 pub struct RemoteStats {
@@ -114,11 +138,19 @@ impl Remote {
 
     /// Asks for `ids` in one round trip: the raw chunk file bytes
     /// (unverified) of each, or None where the remote lacks it.
-    pub fn batch(&self, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+    pub fn batch(
+        &self,
+        ids: &[ChunkId],
+        class: Class,
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
         self.check_up()?;
+        let query = match class {
+            Class::Demand => "?demand=1",
+            Class::Background => "",
+        };
         let resp = self
             .agent
-            .post(&format!("{}/v1/chunks/batch", self.url))
+            .post(&format!("{}/v1/chunks/batch{query}", self.url))
             .send_bytes(&wire::encode_request(ids))
             .map_err(|e| self.failed(describe(e)))?;
         let body = self.read_body(resp)?;
@@ -134,10 +166,7 @@ impl Remote {
 
     /// What the remote binds to an image name, if anything: the manifest
     /// id and the image's boot profile, when it has one.
-    pub fn resolve_image(
-        &self,
-        name: &str,
-    ) -> Result<Option<(ChunkId, Option<ChunkId>)>, RemoteError> {
+    pub fn resolve_image(&self, name: &str) -> Result<Option<Resolved>, RemoteError> {
         self.check_up()?;
         let resp = match self
             .agent
@@ -158,7 +187,19 @@ impl Remote {
             .and_then(|s| s.parse().ok())
             .ok_or_else(json_err)?;
         let profile = v["profile"].as_str().and_then(|s| s.parse().ok());
-        Ok(Some((id, profile)))
+        // Older agents send no popular list; a malformed entry is dropped.
+        let popular = v["popular"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str()?.parse().ok())
+            .take(MAX_POPULAR)
+            .collect();
+        Ok(Some(Resolved {
+            manifest: id,
+            profile,
+            popular,
+        }))
     }
 
     /// Which of `ids` the remote lacks (at most [`wire::MAX_BATCH`] at once).
