@@ -6,6 +6,8 @@
 //!   agent.lock      flock'd while an agent runs on this directory
 //!   meta.redb       names of images, disks, VMs (see meta.rs)
 //!   chunks/         content-addressed chunks (images, layers, manifests)
+//!   origin/         what hosts pushed, when this agent is an origin with the
+//!                   default origin store (spore-origin, docs/formats.md)
 //!   disks/NAME/     overlay of each disk (data + meta)
 //!   vms/NAME/       serial.log, qmp.sock, qemu.log of each VM
 //!   api.sock        REST API
@@ -22,6 +24,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use spore_blockdev::{ChunkCache, Disk};
 use spore_chunks::{ChunkId, ChunkStore, Compression};
+use spore_origin::OriginStore;
 use spore_qemu::Accel;
 use spore_transfer::{Fetcher, Remote};
 
@@ -50,6 +53,10 @@ pub struct AgentConfig {
     pub origin: Option<String>,
     /// Accept pushed chunks and image names on the peer listener.
     pub accept_push: bool,
+    /// Where pushed chunks and names are kept, and served from: a
+    /// directory, `file:///DIR` or `s3://BUCKET[/PREFIX]` (spore-origin).
+    /// None: `DATA_DIR/origin` when pushes are accepted, else no store.
+    pub origin_store: Option<String>,
     /// Complete every image found at the origin in the background (the
     /// per-image policy `spore image pull --background` sets, as a default).
     pub complete_images: bool,
@@ -73,6 +80,7 @@ impl AgentConfig {
             peers: Vec::new(),
             origin: None,
             accept_push: false,
+            origin_store: None,
             complete_images: false,
             profile_seconds: 60,
             relay: false,
@@ -102,7 +110,7 @@ pub struct PeerStats {
 }
 
 impl PeerStats {
-    pub fn record(&self, raws: &[Option<Vec<u8>>]) {
+    pub fn record(&self, raws: &[Option<bytes::Bytes>]) {
         use std::sync::atomic::Ordering::Relaxed;
         for r in raws.iter().flatten() {
             self.chunks.fetch_add(1, Relaxed);
@@ -141,6 +149,9 @@ pub struct Agent {
     pub vms: VmManager,
     /// Peers then origin, when any is configured.
     pub fetcher: Option<Arc<Fetcher>>,
+    /// Pushed images (an origin's store), when pushes are accepted or a
+    /// store was named.
+    pub origin_store: Option<Arc<OriginStore>>,
     pub peer_stats: PeerStats,
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
@@ -179,6 +190,14 @@ impl Agent {
             .map(|url| Remote::new(url, REMOTE_TIMEOUT))
             .collect();
         let fetcher = (!remotes.is_empty()).then(|| Arc::new(Fetcher::new(remotes)));
+        let origin_spec = match (&config.origin_store, config.accept_push) {
+            (Some(spec), _) => Some(spec.clone()),
+            (None, true) => Some(dir.join("origin").to_string_lossy().into_owned()),
+            (None, false) => None,
+        };
+        let origin_store = origin_spec
+            .map(|spec| OriginStore::open(&spec).map(Arc::new))
+            .transpose()?;
         let exports = Arc::new(Registry::new(store.clone(), cache, fetcher.clone()));
         let accel = config.accel.unwrap_or_else(Accel::detect);
         let agent = Arc::new(Agent {
@@ -188,6 +207,7 @@ impl Agent {
             store,
             exports,
             fetcher,
+            origin_store,
             peer_stats: PeerStats::default(),
             accel,
             gc_lock: RwLock::new(()),

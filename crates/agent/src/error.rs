@@ -32,6 +32,10 @@ pub enum AgentError {
     Overlay(#[from] spore_blockdev::OverlayError),
     #[error("chunk store")]
     Store(#[from] spore_chunks::Error),
+    #[error(transparent)]
+    OriginOpen(#[from] spore_origin::OpenError),
+    #[error(transparent)]
+    Origin(#[from] spore_origin::OriginError),
     #[error("QEMU")]
     Qmp(#[from] spore_qemu::QmpError),
     #[error("{context}")]

@@ -30,6 +30,21 @@ use error::Result;
 pub fn run(config: AgentConfig) -> Result<()> {
     let agent = Agent::open(config)?;
     let dir = agent.data_dir().to_owned();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::io("starting the async runtime"))?;
+    // A store that cannot be reached (endpoint, credentials, bucket) stops
+    // the agent now rather than failing the first push.
+    if let Some(store) = &agent.origin_store {
+        runtime.block_on(store.check())?;
+        tracing::info!(
+            store = store.spec(),
+            accept_push = agent.config.accept_push,
+            "origin store ready"
+        );
+    }
 
     let nbd_path = agent.nbd_socket();
     let _ = std::fs::remove_file(&nbd_path);
@@ -54,11 +69,6 @@ pub fn run(config: AgentConfig) -> Result<()> {
         None => None,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(AgentError::io("starting the async runtime"))?;
     let api_path = dir.join(spore_api::API_SOCKET);
     let served = runtime.block_on(async {
         let _ = std::fs::remove_file(&api_path);

@@ -5,6 +5,13 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use crate::agent::Agent;
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub fn render(a: &Agent) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
@@ -90,6 +97,35 @@ pub fn render(a: &Agent) -> String {
         "Bytes served to other hosts.",
         vec![(String::new(), a.peer_stats.bytes.load(Relaxed))],
     );
+    if let Some(o) = &a.origin_store {
+        let st = o.stats();
+        let label = format!("{{store=\"{}\"}}", escape_label(o.spec()));
+        let one = |v: &std::sync::atomic::AtomicU64| vec![(label.clone(), v.load(Relaxed))];
+        metric(
+            "spore_origin_store_chunks_written_total",
+            "counter",
+            "Chunks pushed into the origin store.",
+            one(&st.chunks_written),
+        );
+        metric(
+            "spore_origin_store_bytes_written_total",
+            "counter",
+            "Bytes pushed into the origin store.",
+            one(&st.bytes_written),
+        );
+        metric(
+            "spore_origin_store_chunks_read_total",
+            "counter",
+            "Chunks read from the origin store (served, or checked before a name is bound).",
+            one(&st.chunks_read),
+        );
+        metric(
+            "spore_origin_store_bytes_read_total",
+            "counter",
+            "Bytes read from the origin store.",
+            one(&st.bytes_read),
+        );
+    }
     let disks = a.exports.disks();
     let per_disk = |f: &dyn Fn(&spore_blockdev::IoStats) -> u64| {
         disks

@@ -2,13 +2,17 @@
 //! hosts may ask of this one over the network.
 //!
 //! Read-only for everyone: resolve an image name, fetch chunks in batches.
-//! With `--relay`, names and chunks this host lacks are first fetched from
-//! its own sources (re-export, as in VirtMan's hierarchy).
+//! Both are answered from this agent's own store and names first, then from
+//! its origin store (spore-origin) when it has one. With `--relay`, names
+//! and chunks neither holds are then fetched from its own sources
+//! (re-export, as in VirtMan's hierarchy).
 //! With `--accept-push` (an origin) also: which chunks are missing, upload a
 //! chunk (verified against its id before it is stored), bind an image name
-//! (only once every chunk it needs is present). The control API stays on
+//! (only once every chunk it needs is present). What is pushed goes to the
+//! origin store, never to the agent's own store. The control API stays on
 //! the unix socket; nothing here can start VMs or delete anything.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -17,10 +21,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use futures_util::{stream, StreamExt};
 use spore_chunks::{decode_chunk_file, ChunkId};
+use spore_origin::{OriginError, OriginStore};
 use spore_transfer::wire;
 
-use crate::agent::{now, Agent, ImageRecord};
+use crate::agent::{Agent, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::meta::Table;
 
@@ -47,143 +53,281 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-async fn blocking(f: impl FnOnce() -> Result<Response> + Send + 'static) -> Response {
+fn respond(r: Result<Response>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs blocking work (the chunk store, redb, the fetcher) off the async
+/// threads.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => AgentError::State(format!("internal task failed: {e}")).into_response(),
+        Ok(r) => r,
+        Err(e) => Err(AgentError::State(format!("internal task failed: {e}"))),
     }
 }
 
-fn require_push(a: &Agent) -> Result<()> {
-    if a.config.accept_push {
-        Ok(())
-    } else {
-        Err(AgentError::State(
+/// The store pushes go to, on an agent that accepts them.
+fn push_store(a: &Agent) -> Result<Arc<OriginStore>> {
+    if !a.config.accept_push {
+        return Err(AgentError::State(
             "this agent does not accept pushes (start it with --accept-push)".into(),
-        ))
+        ));
     }
+    a.origin_store
+        .clone()
+        .ok_or_else(|| AgentError::State("this agent has no origin store".into()))
+}
+
+/// The image record this agent holds itself under `name`, if any.
+async fn own_record(a: &Arc<Agent>, name: &str) -> Result<Option<ImageRecord>> {
+    let (a, name) = (a.clone(), name.to_owned());
+    off_thread(move || Ok(a.meta.get::<ImageRecord>(Table::Images, &name)?)).await
 }
 
 async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
-    blocking(move || {
-        let rec = if a.config.relay {
-            a.resolve_image(&name)?
-        } else {
-            a.image_record(&name)?
-        };
-        let mut body = serde_json::json!({ "manifest": rec.manifest.to_hex() });
-        if let Some(p) = rec.profile {
-            body["profile"] = p.to_hex().into();
+    respond(
+        async {
+            let mut found = own_record(&a, &name)
+                .await?
+                .map(|r| (r.manifest, r.profile));
+            if let (None, Some(store), Ok(())) =
+                (found, &a.origin_store, check_name("image", &name))
+            {
+                found = store
+                    .get_image(&name)
+                    .await?
+                    .map(|r| (r.manifest, r.profile));
+            }
+            let (manifest, profile) = match found {
+                Some(f) => f,
+                None if a.config.relay => {
+                    let rec = off_thread(move || a.resolve_image(&name)).await?;
+                    (rec.manifest, rec.profile)
+                }
+                None => {
+                    return Err(AgentError::NotFound {
+                        kind: "image",
+                        name,
+                    })
+                }
+            };
+            let mut body = serde_json::json!({ "manifest": manifest.to_hex() });
+            if let Some(p) = profile {
+                body["profile"] = p.to_hex().into();
+            }
+            Ok(axum::Json(body).into_response())
         }
-        Ok(axum::Json(body).into_response())
-    })
-    .await
+        .await,
+    )
+}
+
+/// The positions of `raws` still empty, and the ids asked for there.
+fn lacking(ids: &[ChunkId], raws: &[Option<Bytes>]) -> (Vec<usize>, Vec<ChunkId>) {
+    (0..ids.len())
+        .filter(|&i| raws[i].is_none())
+        .map(|i| (i, ids[i]))
+        .unzip()
 }
 
 async fn batch(State(a): S, body: Bytes) -> Response {
-    blocking(move || {
-        let ids = wire::decode_request(&body)
-            .map_err(|e| AgentError::Invalid(format!("bad batch request: {e}")))?;
-        if let (true, Some(fetcher)) = (a.config.relay, &a.fetcher) {
-            // Fetch what we lack from upstream first (coalesced with any
-            // other request for the same chunks). What cannot be had is
-            // answered as missing, and the asker tries its next source.
-            let lacking: Vec<ChunkId> = ids
-                .iter()
-                .filter(|id| !a.store.contains(id))
-                .copied()
-                .collect();
-            if !lacking.is_empty() {
-                if let Err(e) = fetcher.fetch(&a.store, &lacking) {
-                    tracing::warn!(error = %e, "relay could not fetch chunks upstream");
+    respond(
+        async {
+            let ids = wire::decode_request(&body)
+                .map_err(|e| AgentError::Invalid(format!("bad batch request: {e}")))?;
+            // This agent's own store first.
+            let mut raws: Vec<Option<Bytes>> = {
+                let (a, ids) = (a.clone(), ids.clone());
+                off_thread(move || {
+                    ids.iter()
+                        .map(|id| Ok(a.store.get_raw(id)?.map(Bytes::from)))
+                        .collect()
+                })
+                .await?
+            };
+            // Then what was pushed here.
+            if let Some(store) = &a.origin_store {
+                let (at, want) = lacking(&ids, &raws);
+                if !want.is_empty() {
+                    for (i, raw) in at.into_iter().zip(store.get_raws(&want).await?) {
+                        raws[i] = raw;
+                    }
                 }
             }
+            if let (true, Some(fetcher)) = (a.config.relay, a.fetcher.clone()) {
+                // Fetch what we lack from upstream (coalesced with any other
+                // request for the same chunks). What cannot be had is
+                // answered as missing, and the asker tries its next source.
+                let (at, want) = lacking(&ids, &raws);
+                if !want.is_empty() {
+                    let a = a.clone();
+                    let got = off_thread(move || {
+                        if let Err(e) = fetcher.fetch(&a.store, &want) {
+                            tracing::warn!(error = %e, "relay could not fetch chunks upstream");
+                        }
+                        want.iter()
+                            .map(|id| Ok(a.store.get_raw(id)?.map(Bytes::from)))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .await?;
+                    for (i, raw) in at.into_iter().zip(got) {
+                        raws[i] = raw;
+                    }
+                }
+            }
+            a.peer_stats.record(&raws);
+            let body =
+                wire::encode_response(ids.iter().copied().zip(raws.iter().map(|r| r.as_deref())));
+            Ok(body.into_response())
         }
-        let raws = ids
-            .iter()
-            .map(|id| a.store.get_raw(id))
-            .collect::<Result<Vec<_>, _>>()?;
-        a.peer_stats.record(&raws);
-        let body =
-            wire::encode_response(ids.iter().copied().zip(raws.iter().map(|r| r.as_deref())));
-        Ok(body.into_response())
-    })
-    .await
+        .await,
+    )
 }
 
+/// Chunks copied at once from this agent's own store into the origin store.
+const COPIES_IN_FLIGHT: usize = 8;
+
 async fn missing(State(a): S, body: Bytes) -> Response {
-    blocking(move || {
-        require_push(&a)?;
-        let ids = wire::decode_request(&body)
-            .map_err(|e| AgentError::Invalid(format!("bad request: {e}")))?;
-        let lacking: Vec<ChunkId> = ids.into_iter().filter(|id| !a.store.contains(id)).collect();
-        Ok(wire::encode_request(&lacking).into_response())
-    })
-    .await
+    respond(
+        async {
+            let store = push_store(&a)?;
+            let ids = wire::decode_request(&body)
+                .map_err(|e| AgentError::Invalid(format!("bad request: {e}")))?;
+            let absent = store.missing(&ids).await?;
+            // Chunks this agent holds itself (an image imported here) are
+            // copied into the origin store rather than sent again by the
+            // pusher. One that cannot be copied is simply asked for.
+            let copied: HashSet<ChunkId> = stream::iter(absent.iter().copied())
+                .map(|id| {
+                    let (a, store) = (a.clone(), store.clone());
+                    async move {
+                        let raw = off_thread(move || Ok(a.store.get_raw(&id)?)).await;
+                        match raw {
+                            Ok(Some(raw)) => match store.put_chunk(id, raw.into()).await {
+                                Ok(()) => Some(id),
+                                Err(e) => {
+                                    tracing::warn!(chunk = %id, error = %AgentError::from(e).chain(), "copying a local chunk into the origin store failed; asking for it");
+                                    None
+                                }
+                            },
+                            Ok(None) => None,
+                            Err(e) => {
+                                tracing::warn!(chunk = %id, error = %e.chain(), "reading a local chunk failed; asking for it");
+                                None
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(COPIES_IN_FLIGHT)
+                .filter_map(|copied| async move { copied })
+                .collect()
+                .await;
+            let lacking: Vec<ChunkId> = absent.into_iter().filter(|id| !copied.contains(id)).collect();
+            Ok(wire::encode_request(&lacking).into_response())
+        }
+        .await,
+    )
 }
 
 async fn upload(State(a): S, Path(id): Path<String>, body: Bytes) -> Response {
-    blocking(move || {
-        require_push(&a)?;
-        let id: ChunkId = id
-            .parse()
-            .map_err(|_| AgentError::Invalid("not a chunk id".into()))?;
-        let data = decode_chunk_file(&id, &body)
-            .map_err(|e| AgentError::Invalid(format!("rejected upload: {e}")))?;
-        let _shared = a.gc_lock.read();
-        a.store.put_with_id(id, &data)?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
-    .await
+    respond(
+        async {
+            let store = push_store(&a)?;
+            let id: ChunkId = id
+                .parse()
+                .map_err(|_| AgentError::Invalid("not a chunk id".into()))?;
+            store.put_chunk(id, body).await.map_err(|e| match e {
+                OriginError::Rejected { source, .. } => {
+                    AgentError::Invalid(format!("rejected upload: {source}"))
+                }
+                e => e.into(),
+            })?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
 }
 
 async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
-    blocking(move || {
-        require_push(&a)?;
-        check_name("image", &name)?;
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| AgentError::Invalid(format!("bad body: {e}")))?;
-        let manifest: ChunkId = v["manifest"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| AgentError::Invalid("body needs a manifest id".into()))?;
-        let profile: Option<ChunkId> = match v.get("profile").and_then(|p| p.as_str()) {
-            Some(p) => Some(
-                p.parse()
-                    .map_err(|_| AgentError::Invalid("bad profile id".into()))?,
-            ),
-            None => None,
-        };
+    respond(
+        async {
+            let store = push_store(&a)?;
+            check_name("image", &name)?;
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| AgentError::Invalid(format!("bad body: {e}")))?;
+            let manifest: ChunkId = v["manifest"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| AgentError::Invalid("body needs a manifest id".into()))?;
+            let profile: Option<ChunkId> = match v.get("profile").and_then(|p| p.as_str()) {
+                Some(p) => Some(
+                    p.parse()
+                        .map_err(|_| AgentError::Invalid("bad profile id".into()))?,
+                ),
+                None => None,
+            };
+            // A name means one image on this agent. Its own images answer
+            // first, so a push that bound the name to another manifest in
+            // the origin store would never be seen: refuse it.
+            let own = own_record(&a, &name).await?;
+            if let Some(own) = &own {
+                if own.manifest != manifest {
+                    return Err(AgentError::State(format!(
+                        "image {name:?} is bound to manifest {} in this agent's own store; remove it there before pushing another image under that name",
+                        own.manifest
+                    )));
+                }
+            }
+            let rec = spore_origin::ImageRecord { manifest, profile };
+            store.bind_image(&name, &rec).await.map_err(|e| match e {
+                OriginError::NoManifest(m) => {
+                    AgentError::State(format!("manifest {m} is not here; push its chunks first"))
+                }
+                OriginError::Incomplete { manifest, absent } => AgentError::State(format!(
+                    "{absent} chunks of manifest {manifest} are missing; push them first"
+                )),
+                e => e.into(),
+            })?;
+            // The same image held here too learns the pushed boot profile.
+            if let (Some(own), Some(p)) = (own, profile) {
+                if own.profile != Some(p) {
+                    adopt_profile(&a, &store, &name, manifest, p).await?;
+                }
+            }
+            tracing::info!(image = %name, %manifest, store = store.spec(), "image pushed here");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+/// Copies boot profile `profile` from the origin store into this agent's
+/// own store and binds it to its own image `name` (still at `manifest`).
+async fn adopt_profile(
+    a: &Arc<Agent>,
+    store: &OriginStore,
+    name: &str,
+    manifest: ChunkId,
+    profile: ChunkId,
+) -> Result<()> {
+    let raw = store
+        .get_raw(&profile)
+        .await?
+        .ok_or_else(|| AgentError::State(format!("boot profile {profile} vanished")))?;
+    let (a, name) = (a.clone(), name.to_owned());
+    off_thread(move || {
+        let data = decode_chunk_file(&profile, &raw)?;
         let _shared = a.gc_lock.read();
-        if !a.store.contains(&manifest) {
-            return Err(AgentError::State(format!(
-                "manifest {manifest} is not here; push its chunks first"
-            )));
-        }
-        // Every chunk the image needs must be here before its name is.
-        let mut needed = spore_image::image::reachable_chunks(&a.store, [&manifest])?;
-        needed.extend(profile);
-        let absent = needed.iter().filter(|id| !a.store.contains(id)).count();
-        if absent > 0 {
-            return Err(AgentError::State(format!(
-                "{absent} chunks of manifest {manifest} are missing; push them first"
-            )));
-        }
+        a.store.put_with_id(profile, &data)?;
         a.store.sync()?;
-        a.meta.put(
-            Table::Images,
-            &name,
-            &ImageRecord {
-                manifest,
-                created: now(),
-                complete: false,
-                profile,
-            },
-        )?;
-        a.exports.bind_image(&name, manifest);
-        tracing::info!(image = %name, %manifest, "image pushed here");
-        Ok(StatusCode::NO_CONTENT.into_response())
+        if let Some(mut rec) = a.meta.get::<ImageRecord>(Table::Images, &name)? {
+            if rec.manifest == manifest {
+                rec.profile = Some(profile);
+                a.meta.put(Table::Images, &name, &rec)?;
+            }
+        }
+        Ok(())
     })
     .await
 }

@@ -273,8 +273,11 @@ impl OriginStore {
 
     /// [`OriginStore::get_raw`] for each of `ids`, in order, a few at a time.
     pub async fn get_raws(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>> {
-        stream::iter(ids)
-            .map(|id| self.get_raw(id))
+        // Ids by value: a closure over borrowed items would make the future
+        // unusable in a Send context (a higher-ranked lifetime rustc cannot
+        // prove Send for).
+        stream::iter(ids.iter().copied())
+            .map(|id| async move { self.get_raw(&id).await })
             .buffered(CONCURRENCY)
             .try_collect()
             .await
@@ -283,9 +286,9 @@ impl OriginStore {
     /// Which of `ids` the store lacks, in their order (one HEAD each, a few
     /// at a time).
     pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
-        let present: Vec<bool> = stream::iter(ids)
+        let present: Vec<bool> = stream::iter(ids.iter().copied())
             .map(|id| async move {
-                let path = chunk_path(id);
+                let path = chunk_path(&id);
                 match self.store.head(&path).await {
                     Ok(_) => Ok(true),
                     Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -356,11 +359,11 @@ impl OriginStore {
             .await?;
         // The layers present are read to learn their chunks; a missing one
         // is counted as missing below (its chunks cannot be known yet).
-        let layers: Vec<Option<spore_image::Layer>> = stream::iter(&manifest.layers)
+        let layers: Vec<Option<spore_image::Layer>> = stream::iter(manifest.layers.iter().copied())
             .map(|id| async move {
-                match self.get_raw(id).await? {
+                match self.get_raw(&id).await? {
                     Some(raw) => self
-                        .decode(*id, raw, spore_image::image::decode_layer)
+                        .decode(id, raw, spore_image::image::decode_layer)
                         .await
                         .map(Some),
                     None => Ok(None),

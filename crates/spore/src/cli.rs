@@ -80,6 +80,10 @@ pub struct AgentArgs {
     /// Accept pushed images on the peer listener (run as an origin)
     #[arg(long)]
     accept_push: bool,
+    /// Where pushed images are kept and served from: a directory, file:///DIR, or
+    /// s3://BUCKET[/PREFIX] set up from AWS_* variables [default with --accept-push: DATA_DIR/origin]
+    #[arg(long, value_name = "SPEC")]
+    origin_store: Option<String>,
     /// Complete images found at the origin in the background after first use
     #[arg(long)]
     complete_images: bool,
@@ -282,6 +286,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.peers = a.peers;
             config.origin = a.origin;
             config.accept_push = a.accept_push;
+            config.origin_store = a.origin_store;
             config.complete_images = a.complete_images;
             config.profile_seconds = a.profile_seconds;
             config.relay = a.relay;

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{free_port, sh, sparse_random_file, TestAgent};
+use common::{chunk_files, free_port, nbd_copy, sh, sparse_random_file, TestAgent};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,26 +19,6 @@ fn start_origin() -> (TestAgent, u16) {
     let port = free_port();
     let agent = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
     (agent, port)
-}
-
-fn nbd_copy(t: &TestAgent, export: &str) -> Vec<u8> {
-    let out = t.path("copy.raw");
-    let _ = std::fs::remove_file(&out);
-    sh(Command::new("nbdcopy").arg(t.uri(export)).arg(&out));
-    std::fs::read(&out).unwrap()
-}
-
-fn chunk_files(t: &TestAgent) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for d in std::fs::read_dir(t.data_dir().join("chunks"))
-        .unwrap()
-        .flatten()
-    {
-        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-            out.push(f.path());
-        }
-    }
-    out
 }
 
 #[test]
@@ -396,4 +376,49 @@ fn a_relay_fetches_each_chunk_from_the_origin_once_however_many_hosts_ask() {
         relayed >= 3 * chunks,
         "the relay served the leaves: {relayed}"
     );
+}
+
+#[test]
+fn pushes_land_in_the_origin_store_and_a_conflicting_push_is_refused() {
+    let (mut origin, origin_port) = start_origin();
+    let builder = TestAgent::start();
+    let src = builder.path("img.raw");
+    sparse_random_file(&src, 8 * MIB, 25);
+    builder.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+
+    // By default the origin store is DATA_DIR/origin: every chunk the
+    // builder holds, and the name as a versioned record. The agent's own
+    // store and names are untouched.
+    let store = origin.data_dir().join("origin");
+    let pushed = common::files_under(&store.join("chunks"));
+    assert_eq!(pushed.len(), chunk_files(&builder).len());
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("images/img")).unwrap()).unwrap();
+    let manifest = builder.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
+    assert_eq!(rec["version"], 1, "{rec}");
+    assert_eq!(rec["manifest"], manifest, "{rec}");
+    assert!(chunk_files(&origin).is_empty());
+    assert_eq!(
+        origin.json(&["image", "ls", "--json"]),
+        serde_json::json!([])
+    );
+
+    // It outlives the agent: after a crash the name still resolves.
+    origin.crash_and_restart();
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    cold.ok(&["disk", "create", "d", "--image", "img"]);
+    assert_eq!(nbd_copy(&cold, "disk/d"), std::fs::read(&src).unwrap());
+
+    // An image the origin imported itself answers first under its name,
+    // so a push of other contents under that name is refused, not hidden.
+    let own = origin.path("own.raw");
+    sparse_random_file(&own, 4 * MIB, 26);
+    origin.ok(&["image", "import", own.to_str().unwrap(), "--name", "own"]);
+    let other = builder.path("other.raw");
+    sparse_random_file(&other, 4 * MIB, 27);
+    builder.ok(&["image", "import", other.to_str().unwrap(), "--name", "own"]);
+    let err = builder.fails(&["image", "push", "own", "--to", &url(origin_port)]);
+    assert!(err.contains("in this agent's own store"), "{err}");
+    assert!(!store.join("images/own").exists());
 }

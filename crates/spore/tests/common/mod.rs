@@ -136,6 +136,32 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Reads an export of `t` whole, with nbdcopy.
+pub fn nbd_copy(t: &TestAgent, export: &str) -> Vec<u8> {
+    let out = t.path("copy.raw");
+    let _ = std::fs::remove_file(&out);
+    sh(Command::new("nbdcopy").arg(t.uri(export)).arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
+/// The chunk files in `t`'s own chunk store.
+pub fn chunk_files(t: &TestAgent) -> Vec<PathBuf> {
+    files_under(&t.data_dir().join("chunks"))
+}
+
+/// Every file in the directory tree at `dir` (none if it does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
 /// Writes a file of `size` bytes: pseudo-random data in some 64 KiB
 /// regions, holes (never written) elsewhere.
 pub fn sparse_random_file(path: &Path, size: u64, seed: u64) {
