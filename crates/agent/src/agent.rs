@@ -153,6 +153,9 @@ pub struct Agent {
     /// store was named.
     pub origin_store: Option<Arc<OriginStore>>,
     pub peer_stats: PeerStats,
+    /// How often peers demanded each chunk here (access frequency); hosts
+    /// that resolve an image here prefetch the most demanded.
+    pub popularity: spore_transfer::Popularity,
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
     pub gc_lock: RwLock<()>,
@@ -209,6 +212,7 @@ impl Agent {
             fetcher,
             origin_store,
             peer_stats: PeerStats::default(),
+            popularity: Default::default(),
             accel,
             gc_lock: RwLock::new(()),
             disk_names: parking_lot::Mutex::new(()),
@@ -294,14 +298,19 @@ impl Agent {
 
     /// On an image's first use here, records which blocks the boot reads,
     /// in order, for `profile_seconds`, then stores the profile and binds
-    /// it to the image (unless it has one by then).
+    /// it to the image (unless it has one by then). An image that has a
+    /// profile already reads ahead along it instead.
     pub fn record_profile(
         self: &Arc<Self>,
         name: &str,
         rec: &ImageRecord,
         dev: &Arc<spore_blockdev::ImageDevice>,
     ) {
-        if rec.profile.is_some() {
+        if let Some(p) = &rec.profile {
+            match self.profile_blocks(p) {
+                Ok(blocks) => dev.follow_profile(blocks),
+                Err(e) => tracing::warn!(image = name, error = %e, "boot profile unreadable"),
+            }
             return;
         }
         let Some(profiler) = dev.start_profile() else {

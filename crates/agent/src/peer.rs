@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,7 +24,7 @@ use axum::Router;
 use futures_util::{stream, StreamExt};
 use spore_chunks::{decode_chunk_file, ChunkId};
 use spore_origin::{OriginError, OriginStore};
-use spore_transfer::wire;
+use spore_transfer::{wire, Class};
 
 use crate::agent::{Agent, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
@@ -103,6 +103,7 @@ async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
             let (manifest, profile) = match found {
                 Some(f) => f,
                 None if a.config.relay => {
+                    let a = a.clone();
                     let rec = off_thread(move || a.resolve_image(&name)).await?;
                     (rec.manifest, rec.profile)
                 }
@@ -116,6 +117,17 @@ async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
             let mut body = serde_json::json!({ "manifest": manifest.to_hex() });
             if let Some(p) = profile {
                 body["profile"] = p.to_hex().into();
+            }
+            // The chunks peers demanded most here (of any image: the asker
+            // keeps those of this one).
+            let popular: Vec<String> = a
+                .popularity
+                .top(spore_transfer::MAX_POPULAR)
+                .iter()
+                .map(ChunkId::to_hex)
+                .collect();
+            if !popular.is_empty() {
+                body["popular"] = popular.into();
             }
             Ok(axum::Json(body).into_response())
         }
@@ -131,11 +143,25 @@ fn lacking(ids: &[ChunkId], raws: &[Option<Bytes>]) -> (Vec<usize>, Vec<ChunkId>
         .unzip()
 }
 
-async fn batch(State(a): S, body: Bytes) -> Response {
+#[derive(serde::Deserialize)]
+struct BatchQuery {
+    /// 1: a reader waits for these chunks (the first, and the rest as its
+    /// read-ahead); they count towards their popularity.
+    #[serde(default)]
+    demand: u8,
+}
+
+async fn batch(State(a): S, Query(q): Query<BatchQuery>, body: Bytes) -> Response {
     respond(
         async {
             let ids = wire::decode_request(&body)
                 .map_err(|e| AgentError::Invalid(format!("bad batch request: {e}")))?;
+            let class = if q.demand == 1 {
+                a.popularity.hit(&ids);
+                Class::Demand
+            } else {
+                Class::Background
+            };
             // This agent's own store first.
             let mut raws: Vec<Option<Bytes>> = {
                 let (a, ids) = (a.clone(), ids.clone());
@@ -163,7 +189,7 @@ async fn batch(State(a): S, body: Bytes) -> Response {
                 if !want.is_empty() {
                     let a = a.clone();
                     let got = off_thread(move || {
-                        if let Err(e) = fetcher.fetch(&a.store, &want) {
+                        if let Err(e) = fetcher.fetch_as(&a.store, &want, class) {
                             tracing::warn!(error = %e, "relay could not fetch chunks upstream");
                         }
                         want.iter()

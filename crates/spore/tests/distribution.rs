@@ -422,3 +422,53 @@ fn pushes_land_in_the_origin_store_and_a_conflicting_push_is_refused() {
     assert!(err.contains("in this agent's own store"), "{err}");
     assert!(!store.join("images/own").exists());
 }
+
+#[test]
+fn chunks_other_hosts_read_are_prefetched_by_the_next_host() {
+    let (origin, origin_port) = start_origin();
+    let builder = TestAgent::start();
+    let src = builder.path("img.raw");
+    sparse_random_file(&src, 32 * MIB, 33);
+    builder.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+    let total = builder.json(&["image", "inspect", "img", "--json"])["chunks"]
+        .as_u64()
+        .unwrap();
+
+    // Host A reads one MiB at 8 MiB (its guest's working set, say). The
+    // image has no boot profile, so that is all A fetches.
+    let a = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    a.ok(&["disk", "create", "d", "--image", "img"]);
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 8M 1M"])
+        .arg(a.uri("disk/d")));
+    let read_by_a = a.json(&["image", "inspect", "img", "--json"])["local_chunks"]
+        .as_u64()
+        .unwrap();
+    assert!(read_by_a >= 10, "A holds {read_by_a} chunks");
+
+    // Host B reads nothing, yet fetches what A demanded, in the
+    // background: the origin ranks chunks by how often they were demanded.
+    let b = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    b.ok(&["disk", "create", "d", "--image", "img"]);
+    let info = wait_inspect(&b, "img", "B prefetches A's chunks", |i| {
+        i["local_chunks"].as_u64() >= Some(read_by_a)
+    });
+    let held = info["local_chunks"].as_u64().unwrap();
+    assert!(
+        held < total / 2,
+        "B fetched {held} of {total}: more than the popular ones"
+    );
+    // Those are exactly A's: B now reads A's range without fetching more.
+    let fetched = |t: &TestAgent| {
+        t.json(&["status", "--json"])["sources"][0]["chunks"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = fetched(&b);
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 8M 1M"])
+        .arg(b.uri("disk/d")));
+    assert_eq!(fetched(&b), before, "A's range was already local on B");
+    drop(origin);
+}
