@@ -697,12 +697,15 @@ fn print_report(r: &Report) {
     }
 }
 
+/// A plotted line: name, colour, (N, seconds) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 /// Ready time (max over hosts) against N, log scale: the tree, origin
 /// only, and full copy (modelled from the measured single pull).
 fn plot(r: &Report) -> String {
     let (w, h, l, t, pw, ph) = (720.0, 440.0, 70.0, 30.0, 600.0, 350.0);
     let max_n = r.storms.iter().map(|s| s.n).max().unwrap_or(1) as f64;
-    let mut series: Vec<(&str, &str, Vec<(f64, f64)>)> = Vec::new();
+    let mut series: Vec<Series> = Vec::new();
     for (mode, color) in [("tree", "#1b7837"), ("origin-only", "#d95f02")] {
         let pts: Vec<(f64, f64)> = r
             .storms

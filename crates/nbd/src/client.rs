@@ -98,12 +98,14 @@ impl Client {
             s.read_exact(&mut data)?;
             match kind {
                 rep::ACK => break,
-                rep::INFO if data.len() >= 12 => {
-                    if u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                        size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
+                rep::INFO => match data.get(0..2).map(|t| u16::from_be_bytes([t[0], t[1]])) {
+                    Some(INFO_EXPORT) => {
+                        let bytes = data.get(2..10).ok_or_else(|| bad("short export info"))?;
+                        size = Some(u64::from_be_bytes(bytes.try_into().expect("8 bytes")));
                     }
-                }
-                rep::INFO => return Err(bad("short info reply")),
+                    Some(_) => {} // information this client does not use
+                    None => return Err(bad("short info reply")),
+                },
                 k if k & (1 << 31) != 0 => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
