@@ -14,7 +14,7 @@
 #   SPORE_GUEST_KERNEL        kernel version, e.g. 6.1.0-56-cloud-amd64
 #                             (default: what linux-image-cloud-amd64 depends on)
 #   SPORE_GUEST_EXTRA_MODULES optional modules for the initramfs, space
-#                             separated (default: virtio_net)
+#                             separated (default: virtio_net virtio_console)
 #   SPORE_GUEST_FORCE=1       rebuild everything
 #   SOURCE_DATE_EPOCH         timestamp of every file (default 2024-01-01)
 set -euo pipefail
@@ -39,7 +39,7 @@ FORCE=${SPORE_GUEST_FORCE:-}
 # crc32c_generic is a run-time (crypto API) dependency of ext4 metadata_csum
 # that modules.dep cannot show.
 REQUIRED_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc32c_generic ext4"
-EXTRA_MODULES=${SPORE_GUEST_EXTRA_MODULES-virtio_net}
+EXTRA_MODULES=${SPORE_GUEST_EXTRA_MODULES-virtio_net virtio_console}
 
 case "$DISK_MIB" in ''|*[!0-9]*) die "SPORE_GUEST_DISK_MIB must be a number of MiB" ;; esac
 case "$FILLER_PCT" in ''|*[!0-9]*) die "SPORE_GUEST_FILLER_PCT must be a number" ;; esac
@@ -49,7 +49,7 @@ case "$FILLER_PCT" in ''|*[!0-9]*) die "SPORE_GUEST_FILLER_PCT must be a number"
 T0=$(date +%s)
 
 # ---------------------------------------------------------------- packages
-ensure_packages busybox-static e2fsprogs cpio gzip kmod python3 coreutils findutils
+ensure_packages busybox-static e2fsprogs cpio gzip kmod python3 coreutils findutils gcc libc6-dev
 BUSYBOX=$(find_busybox) || die "no static busybox (package busybox-static)"
 PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
@@ -236,6 +236,8 @@ ROOTFS_STAMP=$( {
     sha256sum < "$GUEST_DIR/mke2fs.conf"
     sha256sum < "$GUEST_DIR/build.sh"
     sha256sum < "$GUEST_DIR/lib.sh"
+    sha256sum < "$GUEST_DIR/tools/spore-reseed.c"
+    gcc --version | head -n1
     mke2fs -V 2>&1 | head -n1
 } | hash_str)
 
@@ -318,6 +320,9 @@ else
                 rm -f "$S/$f"; install -m 644 "$GUEST_DIR/rootfs/$f" "$S/$f"
             fi
           done
+    # the guest has no libc: its one compiled helper is static
+    gcc -static -Os -s -Wall -o "$S/sbin/spore-reseed" "$GUEST_DIR/tools/spore-reseed.c" \
+        || die "compiling guest/tools/spore-reseed.c failed (gcc, libc6-dev)"
     mkdir -p "$S"/{proc,sys,dev,tmp,run,root,mnt,var/log,data}
     chmod 1777 "$S/tmp"
     chmod 700 "$S/root"

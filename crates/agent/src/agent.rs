@@ -66,6 +66,10 @@ pub struct AgentConfig {
     /// lacks by fetching them from its own sources first (a VirtMan-style
     /// hierarchy: hosts name a relay as their origin).
     pub relay: bool,
+    /// Where guest RAM files live (VMs' own, and templates'). A tmpfs, so
+    /// that file-backed guest RAM costs no disk I/O. None: a directory per
+    /// data directory under /dev/shm (DATA_DIR/ram without /dev/shm).
+    pub ram_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -84,7 +88,23 @@ impl AgentConfig {
             complete_images: false,
             profile_seconds: 60,
             relay: false,
+            ram_dir: None,
         }
+    }
+
+    /// The RAM directory to use: the configured one, or one under /dev/shm
+    /// named after the data directory (agents on one host never share it).
+    pub fn ram_dir(&self) -> PathBuf {
+        if let Some(d) = &self.ram_dir {
+            return d.clone();
+        }
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return self.data_dir.join("ram");
+        }
+        let key = fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let hash = blake3::hash(key.as_os_str().as_encoded_bytes()).to_hex();
+        shm.join(format!("spore-{}", &hash.as_str()[..12]))
     }
 }
 
@@ -162,6 +182,8 @@ pub struct Agent {
     /// Serialises creating and removing disks, so that two requests for
     /// one name cannot clean up each other's directory.
     pub disk_names: parking_lot::Mutex<()>,
+    /// Serialises template captures and removals.
+    pub template_names: parking_lot::Mutex<()>,
     _lock: File,
 }
 
@@ -180,7 +202,7 @@ impl Agent {
                 dir.display()
             )));
         }
-        for sub in ["disks", "vms"] {
+        for sub in ["disks", "vms", "templates"] {
             fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
         }
         let meta = Meta::open(&dir.join("meta.redb"))?;
@@ -204,7 +226,7 @@ impl Agent {
         let exports = Arc::new(Registry::new(store.clone(), cache, fetcher.clone()));
         let accel = config.accel.unwrap_or_else(Accel::detect);
         let agent = Arc::new(Agent {
-            vms: VmManager::new(dir.join("vms")),
+            vms: VmManager::new(dir.join("vms"), config.ram_dir())?,
             config,
             meta,
             store,
@@ -216,6 +238,7 @@ impl Agent {
             accel,
             gc_lock: RwLock::new(()),
             disk_names: parking_lot::Mutex::new(()),
+            template_names: parking_lot::Mutex::new(()),
             _lock: lock,
         });
         agent.recover()?;

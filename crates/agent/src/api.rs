@@ -9,14 +9,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spore_api::{
-    AgentStatus, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest, ImportRequest,
-    PullRequest, PushRequest, SourceStatus, VmCreate,
+    AgentStatus, CloneRequest, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest,
+    ImportRequest, PullRequest, PushRequest, ResizeRequest, SourceStatus, TemplateCreate, VmCreate,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -46,6 +46,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/vms/{name}"),
     ("post", "/v1/vms/{name}/stop"),
     ("get", "/v1/vms/{name}/log"),
+    ("post", "/v1/vms/{name}/template"),
+    ("post", "/v1/vms/{name}/resize"),
+    ("get", "/v1/templates"),
+    ("get", "/v1/templates/{name}"),
+    ("delete", "/v1/templates/{name}"),
+    ("post", "/v1/templates/{name}/clone"),
+    ("delete", "/v1/groups/{name}"),
     ("get", "/metrics"),
 ];
 
@@ -66,6 +73,15 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/log", get(vm_log))
+        .route("/v1/vms/{name}/template", post(template_vm))
+        .route("/v1/vms/{name}/resize", post(resize_vm))
+        .route("/v1/templates", get(list_templates))
+        .route(
+            "/v1/templates/{name}",
+            get(get_template).delete(remove_template),
+        )
+        .route("/v1/templates/{name}/clone", post(clone_template))
+        .route("/v1/groups/{name}", delete(remove_group))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error_response(
@@ -316,6 +332,43 @@ struct LogQuery {
 
 async fn vm_log(State(a): S, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Response {
     blocking(move || a.vm_log(&name, q.offset)).await
+}
+
+async fn template_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<TemplateCreate>(&body) {
+        Ok(req) => blocking(move || a.template_vm(&name, &req)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn resize_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<ResizeRequest>(&body) {
+        Ok(req) => blocking(move || a.resize_vm(&name, req.memory_mib, req.cpus)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_templates(State(a): S) -> Response {
+    blocking(move || a.list_templates()).await
+}
+
+async fn get_template(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.get_template(&name)).await
+}
+
+async fn remove_template(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.remove_template(&name)).await
+}
+
+async fn clone_template(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<CloneRequest>(&body) {
+        Ok(req) => blocking(move || a.clone_template(&name, &req)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn remove_group(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.remove_group(&name)).await
 }
 
 async fn metrics(State(a): S) -> Response {

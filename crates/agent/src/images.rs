@@ -459,6 +459,13 @@ impl Agent {
 
     pub fn remove_image(&self, name: &str) -> Result<RemoveResult> {
         let rec = self.image_record(name)?;
+        if let Some(t) = self.image_template(name)? {
+            return Err(AgentError::InUse {
+                kind: "image",
+                name: name.into(),
+                by: format!("template {t} (spore template rm {t})"),
+            });
+        }
         let users: Vec<String> = self
             .meta
             .list::<DiskRecord>(Table::Disks)?

@@ -15,6 +15,7 @@ mod images;
 pub mod meta;
 mod metrics;
 pub mod peer;
+mod templates;
 pub mod vms;
 
 use std::os::unix::net::UnixListener as StdUnixListener;

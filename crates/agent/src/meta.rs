@@ -18,6 +18,7 @@ pub enum Table {
     Images,
     Disks,
     Vms,
+    Templates,
 }
 
 impl Table {
@@ -26,6 +27,7 @@ impl Table {
             Table::Images => TableDefinition::new("images"),
             Table::Disks => TableDefinition::new("disks"),
             Table::Vms => TableDefinition::new("vms"),
+            Table::Templates => TableDefinition::new("templates"),
         }
     }
 }
@@ -64,7 +66,7 @@ impl Meta {
     pub fn open(path: &Path) -> Result<Self, MetaError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
-        for t in [Table::Images, Table::Disks, Table::Vms] {
+        for t in [Table::Images, Table::Disks, Table::Vms, Table::Templates] {
             txn.open_table(t.def())?;
         }
         txn.commit()?;

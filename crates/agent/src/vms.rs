@@ -22,12 +22,15 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use spore_api::{VmCreate, VmInfo, VmLog, VmState};
-use spore_qemu::{Accel, Qmp, VmSpec, QEMU_BINARY};
+use spore_api::{StartTimes, VmCreate, VmInfo, VmLog, VmState};
+use spore_qemu::{
+    Accel, GuestChannel, Identity, Message, Qmp, RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY,
+};
 
 use crate::agent::{now, Agent};
 use crate::error::{check_name, AgentError, Result};
@@ -48,19 +51,90 @@ pub struct VmRecord {
     pub append: Option<String>,
     pub created: u64,
     pub reason: Option<String>,
+    /// Hot-plug bounds, fixed when the VM (or its template) booted.
+    #[serde(default)]
+    pub max_memory_mib: u64,
+    #[serde(default)]
+    pub max_cpus: u32,
+    /// Set for clones (and for a source VM resumed from its template).
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub identity: Option<Identity>,
+    /// Memory DIMMs hot-plugged so far (their ids are dimm1, dimm2, ...).
+    #[serde(default)]
+    pub dimms: u32,
+}
+
+/// The largest hot-plug bounds a VM gets: memory up to 4× its size (at
+/// least 4 GiB, at most 64 GiB), CPUs up to 8 (or its count if higher).
+pub fn hotplug_bounds(memory_mib: u64, cpus: u32) -> (u64, u32) {
+    (
+        (memory_mib * 4).clamp(4096, 65536).max(memory_mib),
+        cpus.max(8),
+    )
+}
+
+/// Hot-plugged memory comes in multiples of the guest's memory block size.
+pub const MEMORY_STEP_MIB: u64 = 128;
+
+/// A new, random identity. MACs are locally administered (52:54:00 is
+/// QEMU's prefix); the agent checks them against its other VMs.
+pub fn new_identity(hostname: &str) -> Identity {
+    let mut rng = rand::rng();
+    let b: [u8; 16] = rng.random();
+    let seed: [u8; 32] = rng.random();
+    let hex = |bytes: &[u8]| bytes.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // RFC 4122 version 4 variant 1
+    let mut g = b;
+    g[6] = (g[6] & 0x0f) | 0x40;
+    g[8] = (g[8] & 0x3f) | 0x80;
+    let guid = hex(&g);
+    Identity {
+        hostname: hostname.to_owned(),
+        instance_id: format!("i-{}", hex(&b[..8])),
+        mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", b[9], b[10], b[11]),
+        vmgenid: format!(
+            "{}-{}-{}-{}-{}",
+            &guid[..8],
+            &guid[8..12],
+            &guid[12..16],
+            &guid[16..20],
+            &guid[20..]
+        ),
+        seed: hex(&seed),
+    }
+}
+
+/// How a VM's QEMU starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Boot from the kernel/disk, with its own shared RAM file.
+    Boot,
+    /// Resume a template: map its RAM file private, load its device state,
+    /// then grow to the record's memory and CPUs.
+    Resume {
+        template: String,
+        ram: PathBuf,
+        state: PathBuf,
+        memory_mib: u64,
+        cpus: u32,
+    },
 }
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
 /// Exit of one QEMU process, signalled by its monitor thread.
 #[derive(Debug, Default)]
-struct Exit {
+pub(crate) struct Exit {
     status: Mutex<Option<ExitStatus>>,
     done: Condvar,
 }
 
 impl Exit {
-    fn wait(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let mut s = self.status.lock();
         if s.is_none() {
             self.done.wait_for(&mut s, timeout);
@@ -72,6 +146,11 @@ impl Exit {
 #[derive(Debug)]
 pub struct VmManager {
     root: PathBuf,
+    ram_dir: PathBuf,
+    /// The agent's end of each running VM's guest channel.
+    channels: Mutex<HashMap<String, GuestChannel>>,
+    /// How the last start of each VM went (not persisted).
+    start_times: Mutex<HashMap<String, StartTimes>>,
     spawner: Mutex<mpsc::Sender<SpawnRequest>>,
     running: Mutex<HashMap<String, (u32, Arc<Exit>)>>,
     /// Serialises state changes of VM records.
@@ -79,7 +158,11 @@ pub struct VmManager {
 }
 
 impl VmManager {
-    pub fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf, ram_dir: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&ram_dir).map_err(AgentError::io(format!(
+            "creating RAM directory {}",
+            ram_dir.display()
+        )))?;
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
         // PR_SET_PDEATHSIG fires when the thread that forked the child
         // exits, so children must come from a thread that lives as long as
@@ -92,12 +175,34 @@ impl VmManager {
                 }
             })
             .expect("spawning the QEMU spawner thread");
-        VmManager {
+        Ok(VmManager {
             root,
+            ram_dir,
+            channels: Mutex::default(),
+            start_times: Mutex::default(),
             spawner: Mutex::new(tx),
             running: Mutex::default(),
             transitions: Mutex::new(()),
-        }
+        })
+    }
+
+    pub fn ram_dir(&self) -> &Path {
+        &self.ram_dir
+    }
+
+    /// The shared RAM file of a booted VM.
+    pub fn ram_file(&self, name: &str) -> PathBuf {
+        self.ram_dir.join(format!("vm-{name}.ram"))
+    }
+
+    /// Sends a message on a running VM's guest channel.
+    pub fn send(&self, name: &str, msg: &Message) -> Result<()> {
+        let mut channels = self.channels.lock();
+        let ch = channels.get_mut(name).ok_or_else(|| {
+            AgentError::State(format!("vm {name} has no guest channel (is it running?)"))
+        })?;
+        ch.send(msg)
+            .map_err(|e| AgentError::State(format!("guest channel of {name}: {e}")))
     }
 
     fn spawn(&self, cmd: Command) -> std::io::Result<Child> {
@@ -139,8 +244,47 @@ impl VmManager {
             rec.reason = Some(reason);
             meta.put(Table::Vms, &name, &rec)?;
         }
+        // No VM runs now: their own RAM files are debris.
+        if let Ok(entries) = fs::read_dir(&self.ram_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("vm-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// A VM can only grow, within the bounds it booted with, memory in whole
+/// guest memory blocks.
+pub(crate) fn check_growth(rec: &VmRecord, memory_mib: u64, cpus: u32) -> Result<()> {
+    if memory_mib < rec.memory_mib || cpus < rec.cpus {
+        return Err(AgentError::Invalid(format!(
+            "memory and CPUs can only grow (now {} MiB, {} CPUs)",
+            rec.memory_mib, rec.cpus
+        )));
+    }
+    if !(memory_mib - rec.memory_mib).is_multiple_of(MEMORY_STEP_MIB) {
+        return Err(AgentError::Invalid(format!(
+            "memory can grow in steps of {MEMORY_STEP_MIB} MiB (the guest's memory block size); \
+             {memory_mib} MiB is {} MiB more than {} MiB",
+            memory_mib - rec.memory_mib,
+            rec.memory_mib
+        )));
+    }
+    if memory_mib > rec.max_memory_mib || cpus > rec.max_cpus {
+        return Err(AgentError::Invalid(format!(
+            "at most {} MiB and {} CPUs: the bounds are fixed when the VM (or its template) boots",
+            rec.max_memory_mib, rec.max_cpus
+        )));
+    }
+    if memory_mib > rec.memory_mib && rec.dimms >= MEMORY_SLOTS {
+        return Err(AgentError::Invalid(format!(
+            "all {MEMORY_SLOTS} memory slots are used"
+        )));
+    }
+    Ok(())
 }
 
 fn tail(path: &Path, max: usize) -> String {
@@ -182,10 +326,37 @@ impl Agent {
             reason: rec.reason.clone(),
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
+            template: rec.template.clone(),
+            group: rec.group.clone(),
+            hostname: rec.identity.as_ref().map(|i| i.hostname.clone()),
+            instance_id: rec.identity.as_ref().map(|i| i.instance_id.clone()),
+            mac: rec.identity.as_ref().map(|i| i.mac.clone()),
+            vmgenid: rec.identity.as_ref().map(|i| i.vmgenid.clone()),
+            start_ms: self.vms.start_times.lock().get(name).cloned(),
         }
     }
 
-    fn set_vm_state(&self, name: &str, f: impl FnOnce(&mut VmRecord)) -> Result<VmRecord> {
+    /// A fresh identity whose MAC no other VM of this agent has.
+    pub(crate) fn unique_identity(&self, hostname: &str) -> Result<Identity> {
+        let macs: std::collections::HashSet<String> = self
+            .meta
+            .list::<VmRecord>(Table::Vms)?
+            .into_iter()
+            .filter_map(|(_, r)| r.identity.map(|i| i.mac))
+            .collect();
+        loop {
+            let id = new_identity(hostname);
+            if !macs.contains(&id.mac) {
+                return Ok(id);
+            }
+        }
+    }
+
+    pub(crate) fn set_vm_state(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmRecord> {
         let _serial = self.vms.transitions.lock();
         let mut rec = self.vm_record(name)?;
         f(&mut rec);
@@ -194,6 +365,7 @@ impl Agent {
     }
 
     pub fn run_vm(self: &Arc<Self>, req: &VmCreate) -> Result<VmInfo> {
+        let t0 = Instant::now();
         check_name("vm", &req.name)?;
         let accel = match &req.accel {
             Some(a) => a.parse::<Accel>().map_err(AgentError::Invalid)?,
@@ -215,6 +387,7 @@ impl Agent {
             }
         }
         self.resolve_image(&req.image)?;
+        let (max_memory_mib, max_cpus) = hotplug_bounds(req.memory_mib, req.cpus);
         let rec = VmRecord {
             image: req.image.clone(),
             disk: req.name.clone(),
@@ -228,6 +401,12 @@ impl Agent {
             append: req.append.clone(),
             created: now(),
             reason: None,
+            max_memory_mib,
+            max_cpus,
+            template: None,
+            group: None,
+            identity: Some(self.unique_identity(&req.name)?),
+            dimms: 0,
         };
         if !self.meta.insert_new(Table::Vms, &req.name, &rec)? {
             return Err(AgentError::Exists {
@@ -237,37 +416,99 @@ impl Agent {
         }
         let result = self
             .create_disk(&req.name, &req.image, Some(&req.name))
-            .and_then(|_| self.start_vm(&req.name, rec));
+            .and_then(|_| self.start_vm(&req.name, rec, Start::Boot, t0));
         if let Err(e) = &result {
-            tracing::error!(vm = %req.name, error = %e.chain(), "VM failed to start");
-            if self.exports.disk(&req.name).is_none() {
-                // The disk was never made: nothing of the VM remains.
-                let _ = self.meta.remove(Table::Vms, &req.name);
-            } else if !self.vms.running.lock().contains_key(&req.name) {
-                // QEMU never ran (or is gone): record why, keep the disk.
-                let reason = e.chain();
-                let _ = self.set_vm_state(&req.name, |r| {
-                    if matches!(r.state, VmState::Starting | VmState::Running) {
-                        r.state = VmState::Failed;
-                        r.pid = None;
-                        r.reason = Some(reason);
-                    }
-                });
-            }
+            self.settle_failed_start(&req.name, e);
         }
         result
     }
 
-    /// Starts QEMU for a VM whose record and disk exist.
-    fn start_vm(self: &Arc<Self>, name: &str, rec: VmRecord) -> Result<VmInfo> {
+    /// After a failed start: without a disk nothing of the VM remains;
+    /// with one, the record says why it failed and the disk is kept.
+    pub(crate) fn settle_failed_start(&self, name: &str, e: &AgentError) {
+        tracing::error!(vm = %name, error = %e.chain(), "VM failed to start");
+        if self.exports.disk(name).is_none() {
+            let _ = self.meta.remove(Table::Vms, name);
+        } else if !self.vms.running.lock().contains_key(name) {
+            let reason = e.chain();
+            let _ = self.set_vm_state(name, |r| {
+                if matches!(r.state, VmState::Starting | VmState::Running) {
+                    r.state = VmState::Failed;
+                    r.pid = None;
+                    r.reason = Some(reason);
+                }
+            });
+        }
+    }
+
+    /// The QEMU process and exit signal of a running VM.
+    pub(crate) fn running_vm(&self, name: &str) -> Option<(u32, Arc<Exit>)> {
+        self.vms.running.lock().get(name).cloned()
+    }
+
+    /// Starts QEMU for a VM whose record and disk exist: boots it, or
+    /// resumes it from a template. Returns once the guest runs.
+    pub(crate) fn start_vm(
+        self: &Arc<Self>,
+        name: &str,
+        rec: VmRecord,
+        start: Start,
+        t0: Instant,
+    ) -> Result<VmInfo> {
+        let mut times = StartTimes {
+            disk: t0.elapsed().as_secs_f64() * 1e3,
+            ..Default::default()
+        };
         let dir = self.vms.dir(name);
-        let _ = fs::remove_dir_all(&dir);
+        match &start {
+            // A fresh VM: whatever is there is debris.
+            Start::Boot => {
+                let _ = fs::remove_dir_all(&dir);
+            }
+            // The same VM again (a source resumed from its template): its
+            // console log goes on, the old sockets go.
+            Start::Resume { .. } => {
+                let _ = fs::remove_file(dir.join("qmp.sock"));
+                let _ = fs::remove_file(dir.join("channel.sock"));
+            }
+        }
         fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        let (ram, memory_mib, cpus) = match &start {
+            Start::Boot => (
+                RamFile {
+                    path: self.vms.ram_file(name),
+                    shared: true,
+                },
+                rec.memory_mib,
+                rec.cpus,
+            ),
+            Start::Resume {
+                ram,
+                memory_mib,
+                cpus,
+                ..
+            } => (
+                RamFile {
+                    path: ram.clone(),
+                    shared: false,
+                },
+                *memory_mib,
+                *cpus,
+            ),
+        };
+        let identity = rec.identity.clone();
         let spec = VmSpec {
             name: name.to_owned(),
             accel: rec.accel.parse().map_err(AgentError::Invalid)?,
-            memory_mib: rec.memory_mib,
-            cpus: rec.cpus,
+            memory_mib,
+            max_memory_mib: rec.max_memory_mib,
+            cpus,
+            max_cpus: rec.max_cpus,
+            ram: Some(ram),
+            mac: identity.as_ref().map(|i| i.mac.clone()),
+            vmgenid: identity.as_ref().map(|i| i.vmgenid.clone()),
+            channel_socket: Some(dir.join("channel.sock")),
+            incoming: matches!(start, Start::Resume { .. }),
             kernel: rec.kernel.clone(),
             initrd: rec.initrd.clone(),
             append: rec.append.clone(),
@@ -318,11 +559,18 @@ impl Agent {
         let agent = self.clone();
         let vm = name.to_owned();
         let monitor_exit = exit.clone();
+        let own_ram = matches!(start, Start::Boot).then(|| self.vms.ram_file(name));
         std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || {
                 let status = child.wait();
                 agent.vms.running.lock().remove(&vm);
+                agent.vms.channels.lock().remove(&vm);
+                // A booted VM's RAM dies with it (unless a template took
+                // the file over, in which case it is gone from here).
+                if let Some(ram) = own_ram {
+                    let _ = fs::remove_file(ram);
+                }
                 let qemu_log = agent.vms.dir(&vm).join("qemu.log");
                 let outcome = agent.set_vm_state(&vm, |r| {
                     r.pid = None;
@@ -354,9 +602,12 @@ impl Agent {
                 monitor_exit.done.notify_all();
             })
             .map_err(AgentError::io("starting the VM monitor thread"))?;
-        match Qmp::connect(&spec.qmp_socket, Duration::from_secs(20)).and_then(|mut q| q.status()) {
-            Ok(status) => {
-                tracing::info!(vm = name, pid, %status, "VM started");
+        let started = self.bring_up(name, &rec, &spec, &start, &mut times, t0);
+        match started {
+            Ok(()) => {
+                times.total = t0.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(vm = name, pid, total_ms = times.total, "VM running");
+                self.vms.start_times.lock().insert(name.to_owned(), times);
                 let rec = self.set_vm_state(name, |r| {
                     if r.state == VmState::Starting {
                         r.state = VmState::Running;
@@ -369,11 +620,117 @@ impl Agent {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 exit.wait(Duration::from_secs(10));
                 Err(AgentError::State(format!(
-                    "QEMU did not come up ({e}): {}",
+                    "QEMU did not come up ({}): {}",
+                    e.chain(),
                     tail(&qemu_log, 5)
                 )))
             }
         }
+    }
+
+    /// QMP up; for a clone: state loaded, memory and CPUs added, resumed;
+    /// then the guest channel connected and the identity sent.
+    fn bring_up(
+        &self,
+        name: &str,
+        rec: &VmRecord,
+        spec: &VmSpec,
+        start: &Start,
+        times: &mut StartTimes,
+        t0: Instant,
+    ) -> Result<()> {
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(e.to_string());
+        let mut qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(20)).map_err(qmp_err)?;
+        times.qemu = t0.elapsed().as_secs_f64() * 1e3 - times.disk;
+        if let Start::Resume {
+            state,
+            memory_mib,
+            cpus,
+            ..
+        } = start
+        {
+            let t = Instant::now();
+            qmp.load_state(state, Duration::from_secs(30))
+                .map_err(qmp_err)?;
+            times.load = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let mut dimm = 0;
+            let mut have = *memory_mib;
+            while have < rec.memory_mib {
+                dimm += 1;
+                let add = rec.memory_mib - have;
+                qmp.add_memory(&format!("dimm{dimm}"), add)
+                    .map_err(qmp_err)?;
+                have += add;
+            }
+            if rec.cpus > *cpus {
+                qmp.add_cpus(rec.cpus).map_err(qmp_err)?;
+            }
+            times.resize = t.elapsed().as_secs_f64() * 1e3;
+            qmp.execute("cont", None).map_err(qmp_err)?;
+            if dimm > 0 {
+                self.set_vm_state(name, |r| r.dimms = dimm)?;
+            }
+        } else {
+            qmp.status().map_err(qmp_err)?;
+        }
+        let sock = spec
+            .channel_socket
+            .as_ref()
+            .expect("every VM has a channel");
+        let mut channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
+        if let Some(id) = &rec.identity {
+            channel
+                .send(&Message::Identity(id.clone()))
+                .map_err(qmp_err)?;
+        }
+        if matches!(start, Start::Resume { cpus, .. } if rec.cpus > *cpus) {
+            channel
+                .send(&Message::Resources { cpus: rec.cpus })
+                .map_err(qmp_err)?;
+        }
+        self.vms.channels.lock().insert(name.to_owned(), channel);
+        Ok(())
+    }
+
+    /// Grows a running VM: hot-plugs memory (a DIMM) and CPUs, then tells
+    /// the guest to bring them online.
+    pub fn resize_vm(
+        &self,
+        name: &str,
+        memory_mib: Option<u64>,
+        cpus: Option<u32>,
+    ) -> Result<VmInfo> {
+        let rec = self.vm_record(name)?;
+        if rec.state != VmState::Running {
+            return Err(AgentError::State(format!(
+                "vm {name} is {}, not running",
+                rec.state
+            )));
+        }
+        let memory = memory_mib.unwrap_or(rec.memory_mib);
+        let cpus = cpus.unwrap_or(rec.cpus);
+        check_growth(&rec, memory, cpus)?;
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(e.to_string());
+        let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))
+            .map_err(qmp_err)?;
+        let mut dimms = rec.dimms;
+        if memory > rec.memory_mib {
+            dimms += 1;
+            qmp.add_memory(&format!("dimm{dimms}"), memory - rec.memory_mib)
+                .map_err(qmp_err)?;
+        }
+        if cpus > rec.cpus {
+            qmp.add_cpus(cpus).map_err(qmp_err)?;
+        }
+        let rec = self.set_vm_state(name, |r| {
+            r.memory_mib = memory;
+            r.cpus = cpus;
+            r.dimms = dimms;
+        })?;
+        self.vms.send(name, &Message::Resources { cpus })?;
+        tracing::info!(vm = name, memory_mib = memory, cpus, "resized");
+        Ok(self.vm_info(name, &rec))
     }
 
     pub fn list_vms(&self) -> Result<Vec<VmInfo>> {
@@ -474,5 +831,7 @@ impl Agent {
                 r.reason = Some("stopped because the agent shut down".into())
             });
         }
+        // Nothing left in it (no templates): leave no empty directory.
+        let _ = fs::remove_dir(self.vms.ram_dir());
     }
 }

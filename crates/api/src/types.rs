@@ -248,6 +248,130 @@ pub struct VmInfo {
     pub reason: Option<String>,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
+    /// The template this VM was cloned from (or resumed from after it was
+    /// captured), if any.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// The clone group (`spore vm clone --name`), if any.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Guest-visible identity: hostname, instance id, MAC, generation ID.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub vmgenid: Option<String>,
+    /// Where this VM's time to running went, in milliseconds, when it was
+    /// started by this agent run (clones: QEMU start, state load, resume).
+    #[serde(default)]
+    pub start_ms: Option<StartTimes>,
+}
+
+/// Phases of starting a VM, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartTimes {
+    /// Disk overlay created.
+    pub disk: f64,
+    /// QEMU process started and its monitor answering.
+    pub qemu: f64,
+    /// Device state loaded (clones).
+    pub load: f64,
+    /// Memory and CPUs added beyond the template (clones).
+    pub resize: f64,
+    /// From the request to the guest running.
+    pub total: f64,
+}
+
+/// `POST /v1/vms/{name}/template`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateCreate {
+    /// Name of the new template.
+    pub name: String,
+    /// Leave the source VM stopped instead of resuming it from the template.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: String,
+    /// The VM it was captured from, and that VM's image.
+    pub source_vm: String,
+    pub source_image: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub max_memory_mib: u64,
+    pub max_cpus: u32,
+    pub accel: String,
+    /// The image holding its RAM (zero pages not stored, chunks deduped).
+    pub ram_image: String,
+    /// The image holding its disk: the source's image plus what it wrote.
+    pub disk_image: String,
+    /// RAM bytes that are not zero, as stored in chunks.
+    pub ram_stored_bytes: u64,
+    /// RAM chunks, and those that were already in the store (dedupe).
+    pub ram_chunks: u64,
+    pub ram_chunks_deduped: u64,
+    /// Size of the device-state stream.
+    pub state_bytes: u64,
+    /// How long the source VM was paused for the capture, in ms.
+    pub pause_ms: f64,
+    /// VMs made from this template that exist now.
+    pub clones: Vec<String>,
+    pub created: u64,
+    /// What happened to the source VM.
+    pub source_after: String,
+}
+
+/// `POST /v1/templates/{name}/clone`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneRequest {
+    #[serde(default = "default_count")]
+    pub count: u32,
+    /// Clone names are `PREFIX-1`, `PREFIX-2`, ... and the clones form the
+    /// group PREFIX. Default: the template's name.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// More memory than the template (hot-plugged, multiple of 128 MiB).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// More CPUs than the template (hot-plugged).
+    #[serde(default)]
+    pub cpus: Option<u32>,
+}
+
+fn default_count() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneResult {
+    pub template: String,
+    pub group: String,
+    pub vms: Vec<VmInfo>,
+    /// Clones that failed to start, with why.
+    pub failed: Vec<(String, String)>,
+    /// Wall time of the whole request, in ms.
+    pub total_ms: f64,
+}
+
+/// `POST /v1/vms/{name}/resize`: grow a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+}
+
+/// `DELETE /v1/groups/{name}`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRemoved {
+    pub group: String,
+    pub removed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -97,6 +97,23 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>, SourceError> {
     Ok(Box::new(RawSource { file, size }))
 }
 
+/// Opens `path` as raw bytes, whatever they look like (guest RAM may start
+/// with anything, including a qcow2 magic).
+pub fn open_raw(path: &Path) -> Result<Box<dyn Source>, SourceError> {
+    let shown = path.display().to_string();
+    let open = || -> io::Result<RawSource> {
+        let file = File::open(path)?;
+        let size = file_size(&file)?;
+        Ok(RawSource { file, size })
+    };
+    open()
+        .map(|r| Box::new(r) as Box<dyn Source>)
+        .map_err(|source| SourceError::Open {
+            path: shown,
+            source,
+        })
+}
+
 fn file_size(file: &File) -> io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {

@@ -6,13 +6,47 @@ use crate::Accel;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// Hot-plug slots for memory (pc-dimm) on every VM.
+pub const MEMORY_SLOTS: u32 = 8;
+
+/// Guest RAM backed by a file, so that it can become a template (shared)
+/// or map a template copy-on-write (private).
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    pub path: PathBuf,
+    /// `share=on`: the guest writes the file (a VM that may become a
+    /// template). `share=off`: writes stay private to this QEMU (a clone).
+    pub shared: bool,
+}
+
 /// Everything needed to start one VM.
+///
+/// Two specs are migration-compatible (a clone can load its template's
+/// state) when they differ only in name, sockets, logs, `mac`, `vmgenid`,
+/// `ram.shared` and `incoming`: the machine, memory layout and device list
+/// must match.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub name: String,
     pub accel: Accel,
     pub memory_mib: u64,
+    /// Upper bound for memory hot-plug (`-m ...,maxmem=`).
+    pub max_memory_mib: u64,
     pub cpus: u32,
+    /// Upper bound for CPU hot-plug (`-smp ...,maxcpus=`).
+    pub max_cpus: u32,
+    pub ram: Option<RamFile>,
+    /// MAC address of the VM's NIC (a virtio-net device on an unconnected
+    /// hub: a guest-visible identity, no traffic leaves the VM).
+    pub mac: Option<String>,
+    /// VM generation ID (a GUID); a new one tells a guest with a vmgenid
+    /// driver that it was cloned.
+    pub vmgenid: Option<String>,
+    /// The spore guest channel: a virtio-serial port `org.spore.channel`
+    /// backed by this unix socket (QEMU listens, the agent connects).
+    pub channel_socket: Option<PathBuf>,
+    /// Start paused waiting for `migrate-incoming` (`-S -incoming defer`).
+    pub incoming: bool,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
@@ -36,16 +70,35 @@ impl VmSpec {
             "none",
             "-no-reboot",
         ]);
-        push(&["-machine", "q35", "-accel", &self.accel.to_string()]);
+        let machine = match &self.ram {
+            Some(_) => "q35,memory-backend=ram0",
+            None => "q35",
+        };
+        push(&["-machine", machine, "-accel", &self.accel.to_string()]);
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
         }
         push(&[
             "-m",
-            &format!("{}M", self.memory_mib),
+            &format!(
+                "{}M,slots={MEMORY_SLOTS},maxmem={}M",
+                self.memory_mib,
+                self.max_memory_mib.max(self.memory_mib)
+            ),
             "-smp",
-            &self.cpus.to_string(),
+            &format!("{},maxcpus={}", self.cpus, self.max_cpus.max(self.cpus)),
         ]);
+        if let Some(ram) = &self.ram {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                    self.memory_mib,
+                    ram.path.display(),
+                    if ram.shared { "on" } else { "off" }
+                ),
+            ]);
+        }
         if let Some(k) = &self.kernel {
             push(&["-kernel", &k.display().to_string()]);
         }
@@ -65,15 +118,47 @@ impl VmSpec {
         });
         push(&["-blockdev", &blockdev.to_string()]);
         push(&["-device", "virtio-blk-pci,drive=disk0,id=vda"]);
+        if let Some(mac) = &self.mac {
+            push(&["-netdev", "hubport,id=net0,hubid=0"]);
+            push(&[
+                "-device",
+                &format!("virtio-net-pci,netdev=net0,id=nic0,mac={mac}"),
+            ]);
+        }
+        if let Some(guid) = &self.vmgenid {
+            push(&["-device", &format!("vmgenid,id=vmgenid0,guid={guid}")]);
+        }
+        if let Some(sock) = &self.channel_socket {
+            push(&["-device", "virtio-serial-pci,id=vser0"]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=channel0,path={},server=on,wait=off",
+                    sock.display()
+                ),
+            ]);
+            push(&[
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=channel0,name=org.spore.channel",
+            ]);
+        }
         push(&[
             "-chardev",
-            &format!("file,id=serial0,path={}", self.serial_log.display()),
+            &format!(
+                "file,id=serial0,path={},append=on",
+                self.serial_log.display()
+            ),
         ]);
         push(&["-serial", "chardev:serial0"]);
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
         ]);
+        if self.incoming {
+            // -S: stay paused after the state is loaded, so that memory and
+            // CPUs can be added before the guest runs again.
+            push(&["-S", "-incoming", "defer"]);
+        }
         a
     }
 }
@@ -88,7 +173,14 @@ mod tests {
             name: "t".into(),
             accel: Accel::Tcg,
             memory_mib: 512,
+            max_memory_mib: 4096,
             cpus: 2,
+            max_cpus: 8,
+            ram: None,
+            mac: None,
+            vmgenid: None,
+            channel_socket: None,
+            incoming: false,
             kernel: Some("/k".into()),
             initrd: None,
             append: Some("console=ttyS0".into()),
@@ -100,11 +192,76 @@ mod tests {
         let args = spec.args().join(" ");
         assert!(args.contains("-accel tcg"));
         assert!(!args.contains("-cpu host"));
-        assert!(args.contains("-m 512M -smp 2"));
+        assert!(args.contains("-m 512M,slots=8,maxmem=4096M -smp 2,maxcpus=8"));
+        assert!(args.contains("-machine q35 "));
         assert!(args.contains(r#""export":"disk/t""#));
         assert!(args.contains(r#""path":"/d/nbd.sock""#));
         assert!(args.contains("-qmp unix:/d/qmp.sock,server=on,wait=off"));
         assert!(args.contains("file,id=serial0,path=/d/serial.log"));
         assert!(!args.contains("-initrd"));
+        assert!(!args.contains("-incoming"));
+        assert!(!args.contains("memory-backend"));
+    }
+
+    #[test]
+    fn template_and_clone_differ_only_in_sharing_identity_and_incoming() {
+        let template = VmSpec {
+            name: "t".into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            max_memory_mib: 2048,
+            cpus: 1,
+            max_cpus: 4,
+            kernel: None,
+            initrd: None,
+            append: None,
+            nbd_socket: "/d/nbd.sock".into(),
+            export: "disk/t".into(),
+            qmp_socket: "/d/qmp.sock".into(),
+            serial_log: "/d/serial.log".into(),
+            ram: Some(RamFile {
+                path: "/shm/t.ram".into(),
+                shared: true,
+            }),
+            mac: Some("52:54:00:00:00:01".into()),
+            vmgenid: Some("00000000-0000-4000-8000-000000000001".into()),
+            channel_socket: Some("/d/channel.sock".into()),
+            incoming: false,
+        };
+        let args = template.args().join(" ");
+        assert!(args.contains("-machine q35,memory-backend=ram0"));
+        assert!(args.contains("memory-backend-file,id=ram0,size=256M,mem-path=/shm/t.ram,share=on"));
+        assert!(args.contains("virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01"));
+        assert!(args.contains("vmgenid,id=vmgenid0,guid=00000000-0000-4000-8000-000000000001"));
+        assert!(args.contains("name=org.spore.channel"));
+        let clone = VmSpec {
+            ram: Some(RamFile {
+                path: "/shm/t.ram".into(),
+                shared: false,
+            }),
+            mac: Some("52:54:00:00:00:02".into()),
+            vmgenid: Some("00000000-0000-4000-8000-000000000002".into()),
+            incoming: true,
+            ..template.clone()
+        };
+        let cargs = clone.args();
+        assert!(cargs.join(" ").contains("share=off"));
+        assert_eq!(&cargs[cargs.len() - 2..], ["-incoming", "defer"]);
+        // Same devices in the same order: migration compatible.
+        let devices = |a: &[String]| -> Vec<String> {
+            a.windows(2)
+                .filter(|w| w[0] == "-device")
+                .map(|w| {
+                    w[1].split(",mac=")
+                        .next()
+                        .unwrap()
+                        .split(",guid=")
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        assert_eq!(devices(&template.args()), devices(&cargs));
     }
 }

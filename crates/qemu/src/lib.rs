@@ -5,9 +5,12 @@
 //! disk attached over NBD and controls it through its QMP socket.
 
 pub mod accel;
+pub mod channel;
 pub mod cmdline;
 pub mod qmp;
+pub mod state;
 
 pub use accel::Accel;
-pub use cmdline::{VmSpec, QEMU_BINARY};
+pub use channel::{GuestChannel, Identity, Message};
+pub use cmdline::{RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY};
 pub use qmp::{Qmp, QmpError};

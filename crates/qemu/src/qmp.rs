@@ -27,6 +27,10 @@ pub enum QmpError {
     },
     #[error("QMP socket {0} did not come up in time")]
     Timeout(String),
+    #[error("{0}")]
+    Migration(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 #[derive(Debug)]

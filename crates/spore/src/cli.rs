@@ -46,6 +46,9 @@ pub enum Command {
     /// Virtual machines
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Templates: VMs captured in memory, for clones that start without booting
+    #[command(subcommand)]
+    Template(crate::templates::TemplateCmd),
     /// Several hosts on this machine (network namespaces), each with an agent
     #[command(subcommand)]
     Cluster(crate::cluster::ClusterCmd),
@@ -93,6 +96,9 @@ pub struct AgentArgs {
     /// Serve peers' requests for images and chunks this host lacks by fetching them upstream first
     #[arg(long)]
     relay: bool,
+    /// Where guest RAM files live (a tmpfs) [default: /dev/shm/spore-<hash of DATA_DIR>]
+    #[arg(long)]
+    ram_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -206,12 +212,54 @@ pub enum VmCmd {
     },
     /// Stop a VM (QEMU quits; the disk stays)
     Stop { name: String },
-    /// Remove a stopped VM and its disk
+    /// Remove a stopped VM and its disk (or a whole clone group)
     Rm {
-        name: String,
+        #[arg(required_unless_present = "group")]
+        name: Option<String>,
         /// Stop it first if it runs
         #[arg(long)]
         force: bool,
+        /// Remove every VM of this clone group (stopping them)
+        #[arg(long, conflicts_with = "name")]
+        group: Option<String>,
+    },
+    /// Turn a running VM into a template (paused for the capture, then
+    /// resumed from the template unless --stop)
+    Template {
+        vm: String,
+        /// Name of the template
+        #[arg(long)]
+        name: String,
+        /// Leave the VM stopped afterwards
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start clones of a template: resumed, not booted
+    Clone {
+        template: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Clones are PREFIX-1..N and form the group PREFIX [default: the template's name]
+        #[arg(long = "name")]
+        prefix: Option<String>,
+        /// More memory than the template (hot-plugged; steps of 128M)
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// More CPUs than the template (hot-plugged)
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a running VM: memory (steps of 128M) and CPUs, seen by the guest at once
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cpus: Option<u32>,
     },
     /// Show the VM's serial console
     Log {
@@ -269,7 +317,7 @@ async fn with_progress<T: serde::de::DeserializeOwned>(
     Ok(result?)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -290,6 +338,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.complete_images = a.complete_images;
             config.profile_seconds = a.profile_seconds;
             config.relay = a.relay;
+            config.ram_dir = a.ram_dir.as_deref().map(abs).transpose()?;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -358,6 +407,7 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         Command::Image(cmd) => image_command(cmd, &c).await?,
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
+        Command::Template(cmd) => crate::templates::template_command(cmd, &c).await?,
         Command::Agent(_) | Command::Bench(_) | Command::Cluster(_) => {
             unreachable!("handled without a client")
         }
@@ -705,7 +755,8 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
             }
             table(
                 &[
-                    "NAME", "STATE", "IMAGE", "PID", "ACCEL", "MEMORY", "CPUS", "REASON",
+                    "NAME", "STATE", "IMAGE", "TEMPLATE", "PID", "ACCEL", "MEMORY", "CPUS",
+                    "REASON",
                 ],
                 list.into_iter()
                     .map(|v| {
@@ -713,6 +764,7 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
                             v.name,
                             v.state.to_string(),
                             v.image,
+                            v.template.unwrap_or_else(|| "-".into()),
                             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                             v.accel,
                             format!("{}M", v.memory_mib),
@@ -733,7 +785,14 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
                 .await?;
             println!("vm {} {}", v.name, v.state);
         }
-        VmCmd::Rm { name, force } => {
+        VmCmd::Rm {
+            group: Some(group), ..
+        } => crate::templates::remove_group(c, &group).await?,
+        VmCmd::Rm {
+            name: Some(name),
+            force,
+            ..
+        } => {
             let _: serde_json::Value = c
                 .call(
                     hyper::Method::DELETE,
@@ -760,6 +819,32 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
             if until.is_some() && !found {
                 return Ok(ExitCode::from(1));
             }
+        }
+        VmCmd::Rm { .. } => bail!("name a VM or a --group"),
+        VmCmd::Template {
+            vm,
+            name,
+            stop,
+            json,
+        } => crate::templates::template_vm(c, &vm, &name, stop, json).await?,
+        VmCmd::Clone {
+            template,
+            count,
+            prefix,
+            memory,
+            cpus,
+            json,
+        } => {
+            let req = spore_api::CloneRequest {
+                count,
+                prefix,
+                memory_mib: memory.map(|m| m >> 20),
+                cpus,
+            };
+            return crate::templates::clone(c, &template, &req, json).await;
+        }
+        VmCmd::Resize { name, memory, cpus } => {
+            crate::templates::resize(c, &name, memory.map(|m| m >> 20), cpus).await?
         }
     }
     Ok(ExitCode::SUCCESS)

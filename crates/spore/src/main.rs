@@ -6,6 +6,7 @@
 mod cli;
 mod cluster;
 mod format;
+mod templates;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -13,6 +13,8 @@ pub const SPORE: &str = env!("CARGO_BIN_EXE_spore");
 
 pub struct TestAgent {
     pub dir: tempfile::TempDir,
+    /// Guest RAM files (tmpfs), removed with the agent.
+    pub ram: tempfile::TempDir,
     pub agent: Option<AgentProcess>,
     args: Vec<String>,
 }
@@ -25,13 +27,27 @@ impl TestAgent {
     /// An agent with extra `spore agent` arguments (kept for restarts).
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut args: Vec<String> = vec!["--cache-size".into(), "64M".into()];
+        let ram = tempfile::Builder::new()
+            .prefix("spore-test-ram")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })
+            .expect("RAM tempdir");
+        let mut args: Vec<String> = vec![
+            "--cache-size".into(),
+            "64M".into(),
+            "--ram-dir".into(),
+            ram.path().display().to_string(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let agent = AgentProcess::start(Path::new(SPORE), &dir.path().join("data"), &refs)
             .expect("agent starts");
         TestAgent {
             dir,
+            ram,
             agent: Some(agent),
             args,
         }

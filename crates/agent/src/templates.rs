@@ -1,0 +1,566 @@
+//! Templates and clones: a running VM captured in memory, and VMs that
+//! resume from it without booting.
+//!
+//! ```text
+//!  VM (RAM file, share=on) ──stop, device state──► template T
+//!                                                   ├─ RAM file   tmpfs, read-only from now on
+//!                                                   ├─ T.ram      image: RAM chunks (zero pages skipped, deduped)
+//!                                                   ├─ T.disk     image: the VM's disk at the capture
+//!                                                   └─ state      device state (x-ignore-shared: no RAM)
+//!  clone: new disk over T.disk, QEMU maps the RAM file private (copy-on-write),
+//!         loads the state, grows, resumes, and gets its own identity over the
+//!         guest channel
+//! ```
+//!
+//! The source VM is paused for the capture. By default it then resumes from
+//! the template like a clone that keeps its name, disk and identity, so it
+//! shares the template's memory copy-on-write too; with `stop` it is left
+//! stopped.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use spore_api::{CloneRequest, CloneResult, GroupRemoved, TemplateCreate, TemplateInfo, VmState};
+use spore_qemu::Qmp;
+
+use crate::agent::{now, Agent, ImageRecord};
+use crate::error::{check_name, AgentError, Result};
+use crate::meta::Table;
+use crate::vms::{check_growth, Start, VmRecord};
+
+/// Block size of RAM images: 64 KiB, like disk images.
+const RAM_BLOCK_SIZE: u32 = 64 * 1024;
+
+/// At most this many clones per request.
+pub const MAX_CLONES: u32 = 256;
+
+/// Clones started at once (QEMU start-up is CPU-bound).
+const CLONE_WORKERS: usize = 2;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub source_vm: String,
+    pub source_image: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub max_memory_mib: u64,
+    pub max_cpus: u32,
+    pub accel: String,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    pub ram_image: String,
+    pub disk_image: String,
+    pub ram_stored_bytes: u64,
+    pub ram_chunks: u64,
+    pub ram_chunks_deduped: u64,
+    pub state_bytes: u64,
+    pub pause_ms: f64,
+    pub created: u64,
+    pub source_after: String,
+}
+
+impl Agent {
+    fn template_dir(&self, name: &str) -> PathBuf {
+        self.data_dir().join("templates").join(name)
+    }
+
+    /// The template's RAM file, which clones map copy-on-write.
+    pub fn template_ram(&self, name: &str) -> PathBuf {
+        self.vms.ram_dir().join(format!("tmpl-{name}.ram"))
+    }
+
+    pub fn template_record(&self, name: &str) -> Result<TemplateRecord> {
+        self.meta
+            .get(Table::Templates, name)?
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "template",
+                name: name.into(),
+            })
+    }
+
+    /// The template that owns an image (its RAM or disk), if any.
+    pub fn image_template(&self, image: &str) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .list::<TemplateRecord>(Table::Templates)?
+            .into_iter()
+            .find(|(_, t)| t.ram_image == image || t.disk_image == image)
+            .map(|(n, _)| n))
+    }
+
+    fn template_info(&self, name: &str, t: &TemplateRecord) -> Result<TemplateInfo> {
+        let clones = self
+            .meta
+            .list::<VmRecord>(Table::Vms)?
+            .into_iter()
+            .filter(|(_, v)| v.template.as_deref() == Some(name))
+            .map(|(n, _)| n)
+            .collect();
+        Ok(TemplateInfo {
+            name: name.to_owned(),
+            source_vm: t.source_vm.clone(),
+            source_image: t.source_image.clone(),
+            memory_mib: t.memory_mib,
+            cpus: t.cpus,
+            max_memory_mib: t.max_memory_mib,
+            max_cpus: t.max_cpus,
+            accel: t.accel.clone(),
+            ram_image: t.ram_image.clone(),
+            disk_image: t.disk_image.clone(),
+            ram_stored_bytes: t.ram_stored_bytes,
+            ram_chunks: t.ram_chunks,
+            ram_chunks_deduped: t.ram_chunks_deduped,
+            state_bytes: t.state_bytes,
+            pause_ms: t.pause_ms,
+            clones,
+            created: t.created,
+            source_after: t.source_after.clone(),
+        })
+    }
+
+    pub fn list_templates(&self) -> Result<Vec<TemplateInfo>> {
+        self.meta
+            .list::<TemplateRecord>(Table::Templates)?
+            .iter()
+            .map(|(n, t)| self.template_info(n, t))
+            .collect()
+    }
+
+    pub fn get_template(&self, name: &str) -> Result<TemplateInfo> {
+        let t = self.template_record(name)?;
+        self.template_info(name, &t)
+    }
+
+    /// Captures a running VM as template `req.name`.
+    pub fn template_vm(self: &Arc<Self>, vm: &str, req: &TemplateCreate) -> Result<TemplateInfo> {
+        let name = &req.name;
+        check_name("template", name)?;
+        let _serial = self.template_names.lock();
+        if self
+            .meta
+            .get::<TemplateRecord>(Table::Templates, name)?
+            .is_some()
+        {
+            return Err(AgentError::Exists {
+                kind: "template",
+                name: name.clone(),
+            });
+        }
+        let ram_image = format!("{name}.ram");
+        let disk_image = format!("{name}.disk");
+        for image in [&ram_image, &disk_image] {
+            check_name("image", image)?;
+            if self
+                .meta
+                .get::<ImageRecord>(Table::Images, image)?
+                .is_some()
+            {
+                return Err(AgentError::Exists {
+                    kind: "image",
+                    name: image.clone(),
+                });
+            }
+        }
+        let rec = self.vm_record(vm)?;
+        if rec.state != VmState::Running {
+            return Err(AgentError::State(format!(
+                "vm {vm} is {}; only a running VM can become a template",
+                rec.state
+            )));
+        }
+        if let Some(t) = &rec.template {
+            return Err(AgentError::State(format!(
+                "vm {vm} runs from template {t}: its memory is a private copy-on-write \
+                 mapping, not a file that can be captured; make templates from booted VMs"
+            )));
+        }
+        let Some((_, exit)) = self.running_vm(vm) else {
+            return Err(AgentError::State(format!("vm {vm} has no QEMU process")));
+        };
+        let vm_ram = self.vms.ram_file(vm);
+        if !vm_ram.is_file() {
+            return Err(AgentError::State(format!(
+                "vm {vm} has no RAM file at {} (was it started by an older agent?)",
+                vm_ram.display()
+            )));
+        }
+        let dir = self.template_dir(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        let state = dir.join("state");
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
+
+        // 1. Pause and save device state. From here until the source runs
+        //    again, its guest is frozen.
+        let paused = Instant::now();
+        let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
+            .map_err(qmp_err)?;
+        if let Err(e) = qmp.save_state(&state, Duration::from_secs(60)) {
+            let _ = qmp.execute("cont", None);
+            return Err(qmp_err(e));
+        }
+        // 2. The disk as the guest left it (QEMU flushed it on stop).
+        let disk = match self.commit_disk(&rec.disk, &disk_image) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = qmp.execute("cont", None);
+                return Err(e);
+            }
+        };
+        // 3. The RAM file becomes the template's; the source QEMU goes.
+        let tram = self.template_ram(name);
+        if let Err(e) = fs::rename(&vm_ram, &tram) {
+            let _ = qmp.execute("cont", None);
+            let _ = self.remove_image(&disk_image);
+            return Err(AgentError::Io {
+                context: format!("moving {} to {}", vm_ram.display(), tram.display()),
+                source: e,
+            });
+        }
+        let _ = fs::set_permissions(&tram, std::os::unix::fs::PermissionsExt::from_mode(0o400));
+        self.set_vm_state(vm, |r| r.state = VmState::Stopping)?;
+        let _ = qmp.execute("quit", None);
+        drop(qmp);
+        exit.wait(Duration::from_secs(15));
+
+        // 4. Kernel and initrd travel with the template (a clone's QEMU
+        //    must match the template's firmware and ROMs).
+        let keep = |what: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+            let Some(src) = p else { return Ok(None) };
+            let dst = dir.join(what);
+            if fs::hard_link(src, &dst).is_err() {
+                fs::copy(src, &dst).map_err(AgentError::io(format!(
+                    "copying {} into the template",
+                    src.display()
+                )))?;
+            }
+            Ok(Some(dst))
+        };
+        let kernel = keep("kernel", &rec.kernel)?;
+        let initrd = keep("initrd", &rec.initrd)?;
+        let state_bytes = fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+        let mut t = TemplateRecord {
+            source_vm: vm.to_owned(),
+            source_image: rec.image.clone(),
+            memory_mib: rec.memory_mib,
+            cpus: rec.cpus,
+            max_memory_mib: rec.max_memory_mib,
+            max_cpus: rec.max_cpus,
+            accel: rec.accel.clone(),
+            kernel,
+            initrd,
+            append: rec.append.clone(),
+            ram_image: ram_image.clone(),
+            disk_image: disk_image.clone(),
+            ram_stored_bytes: 0,
+            ram_chunks: 0,
+            ram_chunks_deduped: 0,
+            state_bytes,
+            pause_ms: 0.0,
+            created: now(),
+            source_after: String::new(),
+        };
+
+        // 5. The source: resumed from the template (same name, disk and
+        //    identity), or left stopped.
+        let resumed = if req.stop {
+            self.set_vm_state(vm, |r| {
+                r.reason = Some(format!("captured as template {name}"));
+            })?;
+            t.source_after = "stopped (its memory became the template)".into();
+            None
+        } else {
+            let mut again = self.vm_record(vm)?;
+            again.template = Some(name.clone());
+            self.meta.put(Table::Vms, vm, &again)?;
+            let start = Start::Resume {
+                template: name.clone(),
+                ram: tram.clone(),
+                state: state.clone(),
+                memory_mib: t.memory_mib,
+                cpus: t.cpus,
+            };
+            Some(self.start_vm(vm, again, start, Instant::now()))
+        };
+        t.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
+        match &resumed {
+            Some(Ok(_)) => {
+                t.source_after = format!(
+                    "resumed from the template after a {:.0} ms pause, sharing its memory",
+                    t.pause_ms
+                )
+            }
+            Some(Err(e)) => {
+                self.settle_failed_start(vm, e);
+                t.source_after = format!("failed to resume: {}", e.chain());
+            }
+            None => {}
+        }
+
+        // 6. RAM into the chunk store, so the template can be pushed,
+        //    pulled and inspected like an image.
+        let published = {
+            let _shared = self.gc_lock.read();
+            let source = spore_image::source::open_raw(&tram)?;
+            spore_image::import(
+                &self.store,
+                &*source,
+                "ram",
+                RAM_BLOCK_SIZE,
+                None,
+                &|_, _| {},
+            )?
+        };
+        t.ram_stored_bytes = published.stats.changed_blocks * RAM_BLOCK_SIZE as u64;
+        t.ram_chunks = published.stats.changed_blocks;
+        t.ram_chunks_deduped = published
+            .stats
+            .changed_blocks
+            .saturating_sub(published.stats.new_chunks);
+        let image_rec = ImageRecord {
+            manifest: published.id,
+            created: now(),
+            complete: false,
+            profile: None,
+        };
+        self.meta
+            .insert_new(Table::Images, &ram_image, &image_rec)?;
+        self.exports.bind_image(&ram_image, published.id);
+        self.meta.put(Table::Templates, name, &t)?;
+        tracing::info!(
+            template = %name,
+            vm,
+            pause_ms = t.pause_ms,
+            ram_chunks = t.ram_chunks,
+            deduped = t.ram_chunks_deduped,
+            disk_blocks = disk.layers,
+            "template captured"
+        );
+        self.template_info(name, &t)
+    }
+
+    /// Makes sure the template's RAM file exists (it lives in tmpfs, so a
+    /// host reboot loses it): rebuilt from the RAM image when missing.
+    fn ensure_template_ram(&self, name: &str, t: &TemplateRecord) -> Result<PathBuf> {
+        let path = self.template_ram(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let rec = self.image_record(&t.ram_image)?;
+        let img = self.exports.open_image(&rec.manifest)?;
+        let tmp = path.with_extension("tmp");
+        let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
+        let size = t.memory_mib << 20;
+        file.set_len(size)
+            .map_err(AgentError::io("sizing template RAM"))?;
+        let mut buf = vec![0u8; RAM_BLOCK_SIZE as usize];
+        let mut off = 0;
+        while off < size {
+            img.read_at(off, &mut buf)
+                .map_err(|e| AgentError::State(format!("reading {}: {e}", t.ram_image)))?;
+            if buf.iter().any(|&b| b != 0) {
+                std::os::unix::fs::FileExt::write_all_at(&file, &buf, off)
+                    .map_err(AgentError::io("writing template RAM"))?;
+            }
+            off += RAM_BLOCK_SIZE as u64;
+        }
+        drop(file);
+        fs::rename(&tmp, &path).map_err(AgentError::io("placing template RAM"))?;
+        let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400));
+        tracing::info!(template = name, "template RAM file rebuilt from its image");
+        Ok(path)
+    }
+
+    /// Starts `req.count` clones of a template.
+    pub fn clone_template(self: &Arc<Self>, name: &str, req: &CloneRequest) -> Result<CloneResult> {
+        let t0 = Instant::now();
+        let t = self.template_record(name)?;
+        if req.count == 0 || req.count > MAX_CLONES {
+            return Err(AgentError::Invalid(format!(
+                "count must be between 1 and {MAX_CLONES}"
+            )));
+        }
+        let prefix = req.prefix.clone().unwrap_or_else(|| name.to_owned());
+        check_name("clone prefix", &prefix)?;
+        let memory_mib = req.memory_mib.unwrap_or(t.memory_mib);
+        let cpus = req.cpus.unwrap_or(t.cpus);
+        let mut base = VmRecord {
+            image: t.disk_image.clone(),
+            disk: String::new(),
+            state: VmState::Starting,
+            pid: None,
+            accel: t.accel.clone(),
+            memory_mib: t.memory_mib,
+            cpus: t.cpus,
+            kernel: t.kernel.clone(),
+            initrd: t.initrd.clone(),
+            append: t.append.clone(),
+            created: now(),
+            reason: None,
+            max_memory_mib: t.max_memory_mib,
+            max_cpus: t.max_cpus,
+            template: Some(name.to_owned()),
+            group: Some(prefix.clone()),
+            identity: None,
+            dimms: 0,
+        };
+        check_growth(&base, memory_mib, cpus)?;
+        base.memory_mib = memory_mib;
+        base.cpus = cpus;
+        let ram = self.ensure_template_ram(name, &t)?;
+        let state = self.template_dir(name).join("state");
+
+        // Claim names PREFIX-1, PREFIX-2, ... skipping those in use.
+        let mut names = Vec::new();
+        let mut i = 0;
+        while names.len() < req.count as usize {
+            i += 1;
+            let vm = format!("{prefix}-{i}");
+            check_name("vm", &vm)?;
+            let mut rec = base.clone();
+            rec.disk = vm.clone();
+            rec.identity = Some(self.unique_identity(&vm)?);
+            if self.meta.insert_new(Table::Vms, &vm, &rec)? {
+                names.push((vm, rec));
+            }
+        }
+        let queue = parking_lot::Mutex::new(names.into_iter());
+        let results = parking_lot::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..CLONE_WORKERS.min(req.count as usize) {
+                s.spawn(|| loop {
+                    let Some((vm, rec)) = queue.lock().next() else {
+                        break;
+                    };
+                    let start = Start::Resume {
+                        template: name.to_owned(),
+                        ram: ram.clone(),
+                        state: state.clone(),
+                        memory_mib: t.memory_mib,
+                        cpus: t.cpus,
+                    };
+                    let r = self
+                        .create_disk(&vm, &t.disk_image, Some(&vm))
+                        .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()));
+                    if let Err(e) = &r {
+                        self.settle_failed_start(&vm, e);
+                    }
+                    results.lock().push((vm, r));
+                });
+            }
+        });
+        let mut vms = Vec::new();
+        let mut failed = Vec::new();
+        for (vm, r) in results.into_inner() {
+            match r {
+                Ok(info) => vms.push(info),
+                Err(e) => failed.push((vm, e.chain())),
+            }
+        }
+        vms.sort_by_key(|v| natural(&v.name));
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(template = name, group = %prefix, started = vms.len(), failed = failed.len(), total_ms, "cloned");
+        if vms.is_empty() {
+            if let Some((vm, why)) = failed.first() {
+                return Err(AgentError::State(format!("no clone started; {vm}: {why}")));
+            }
+        }
+        Ok(CloneResult {
+            template: name.to_owned(),
+            group: prefix,
+            vms,
+            failed,
+            total_ms,
+        })
+    }
+
+    /// Removes every VM of a clone group.
+    pub fn remove_group(&self, group: &str) -> Result<GroupRemoved> {
+        let members: Vec<String> = self
+            .meta
+            .list::<VmRecord>(Table::Vms)?
+            .into_iter()
+            .filter(|(_, v)| v.group.as_deref() == Some(group))
+            .map(|(n, _)| n)
+            .collect();
+        if members.is_empty() {
+            return Err(AgentError::NotFound {
+                kind: "group",
+                name: group.into(),
+            });
+        }
+        let mut removed = Vec::new();
+        for vm in members {
+            self.remove_vm(&vm, true)?;
+            removed.push(vm);
+        }
+        Ok(GroupRemoved {
+            group: group.to_owned(),
+            removed,
+        })
+    }
+
+    /// Removes a template that no VM runs from: its RAM file, state, and its
+    /// RAM and disk images.
+    pub fn remove_template(&self, name: &str) -> Result<spore_api::RemoveResult> {
+        let _serial = self.template_names.lock();
+        let t = self.template_record(name)?;
+        let info = self.template_info(name, &t)?;
+        if !info.clones.is_empty() {
+            return Err(AgentError::InUse {
+                kind: "template",
+                name: name.into(),
+                by: format!(
+                    "vm {} (remove them first, e.g. spore vm rm --group)",
+                    info.clones.join(", vm ")
+                ),
+            });
+        }
+        self.meta.remove(Table::Templates, name)?;
+        let mut freed_chunks = 0;
+        let mut freed_bytes = 0;
+        for image in [&t.ram_image, &t.disk_image] {
+            match self.remove_image(image) {
+                Ok(r) => {
+                    freed_chunks += r.freed_chunks;
+                    freed_bytes += r.freed_bytes;
+                }
+                Err(AgentError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = fs::remove_file(self.template_ram(name));
+        let _ = fs::remove_dir_all(self.template_dir(name));
+        Ok(spore_api::RemoveResult {
+            removed: name.into(),
+            freed_chunks,
+            freed_bytes,
+        })
+    }
+}
+
+/// Sort key that puts `web-2` before `web-10`.
+fn natural(name: &str) -> (String, u64) {
+    match name.rsplit_once('-') {
+        Some((p, n)) if n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty() => {
+            (p.to_owned(), n.parse().unwrap_or(0))
+        }
+        _ => (name.to_owned(), 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_names_sort_naturally() {
+        let mut v = vec!["web-10", "web-2", "web-1", "api"];
+        v.sort_by_key(|n| natural(n));
+        assert_eq!(v, ["api", "web-1", "web-2", "web-10"]);
+    }
+}

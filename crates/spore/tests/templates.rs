@@ -1,0 +1,257 @@
+//! Templates and clones with the real demo guest: clones resume the
+//! template's running workload without booting, each with its own
+//! identity, disk and size.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{guest, vm_run_args, TestAgent};
+
+/// Waits until the VM's console log contains `pattern`; returns the log.
+fn wait_log(t: &TestAgent, vm: &str, pattern: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let log = t.ok(&["vm", "log", vm]);
+        if log.contains(pattern) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pattern:?} not on {vm}'s console after {secs}s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `key=value` fields of the last console line containing `marker`.
+fn fields(log: &str, marker: &str) -> std::collections::HashMap<String, String> {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.find(marker).map(|i| &l[i + marker.len()..]))
+        .unwrap_or_else(|| panic!("no {marker} line in:\n{log}"));
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Counter values (`SPORE-COUNTER n=N`) in order.
+fn counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split("SPORE-COUNTER n=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn clones_continue_the_template_with_their_own_identity_disk_and_size() {
+    let g = guest();
+    let t = TestAgent::start();
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let args = vm_run_args(g, "src", "base", "quiet spore.counter");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    let log = wait_log(&t, "src", "SPORE-COUNTER n=3 ", 120);
+    let src_id = fields(
+        &wait_log(&t, "src", "SPORE-IDENTITY", 30),
+        "SPORE-IDENTITY ",
+    );
+    assert_eq!(src_id["hostname"], "src");
+    let before = *counts(&log).last().unwrap();
+
+    // Capture: the source pauses, then runs on from the template.
+    let info = t.json(&["vm", "template", "src", "--name", "t1", "--json"]);
+    assert_eq!(info["ram_image"], "t1.ram");
+    assert_eq!(info["disk_image"], "t1.disk");
+    // Zero pages are not stored: a freshly booted 512 MiB guest is mostly zero.
+    let stored = info["ram_stored_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored < 256 << 20, "{info}");
+    assert!(info["state_bytes"].as_u64().unwrap() < 4 << 20, "{info}");
+    assert!(
+        info["source_after"]
+            .as_str()
+            .unwrap()
+            .starts_with("resumed"),
+        "{info}"
+    );
+    assert!(t
+        .fails(&["vm", "template", "src", "--name", "t1"])
+        .contains("already exists"));
+
+    // Three clones at once, as one group.
+    let r = t.json(&[
+        "vm", "clone", "t1", "--count", "3", "--name", "web", "--json",
+    ]);
+    let names: Vec<&str> = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web-1", "web-2", "web-3"], "{r}");
+    assert!(r["failed"].as_array().unwrap().is_empty(), "{r}");
+    let vms = t.json(&["vm", "ls", "--json"]);
+    for v in vms.as_array().unwrap() {
+        assert_eq!(v["template"], "t1", "{v}");
+        assert_eq!(v["state"], "running", "{v}");
+    }
+
+    let mut ids = vec![src_id.clone()];
+    for vm in ["web-1", "web-2", "web-3"] {
+        // Keeps counting from where the template was, without a boot.
+        wait_log(&t, vm, "SPORE-COUNTER", 60);
+        let log = wait_log(&t, vm, &format!("host={vm}"), 30);
+        assert!(!log.contains("SPORE-READY"), "{vm} booted:\n{log}");
+        let c = counts(&log);
+        assert!(
+            c[0] >= before && c[0] <= before + 5,
+            "{vm} counts {c:?}, the template was at {before}"
+        );
+        assert!(c.windows(2).all(|w| w[1] == w[0] + 1), "{vm}: {c:?}");
+        let id = fields(&wait_log(&t, vm, "SPORE-IDENTITY", 30), "SPORE-IDENTITY ");
+        assert_eq!(id["hostname"], vm);
+        // The disk it started from is the template's: the template's
+        // instance id, not a sibling's.
+        assert_eq!(id["previous"], src_id["instance"], "{vm}");
+        ids.push(id);
+    }
+    // No two alike: hostname, instance id, MAC, and what the RNG returns
+    // right after resuming (the same RNG state without the reseed).
+    for key in ["hostname", "instance", "mac", "random"] {
+        let values: HashSet<&String> = ids.iter().map(|i| &i[key]).collect();
+        assert_eq!(values.len(), ids.len(), "{key} repeats: {ids:?}");
+    }
+    let web1 = t
+        .json(&["vm", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(web1["mac"].as_str(), ids[1].get("mac").map(|s| s.as_str()));
+
+    // Writes stay in their clone: web-1..3 each wrote their instance id
+    // to disk; new clones still find the template's.
+    let r = t.json(&["vm", "clone", "t1", "--name", "late", "--json"]);
+    assert_eq!(r["vms"][0]["name"], "late-1");
+    let id = fields(
+        &wait_log(&t, "late-1", "SPORE-IDENTITY", 60),
+        "SPORE-IDENTITY ",
+    );
+    assert_eq!(id["previous"], src_id["instance"]);
+
+    // More memory and CPUs than the template, seen from inside.
+    t.ok(&[
+        "vm", "clone", "t1", "--name", "big", "--memory", "768M", "--cpus", "2",
+    ]);
+    let res = fields(
+        &wait_log(&t, "big-1", "SPORE-RESOURCES", 60),
+        "SPORE-RESOURCES ",
+    );
+    assert_eq!(res["cpus"], "2");
+    let base_kib: u64 = {
+        t.ok(&["vm", "resize", "web-2", "--cpus", "1"]);
+        let r = fields(
+            &wait_log(&t, "web-2", "SPORE-RESOURCES", 60),
+            "SPORE-RESOURCES ",
+        );
+        assert_eq!(r["cpus"], "1");
+        r["mem_kib"].parse().unwrap()
+    };
+    let big_kib: u64 = res["mem_kib"].parse().unwrap();
+    assert!(big_kib >= base_kib + 250 * 1024, "{big_kib} vs {base_kib}");
+    // A running clone grows.
+    t.ok(&["vm", "resize", "web-3", "--memory", "640M", "--cpus", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = t.ok(&["vm", "log", "web-3"]);
+        let grown = log
+            .lines()
+            .filter(|l| l.contains("SPORE-RESOURCES"))
+            .any(|l| {
+                let f = fields(l, "SPORE-RESOURCES ");
+                f["cpus"] == "3" && f["mem_kib"].parse::<u64>().unwrap() >= base_kib + 120 * 1024
+            });
+        if grown {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web-3 did not grow:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(t
+        .fails(&["vm", "resize", "web-3", "--memory", "512M"])
+        .contains("only grow"));
+    assert!(t
+        .fails(&["vm", "resize", "web-3", "--memory", "700M"])
+        .contains("steps of 128 MiB"));
+
+    // The template stays while VMs run from it; groups go at once.
+    assert!(t.fails(&["template", "rm", "t1"]).contains("in use"));
+    assert!(t.fails(&["image", "rm", "t1.ram"]).contains("template t1"));
+    let out = t.ok(&["vm", "rm", "--group", "web"]);
+    assert!(out.contains("3 VMs"), "{out}");
+    for group in ["late", "big"] {
+        t.ok(&["vm", "rm", "--group", group]);
+    }
+    t.ok(&["vm", "rm", "--force", "src"]);
+    assert_eq!(t.json(&["vm", "ls", "--json"]).as_array().unwrap().len(), 0);
+    let ls = t.json(&["template", "ls", "--json"]);
+    assert_eq!(ls[0]["clones"].as_array().unwrap().len(), 0, "{ls}");
+    t.ok(&["template", "rm", "t1"]);
+    assert!(t
+        .fails(&["image", "inspect", "t1.ram"])
+        .contains("does not exist"));
+    assert!(t.fails(&["vm", "clone", "t1"]).contains("does not exist"));
+}
+
+#[test]
+fn a_stopped_source_and_a_lost_ram_file_are_handled() {
+    let g = guest();
+    let t = TestAgent::start();
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let args = vm_run_args(g, "src", "base", "quiet spore.counter");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    wait_log(&t, "src", "SPORE-COUNTER n=2 ", 120);
+    let info = t.json(&["vm", "template", "src", "--name", "t", "--stop", "--json"]);
+    assert!(info["source_after"]
+        .as_str()
+        .unwrap()
+        .starts_with("stopped"));
+    let src = t.json(&["vm", "ls", "--json"])[0].clone();
+    assert_eq!(src["state"], "stopped", "{src}");
+    assert_eq!(src["reason"], "captured as template t", "{src}");
+
+    // The RAM file lives in tmpfs; after a host reboot it is rebuilt from
+    // the template's RAM image.
+    let ram_files: Vec<_> = std::fs::read_dir(t.ram.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("tmpl-t.ram"))
+        .collect();
+    assert_eq!(ram_files.len(), 1);
+    std::fs::remove_file(&ram_files[0]).unwrap();
+    t.ok(&["vm", "clone", "t"]);
+    let log = wait_log(&t, "t-1", "host=t-1", 60);
+    assert!(!log.contains("SPORE-READY"), "{log}");
+    t.ok(&["vm", "rm", "--group", "t"]);
+    t.ok(&["vm", "rm", "src"]);
+    t.ok(&["template", "rm", "t"]);
+}
