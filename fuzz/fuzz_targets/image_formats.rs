@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use spore_chunks::{decode_chunk_file, ChunkId};
-use spore_image::{Layer, Manifest, Profile};
+use spore_image::{Bundle, Layer, Manifest, Profile};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(layer) = Layer::decode(data) {
@@ -15,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(p) = Profile::decode(data) {
         assert_eq!(Profile::decode(&p.encode()).as_ref(), Ok(&p));
+    }
+    if let Ok(b) = Bundle::decode(data) {
+        assert_eq!(Bundle::decode(&b.encode()).as_ref(), Ok(&b));
     }
     let _ = spore_blockdev::overlay::decode_meta(data);
     // Chunk files: checked against the id of their own payload and a fixed one.

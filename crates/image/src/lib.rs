@@ -6,6 +6,7 @@
 //! Opening an image folds its layers into a [`FlatMap`] so that reads cost
 //! the same at any depth. The formats are written down in docs/formats.md.
 
+pub mod bundle;
 pub mod envelope;
 pub mod flatmap;
 pub mod image;
@@ -15,6 +16,7 @@ pub mod profile;
 pub mod source;
 pub mod transfer;
 
+pub use bundle::Bundle;
 pub use flatmap::FlatMap;
 pub use image::{Image, ImageError, LayerStats, LayerWriter};
 pub use layer::{Entry, Layer, LayerBuilder};
