@@ -184,6 +184,8 @@ pub struct Agent {
     pub disk_names: parking_lot::Mutex<()>,
     /// Serialises template captures and removals.
     pub template_names: parking_lot::Mutex<()>,
+    /// FUSE files paging in templates captured elsewhere, by template.
+    pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     _lock: File,
 }
 
@@ -239,6 +241,7 @@ impl Agent {
             gc_lock: RwLock::new(()),
             disk_names: parking_lot::Mutex::new(()),
             template_names: parking_lot::Mutex::new(()),
+            memfs: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

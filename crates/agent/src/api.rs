@@ -52,6 +52,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/templates/{name}"),
     ("delete", "/v1/templates/{name}"),
     ("post", "/v1/templates/{name}/clone"),
+    ("post", "/v1/templates/{name}/push"),
+    ("post", "/v1/templates/{name}/pull"),
     ("delete", "/v1/groups/{name}"),
     ("get", "/metrics"),
 ];
@@ -81,6 +83,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
             get(get_template).delete(remove_template),
         )
         .route("/v1/templates/{name}/clone", post(clone_template))
+        .route("/v1/templates/{name}/push", post(push_template))
+        .route("/v1/templates/{name}/pull", post(pull_template))
         .route("/v1/groups/{name}", delete(remove_group))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -365,6 +369,17 @@ async fn clone_template(State(a): S, Path(name): Path<String>, body: Bytes) -> R
         Ok(req) => blocking(move || a.clone_template(&name, &req)).await,
         Err(e) => e.into_response(),
     }
+}
+
+async fn push_template(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<PushRequest>(&body) {
+        Ok(req) => streaming(move |p| a.push_template(&name, &req.to, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pull_template(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.pull_template(&name)).await
 }
 
 async fn remove_group(State(a): S, Path(name): Path<String>) -> Response {

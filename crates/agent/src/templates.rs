@@ -16,6 +16,13 @@
 //! the template like a clone that keeps its name, disk and identity, so it
 //! shares the template's memory copy-on-write too; with `stop` it is left
 //! stopped.
+//!
+//! A template travels as three images: `T.ram`, `T.disk` and `T.boot` (a
+//! bundle of its description and device state). A host that lacks it finds
+//! `T.boot` at its origin and starts clones at once: their RAM is a FUSE
+//! file (spore-memfs) over `T.ram`, paged in on demand, with the working set
+//! recorded after the capture prefetched first. Clones need no kernel or
+//! initrd: the guest's kernel is in its RAM already.
 
 use std::fs;
 use std::path::PathBuf;
@@ -24,6 +31,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use spore_api::{CloneRequest, CloneResult, GroupRemoved, TemplateCreate, TemplateInfo, VmState};
+use spore_blockdev::ImageDevice;
+use spore_chunks::ChunkId;
+use spore_image::Bundle;
 use spore_qemu::Qmp;
 
 use crate::agent::{now, Agent, ImageRecord};
@@ -49,9 +59,6 @@ pub struct TemplateRecord {
     pub max_memory_mib: u64,
     pub max_cpus: u32,
     pub accel: String,
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub append: Option<String>,
     pub ram_image: String,
     pub disk_image: String,
     pub ram_stored_bytes: u64,
@@ -61,6 +68,53 @@ pub struct TemplateRecord {
     pub pause_ms: f64,
     pub created: u64,
     pub source_after: String,
+    /// The image holding the template's bundle (description and state).
+    #[serde(default)]
+    pub boot_image: String,
+    /// Found at the origin (not captured here).
+    #[serde(default)]
+    pub remote: bool,
+}
+
+/// Version of the description in a template's bundle.
+const TEMPLATE_FORMAT: u32 = 1;
+/// Bound on a bundle image read whole.
+const MAX_BUNDLE: u64 = 64 << 20;
+
+/// What a template's bundle says about it (`meta`), next to its `state`
+/// section. Manifests pin the RAM and disk images: a host that resolves the
+/// template by name gets exactly the images it was made with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TemplateMeta {
+    format: u32,
+    name: String,
+    source_vm: String,
+    source_image: String,
+    memory_mib: u64,
+    cpus: u32,
+    max_memory_mib: u64,
+    max_cpus: u32,
+    accel: String,
+    ram_image: String,
+    ram_manifest: String,
+    disk_image: String,
+    disk_manifest: String,
+    ram_stored_bytes: u64,
+    ram_chunks: u64,
+    state_bytes: u64,
+    created: u64,
+}
+
+/// A template's RAM image as the bytes of a memfs file.
+struct DeviceBacking(Arc<ImageDevice>, u64);
+
+impl spore_memfs::Backing for DeviceBacking {
+    fn size(&self) -> u64 {
+        self.1
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
 }
 
 impl Agent {
@@ -88,7 +142,7 @@ impl Agent {
             .meta
             .list::<TemplateRecord>(Table::Templates)?
             .into_iter()
-            .find(|(_, t)| t.ram_image == image || t.disk_image == image)
+            .find(|(_, t)| t.ram_image == image || t.disk_image == image || t.boot_image == image)
             .map(|(n, _)| n))
     }
 
@@ -227,21 +281,6 @@ impl Agent {
         drop(qmp);
         exit.wait(Duration::from_secs(15));
 
-        // 4. Kernel and initrd travel with the template (a clone's QEMU
-        //    must match the template's firmware and ROMs).
-        let keep = |what: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
-            let Some(src) = p else { return Ok(None) };
-            let dst = dir.join(what);
-            if fs::hard_link(src, &dst).is_err() {
-                fs::copy(src, &dst).map_err(AgentError::io(format!(
-                    "copying {} into the template",
-                    src.display()
-                )))?;
-            }
-            Ok(Some(dst))
-        };
-        let kernel = keep("kernel", &rec.kernel)?;
-        let initrd = keep("initrd", &rec.initrd)?;
         let state_bytes = fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
         let mut t = TemplateRecord {
             source_vm: vm.to_owned(),
@@ -251,9 +290,6 @@ impl Agent {
             max_memory_mib: rec.max_memory_mib,
             max_cpus: rec.max_cpus,
             accel: rec.accel.clone(),
-            kernel,
-            initrd,
-            append: rec.append.clone(),
             ram_image: ram_image.clone(),
             disk_image: disk_image.clone(),
             ram_stored_bytes: 0,
@@ -263,6 +299,8 @@ impl Agent {
             pause_ms: 0.0,
             created: now(),
             source_after: String::new(),
+            boot_image: format!("{name}.boot"),
+            remote: false,
         };
 
         // 5. The source: resumed from the template (same name, disk and
@@ -280,6 +318,7 @@ impl Agent {
             let start = Start::Resume {
                 template: name.clone(),
                 ram: tram.clone(),
+                lazy: false,
                 state: state.clone(),
                 memory_mib: t.memory_mib,
                 cpus: t.cpus,
@@ -330,7 +369,32 @@ impl Agent {
         self.meta
             .insert_new(Table::Images, &ram_image, &image_rec)?;
         self.exports.bind_image(&ram_image, published.id);
+
+        // 7. The bundle: what a host that lacks the template needs besides
+        //    the RAM and disk images.
+        let disk_manifest = self.image_record(&disk_image)?.manifest;
+        let meta = TemplateMeta {
+            format: TEMPLATE_FORMAT,
+            name: name.clone(),
+            source_vm: t.source_vm.clone(),
+            source_image: t.source_image.clone(),
+            memory_mib: t.memory_mib,
+            cpus: t.cpus,
+            max_memory_mib: t.max_memory_mib,
+            max_cpus: t.max_cpus,
+            accel: t.accel.clone(),
+            ram_image: ram_image.clone(),
+            ram_manifest: published.id.to_hex(),
+            disk_image: disk_image.clone(),
+            disk_manifest: disk_manifest.to_hex(),
+            ram_stored_bytes: t.ram_stored_bytes,
+            ram_chunks: t.ram_chunks,
+            state_bytes: t.state_bytes,
+            created: t.created,
+        };
+        self.store_bundle(&t.boot_image, &dir, &meta, &state)?;
         self.meta.put(Table::Templates, name, &t)?;
+        self.record_ram_working_set(name);
         tracing::info!(
             template = %name,
             vm,
@@ -343,18 +407,279 @@ impl Agent {
         self.template_info(name, &t)
     }
 
-    /// Makes sure the template's RAM file exists (it lives in tmpfs, so a
-    /// host reboot loses it): rebuilt from the RAM image when missing.
-    fn ensure_template_ram(&self, name: &str, t: &TemplateRecord) -> Result<PathBuf> {
+    /// Writes the bundle (meta + state) and imports it as image `image`.
+    fn store_bundle(
+        &self,
+        image: &str,
+        dir: &std::path::Path,
+        meta: &TemplateMeta,
+        state: &std::path::Path,
+    ) -> Result<()> {
+        let state_bytes = fs::read(state).map_err(AgentError::io("reading the device state"))?;
+        let mut bytes = Bundle {
+            meta: serde_json::to_value(meta).expect("plain values"),
+            sections: vec![("state".into(), state_bytes)],
+        }
+        .encode();
+        bytes.resize(bytes.len().next_multiple_of(RAM_BLOCK_SIZE as usize), 0);
+        let tmp = dir.join("bundle.tmp");
+        fs::write(&tmp, &bytes).map_err(AgentError::io("writing the template bundle"))?;
+        let published = {
+            let _shared = self.gc_lock.read();
+            let source = spore_image::source::open_raw(&tmp)?;
+            spore_image::import(
+                &self.store,
+                &*source,
+                "bundle",
+                RAM_BLOCK_SIZE,
+                None,
+                &|_, _| {},
+            )?
+        };
+        let _ = fs::remove_file(&tmp);
+        let rec = ImageRecord {
+            manifest: published.id,
+            created: now(),
+            complete: false,
+            profile: None,
+        };
+        if !self.meta.insert_new(Table::Images, image, &rec)? {
+            return Err(AgentError::Exists {
+                kind: "image",
+                name: image.into(),
+            });
+        }
+        self.exports.bind_image(image, published.id);
+        Ok(())
+    }
+
+    /// A template known here, or else found at the origin by its bundle
+    /// image `NAME.boot` (RAM and disk images stay lazy: their chunks come
+    /// when read).
+    pub fn resolve_template(self: &Arc<Self>, name: &str) -> Result<TemplateRecord> {
+        if let Some(t) = self.meta.get(Table::Templates, name)? {
+            return Ok(t);
+        }
+        check_name("template", name)?;
+        let not_found = || AgentError::NotFound {
+            kind: "template",
+            name: name.into(),
+        };
+        if self.config.origin.is_none() {
+            return Err(not_found());
+        }
+        let _serial = self.template_names.lock();
+        if let Some(t) = self.meta.get(Table::Templates, name)? {
+            return Ok(t);
+        }
+        let boot_image = format!("{name}.boot");
+        let boot = match self.resolve_image(&boot_image) {
+            Err(AgentError::NotFound { .. }) => return Err(not_found()),
+            r => r?,
+        };
+        let dev = self.exports.open_image(&boot.manifest)?;
+        let size = dev.image().manifest.virtual_size;
+        if size > MAX_BUNDLE {
+            return Err(AgentError::State(format!(
+                "{boot_image} is {size} bytes; a template bundle is at most {MAX_BUNDLE}"
+            )));
+        }
+        let mut bytes = vec![0u8; size as usize];
+        dev.read_at(0, &mut bytes)
+            .map_err(|e| AgentError::State(format!("reading {boot_image}: {e}")))?;
+        let bad = |why: String| AgentError::State(format!("template {name} at the origin: {why}"));
+        let bundle = Bundle::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta: TemplateMeta =
+            serde_json::from_value(bundle.meta.clone()).map_err(|e| bad(e.to_string()))?;
+        if meta.format != TEMPLATE_FORMAT {
+            return Err(bad(format!(
+                "description format {} (this build reads {TEMPLATE_FORMAT})",
+                meta.format
+            )));
+        }
+        if meta.name != name {
+            return Err(bad(format!(
+                "its bundle describes template {:?}",
+                meta.name
+            )));
+        }
+        let state = bundle
+            .section("state")
+            .ok_or_else(|| bad("no device state in its bundle".into()))?;
+        for (image, manifest) in [
+            (&meta.ram_image, &meta.ram_manifest),
+            (&meta.disk_image, &meta.disk_manifest),
+        ] {
+            check_name("image", image)?;
+            let rec = self.resolve_image(image)?;
+            if rec.manifest.to_hex() != *manifest {
+                return Err(bad(format!(
+                    "image {image} is {} here, the template was made with {manifest}",
+                    rec.manifest
+                )));
+            }
+        }
+        let dir = self.template_dir(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        fs::write(dir.join("state"), state).map_err(AgentError::io("writing the device state"))?;
+        let t = TemplateRecord {
+            source_vm: meta.source_vm,
+            source_image: meta.source_image,
+            memory_mib: meta.memory_mib,
+            cpus: meta.cpus,
+            max_memory_mib: meta.max_memory_mib,
+            max_cpus: meta.max_cpus,
+            accel: meta.accel,
+            ram_image: meta.ram_image,
+            disk_image: meta.disk_image,
+            ram_stored_bytes: meta.ram_stored_bytes,
+            ram_chunks: meta.ram_chunks,
+            ram_chunks_deduped: 0,
+            state_bytes: state.len() as u64,
+            pause_ms: 0.0,
+            created: meta.created,
+            source_after: "captured on another host".into(),
+            boot_image,
+            remote: true,
+        };
+        self.meta.put(Table::Templates, name, &t)?;
+        tracing::info!(template = name, "template found at the origin");
+        Ok(t)
+    }
+
+    /// Pushes the template's disk, RAM and bundle images (the bundle last,
+    /// so that a host finding it finds the rest).
+    pub fn push_template(
+        &self,
+        name: &str,
+        to: &str,
+        progress: crate::images::Progress<'_>,
+    ) -> Result<spore_api::PushResult> {
+        let t = self.template_record(name)?;
+        let mut total = spore_api::PushResult {
+            image: name.into(),
+            to: to.into(),
+            chunks: 0,
+            sent_chunks: 0,
+            sent_bytes: 0,
+        };
+        for image in [&t.disk_image, &t.ram_image, &t.boot_image] {
+            let r = self.push_image(image, to, progress)?;
+            total.chunks += r.chunks;
+            total.sent_chunks += r.sent_chunks;
+            total.sent_bytes += r.sent_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Resolves a template and makes all of it local (foreground).
+    pub fn pull_template(self: &Arc<Self>, name: &str) -> Result<TemplateInfo> {
+        let t = self.resolve_template(name)?;
+        for image in [&t.disk_image, &t.ram_image] {
+            self.pull_image(image, false, &|_, _, _| {})?;
+        }
+        self.template_info(name, &t)
+    }
+
+    /// After a capture: once a VM runs from the template (the resumed
+    /// source, or a clone) for a few seconds, the pages it has touched are
+    /// the template's working set. They become the RAM image's profile, so
+    /// hosts that page the template in prefetch them first.
+    fn record_ram_working_set(self: &Arc<Self>, name: &str) {
+        let agent = self.clone();
+        let name = name.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name(format!("working-set-{name}"))
+            .spawn(move || {
+                let path = agent.template_ram(&name);
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let Ok(t) = agent.template_record(&name) else { return };
+                    let runner = agent.list_vms().ok().and_then(|vms| {
+                        vms.into_iter().find(|v| {
+                            v.template.as_deref() == Some(name.as_str())
+                                && v.state == VmState::Running
+                                && v.pid.is_some()
+                        })
+                    });
+                    let Some(vm) = runner else { continue };
+                    // Let it run a little from the template first.
+                    std::thread::sleep(Duration::from_secs(3));
+                    let Some(pid) = vm.pid else { continue };
+                    match touched_blocks(pid, &path, RAM_BLOCK_SIZE as u64) {
+                        Ok(blocks) if !blocks.is_empty() => {
+                            let n = blocks.len();
+                            let result = agent.set_profile(&t.ram_image, RAM_BLOCK_SIZE, blocks);
+                            match result {
+                                Ok(()) => tracing::info!(template = %name, vm = %vm.name, blocks = n, "RAM working set recorded"),
+                                Err(e) => tracing::warn!(template = %name, error = %e.chain(), "saving the RAM working set failed"),
+                            }
+                            return;
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::debug!(template = %name, error = %e, "reading the working set");
+                            continue;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start working-set recording");
+        }
+    }
+
+    /// Binds a profile to an image that has none.
+    fn set_profile(&self, image: &str, block_size: u32, blocks: Vec<u32>) -> Result<()> {
+        let _shared = self.gc_lock.read();
+        let put = self
+            .store
+            .put(&spore_image::Profile { block_size, blocks }.encode())?;
+        self.store.sync()?;
+        let mut rec = self.image_record(image)?;
+        if rec.profile.is_none() {
+            rec.profile = Some(put.id);
+            self.meta.put(Table::Images, image, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure clones can map the template's RAM: the local file (a
+    /// template captured here); the file rebuilt from the RAM image when
+    /// every chunk is here (tmpfs lost it in a reboot); or else a FUSE file
+    /// that pages the image in on demand. Returns the path and whether it
+    /// is the lazy FUSE file.
+    fn ensure_template_ram(&self, name: &str, t: &TemplateRecord) -> Result<(PathBuf, bool)> {
         let path = self.template_ram(name);
         if path.is_file() {
-            return Ok(path);
+            return Ok((path, false));
         }
         let rec = self.image_record(&t.ram_image)?;
         let img = self.exports.open_image(&rec.manifest)?;
+        let size = t.memory_mib << 20;
+        let complete = img
+            .image()
+            .flat
+            .chunks()
+            .iter()
+            .all(|id: &ChunkId| self.store.contains(id));
+        if !complete {
+            let mut mounts = self.memfs.lock();
+            if let Some(m) = mounts.get(name) {
+                return Ok((m.path(), true));
+            }
+            let dir = self.vms.ram_dir().join(format!("mem-{name}"));
+            let m = spore_memfs::MemFile::mount(&dir, "ram", Arc::new(DeviceBacking(img, size)))
+                .map_err(AgentError::io(format!("paging in template {name}")))?;
+            let p = m.path();
+            tracing::info!(template = name, path = %p.display(), "template RAM paged in on demand (FUSE)");
+            mounts.insert(name.to_owned(), m);
+            return Ok((p, true));
+        }
         let tmp = path.with_extension("tmp");
         let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
-        let size = t.memory_mib << 20;
         file.set_len(size)
             .map_err(AgentError::io("sizing template RAM"))?;
         let mut buf = vec![0u8; RAM_BLOCK_SIZE as usize];
@@ -372,13 +697,13 @@ impl Agent {
         fs::rename(&tmp, &path).map_err(AgentError::io("placing template RAM"))?;
         let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400));
         tracing::info!(template = name, "template RAM file rebuilt from its image");
-        Ok(path)
+        Ok((path, false))
     }
 
     /// Starts `req.count` clones of a template.
     pub fn clone_template(self: &Arc<Self>, name: &str, req: &CloneRequest) -> Result<CloneResult> {
         let t0 = Instant::now();
-        let t = self.template_record(name)?;
+        let t = self.resolve_template(name)?;
         if req.count == 0 || req.count > MAX_CLONES {
             return Err(AgentError::Invalid(format!(
                 "count must be between 1 and {MAX_CLONES}"
@@ -396,9 +721,10 @@ impl Agent {
             accel: t.accel.clone(),
             memory_mib: t.memory_mib,
             cpus: t.cpus,
-            kernel: t.kernel.clone(),
-            initrd: t.initrd.clone(),
-            append: t.append.clone(),
+            // The kernel is in the template's RAM; the clone never boots.
+            kernel: None,
+            initrd: None,
+            append: None,
             created: now(),
             reason: None,
             max_memory_mib: t.max_memory_mib,
@@ -411,7 +737,7 @@ impl Agent {
         check_growth(&base, memory_mib, cpus)?;
         base.memory_mib = memory_mib;
         base.cpus = cpus;
-        let ram = self.ensure_template_ram(name, &t)?;
+        let (ram, lazy) = self.ensure_template_ram(name, &t)?;
         let state = self.template_dir(name).join("state");
 
         // Claim names PREFIX-1, PREFIX-2, ... skipping those in use.
@@ -439,6 +765,7 @@ impl Agent {
                     let start = Start::Resume {
                         template: name.to_owned(),
                         ram: ram.clone(),
+                        lazy,
                         state: state.clone(),
                         memory_mib: t.memory_mib,
                         cpus: t.cpus,
@@ -521,9 +848,10 @@ impl Agent {
             });
         }
         self.meta.remove(Table::Templates, name)?;
+        self.memfs.lock().remove(name);
         let mut freed_chunks = 0;
         let mut freed_bytes = 0;
-        for image in [&t.ram_image, &t.disk_image] {
+        for image in [&t.ram_image, &t.disk_image, &t.boot_image] {
             match self.remove_image(image) {
                 Ok(r) => {
                     freed_chunks += r.freed_chunks;
@@ -541,6 +869,44 @@ impl Agent {
             freed_bytes,
         })
     }
+}
+
+/// The `block`-sized blocks of `file` that process `pid` has mapped in
+/// memory (pages it touched), in address order.
+fn touched_blocks(pid: u32, file: &std::path::Path, block: u64) -> std::io::Result<Vec<u32>> {
+    use std::os::unix::fs::FileExt;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let want = file.to_string_lossy();
+    let page = 4096u64;
+    let pagemap = fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut blocks = std::collections::BTreeSet::new();
+    for line in maps.lines().filter(|l| l.ends_with(want.as_ref())) {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(offset)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(file_off)) = (
+            u64::from_str_radix(a, 16),
+            u64::from_str_radix(b, 16),
+            u64::from_str_radix(offset, 16),
+        ) else {
+            continue;
+        };
+        let pages = (end - start) / page;
+        let mut entries = vec![0u8; (pages * 8) as usize];
+        pagemap.read_exact_at(&mut entries, start / page * 8)?;
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            // bit 63: present; bit 62: swapped
+            if v >> 62 != 0 {
+                blocks.insert(((file_off + i as u64 * page) / block) as u32);
+            }
+        }
+    }
+    Ok(blocks.into_iter().collect())
 }
 
 /// Sort key that puts `web-2` before `web-10`.

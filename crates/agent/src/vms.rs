@@ -118,6 +118,8 @@ pub enum Start {
     Resume {
         template: String,
         ram: PathBuf,
+        /// The RAM file is a read-only FUSE file (lazy, from chunks).
+        lazy: bool,
         state: PathBuf,
         memory_mib: u64,
         cpus: u32,
@@ -247,8 +249,13 @@ impl VmManager {
         // No VM runs now: their own RAM files are debris.
         if let Ok(entries) = fs::read_dir(&self.ram_dir) {
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("vm-") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vm-") {
                     let _ = fs::remove_file(e.path());
+                } else if name.starts_with("mem-") {
+                    // A FUSE mount whose server (a previous agent) is gone.
+                    spore_memfs::detach_stale(&e.path());
+                    let _ = fs::remove_dir(e.path());
                 }
             }
         }
@@ -478,23 +485,33 @@ impl Agent {
                 RamFile {
                     path: self.vms.ram_file(name),
                     shared: true,
+                    readonly: false,
                 },
                 rec.memory_mib,
                 rec.cpus,
             ),
             Start::Resume {
                 ram,
+                lazy,
                 memory_mib,
                 cpus,
                 ..
-            } => (
-                RamFile {
-                    path: ram.clone(),
-                    shared: false,
-                },
-                *memory_mib,
-                *cpus,
-            ),
+            } => {
+                if *lazy {
+                    tracing::debug!(vm = name, ram = %ram.display(), "RAM paged in on demand");
+                }
+                (
+                    RamFile {
+                        path: ram.clone(),
+                        shared: false,
+                        // QEMU 7.2's readonly=on would make the guest's RAM
+                        // read-only; the FUSE file takes O_RDWR opens instead.
+                        readonly: false,
+                    },
+                    *memory_mib,
+                    *cpus,
+                )
+            }
         };
         let identity = rec.identity.clone();
         let spec = VmSpec {
@@ -831,6 +848,8 @@ impl Agent {
                 r.reason = Some("stopped because the agent shut down".into())
             });
         }
+        // No VM maps them now: unmount the FUSE files of remote templates.
+        self.memfs.lock().clear();
         // Nothing left in it (no templates): leave no empty directory.
         let _ = fs::remove_dir(self.vms.ram_dir());
     }

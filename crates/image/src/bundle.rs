@@ -107,8 +107,14 @@ impl Bundle {
         let mut rest = &p[4 + hlen..];
         let mut sections = Vec::with_capacity(header.sections.len());
         for s in header.sections {
-            if sections.iter().any(|(n, _): &(String, Vec<u8>)| *n == s.name) {
-                return Err(BundleError::Malformed(format!("section {:?} twice", s.name)));
+            if sections
+                .iter()
+                .any(|(n, _): &(String, Vec<u8>)| *n == s.name)
+            {
+                return Err(BundleError::Malformed(format!(
+                    "section {:?} twice",
+                    s.name
+                )));
             }
             if s.len > rest.len() as u64 {
                 return Err(BundleError::Malformed(format!(

@@ -1,7 +1,7 @@
 //! One read-only file, served over FUSE, whose bytes come from a reader.
 //!
 //! A clone on a host that does not hold its template's RAM maps this file
-//! (QEMU `memory-backend-file,readonly=on,share=off`): every page the guest
+//! (QEMU `memory-backend-file,share=off`, i.e. MAP_PRIVATE): every page the guest
 //! touches for the first time becomes a FUSE read, which the reader answers
 //! from the chunk store, fetching from peers or the origin when needed. The
 //! kernel's page cache keeps what was read, so a page is fetched once per
@@ -99,11 +99,40 @@ impl Filesystem for MemFs {
         if ino != FILE {
             return reply.error(Errno::ENOENT);
         }
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+        if flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0 {
             return reply.error(Errno::EROFS);
         }
+        // Read-write opens are allowed because QEMU opens its RAM file
+        // O_RDWR to map it private and writable (QEMU 7.2's readonly=on
+        // would make the guest's RAM read-only); write() itself fails.
         // KEEP_CACHE: pages read once stay cached across opens (clones).
         reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
     }
 
     fn read(
@@ -172,7 +201,9 @@ pub struct MemFile {
 
 impl std::fmt::Debug for MemFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemFile").field("path", &self.path()).finish()
+        f.debug_struct("MemFile")
+            .field("path", &self.path())
+            .finish()
     }
 }
 
@@ -195,7 +226,6 @@ impl MemFile {
         };
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::RO,
             MountOption::FSName("spore-memfs".into()),
             MountOption::Subtype("spore".into()),
         ];
@@ -203,7 +233,10 @@ impl MemFile {
         let session = fuser::spawn_mount(fs, dir, &config).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("mounting FUSE on {} (is /dev/fuse there, and are we root?): {e}", dir.display()),
+                format!(
+                    "mounting FUSE on {} (is /dev/fuse there, and are we root?): {e}",
+                    dir.display()
+                ),
             )
         })?;
         Ok(MemFile {
@@ -229,6 +262,7 @@ impl Drop for MemFile {
         // the unmount (and this drop) waiting.
         detach_stale(&self.dir);
         drop(self.session.take());
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -296,8 +330,17 @@ mod tests {
         let err = f.read_exact_at(&mut buf, (3 << 20) + 4096).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
         assert!(m.stats().errors.load(Relaxed) > 0);
-        // Read-only.
-        assert!(std::fs::OpenOptions::new().write(true).open(m.path()).is_err());
+        // Writes fail.
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path())
+            .unwrap();
+        assert!(w.write_all_at(b"x", 0).is_err());
+        assert!(std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path())
+            .is_err());
         let names: Vec<_> = std::fs::read_dir(dir.path().join("mnt"))
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -17,6 +17,9 @@ pub struct RamFile {
     /// `share=on`: the guest writes the file (a VM that may become a
     /// template). `share=off`: writes stay private to this QEMU (a clone).
     pub shared: bool,
+    /// Open the file read-only (a FUSE file that pages a template in on
+    /// demand); only with `shared: false`, whose writes stay in memory.
+    pub readonly: bool,
 }
 
 /// Everything needed to start one VM.
@@ -92,10 +95,11 @@ impl VmSpec {
             push(&[
                 "-object",
                 &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}{}",
                     self.memory_mib,
                     ram.path.display(),
-                    if ram.shared { "on" } else { "off" }
+                    if ram.shared { "on" } else { "off" },
+                    if ram.readonly { ",readonly=on" } else { "" }
                 ),
             ]);
         }
@@ -222,6 +226,7 @@ mod tests {
             ram: Some(RamFile {
                 path: "/shm/t.ram".into(),
                 shared: true,
+                readonly: false,
             }),
             mac: Some("52:54:00:00:00:01".into()),
             vmgenid: Some("00000000-0000-4000-8000-000000000001".into()),
@@ -238,6 +243,7 @@ mod tests {
             ram: Some(RamFile {
                 path: "/shm/t.ram".into(),
                 shared: false,
+                readonly: true,
             }),
             mac: Some("52:54:00:00:00:02".into()),
             vmgenid: Some("00000000-0000-4000-8000-000000000002".into()),
@@ -245,7 +251,7 @@ mod tests {
             ..template.clone()
         };
         let cargs = clone.args();
-        assert!(cargs.join(" ").contains("share=off"));
+        assert!(cargs.join(" ").contains("share=off,readonly=on"));
         assert_eq!(&cargs[cargs.len() - 2..], ["-incoming", "defer"]);
         // Same devices in the same order: migration compatible.
         let devices = |a: &[String]| -> Vec<String> {

@@ -300,7 +300,7 @@ fn bar(total: u64) -> ProgressBar {
 }
 
 /// A POST answered by a stream of progress events, shown as a bar.
-async fn with_progress<T: serde::de::DeserializeOwned>(
+pub(crate) async fn with_progress<T: serde::de::DeserializeOwned>(
     c: &Client,
     path: &str,
     body: &impl serde::Serialize,

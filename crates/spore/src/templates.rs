@@ -29,6 +29,16 @@ pub enum TemplateCmd {
     },
     /// Remove a template (no clone may run from it), with its RAM and disk images
     Rm { name: String },
+    /// Push a template to an origin: its images NAME.disk, NAME.ram, NAME.boot
+    Push {
+        name: String,
+        /// The origin's peer URL, e.g. http://10.77.0.1:7070
+        #[arg(long)]
+        to: String,
+    },
+    /// Fetch all of a template from the origin (clones do not need this:
+    /// they page a template in on demand)
+    Pull { name: String },
 }
 
 pub async fn template_command(cmd: TemplateCmd, c: &Client) -> Result<()> {
@@ -68,6 +78,32 @@ pub async fn template_command(cmd: TemplateCmd, c: &Client) -> Result<()> {
             if json {
                 return print_json(&t);
             }
+            print_template(&t);
+        }
+        TemplateCmd::Push { name, to } => {
+            let r: spore_api::PushResult = crate::cli::with_progress(
+                c,
+                &format!("/v1/templates/{name}/push"),
+                &spore_api::PushRequest { to },
+            )
+            .await?;
+            println!(
+                "pushed template {} to {}: {} chunks, {} sent ({})",
+                r.image,
+                r.to,
+                r.chunks,
+                r.sent_chunks,
+                human(r.sent_bytes)
+            );
+        }
+        TemplateCmd::Pull { name } => {
+            let t: TemplateInfo = c
+                .call(
+                    hyper::Method::POST,
+                    &format!("/v1/templates/{name}/pull"),
+                    None::<&()>,
+                )
+                .await?;
             print_template(&t);
         }
         TemplateCmd::Rm { name } => {

@@ -255,3 +255,70 @@ fn a_stopped_source_and_a_lost_ram_file_are_handled() {
     t.ok(&["vm", "rm", "src"]);
     t.ok(&["template", "rm", "t"]);
 }
+
+#[test]
+fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
+    let g = guest();
+    // Host A captures the template and serves it to peers; host B has
+    // nothing and names A as its origin.
+    let port = common::free_port();
+    let a = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}")]);
+    let b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
+    a.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let args = vm_run_args(g, "src", "base", "quiet spore.counter");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    a.ok(&args);
+    let before = *counts(&wait_log(&a, "src", "SPORE-COUNTER n=3 ", 120))
+        .last()
+        .unwrap();
+    let info = a.json(&["vm", "template", "src", "--name", "t1", "--json"]);
+    let stored = info["ram_stored_bytes"].as_u64().unwrap();
+    // The working set (pages the resumed source touched) becomes the RAM
+    // image's profile.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ram = a.json(&["image", "inspect", "t1.ram", "--json"]);
+        if ram["profile_blocks"].as_u64().unwrap_or(0) > 0 {
+            assert!(ram["profile_bytes"].as_u64().unwrap() < stored, "{ram}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no working set recorded: {ram}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    assert!(b.fails(&["vm", "clone", "nope"]).contains("does not exist"));
+    let r = b.json(&["vm", "clone", "t1", "--count", "2", "--json"]);
+    assert_eq!(r["vms"].as_array().unwrap().len(), 2, "{r}");
+    let t = b.json(&["template", "inspect", "t1", "--json"]);
+    assert_eq!(t["source_after"], "captured on another host", "{t}");
+    let mut randoms = HashSet::new();
+    for vm in ["t1-1", "t1-2"] {
+        let log = wait_log(&b, vm, &format!("host={vm}"), 60);
+        assert!(!log.contains("SPORE-READY"), "{vm} booted:\n{log}");
+        let c = counts(&log);
+        assert!(
+            c[0] >= before && c[0] <= before + 8,
+            "{vm}: {c:?} vs {before}"
+        );
+        let id = fields(&wait_log(&b, vm, "SPORE-IDENTITY", 30), "SPORE-IDENTITY ");
+        randoms.insert(id["random"].clone());
+    }
+    assert_eq!(randoms.len(), 2);
+    // The RAM is a FUSE file on B, and B fetched far less than the template.
+    assert!(b.ram.path().join("mem-t1/ram").exists());
+    let status = b.json(&["status", "--json"]);
+    let fetched = status["sources"][0]["bytes"].as_u64().unwrap();
+    assert!(fetched < 512 << 20, "{status}");
+    assert!(fetched > 0, "{status}");
+
+    b.ok(&["vm", "rm", "--group", "t1"]);
+    b.ok(&["template", "rm", "t1"]);
+    assert!(!b.ram.path().join("mem-t1").exists());
+    a.ok(&["vm", "rm", "--force", "src"]);
+}
