@@ -20,6 +20,8 @@ have debugfs || need+=(e2fsprogs)
 have cpio || need+=(cpio)
 have depmod || need+=(kmod)
 have ip || need+=(iproute2)
+have gcc || need+=(gcc)  # the demo guest's static reseed helper
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 have curl || need+=(curl)
 # A Python that can make a venv with pip in it, for moto.
 have python3 && python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3 python3-venv)
@@ -34,7 +36,7 @@ else
     echo "[deps] apt-get update" >&2
     apt-get update -q >/dev/null
     # qemu-utils must match qemu-system-x86 (see above).
-    pkgs=(qemu-system-x86 "qemu-utils/bookworm" libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv)
+    pkgs=(qemu-system-x86 "qemu-utils/bookworm" libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv gcc libc6-dev)
     echo "[deps] apt-get install ${pkgs[*]}" >&2
     apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
     qemu-system-x86_64 --version | head -1 >&2

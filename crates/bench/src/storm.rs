@@ -36,6 +36,7 @@ use spore_cluster::tree::{self, peer_url};
 use spore_cluster::{AgentHandle, Cluster, ClusterSpec, Rate};
 
 use crate::procs::require;
+use crate::{median, percentile};
 
 #[derive(Args, Debug, Clone)]
 pub struct Options {
@@ -147,20 +148,6 @@ struct Report {
     storms: Vec<Storm>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    percentile(v, 50.0)
-}
-
-/// Nearest-rank percentile.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)

@@ -281,6 +281,9 @@ pub enum BenchCmd {
     Blockdev(spore_bench::blockdev::Options),
     /// N hosts booting one image at once from cold: tree, origin only, full copy
     Storm(spore_bench::storm::Options),
+    /// Clones of a running VM: latency for bursts of clones, host memory,
+    /// a clone on a cold host, against a cold boot of the same guest
+    Clone(spore_bench::clone::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -348,6 +351,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Blockdev(opts)) => {
             spore_bench::blockdev::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Clone(opts)) => {
+            spore_bench::clone::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCmd::Storm(opts)) => {
