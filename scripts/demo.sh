@@ -2,7 +2,9 @@
 # spore's main job, end to end, on its embedded defaults:
 #   install what is needed, build, build the demo guest, start an agent,
 #   import the guest's disk as an image, boot a VM from it over NBD, make a
-#   second layer from inside a VM, and boot a VM from base + layer.
+#   second layer from inside a VM, boot a VM from base + layer, capture a
+#   running VM as a template and start a burst of clones from it, then a
+#   small storm of hosts booting from cold.
 # Everything lives under .cache/demo (SPORE_DEMO_DIR to change); the agent
 # and its VMs are stopped at the end.
 set -euo pipefail
@@ -71,6 +73,25 @@ say "what is there"
 "$SPORE" disk ls
 "$SPORE" vm ls
 echo "The guests read only a part of the 512 MiB image (READ column above)." >&2
+
+say "a template: boot 'web' (a counter runs in it), capture it in memory"
+boot web base "spore.counter"
+sleep 2
+"$SPORE" vm template web --name web-t
+say "a burst of 8 clones: resumed from the template, not booted (compare with the boot times above)"
+"$SPORE" vm clone web-t --count 8 --name api
+sleep 2
+for v in api-1 api-2 api-3; do
+    "$SPORE" vm log "$v" | grep -a -o -E 'SPORE-(IDENTITY|COUNTER).*' | head -n 2 | sed "s/^/  [$v] /"
+done
+echo "Each clone kept counting from where 'web' was, with its own hostname, MAC, instance id and RNG." >&2
+say "a clone bigger than its template (memory and CPUs hot-plugged, seen from inside)"
+"$SPORE" vm clone web-t --name big --memory 768M --cpus 2
+for _ in $(seq 1 50); do "$SPORE" vm log big-1 | grep -q SPORE-RESOURCES && break; sleep 0.2; done
+"$SPORE" vm log big-1 | grep -a -o 'SPORE-RESOURCES.*' | sed 's/^/  [big-1] /'
+"$SPORE" vm ls
+"$SPORE" vm rm --group api
+"$SPORE" vm rm --group big
 
 NODES=${SPORE_DEMO_NODES:-4}
 say "a small storm: an origin and $NODES hosts (network namespaces, 100 Mbit/s links), all booting from cold at once"

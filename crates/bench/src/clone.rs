@@ -7,7 +7,7 @@
 //! Measured:
 //! - cold boot: `spore vm run` to the guest's SPORE-READY (A's cache warm,
 //!   so this is the guest's own boot, not the network);
-//! - clone latency for bursts of 1, 8 and 32 clones of an idle template
+//! - clone latency for bursts of 1 (repeated 10 × rounds), 8 and 32 clones of an idle template
 //!   (the `spore.counter` workload): per clone, request to QEMU running
 //!   (the agent's own timing) and to the guest answering with its new
 //!   identity (SPORE-IDENTITY on the console, polled);
@@ -68,16 +68,18 @@ const APPEND: &str = "console=ttyS0 root=/dev/vda quiet";
 #[derive(Debug, Clone, Serialize)]
 struct Burst {
     count: u32,
+    /// Clone requests made (their samples pooled).
+    requests: usize,
     /// Request to QEMU running, per clone (the agent's measurement), ms.
     running_p50_ms: f64,
     running_p99_ms: f64,
     /// Of which: QEMU start, device state load.
     qemu_p50_ms: f64,
     load_p50_ms: f64,
-    /// The whole request (all clones running), ms.
+    /// The whole request (all clones running), median, ms.
     request_ms: f64,
     /// Request to the guest printing its new identity, per clone, ms
-    /// (console polled every 20 ms).
+    /// (console log files polled every 5 ms).
     identity_p50_ms: f64,
     identity_p99_ms: f64,
     /// Sum of the clones' PSS, and the template RAM file in tmpfs.
@@ -218,7 +220,9 @@ fn pss_sum(pids: &[u32]) -> Result<u64> {
 /// Bytes a file occupies (a tmpfs file: RAM).
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Memory-workload passes on a VM's console and when they appeared.
@@ -226,73 +230,88 @@ fn passes(log: &str) -> u64 {
     log.matches("SPORE-MEMLOAD pass=").count() as u64
 }
 
-fn burst(a: &Host, o: &Options, count: u32) -> Result<Burst> {
+/// `repeats` requests for `count` clones each; memory is measured on the
+/// last one before its clones are removed.
+fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
     let group = format!("b{count}");
-    let t0 = Instant::now();
-    let r = a.json(&[
-        "vm",
-        "clone",
-        "idle",
-        "--count",
-        &count.to_string(),
-        "--name",
-        &group,
-        "--json",
-    ])?;
-    let request_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let vms = r["vms"].as_array().cloned().unwrap_or_default();
-    if vms.len() != count as usize {
-        bail!("asked for {count} clones, got {}: {}", vms.len(), r["failed"]);
-    }
-    let ms = |key: &str| -> Vec<f64> {
-        vms.iter()
-            .filter_map(|v| v["start_ms"][key].as_f64())
-            .collect()
-    };
-    let (running, qemu, load) = (ms("total"), ms("qemu"), ms("load"));
-    // Identity: the guest answering on its console.
-    let mut pending: Vec<String> = vms
-        .iter()
-        .filter_map(|v| v["name"].as_str().map(str::to_owned))
-        .collect();
-    let mut identity = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            bail!("no SPORE-IDENTITY from {pending:?}");
+    let (mut running, mut qemu, mut load, mut identity, mut requests) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pss, mut template_file) = (0, 0);
+    for rep in 0..repeats {
+        let t0 = Instant::now();
+        let r = a.json(&[
+            "vm",
+            "clone",
+            "idle",
+            "--count",
+            &count.to_string(),
+            "--name",
+            &group,
+            "--json",
+        ])?;
+        requests.push(t0.elapsed().as_secs_f64() * 1e3);
+        let vms = r["vms"].as_array().cloned().unwrap_or_default();
+        if vms.len() != count as usize {
+            bail!(
+                "asked for {count} clones, got {}: {}",
+                vms.len(),
+                r["failed"]
+            );
         }
-        let mut still = Vec::new();
-        for vm in pending {
-            if a.log(&vm)?.contains("SPORE-IDENTITY") {
-                identity.push(t0.elapsed().as_secs_f64() * 1e3);
-            } else {
-                still.push(vm);
+        for v in &vms {
+            let ms = |key: &str| v["start_ms"][key].as_f64();
+            running.extend(ms("total"));
+            qemu.extend(ms("qemu"));
+            load.extend(ms("load"));
+        }
+        // Identity: the guest answering on its console (read from the log
+        // files directly: polling 32 consoles through the CLI would itself
+        // take longer than what it measures).
+        let mut pending: Vec<PathBuf> = vms
+            .iter()
+            .filter_map(|v| v["serial_log"].as_str().map(PathBuf::from))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !pending.is_empty() {
+            if Instant::now() > deadline {
+                bail!("no SPORE-IDENTITY in {pending:?}");
             }
+            pending.retain(|log| {
+                let text = std::fs::read(log).unwrap_or_default();
+                if String::from_utf8_lossy(&text).contains("SPORE-IDENTITY") {
+                    identity.push(t0.elapsed().as_secs_f64() * 1e3);
+                    false
+                } else {
+                    true
+                }
+            });
+            std::thread::sleep(Duration::from_millis(5));
         }
-        pending = still;
-        std::thread::sleep(Duration::from_millis(20));
+        if rep + 1 == repeats {
+            // Let the clones run a little, then measure memory.
+            std::thread::sleep(Duration::from_secs(3));
+            let pids: Vec<u32> = a
+                .json(&["vm", "ls", "--json"])?
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|v| v["group"] == group.as_str())
+                .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+                .collect();
+            pss = pss_sum(&pids)?;
+            template_file = allocated(&a.ram.join("tmpl-idle.ram"));
+        }
+        a.cli(&["vm", "rm", "--group", &group])?;
     }
-    // Let the clones run a little, then measure memory.
-    std::thread::sleep(Duration::from_secs(3));
-    let pids: Vec<u32> = a
-        .json(&["vm", "ls", "--json"])?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter(|v| v["group"] == group.as_str())
-        .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
-        .collect();
-    let pss = pss_sum(&pids)?;
-    let template_file = allocated(&a.ram.join("tmpl-idle.ram"));
-    a.cli(&["vm", "rm", "--group", &group])?;
     Ok(Burst {
         count,
+        requests: repeats,
         running_p50_ms: percentile(&running, 50.0),
         running_p99_ms: percentile(&running, 99.0),
         qemu_p50_ms: percentile(&qemu, 50.0),
         load_p50_ms: percentile(&load, 50.0),
-        request_ms,
+        request_ms: median(&requests),
         identity_p50_ms: percentile(&identity, 50.0),
         identity_p99_ms: percentile(&identity, 99.0),
         pss_sum_bytes: pss,
@@ -350,7 +369,9 @@ pub fn run(o: &Options) -> Result<()> {
         .with_context(|| format!("guest {} (run guest/build.sh)", o.guest.display()))?;
     let _ = std::fs::remove_dir_all(&o.workdir);
     std::fs::create_dir_all(&o.workdir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let shm = Path::new("/dev/shm");
     let a = Host::start(
         &spore,
@@ -376,7 +397,9 @@ pub fn run(o: &Options) -> Result<()> {
 
     eprintln!("[clone] templates: idle (counter) and busy (memload)");
     vm_run(&a, o, "idle-src", "spore.counter", "SPORE-COUNTER n=2 ")?;
-    let idle = a.json(&["vm", "template", "idle-src", "--name", "idle", "--stop", "--json"])?;
+    let idle = a.json(&[
+        "vm", "template", "idle-src", "--name", "idle", "--stop", "--json",
+    ])?;
     vm_run(
         &a,
         o,
@@ -384,12 +407,16 @@ pub fn run(o: &Options) -> Result<()> {
         &format!("spore.memload={},0 spore.memload.verbose", o.memload_mib),
         "SPORE-MEMLOAD pass=2 ",
     )?;
-    a.json(&["vm", "template", "busy-src", "--name", "busy", "--stop", "--json"])?;
+    a.json(&[
+        "vm", "template", "busy-src", "--name", "busy", "--stop", "--json",
+    ])?;
 
     let mut bursts = Vec::new();
     for &count in &o.counts {
         eprintln!("[clone] burst of {count}");
-        bursts.push(burst(&a, o, count)?);
+        // Single clones are repeated so that p99 means something.
+        let repeats = if count == 1 { 10 * o.rounds } else { 1 };
+        bursts.push(burst(&a, o, count, repeats)?);
     }
 
     eprintln!("[clone] local and cold-host clones of the busy template");
@@ -586,11 +613,22 @@ fn plot(r: &Report) -> String {
         t + ph
     );
     for p in &r.progress {
-        let color = if p.host == "cold" { "#d95f02" } else { "#1b7837" };
+        let color = if p.host == "cold" {
+            "#d95f02"
+        } else {
+            "#1b7837"
+        };
         let mut pts = String::new();
         let mut prev = 0;
         for &(s, n) in &p.timeline {
-            let _ = write!(pts, "{:.1},{:.1} {:.1},{:.1} ", x(s), y(prev as f64), x(s), y(n as f64));
+            let _ = write!(
+                pts,
+                "{:.1},{:.1} {:.1},{:.1} ",
+                x(s),
+                y(prev as f64),
+                x(s),
+                y(n as f64)
+            );
             prev = n;
         }
         let _ = write!(

@@ -148,7 +148,6 @@ struct Report {
     storms: Vec<Storm>,
 }
 
-
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }

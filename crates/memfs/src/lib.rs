@@ -78,7 +78,18 @@ impl MemFs {
     }
 }
 
+/// Kernel read-ahead per fault: a guest touching one page of a region
+/// usually touches its neighbours.
+const READAHEAD: u32 = 512 << 10;
+
 impl Filesystem for MemFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_readahead(READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == INodeNo::ROOT && name.to_str() == Some(self.name.as_str()) {
             reply.entry(&TTL, &self.attr(FILE), fuser::Generation(0));
@@ -253,6 +264,36 @@ impl MemFile {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Reads `ranges` (offset, length) through the mount in the background,
+    /// in order, so that they sit in the page cache before anyone maps
+    /// them: a prefetch that saves the mapping processes the page faults
+    /// into user space, not only the network.
+    ///
+    /// The receiver gets one message when the warm-up ends (or fails).
+    pub fn warm(&self, ranges: Vec<(u64, u64)>) -> std::sync::mpsc::Receiver<()> {
+        let path = self.path();
+        let (done, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("memfs-warm".into())
+            .spawn(move || {
+                use std::os::unix::fs::FileExt;
+                if let Ok(f) = std::fs::File::open(&path) {
+                    let mut buf = Vec::new();
+                    for (off, len) in ranges {
+                        buf.resize(len as usize, 0);
+                        if f.read_exact_at(&mut buf, off).is_err() {
+                            break;
+                        }
+                    }
+                }
+                let _ = done.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start memfs warm-up");
+        }
+        rx
     }
 }
 

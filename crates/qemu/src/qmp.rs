@@ -49,9 +49,8 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                // Cheap to retry; a clone waits for this, so retry often.
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
                 Err(_) => return Err(QmpError::Timeout(path.display().to_string())),
             }
         };
@@ -86,6 +85,11 @@ impl Qmp {
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
+        self.reply(command)
+    }
+
+    /// Reads until the reply to `command`, keeping events.
+    fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message()?;
             if let Some(ret) = reply.get("return") {
@@ -102,6 +106,50 @@ impl Qmp {
                 self.events.push(reply);
             }
         }
+    }
+
+    /// Passes an open file to QEMU under `name` (QMP `getfd`, the
+    /// descriptor travelling as SCM_RIGHTS with the command).
+    pub fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        let mut line = serde_json::to_vec(&json!({
+            "execute": "getfd", "arguments": { "fdname": name }
+        }))?;
+        line.push(b'\n');
+        let raw = fd.as_raw_fd();
+        // SAFETY: the buffers outlive the call; the control buffer is sized
+        // with CMSG_SPACE for one descriptor and filled through the CMSG
+        // accessors, as sendmsg(2) describes.
+        let sent = unsafe {
+            let mut iov = libc::iovec {
+                iov_base: line.as_ptr() as *mut libc::c_void,
+                iov_len: line.len(),
+            };
+            let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                &raw as *const i32 as *const u8,
+                libc::CMSG_DATA(cmsg),
+                std::mem::size_of::<i32>(),
+            );
+            libc::sendmsg(self.writer.as_raw_fd(), &msg, 0)
+        };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if (sent as usize) < line.len() {
+            return Err(QmpError::Invalid("getfd command was cut short".into()));
+        }
+        self.reply("getfd").map(|_| ())
     }
 
     /// `query-status`: the run state ("running", "paused", ...).
