@@ -70,6 +70,8 @@ pub struct AgentConfig {
     /// that file-backed guest RAM costs no disk I/O. None: a directory per
     /// data directory under /dev/shm (DATA_DIR/ram without /dev/shm).
     pub ram_dir: Option<PathBuf>,
+    /// Clones kept started and paused per template (the standby pool).
+    pub clone_standby: u32,
 }
 
 impl AgentConfig {
@@ -89,6 +91,7 @@ impl AgentConfig {
             profile_seconds: 60,
             relay: false,
             ram_dir: None,
+            clone_standby: 0,
         }
     }
 
@@ -184,6 +187,8 @@ pub struct Agent {
     pub disk_names: parking_lot::Mutex<()>,
     /// Serialises template captures and removals.
     pub template_names: parking_lot::Mutex<()>,
+    /// Standby clones by template (VM names), and templates being refilled.
+    pub standbys: parking_lot::Mutex<crate::templates::Standbys>,
     /// FUSE files paging in templates captured elsewhere, by template.
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     _lock: File,
@@ -242,6 +247,7 @@ impl Agent {
             disk_names: parking_lot::Mutex::new(()),
             template_names: parking_lot::Mutex::new(()),
             memfs: Default::default(),
+            standbys: Default::default(),
             _lock: lock,
         });
         agent.recover()?;
@@ -284,6 +290,7 @@ impl Agent {
             self.exports.add_disk(&name, Arc::new(disk));
         }
         self.vms.recover(&self.meta)?;
+        self.drop_standbys();
         // Resume completing images whose policy says so.
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             if rec.complete {

@@ -157,7 +157,7 @@ impl Agent {
             .meta
             .list::<VmRecord>(Table::Vms)?
             .into_iter()
-            .filter(|(_, v)| v.template.as_deref() == Some(name))
+            .filter(|(_, v)| v.template.as_deref() == Some(name) && !v.standby)
             .map(|(n, _)| n)
             .collect();
         Ok(TemplateInfo {
@@ -325,6 +325,7 @@ impl Agent {
                 template: name.clone(),
                 ram: tram.clone(),
                 lazy: false,
+                hold: false,
                 state: state.clone(),
                 memory_mib: t.memory_mib,
                 cpus: t.cpus,
@@ -401,6 +402,7 @@ impl Agent {
         self.store_bundle(&t.boot_image, &dir, &meta, &state)?;
         self.meta.put(Table::Templates, name, &t)?;
         self.record_ram_working_set(name);
+        self.fill_standbys(name);
         tracing::info!(
             template = %name,
             vm,
@@ -748,27 +750,8 @@ impl Agent {
         check_name("clone prefix", &prefix)?;
         let memory_mib = req.memory_mib.unwrap_or(t.memory_mib);
         let cpus = req.cpus.unwrap_or(t.cpus);
-        let mut base = VmRecord {
-            image: t.disk_image.clone(),
-            disk: String::new(),
-            state: VmState::Starting,
-            pid: None,
-            accel: t.accel.clone(),
-            memory_mib: t.memory_mib,
-            cpus: t.cpus,
-            // The kernel is in the template's RAM; the clone never boots.
-            kernel: None,
-            initrd: None,
-            append: None,
-            created: now(),
-            reason: None,
-            max_memory_mib: t.max_memory_mib,
-            max_cpus: t.max_cpus,
-            template: Some(name.to_owned()),
-            group: Some(prefix.clone()),
-            identity: None,
-            dimms: 0,
-        };
+        let mut base = clone_record(name, &t);
+        base.group = Some(prefix.clone());
         check_growth(&base, memory_mib, cpus)?;
         base.memory_mib = memory_mib;
         base.cpus = cpus;
@@ -797,17 +780,22 @@ impl Agent {
                     let Some((vm, rec)) = queue.lock().next() else {
                         break;
                     };
-                    let start = Start::Resume {
-                        template: name.to_owned(),
-                        ram: ram.clone(),
-                        lazy,
-                        state: state.clone(),
-                        memory_mib: t.memory_mib,
-                        cpus: t.cpus,
+                    let r = match self.take_standby(name) {
+                        Some(sb) => self.activate_standby(&sb, &vm, rec, &t),
+                        None => {
+                            let start = Start::Resume {
+                                template: name.to_owned(),
+                                ram: ram.clone(),
+                                lazy,
+                                hold: false,
+                                state: state.clone(),
+                                memory_mib: t.memory_mib,
+                                cpus: t.cpus,
+                            };
+                            self.create_disk(&vm, &t.disk_image, Some(&vm))
+                                .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()))
+                        }
                     };
-                    let r = self
-                        .create_disk(&vm, &t.disk_image, Some(&vm))
-                        .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()));
                     if let Err(e) = &r {
                         self.settle_failed_start(&vm, e);
                     }
@@ -825,6 +813,7 @@ impl Agent {
         }
         vms.sort_by_key(|v| natural(&v.name));
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.fill_standbys(name);
         tracing::info!(template = name, group = %prefix, started = vms.len(), failed = failed.len(), total_ms, "cloned");
         if vms.is_empty() {
             if let Some((vm, why)) = failed.first() {
@@ -871,6 +860,12 @@ impl Agent {
     pub fn remove_template(&self, name: &str) -> Result<spore_api::RemoveResult> {
         let _serial = self.template_names.lock();
         let t = self.template_record(name)?;
+        let pool = self.standbys.lock().ready.remove(name).unwrap_or_default();
+        for sb in pool {
+            if let Err(e) = self.remove_vm(&sb, true) {
+                tracing::warn!(vm = %sb, error = %e.chain(), "removing a standby clone");
+            }
+        }
         let info = self.template_info(name, &t)?;
         if !info.clones.is_empty() {
             return Err(AgentError::InUse {
@@ -903,6 +898,206 @@ impl Agent {
             freed_chunks,
             freed_bytes,
         })
+    }
+}
+
+/// The record a clone of `t` starts from (name, disk, identity and group
+/// are the caller's).
+fn clone_record(name: &str, t: &TemplateRecord) -> VmRecord {
+    VmRecord {
+        image: t.disk_image.clone(),
+        disk: String::new(),
+        state: VmState::Starting,
+        pid: None,
+        accel: t.accel.clone(),
+        memory_mib: t.memory_mib,
+        cpus: t.cpus,
+        // The kernel is in the template's RAM; the clone never boots.
+        kernel: None,
+        initrd: None,
+        append: None,
+        created: now(),
+        reason: None,
+        max_memory_mib: t.max_memory_mib,
+        max_cpus: t.max_cpus,
+        template: Some(name.to_owned()),
+        group: None,
+        identity: None,
+        dimms: 0,
+        standby: false,
+    }
+}
+
+/// The standby pool: clones started and paused, per template.
+#[derive(Debug, Default)]
+pub struct Standbys {
+    ready: std::collections::HashMap<String, Vec<String>>,
+    filling: std::collections::HashSet<String>,
+}
+
+impl Agent {
+    fn take_standby(&self, template: &str) -> Option<String> {
+        self.standbys.lock().ready.get_mut(template)?.pop()
+    }
+
+    /// Tops the template's standby pool up to `--clone-standby`, in the
+    /// background.
+    fn fill_standbys(self: &Arc<Self>, template: &str) {
+        let want = self.config.clone_standby as usize;
+        if want == 0 || !self.standbys.lock().filling.insert(template.to_owned()) {
+            return;
+        }
+        let agent = self.clone();
+        let name = template.to_owned();
+        let template = template.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name(format!("standby-{name}"))
+            .spawn(move || {
+                loop {
+                    let have = agent
+                        .standbys
+                        .lock()
+                        .ready
+                        .get(&template)
+                        .map_or(0, Vec::len);
+                    if have >= want {
+                        break;
+                    }
+                    match agent.make_standby(&template) {
+                        Ok(vm) => agent
+                            .standbys
+                            .lock()
+                            .ready
+                            .entry(template.clone())
+                            .or_default()
+                            .push(vm),
+                        Err(e) => {
+                            tracing::warn!(template = %template, error = %e.chain(), "standby clone failed");
+                            break;
+                        }
+                    }
+                }
+                agent.standbys.lock().filling.remove(&template);
+            });
+        if let Err(e) = spawned {
+            self.standbys.lock().filling.remove(&name);
+            tracing::warn!(error = %e, "cannot start the standby pool");
+        }
+    }
+
+    /// One standby: a clone with its disk, QEMU started and the state
+    /// loaded, paused before `cont`, under an internal name.
+    fn make_standby(self: &Arc<Self>, template: &str) -> Result<String> {
+        let t = self.template_record(template)?;
+        let (ram, lazy) = self.ensure_template_ram(template, &t)?;
+        let mut rec = clone_record(template, &t);
+        rec.standby = true;
+        let vm = loop {
+            let b: [u8; 4] = rand::random();
+            let vm = format!("standby-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3]);
+            rec.disk = vm.clone();
+            rec.identity = Some(self.unique_identity(&vm)?);
+            if self.meta.insert_new(Table::Vms, &vm, &rec)? {
+                break vm;
+            }
+        };
+        let start = Start::Resume {
+            template: template.to_owned(),
+            ram,
+            lazy,
+            hold: true,
+            state: self.template_dir(template).join("state"),
+            memory_mib: t.memory_mib,
+            cpus: t.cpus,
+        };
+        let r = self
+            .create_disk(&vm, &t.disk_image, Some(&vm))
+            .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()));
+        if let Err(e) = r {
+            self.settle_failed_start(&vm, &e);
+            let _ = self.remove_vm(&vm, true);
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Hands standby `sb` out as clone `vm`, whose record (name claimed,
+    /// group, size) is `rec`: it keeps the standby's disk, MAC and
+    /// generation ID, and gets `vm` as its hostname.
+    fn activate_standby(
+        &self,
+        sb: &str,
+        vm: &str,
+        mut rec: VmRecord,
+        t: &TemplateRecord,
+    ) -> Result<spore_api::VmInfo> {
+        let t0 = Instant::now();
+        let result = (|| -> Result<spore_api::VmInfo> {
+            let standby = self.vm_record(sb)?;
+            if standby.state != VmState::Standby {
+                return Err(AgentError::State(format!(
+                    "standby {sb} is {}",
+                    standby.state
+                )));
+            }
+            let mut id = standby
+                .identity
+                .clone()
+                .ok_or_else(|| AgentError::State(format!("standby {sb} has no identity")))?;
+            id.hostname = vm.to_owned();
+            rec.disk = standby.disk.clone();
+            rec.pid = standby.pid;
+            rec.identity = Some(id);
+            self.meta.put(Table::Vms, vm, &rec)?;
+            self.meta.remove(Table::Vms, sb)?;
+            self.rename_running(sb, vm)?;
+            let mut disk = self.disk_record(&rec.disk)?;
+            disk.vm = Some(vm.to_owned());
+            self.meta.put(Table::Disks, &rec.disk, &disk)?;
+            let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
+                .map_err(|e| AgentError::State(e.to_string()))?;
+            let mut times = spore_api::StartTimes {
+                standby: true,
+                ..Default::default()
+            };
+            self.finish_resume(vm, &rec, &mut qmp, t.memory_mib, t.cpus, &mut times)?;
+            times.total = t0.elapsed().as_secs_f64() * 1e3;
+            self.set_start_times(vm, times);
+            self.set_vm_state(vm, |r| r.state = VmState::Running)?;
+            tracing::info!(
+                vm,
+                standby = sb,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "standby clone handed out"
+            );
+            self.get_vm(vm)
+        })();
+        if let Err(e) = &result {
+            for name in [sb, vm] {
+                if let Some((pid, _)) = self.running_vm(name) {
+                    // SAFETY: kill sends a signal; no memory is involved.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+            let _ = self.meta.remove(Table::Vms, sb);
+            self.settle_failed_start(vm, e);
+        }
+        result
+    }
+
+    /// Removes standby clones a previous run left (they never outlive
+    /// their agent: QEMU dies with it).
+    pub(crate) fn drop_standbys(&self) {
+        let Ok(list) = self.meta.list::<VmRecord>(Table::Vms) else {
+            return;
+        };
+        for (name, r) in list {
+            if r.standby {
+                if let Err(e) = self.remove_vm(&name, true) {
+                    tracing::warn!(vm = %name, error = %e.chain(), "removing a standby clone");
+                }
+            }
+        }
     }
 }
 

@@ -66,6 +66,9 @@ pub struct VmRecord {
     /// Memory DIMMs hot-plugged so far (their ids are dimm1, dimm2, ...).
     #[serde(default)]
     pub dimms: u32,
+    /// A standby clone (pool member, not yet handed out).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// The largest hot-plug bounds a VM gets: memory up to 4× its size (at
@@ -120,11 +123,18 @@ pub enum Start {
         ram: PathBuf,
         /// The RAM file is a read-only FUSE file (lazy, from chunks).
         lazy: bool,
+        /// Stop after loading the state (a standby): no hot-plug, no
+        /// `cont`, no identity.
+        hold: bool,
         state: PathBuf,
         memory_mib: u64,
         cpus: u32,
     },
 }
+
+/// A running QEMU: pid, exit signal, and the VM's current name (a standby
+/// is renamed when it is handed out; its monitor thread follows the name).
+type Running = (u32, Arc<Exit>, Arc<Mutex<String>>);
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
@@ -154,7 +164,7 @@ pub struct VmManager {
     /// How the last start of each VM went (not persisted).
     start_times: Mutex<HashMap<String, StartTimes>>,
     spawner: Mutex<mpsc::Sender<SpawnRequest>>,
-    running: Mutex<HashMap<String, (u32, Arc<Exit>)>>,
+    running: Mutex<HashMap<String, Running>>,
     /// Serialises state changes of VM records.
     transitions: Mutex<()>,
 }
@@ -414,6 +424,7 @@ impl Agent {
             group: None,
             identity: Some(self.unique_identity(&req.name)?),
             dimms: 0,
+            standby: false,
         };
         if !self.meta.insert_new(Table::Vms, &req.name, &rec)? {
             return Err(AgentError::Exists {
@@ -450,7 +461,35 @@ impl Agent {
 
     /// The QEMU process and exit signal of a running VM.
     pub(crate) fn running_vm(&self, name: &str) -> Option<(u32, Arc<Exit>)> {
-        self.vms.running.lock().get(name).cloned()
+        self.vms
+            .running
+            .lock()
+            .get(name)
+            .map(|(p, e, _)| (*p, e.clone()))
+    }
+
+    /// Moves a running VM's runtime state (process, channel, directory) to
+    /// a new name. The records are the caller's business.
+    pub(crate) fn rename_running(&self, from: &str, to: &str) -> Result<()> {
+        let dir = self.vms.dir(to);
+        if dir.exists() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        fs::rename(self.vms.dir(from), &dir).map_err(AgentError::io(format!(
+            "renaming the directory of vm {from}"
+        )))?;
+        let mut running = self.vms.running.lock();
+        let entry = running
+            .remove(from)
+            .ok_or_else(|| AgentError::State(format!("vm {from} is not running")))?;
+        *entry.2.lock() = to.to_owned();
+        running.insert(to.to_owned(), entry);
+        drop(running);
+        let mut channels = self.vms.channels.lock();
+        if let Some(ch) = channels.remove(from) {
+            channels.insert(to.to_owned(), ch);
+        }
+        Ok(())
     }
 
     /// Starts QEMU for a VM whose record and disk exist: boots it, or
@@ -564,23 +603,24 @@ impl Agent {
         })?;
         let pid = child.id();
         let exit = Arc::new(Exit::default());
+        let cell = Arc::new(Mutex::new(name.to_owned()));
         self.vms
             .running
             .lock()
-            .insert(name.to_owned(), (pid, exit.clone()));
+            .insert(name.to_owned(), (pid, exit.clone(), cell.clone()));
         self.set_vm_state(name, |r| {
             r.pid = Some(pid);
             r.state = VmState::Starting;
             r.reason = None;
         })?;
         let agent = self.clone();
-        let vm = name.to_owned();
         let monitor_exit = exit.clone();
         let own_ram = matches!(start, Start::Boot).then(|| self.vms.ram_file(name));
         std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || {
                 let status = child.wait();
+                let vm = cell.lock().clone();
                 agent.vms.running.lock().remove(&vm);
                 agent.vms.channels.lock().remove(&vm);
                 // A booted VM's RAM dies with it (unless a template took
@@ -622,12 +662,23 @@ impl Agent {
         let started = self.bring_up(name, &rec, &spec, &start, &mut times, t0);
         match started {
             Ok(()) => {
+                let hold = matches!(start, Start::Resume { hold: true, .. });
                 times.total = t0.elapsed().as_secs_f64() * 1e3;
-                tracing::info!(vm = name, pid, total_ms = times.total, "VM running");
+                tracing::info!(
+                    vm = name,
+                    pid,
+                    total_ms = times.total,
+                    standby = hold,
+                    "VM running"
+                );
                 self.vms.start_times.lock().insert(name.to_owned(), times);
                 let rec = self.set_vm_state(name, |r| {
                     if r.state == VmState::Starting {
-                        r.state = VmState::Running;
+                        r.state = if hold {
+                            VmState::Standby
+                        } else {
+                            VmState::Running
+                        };
                     }
                 })?;
                 Ok(self.vm_info(name, &rec))
@@ -659,10 +710,15 @@ impl Agent {
         let qmp_err = |e: spore_qemu::QmpError| AgentError::State(e.to_string());
         let mut qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(20)).map_err(qmp_err)?;
         times.qemu = t0.elapsed().as_secs_f64() * 1e3 - times.disk;
+        let sock = spec
+            .channel_socket
+            .as_ref()
+            .expect("every VM has a channel");
         if let Start::Resume {
             state,
             memory_mib,
             cpus,
+            hold,
             ..
         } = start
         {
@@ -670,44 +726,69 @@ impl Agent {
             qmp.load_state(state, Duration::from_secs(30))
                 .map_err(qmp_err)?;
             times.load = t.elapsed().as_secs_f64() * 1e3;
-            let t = Instant::now();
-            let mut dimm = 0;
-            let mut have = *memory_mib;
-            while have < rec.memory_mib {
-                dimm += 1;
-                let add = rec.memory_mib - have;
-                qmp.add_memory(&format!("dimm{dimm}"), add)
-                    .map_err(qmp_err)?;
-                have += add;
+            let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
+            self.vms.channels.lock().insert(name.to_owned(), channel);
+            if *hold {
+                return Ok(());
             }
-            if rec.cpus > *cpus {
-                qmp.add_cpus(rec.cpus).map_err(qmp_err)?;
-            }
-            times.resize = t.elapsed().as_secs_f64() * 1e3;
-            qmp.execute("cont", None).map_err(qmp_err)?;
-            if dimm > 0 {
-                self.set_vm_state(name, |r| r.dimms = dimm)?;
-            }
+            self.finish_resume(name, rec, &mut qmp, *memory_mib, *cpus, times)
         } else {
             qmp.status().map_err(qmp_err)?;
+            let mut channel =
+                GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
+            if let Some(id) = &rec.identity {
+                channel
+                    .send(&Message::Identity(id.clone()))
+                    .map_err(qmp_err)?;
+            }
+            self.vms.channels.lock().insert(name.to_owned(), channel);
+            Ok(())
         }
-        let sock = spec
-            .channel_socket
-            .as_ref()
-            .expect("every VM has a channel");
-        let mut channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
+    }
+
+    /// The end of a clone's start (also of a standby handed out): grow to
+    /// the record's memory and CPUs, `cont`, send the identity.
+    pub(crate) fn finish_resume(
+        &self,
+        name: &str,
+        rec: &VmRecord,
+        qmp: &mut Qmp,
+        memory_mib: u64,
+        cpus: u32,
+        times: &mut StartTimes,
+    ) -> Result<()> {
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(e.to_string());
+        let t = Instant::now();
+        let mut dimm = 0;
+        let mut have = memory_mib;
+        while have < rec.memory_mib {
+            dimm += 1;
+            let add = rec.memory_mib - have;
+            qmp.add_memory(&format!("dimm{dimm}"), add)
+                .map_err(qmp_err)?;
+            have += add;
+        }
+        if rec.cpus > cpus {
+            qmp.add_cpus(rec.cpus).map_err(qmp_err)?;
+        }
+        times.resize = t.elapsed().as_secs_f64() * 1e3;
+        qmp.execute("cont", None).map_err(qmp_err)?;
+        if dimm > 0 {
+            self.set_vm_state(name, |r| r.dimms = dimm)?;
+        }
         if let Some(id) = &rec.identity {
-            channel
-                .send(&Message::Identity(id.clone()))
-                .map_err(qmp_err)?;
+            self.vms.send(name, &Message::Identity(id.clone()))?;
         }
-        if matches!(start, Start::Resume { cpus, .. } if rec.cpus > *cpus) {
-            channel
-                .send(&Message::Resources { cpus: rec.cpus })
-                .map_err(qmp_err)?;
+        if rec.cpus > cpus {
+            self.vms
+                .send(name, &Message::Resources { cpus: rec.cpus })?;
         }
-        self.vms.channels.lock().insert(name.to_owned(), channel);
         Ok(())
+    }
+
+    /// Records how a VM's start went (for `vm ls --json`).
+    pub(crate) fn set_start_times(&self, name: &str, times: StartTimes) {
+        self.vms.start_times.lock().insert(name.to_owned(), times);
     }
 
     /// Grows a running VM: hot-plugs memory (a DIMM) and CPUs, then tells
@@ -767,7 +848,7 @@ impl Agent {
     /// Stops a VM: QMP `quit`, then SIGKILL if QEMU has not gone in time.
     pub fn stop_vm(&self, name: &str) -> Result<VmInfo> {
         let rec = self.vm_record(name)?;
-        let Some((pid, exit)) = self.vms.running.lock().get(name).cloned() else {
+        let Some((pid, exit)) = self.running_vm(name) else {
             return match rec.state {
                 VmState::Stopped | VmState::Failed => Ok(self.vm_info(name, &rec)),
                 _ => Err(AgentError::State(format!(
@@ -848,6 +929,7 @@ impl Agent {
                 r.reason = Some("stopped because the agent shut down".into())
             });
         }
+        self.drop_standbys();
         // No VM maps them now: unmount the FUSE files of remote templates.
         self.memfs.lock().clear();
         // Nothing left in it (no templates): leave no empty directory.

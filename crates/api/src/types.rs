@@ -215,6 +215,9 @@ fn default_cpus() -> u32 {
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     Starting,
+    /// A clone paused with its template's state loaded, waiting to be
+    /// handed a name and an identity (`spore agent --clone-standby`).
+    Standby,
     Running,
     Stopping,
     Stopped,
@@ -225,6 +228,7 @@ impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             VmState::Starting => "starting",
+            VmState::Standby => "standby",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
@@ -283,6 +287,10 @@ pub struct StartTimes {
     pub resize: f64,
     /// From the request to the guest running.
     pub total: f64,
+    /// Taken from the standby pool: QEMU had started and loaded the state
+    /// before the request (`qemu` and `load` are then 0).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// `POST /v1/vms/{name}/template`

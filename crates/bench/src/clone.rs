@@ -51,6 +51,9 @@ pub struct Options {
     /// Seconds of guest progress compared between cold-host and local clones
     #[arg(long, default_value_t = 5.0)]
     pub progress_seconds: f64,
+    /// Standby clones host A keeps per template (`spore agent --clone-standby`)
+    #[arg(long, default_value_t = 1)]
+    pub standby: u32,
     /// Demo guest (vmlinuz, initrd.img, rootfs.img from guest/build.sh)
     #[arg(long, default_value = ".cache/guest")]
     pub guest: PathBuf,
@@ -73,9 +76,11 @@ struct Burst {
     /// Request to QEMU running, per clone (the agent's measurement), ms.
     running_p50_ms: f64,
     running_p99_ms: f64,
-    /// Of which: QEMU start, device state load.
+    /// Of which: QEMU start, device state load (0 for standby clones).
     qemu_p50_ms: f64,
     load_p50_ms: f64,
+    /// Clones handed out from the standby pool.
+    from_standby: usize,
     /// The whole request (all clones running), median, ms.
     request_ms: f64,
     /// Request to the guest printing its new identity, per clone, ms
@@ -108,6 +113,7 @@ struct Report {
     memory_mib: u64,
     cold_boot_s: Vec<f64>,
     cold_boot_median_s: f64,
+    standby: u32,
     template_capture_pause_ms: f64,
     template_ram_stored_bytes: u64,
     template_state_bytes: u64,
@@ -236,7 +242,7 @@ fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
     let group = format!("b{count}");
     let (mut running, mut qemu, mut load, mut identity, mut requests) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut pss, mut template_file) = (0, 0);
+    let (mut pss, mut template_file, mut from_standby) = (0, 0, 0);
     for rep in 0..repeats {
         let t0 = Instant::now();
         let r = a.json(&[
@@ -263,6 +269,9 @@ fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
             running.extend(ms("total"));
             qemu.extend(ms("qemu"));
             load.extend(ms("load"));
+            if v["start_ms"]["standby"] == true {
+                from_standby += 1;
+            }
         }
         // Identity: the guest answering on its console (read from the log
         // files directly: polling 32 consoles through the CLI would itself
@@ -303,6 +312,9 @@ fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
             template_file = allocated(&a.ram.join("tmpl-idle.ram"));
         }
         a.cli(&["vm", "rm", "--group", &group])?;
+        if o.standby > 0 {
+            wait_standby(a, "idle", o.standby as usize)?;
+        }
     }
     Ok(Burst {
         count,
@@ -311,6 +323,7 @@ fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
         running_p99_ms: percentile(&running, 99.0),
         qemu_p50_ms: percentile(&qemu, 50.0),
         load_p50_ms: percentile(&load, 50.0),
+        from_standby,
         request_ms: median(&requests),
         identity_p50_ms: percentile(&identity, 50.0),
         identity_p99_ms: percentile(&identity, 99.0),
@@ -318,6 +331,26 @@ fn burst(a: &Host, o: &Options, count: u32, repeats: usize) -> Result<Burst> {
         template_file_bytes: template_file,
         memory_ratio: (pss + template_file) as f64 / (count as u64 * (o.memory_mib << 20)) as f64,
     })
+}
+
+/// Waits until `n` standby clones are ready (the pool refills in the
+/// background after each request).
+fn wait_standby(a: &Host, template: &str, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = a.json(&["vm", "ls", "--json"])?.as_array().map_or(0, |v| {
+            v.iter()
+                .filter(|v| v["state"] == "standby" && v["template"] == template)
+                .count()
+        });
+        if ready >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the standby pool did not refill");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// One clone of the busy template on `h`; its progress over the first
@@ -373,11 +406,17 @@ pub fn run(o: &Options) -> Result<()> {
         .local_addr()?
         .port();
     let shm = Path::new("/dev/shm");
+    let standby = o.standby.to_string();
     let a = Host::start(
         &spore,
         &o.workdir.join("a"),
         &shm.join("spore-bench-clone-a"),
-        &["--listen", &format!("127.0.0.1:{port}")],
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--clone-standby",
+            &standby,
+        ],
     )?;
     a.cli(&[
         "image",
@@ -412,6 +451,9 @@ pub fn run(o: &Options) -> Result<()> {
     ])?;
 
     let mut bursts = Vec::new();
+    if o.standby > 0 {
+        wait_standby(&a, "idle", o.standby as usize)?;
+    }
     for &count in &o.counts {
         eprintln!("[clone] burst of {count}");
         // Single clones are repeated so that p99 means something.
@@ -467,6 +509,7 @@ pub fn run(o: &Options) -> Result<()> {
     let first = bursts.first().map(|b| b.running_p99_ms).unwrap_or(f64::NAN);
     let report = Report {
         memory_mib: o.memory_mib,
+        standby: o.standby,
         cold_boot_median_s: median(&cold_boot),
         cold_boot_s: cold_boot,
         template_capture_pause_ms: idle["pause_ms"].as_f64().unwrap_or(f64::NAN),
@@ -512,9 +555,11 @@ fn print_report(r: &Report, o: &Options) {
         r.template_state_bytes as f64 / 1024.0
     );
     println!();
+    println!("standby pool on host A: {} per template", r.standby);
     println!(
-        "{:>6} {:>12} {:>12} {:>9} {:>9} {:>11} {:>13} {:>13} {:>10} {:>8}",
+        "{:>6} {:>8} {:>12} {:>12} {:>9} {:>9} {:>11} {:>13} {:>13} {:>10} {:>8}",
         "clones",
+        "standby",
         "run p50 ms",
         "run p99 ms",
         "qemu ms",
@@ -527,8 +572,9 @@ fn print_report(r: &Report, o: &Options) {
     );
     for b in &r.bursts {
         println!(
-            "{:>6} {:>12.1} {:>12.1} {:>9.1} {:>9.1} {:>11.0} {:>13.0} {:>13.0} {:>10.0} {:>8.3}",
+            "{:>6} {:>8} {:>12.1} {:>12.1} {:>9.1} {:>9.1} {:>11.0} {:>13.0} {:>13.0} {:>10.0} {:>8.3}",
             b.count,
+            b.from_standby,
             b.running_p50_ms,
             b.running_p99_ms,
             b.qemu_p50_ms,

@@ -99,6 +99,10 @@ pub struct AgentArgs {
     /// Where guest RAM files live (a tmpfs) [default: /dev/shm/spore-<hash of DATA_DIR>]
     #[arg(long)]
     ram_dir: Option<PathBuf>,
+    /// Clones kept started and paused per template, so that a clone request
+    /// skips QEMU's start-up (each costs a QEMU process and a disk)
+    #[arg(long, default_value_t = 0)]
+    clone_standby: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -342,6 +346,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.profile_seconds = a.profile_seconds;
             config.relay = a.relay;
             config.ram_dir = a.ram_dir.as_deref().map(abs).transpose()?;
+            config.clone_standby = a.clone_standby;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -693,7 +698,7 @@ async fn follow_log(
         }
         let live = matches!(
             log.state,
-            VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Starting | VmState::Standby | VmState::Running | VmState::Stopping
         );
         if !(follow || until.is_some()) || (!live && log.text.is_empty()) {
             return Ok(false);

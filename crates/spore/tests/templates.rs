@@ -322,3 +322,83 @@ fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
     assert!(!b.ram.path().join("mem-t1").exists());
     a.ok(&["vm", "rm", "--force", "src"]);
 }
+
+/// Waits until `vm ls` shows a VM in state `standby`; returns its name.
+fn wait_standby(t: &TestAgent) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let vms = t.json(&["vm", "ls", "--json"]);
+        if let Some(v) = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["state"] == "standby")
+        {
+            return v["name"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no standby clone: {vms}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn standby_clones_are_handed_out_with_their_own_identity() {
+    let g = guest();
+    let t = TestAgent::start_with(&["--clone-standby", "1"]);
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let args = vm_run_args(g, "src", "base", "quiet spore.counter");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    let before = *counts(&wait_log(&t, "src", "SPORE-COUNTER n=2 ", 120))
+        .last()
+        .unwrap();
+    t.ok(&["vm", "template", "src", "--name", "t", "--stop"]);
+
+    let mut macs = HashSet::new();
+    let mut randoms = HashSet::new();
+    for i in 1..=2 {
+        // The pool fills after the capture, and again after each clone.
+        let standby = wait_standby(&t);
+        let r = t.json(&["vm", "clone", "t", "--name", "s", "--json"]);
+        let vm = format!("s-{i}");
+        assert_eq!(r["vms"][0]["name"], vm.as_str(), "{r}");
+        assert_eq!(r["vms"][0]["start_ms"]["standby"], true, "{r}");
+        assert_eq!(r["vms"][0]["state"], "running", "{r}");
+        // The standby is gone under its own name.
+        assert!(t.fails(&["vm", "log", &standby]).contains("does not exist"));
+        let log = wait_log(&t, &vm, &format!("host={vm}"), 60);
+        assert!(!log.contains("SPORE-READY"), "{log}");
+        assert!(counts(&log)[0] >= before, "{log}");
+        let id = fields(&wait_log(&t, &vm, "SPORE-IDENTITY", 30), "SPORE-IDENTITY ");
+        assert_eq!(id["hostname"], vm);
+        macs.insert(id["mac"].clone());
+        randoms.insert(id["random"].clone());
+        let info = t.json(&["template", "inspect", "t", "--json"]);
+        assert!(
+            !info["clones"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c.as_str().unwrap().starts_with("standby-")),
+            "{info}"
+        );
+    }
+    assert_eq!(macs.len(), 2);
+    assert_eq!(randoms.len(), 2);
+    t.ok(&["vm", "rm", "--group", "s"]);
+    // Standbys go with their template.
+    wait_standby(&t);
+    t.ok(&["template", "rm", "t"]);
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    assert_eq!(
+        t.json(&["disk", "ls", "--json"]).as_array().unwrap().len(),
+        1
+    );
+}
