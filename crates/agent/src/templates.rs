@@ -324,7 +324,7 @@ impl Agent {
             let start = Start::Resume {
                 template: name.clone(),
                 ram: tram.clone(),
-                lazy: false,
+                warm: None,
                 hold: false,
                 state: state.clone(),
                 memory_mib: t.memory_mib,
@@ -657,12 +657,17 @@ impl Agent {
     /// Makes sure clones can map the template's RAM: the local file (a
     /// template captured here); the file rebuilt from the RAM image when
     /// every chunk is here (tmpfs lost it in a reboot); or else a FUSE file
-    /// that pages the image in on demand. Returns the path and whether it
-    /// is the lazy FUSE file.
-    fn ensure_template_ram(&self, name: &str, t: &TemplateRecord) -> Result<(PathBuf, bool)> {
+    /// that pages the image in on demand. Returns the path, and when a
+    /// warm-up of the working set just started, the gate the first clone
+    /// waits at before it resumes.
+    fn ensure_template_ram(
+        &self,
+        name: &str,
+        t: &TemplateRecord,
+    ) -> Result<(PathBuf, Option<Arc<WarmGate>>)> {
         let path = self.template_ram(name);
         if path.is_file() {
-            return Ok((path, false));
+            return Ok((path, None));
         }
         let rec = self.image_record(&t.ram_image)?;
         let img = self.exports.open_image(&rec.manifest)?;
@@ -676,7 +681,7 @@ impl Agent {
         if !complete {
             let mut mounts = self.memfs.lock();
             if let Some(m) = mounts.get(name) {
-                return Ok((m.path(), true));
+                return Ok((m.path(), None));
             }
             let dir = self.vms.ram_dir().join(format!("mem-{name}"));
             let block = img.image().manifest.block_size as u64;
@@ -685,10 +690,10 @@ impl Agent {
             // The working set into the page cache, in the recorded order,
             // while the first clone starts: its first touches then cost
             // neither a fetch nor a FUSE round trip.
+            let mut gate = None;
             if let Some(p) = rec.profile {
                 match self.profile_blocks(&p) {
                     Ok(blocks) => {
-                        let started = Instant::now();
                         let warmed = m.warm(
                             blocks
                                 .into_iter()
@@ -696,14 +701,10 @@ impl Agent {
                                 .filter(|(o, _)| *o < size)
                                 .collect(),
                         );
-                        // A head start, within a budget.
-                        let done = warmed.recv_timeout(WARM_BUDGET).is_ok();
-                        tracing::info!(
-                            template = name,
-                            done,
-                            ms = started.elapsed().as_secs_f64() * 1e3,
-                            "working set warmed before the first clone"
-                        );
+                        gate = Some(Arc::new(WarmGate {
+                            done: parking_lot::Mutex::new(Some(warmed)),
+                            deadline: Instant::now() + WARM_BUDGET,
+                        }));
                     }
                     Err(e) => {
                         tracing::warn!(template = name, error = %e.chain(), "working set unreadable")
@@ -713,7 +714,7 @@ impl Agent {
             let p = m.path();
             tracing::info!(template = name, path = %p.display(), "template RAM paged in on demand (FUSE)");
             mounts.insert(name.to_owned(), m);
-            return Ok((p, true));
+            return Ok((p, gate));
         }
         let tmp = path.with_extension("tmp");
         let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
@@ -734,7 +735,7 @@ impl Agent {
         fs::rename(&tmp, &path).map_err(AgentError::io("placing template RAM"))?;
         let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400));
         tracing::info!(template = name, "template RAM file rebuilt from its image");
-        Ok((path, false))
+        Ok((path, None))
     }
 
     /// Starts `req.count` clones of a template.
@@ -755,7 +756,7 @@ impl Agent {
         check_growth(&base, memory_mib, cpus)?;
         base.memory_mib = memory_mib;
         base.cpus = cpus;
-        let (ram, lazy) = self.ensure_template_ram(name, &t)?;
+        let (ram, warm) = self.ensure_template_ram(name, &t)?;
         let state = self.template_dir(name).join("state");
 
         // Claim names PREFIX-1, PREFIX-2, ... skipping those in use.
@@ -786,7 +787,7 @@ impl Agent {
                             let start = Start::Resume {
                                 template: name.to_owned(),
                                 ram: ram.clone(),
-                                lazy,
+                                warm: warm.clone(),
                                 hold: false,
                                 state: state.clone(),
                                 memory_mib: t.memory_mib,
@@ -901,6 +902,26 @@ impl Agent {
     }
 }
 
+/// Where the first clone of a template paged in from elsewhere waits for
+/// the working set's warm-up (which runs while its QEMU starts), until the
+/// warm-up ends or the budget from the mount runs out.
+#[derive(Debug)]
+pub struct WarmGate {
+    done: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    deadline: Instant,
+}
+
+impl WarmGate {
+    pub fn wait(&self) {
+        let Some(rx) = self.done.lock().take() else {
+            return;
+        };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let done = rx.recv_timeout(left).is_ok();
+        tracing::debug!(done, "working set warm-up gate");
+    }
+}
+
 /// The record a clone of `t` starts from (name, disk, identity and group
 /// are the caller's).
 fn clone_record(name: &str, t: &TemplateRecord) -> VmRecord {
@@ -989,7 +1010,7 @@ impl Agent {
     /// loaded, paused before `cont`, under an internal name.
     fn make_standby(self: &Arc<Self>, template: &str) -> Result<String> {
         let t = self.template_record(template)?;
-        let (ram, lazy) = self.ensure_template_ram(template, &t)?;
+        let (ram, warm) = self.ensure_template_ram(template, &t)?;
         let mut rec = clone_record(template, &t);
         rec.standby = true;
         let vm = loop {
@@ -1004,7 +1025,7 @@ impl Agent {
         let start = Start::Resume {
             template: template.to_owned(),
             ram,
-            lazy,
+            warm,
             hold: true,
             state: self.template_dir(template).join("state"),
             memory_mib: t.memory_mib,

@@ -121,8 +121,9 @@ pub enum Start {
     Resume {
         template: String,
         ram: PathBuf,
-        /// The RAM file is a read-only FUSE file (lazy, from chunks).
-        lazy: bool,
+        /// The RAM file is a FUSE file whose working set is being read in:
+        /// wait at this gate before `cont`.
+        warm: Option<Arc<crate::templates::WarmGate>>,
         /// Stop after loading the state (a standby): no hot-plug, no
         /// `cont`, no identity.
         hold: bool,
@@ -531,14 +532,10 @@ impl Agent {
             ),
             Start::Resume {
                 ram,
-                lazy,
                 memory_mib,
                 cpus,
                 ..
             } => {
-                if *lazy {
-                    tracing::debug!(vm = name, ram = %ram.display(), "RAM paged in on demand");
-                }
                 (
                     RamFile {
                         path: ram.clone(),
@@ -719,6 +716,7 @@ impl Agent {
             memory_mib,
             cpus,
             hold,
+            warm,
             ..
         } = start
         {
@@ -730,6 +728,9 @@ impl Agent {
             self.vms.channels.lock().insert(name.to_owned(), channel);
             if *hold {
                 return Ok(());
+            }
+            if let Some(gate) = warm {
+                gate.wait();
             }
             self.finish_resume(name, rec, &mut qmp, *memory_mib, *cpus, times)
         } else {
