@@ -54,7 +54,7 @@ const CLONE_WORKERS: usize = 2;
 /// for the working set to reach the page cache before it resumes: enough
 /// for a working set of tens of MiB on a fast link, short enough that the
 /// clone still runs within half a second of the request.
-const WARM_BUDGET: Duration = Duration::from_millis(200);
+const WARM_BUDGET: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TemplateRecord {

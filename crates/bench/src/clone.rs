@@ -101,8 +101,10 @@ struct Progress {
     /// CLI request to QEMU running (B: includes finding the template at
     /// the origin and mounting its RAM), ms.
     running_ms: f64,
-    /// Memory-workload passes completed in the first `progress_seconds`.
-    passes: u64,
+    /// Memory-workload passes in the first `progress_seconds`: whole passes
+    /// plus the share of the pass in progress (interpolated between the
+    /// pass lines either side of the window's end).
+    passes: f64,
     /// (seconds since running, passes) as the console showed them.
     timeline: Vec<(f64, u64)>,
     fetched_bytes: u64,
@@ -162,10 +164,6 @@ impl Host {
 
     fn json(&self, args: &[&str]) -> Result<Value> {
         serde_json::from_str(&self.cli(args)?).context("JSON output")
-    }
-
-    fn log(&self, vm: &str) -> Result<String> {
-        self.cli(&["vm", "log", vm])
     }
 
     fn fetched(&self) -> Result<u64> {
@@ -364,29 +362,56 @@ fn progress(
 ) -> Result<Progress> {
     let before = h.fetched()?;
     let t0 = Instant::now();
-    h.cli(&["vm", "clone", "busy", "--name", name])?;
+    let r = h.json(&["vm", "clone", "busy", "--name", name, "--json"])?;
     let running = Instant::now();
     let running_ms = (running - t0).as_secs_f64() * 1e3;
-    let vm = format!("{name}-1");
-    let mut timeline = Vec::new();
-    let mut last = u64::MAX;
-    while running.elapsed().as_secs_f64() < o.progress_seconds {
-        let n = passes(&h.log(&vm)?);
-        if n != last {
-            timeline.push((running.elapsed().as_secs_f64(), n));
-            last = n;
+    let log = PathBuf::from(
+        r["vms"][0]["serial_log"]
+            .as_str()
+            .context("clone without a serial log")?,
+    );
+    // The console file is read directly (a CLI call per poll would take
+    // CPU from the guest being measured). Polling goes on until the first
+    // pass after the window, to interpolate within the pass in progress.
+    let window = o.progress_seconds;
+    let mut timeline: Vec<(f64, u64)> = vec![(0.0, 0)];
+    let mut after = None;
+    while running.elapsed().as_secs_f64() < window + 5.0 {
+        let n = passes(&String::from_utf8_lossy(
+            &std::fs::read(&log).unwrap_or_default(),
+        ));
+        let t = running.elapsed().as_secs_f64();
+        if n > timeline.last().map_or(0, |p| p.1) {
+            timeline.push((t, n));
+            if t > window {
+                after = Some((t, n));
+                break;
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let n = passes(&h.log(&vm)?);
-    timeline.push((o.progress_seconds, n));
+    let (t_before, n_before) = timeline
+        .iter()
+        .rev()
+        .find(|(t, _)| *t <= window)
+        .copied()
+        .unwrap_or((0.0, 0));
+    let passes_in_window = match after {
+        Some((t_after, n_after)) if n_after > n_before => {
+            n_before as f64
+                + (window - t_before) / (t_after - t_before) * (n_after - n_before) as f64
+        }
+        _ => n_before as f64,
+    };
+    timeline.retain(|(t, _)| *t <= window);
+    timeline.push((window, n_before));
     let fetched_bytes = h.fetched()? - before;
     h.cli(&["vm", "rm", "--group", name])?;
     Ok(Progress {
         host: which,
         round,
         running_ms,
-        passes: n,
+        passes: passes_in_window,
         timeline,
         fetched_bytes,
     })
@@ -494,12 +519,12 @@ pub fn run(o: &Options) -> Result<()> {
     let local: Vec<f64> = prog
         .iter()
         .filter(|p| p.host == "local")
-        .map(|p| p.passes as f64)
+        .map(|p| p.passes)
         .collect();
     let cold: Vec<f64> = prog
         .iter()
         .filter(|p| p.host == "cold")
-        .map(|p| p.passes as f64)
+        .map(|p| p.passes)
         .collect();
     let cold_running: Vec<f64> = prog
         .iter()
@@ -597,7 +622,7 @@ fn print_report(r: &Report, o: &Options) {
     );
     for p in &r.progress {
         println!(
-            "{:>6} {:>6} {:>12.0} {:>16} {:>12.1}",
+            "{:>6} {:>6} {:>12.0} {:>16.2} {:>12.1}",
             p.host,
             p.round,
             p.running_ms,
@@ -619,7 +644,7 @@ fn plot(r: &Report) -> String {
     let max_p = r
         .progress
         .iter()
-        .map(|p| p.passes)
+        .map(|p| p.passes.ceil() as u64)
         .max()
         .unwrap_or(1)
         .max(1) as f64;
