@@ -93,6 +93,9 @@ for _ in $(seq 1 50); do "$SPORE" vm log big-1 | grep -q SPORE-RESOURCES && brea
 "$SPORE" vm ls
 "$SPORE" vm rm --group api
 "$SPORE" vm rm --group big
+# The template's RAM lives in tmpfs until the template is removed.
+"$SPORE" vm rm --force web
+"$SPORE" template rm web-t
 
 NODES=${SPORE_DEMO_NODES:-4}
 say "a small storm: an origin and $NODES hosts (network namespaces, 100 Mbit/s links), all booting from cold at once"

@@ -716,6 +716,8 @@ impl Agent {
             mounts.insert(name.to_owned(), m);
             return Ok((p, gate));
         }
+        fs::create_dir_all(self.vms.ram_dir())
+            .map_err(AgentError::io("creating the RAM directory"))?;
         let tmp = path.with_extension("tmp");
         let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
         file.set_len(size)

@@ -171,11 +171,9 @@ pub struct VmManager {
 }
 
 impl VmManager {
+    /// The RAM directory is made when a VM first needs it, so that agents
+    /// that never run one leave nothing in /dev/shm.
     pub fn new(root: PathBuf, ram_dir: PathBuf) -> Result<Self> {
-        fs::create_dir_all(&ram_dir).map_err(AgentError::io(format!(
-            "creating RAM directory {}",
-            ram_dir.display()
-        )))?;
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
         // PR_SET_PDEATHSIG fires when the thread that forked the child
         // exits, so children must come from a thread that lives as long as
@@ -570,6 +568,10 @@ impl Agent {
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
         };
+        fs::create_dir_all(self.vms.ram_dir()).map_err(AgentError::io(format!(
+            "creating RAM directory {}",
+            self.vms.ram_dir().display()
+        )))?;
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(AgentError::io("creating qemu.log"))?;
         let mut cmd = Command::new(QEMU_BINARY);
