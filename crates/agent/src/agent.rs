@@ -72,6 +72,9 @@ pub struct AgentConfig {
     pub ram_dir: Option<PathBuf>,
     /// Clones kept started and paused per template (the standby pool).
     pub clone_standby: u32,
+    /// Accept live migrations from other agents on the peer listener (they
+    /// start QEMU here; only for hosts that trust each other).
+    pub accept_migrations: bool,
 }
 
 impl AgentConfig {
@@ -92,6 +95,7 @@ impl AgentConfig {
             relay: false,
             ram_dir: None,
             clone_standby: 0,
+            accept_migrations: false,
         }
     }
 
@@ -191,6 +195,8 @@ pub struct Agent {
     pub standbys: parking_lot::Mutex<crate::templates::Standbys>,
     /// FUSE files paging in templates captured elsewhere, by template.
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
+    /// Live migrations away from and to this host.
+    pub migrations: crate::migration::Migrations,
     _lock: File,
 }
 
@@ -248,6 +254,7 @@ impl Agent {
             template_names: parking_lot::Mutex::new(()),
             memfs: Default::default(),
             standbys: Default::default(),
+            migrations: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

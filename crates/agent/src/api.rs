@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spore_api::{
     AgentStatus, CloneRequest, CommitRequest, DiskCreate, ErrorBody, Event, ExportRequest,
-    ImportRequest, PullRequest, PushRequest, ResizeRequest, SourceStatus, TemplateCreate, VmCreate,
+    ImportRequest, MigrateRequest, PullRequest, PushRequest, ResizeRequest, SourceStatus,
+    TemplateCreate, VmCreate,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -48,6 +49,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/vms/{name}/log"),
     ("post", "/v1/vms/{name}/template"),
     ("post", "/v1/vms/{name}/resize"),
+    ("post", "/v1/vms/{name}/send"),
+    ("post", "/v1/vms/{name}/migrate"),
+    ("get", "/v1/vms/{name}/migration"),
+    ("post", "/v1/vms/{name}/migrate/cancel"),
     ("get", "/v1/templates"),
     ("get", "/v1/templates/{name}"),
     ("delete", "/v1/templates/{name}"),
@@ -77,6 +82,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/log", get(vm_log))
         .route("/v1/vms/{name}/template", post(template_vm))
         .route("/v1/vms/{name}/resize", post(resize_vm))
+        .route("/v1/vms/{name}/send", post(send_line))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/migration", get(get_migration))
+        .route("/v1/vms/{name}/migrate/cancel", post(cancel_migration))
         .route("/v1/templates", get(list_templates))
         .route(
             "/v1/templates/{name}",
@@ -318,6 +327,7 @@ async fn remove_vm(
     Query(q): Query<RemoveQuery>,
 ) -> Response {
     blocking(move || {
+        a.not_migrating(&name)?;
         a.remove_vm(&name, q.force)
             .map(|()| serde_json::json!({ "removed": name }))
     })
@@ -325,7 +335,11 @@ async fn remove_vm(
 }
 
 async fn stop_vm(State(a): S, Path(name): Path<String>) -> Response {
-    blocking(move || a.stop_vm(&name)).await
+    blocking(move || {
+        a.not_migrating(&name)?;
+        a.stop_vm(&name)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -340,16 +354,57 @@ async fn vm_log(State(a): S, Path(name): Path<String>, Query(q): Query<LogQuery>
 
 async fn template_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
     match parse::<TemplateCreate>(&body) {
-        Ok(req) => blocking(move || a.template_vm(&name, &req)).await,
+        Ok(req) => {
+            blocking(move || {
+                a.not_migrating(&name)?;
+                a.template_vm(&name, &req)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
 
 async fn resize_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
     match parse::<ResizeRequest>(&body) {
-        Ok(req) => blocking(move || a.resize_vm(&name, req.memory_mib, req.cpus)).await,
+        Ok(req) => {
+            blocking(move || {
+                a.not_migrating(&name)?;
+                a.resize_vm(&name, req.memory_mib, req.cpus)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
+}
+
+async fn send_line(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<spore_api::SendRequest>(&body) {
+        Ok(req) => {
+            blocking(move || {
+                a.vms
+                    .send(&name, &spore_qemu::Message::Line(req.line))
+                    .map(|()| serde_json::json!({ "sent": true }))
+            })
+            .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn migrate_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+    match parse::<MigrateRequest>(&body) {
+        Ok(req) => blocking(move || a.migrate_vm(&name, req)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_migration(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.migration(&name)).await
+}
+
+async fn cancel_migration(State(a): S, Path(name): Path<String>) -> Response {
+    blocking(move || a.cancel_migration(&name)).await
 }
 
 async fn list_templates(State(a): S) -> Response {

@@ -14,6 +14,7 @@ pub mod exports;
 mod images;
 pub mod meta;
 mod metrics;
+pub mod migration;
 pub mod peer;
 mod templates;
 pub mod vms;

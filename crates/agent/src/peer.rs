@@ -9,8 +9,11 @@
 //! With `--accept-push` (an origin) also: which chunks are missing, upload a
 //! chunk (verified against its id before it is stored), bind an image name
 //! (only once every chunk it needs is present). What is pushed goes to the
-//! origin store, never to the agent's own store. The control API stays on
-//! the unix socket; nothing here can start VMs or delete anything.
+//! origin store, never to the agent's own store. With `--accept-migrations`
+//! also: receive a live migration (crate::migration): prepare a VM that
+//! waits for its state, take its disk's blocks, commit or abort it. Without
+//! that flag nothing here can start VMs or delete anything; the control API
+//! stays on the unix socket.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -36,6 +39,11 @@ pub const PEER_ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chunks/batch"),
     ("post", "/v1/chunks/missing"),
     ("put", "/v1/chunks/{id}"),
+    ("post", "/v1/migrations"),
+    ("put", "/v1/migrations/{vm}/blocks"),
+    ("post", "/v1/migrations/{vm}/recover"),
+    ("post", "/v1/migrations/{vm}/commit"),
+    ("post", "/v1/migrations/{vm}/abort"),
 ];
 
 type S = State<Arc<Agent>>;
@@ -46,9 +54,15 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/chunks/batch", post(batch))
         .route("/v1/chunks/missing", post(missing))
         .route("/v1/chunks/{id}", put(upload))
-        // A chunk (a layer of a large image, say) may exceed axum's 2 MB default.
+        .route("/v1/migrations", post(incoming_prepare))
+        .route("/v1/migrations/{vm}/blocks", put(incoming_blocks))
+        .route("/v1/migrations/{vm}/recover", post(incoming_recover))
+        .route("/v1/migrations/{vm}/commit", post(incoming_commit))
+        .route("/v1/migrations/{vm}/abort", post(incoming_abort))
+        // A chunk (a layer of a large image, say) or a batch of a migrating
+        // disk's blocks may exceed axum's 2 MB default.
         .layer(axum::extract::DefaultBodyLimit::max(
-            spore_chunks::MAX_CHUNK_SIZE + 4096,
+            spore_chunks::MAX_CHUNK_SIZE.max(spore_blockdev::batch::MAX_BATCH_BYTES) + (1 << 20),
         ))
         .with_state(agent)
 }
@@ -356,4 +370,48 @@ async fn adopt_profile(
         Ok(())
     })
     .await
+}
+
+async fn incoming_prepare(State(a): S, body: Bytes) -> Response {
+    respond(
+        async move {
+            let req: spore_api::IncomingRequest = serde_json::from_slice(&body)
+                .map_err(|e| AgentError::Invalid(format!("bad migration request: {e}")))?;
+            let ready = off_thread(move || a.incoming_prepare(req)).await?;
+            Ok(axum::Json(ready).into_response())
+        }
+        .await,
+    )
+}
+
+async fn incoming_blocks(State(a): S, Path(vm): Path<String>, body: Bytes) -> Response {
+    respond(
+        off_thread(move || a.incoming_blocks(&vm, &body))
+            .await
+            .map(|n| axum::Json(n).into_response()),
+    )
+}
+
+async fn incoming_recover(State(a): S, Path(vm): Path<String>) -> Response {
+    respond(
+        off_thread(move || a.incoming_recover(&vm))
+            .await
+            .map(|r| axum::Json(r).into_response()),
+    )
+}
+
+async fn incoming_commit(State(a): S, Path(vm): Path<String>) -> Response {
+    respond(
+        off_thread(move || a.incoming_commit(&vm))
+            .await
+            .map(|r| axum::Json(r).into_response()),
+    )
+}
+
+async fn incoming_abort(State(a): S, Path(vm): Path<String>) -> Response {
+    respond(
+        off_thread(move || a.incoming_abort(&vm))
+            .await
+            .map(|()| axum::Json(serde_json::json!({ "aborted": true })).into_response()),
+    )
 }

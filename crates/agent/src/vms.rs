@@ -131,6 +131,14 @@ pub enum Start {
         memory_mib: u64,
         cpus: u32,
     },
+    /// The destination of a live migration: its own shared RAM file, the
+    /// source's memory layout recreated, QEMU listening on `listen` and
+    /// running the guest as soon as the stream has arrived.
+    Incoming {
+        layout: spore_qemu::MemoryLayout,
+        postcopy: bool,
+        listen: String,
+    },
 }
 
 /// A running QEMU: pid, exit signal, and the VM's current name (a standby
@@ -204,6 +212,15 @@ impl VmManager {
     /// The shared RAM file of a booted VM.
     pub fn ram_file(&self, name: &str) -> PathBuf {
         self.ram_dir.join(format!("vm-{name}.ram"))
+    }
+
+    /// Starts a stall probe on a running VM's guest channel.
+    pub fn probe(&self, name: &str) -> Option<spore_qemu::StallProbe> {
+        let channels = self.channels.lock();
+        let ch = channels.get(name)?;
+        ch.probe(Duration::from_millis(10))
+            .map_err(|e| tracing::warn!(vm = name, error = %e, "no stall probe"))
+            .ok()
     }
 
     /// Sends a message on a running VM's guest channel.
@@ -507,7 +524,7 @@ impl Agent {
         let dir = self.vms.dir(name);
         match &start {
             // A fresh VM: whatever is there is debris.
-            Start::Boot => {
+            Start::Boot | Start::Incoming { .. } => {
                 let _ = fs::remove_dir_all(&dir);
             }
             // The same VM again (a source resumed from its template): its
@@ -527,6 +544,15 @@ impl Agent {
                 },
                 rec.memory_mib,
                 rec.cpus,
+            ),
+            Start::Incoming { layout, .. } => (
+                RamFile {
+                    path: self.vms.ram_file(name),
+                    shared: true,
+                    readonly: false,
+                },
+                layout.base_mib,
+                layout.boot_cpus,
             ),
             Start::Resume {
                 ram,
@@ -559,7 +585,11 @@ impl Agent {
             mac: identity.as_ref().map(|i| i.mac.clone()),
             vmgenid: identity.as_ref().map(|i| i.vmgenid.clone()),
             channel_socket: Some(dir.join("channel.sock")),
-            incoming: matches!(start, Start::Resume { .. }),
+            incoming: match start {
+                Start::Boot => None,
+                Start::Resume { .. } => Some(spore_qemu::Incoming::Paused),
+                Start::Incoming { .. } => Some(spore_qemu::Incoming::Running),
+            },
             kernel: rec.kernel.clone(),
             initrd: rec.initrd.clone(),
             append: rec.append.clone(),
@@ -614,7 +644,8 @@ impl Agent {
         })?;
         let agent = self.clone();
         let monitor_exit = exit.clone();
-        let own_ram = matches!(start, Start::Boot).then(|| self.vms.ram_file(name));
+        let own_ram =
+            matches!(start, Start::Boot | Start::Incoming { .. }).then(|| self.vms.ram_file(name));
         std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || {
@@ -671,10 +702,13 @@ impl Agent {
                     "VM running"
                 );
                 self.vms.start_times.lock().insert(name.to_owned(), times);
+                let incoming = matches!(start, Start::Incoming { .. });
                 let rec = self.set_vm_state(name, |r| {
                     if r.state == VmState::Starting {
                         r.state = if hold {
                             VmState::Standby
+                        } else if incoming {
+                            VmState::Incoming
                         } else {
                             VmState::Running
                         };
@@ -713,6 +747,25 @@ impl Agent {
             .channel_socket
             .as_ref()
             .expect("every VM has a channel");
+        if let Start::Incoming {
+            layout,
+            postcopy,
+            listen,
+        } = start
+        {
+            for (id, mib) in &layout.dimms {
+                qmp.add_memory(id, *mib).map_err(qmp_err)?;
+            }
+            if layout.cpus > layout.boot_cpus {
+                qmp.add_cpus(layout.cpus).map_err(qmp_err)?;
+            }
+            qmp.set_capabilities(&[("postcopy-ram", *postcopy)])
+                .map_err(qmp_err)?;
+            qmp.migrate_incoming(listen).map_err(qmp_err)?;
+            let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
+            self.vms.channels.lock().insert(name.to_owned(), channel);
+            return Ok(());
+        }
         if let Start::Resume {
             state,
             memory_mib,

@@ -219,6 +219,9 @@ pub enum VmState {
     /// handed a name and an identity (`spore agent --clone-standby`).
     Standby,
     Running,
+    /// The destination of a live migration: QEMU waits for (or is
+    /// receiving) the VM's state; the source still runs the VM.
+    Incoming,
     Stopping,
     Stopped,
     Failed,
@@ -230,6 +233,7 @@ impl std::fmt::Display for VmState {
             VmState::Starting => "starting",
             VmState::Standby => "standby",
             VmState::Running => "running",
+            VmState::Incoming => "incoming",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
@@ -423,4 +427,238 @@ pub struct PullResult {
     /// Chunks that were not here when the pull started.
     pub missing: u64,
     pub background: bool,
+}
+
+/// `POST /v1/vms/{name}/send`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// One line for the guest channel (the demo guest's hook reads it).
+    pub line: String,
+}
+
+/// How a live migration decides when the VM switches hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPolicy {
+    /// Watch every pass; switch to post-copy (or throttle) as soon as
+    /// pre-copy is predicted not to finish within the downtime limit.
+    #[default]
+    Auto,
+    /// QEMU's default pre-copy: iterate until the rest fits the downtime
+    /// limit (may never finish; `timeout` gives up).
+    Precopy,
+    /// Switch after the first pass; memory follows on demand.
+    Postcopy,
+    /// Pre-copy with QEMU's auto-converge (CPU throttling).
+    AutoConverge,
+}
+
+impl std::fmt::Display for MigrationPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationPolicy::Auto => "auto",
+            MigrationPolicy::Precopy => "precopy",
+            MigrationPolicy::Postcopy => "postcopy",
+            MigrationPolicy::AutoConverge => "auto-converge",
+        })
+    }
+}
+
+impl std::str::FromStr for MigrationPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => MigrationPolicy::Auto,
+            "precopy" => MigrationPolicy::Precopy,
+            "postcopy" => MigrationPolicy::Postcopy,
+            "auto-converge" => MigrationPolicy::AutoConverge,
+            _ => {
+                return Err(format!(
+                    "unknown policy {s:?} (auto, precopy, postcopy or auto-converge)"
+                ))
+            }
+        })
+    }
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+
+fn default_migration_timeout() -> u64 {
+    600
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/vms/{name}/migrate`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination agent's peer URL, e.g. http://10.77.0.3:7070
+    pub to: String,
+    #[serde(default)]
+    pub policy: MigrationPolicy,
+    /// The longest pause of the guest that pre-copy may plan for.
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    /// Cap on the migration's use of the link, bytes per second.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+    /// Give up if the VM has not switched hosts after this long (the source
+    /// keeps running).
+    #[serde(default = "default_migration_timeout")]
+    pub timeout_s: u64,
+    /// May `auto` use post-copy? Without it, `auto` throttles the guest.
+    #[serde(default = "yes")]
+    pub allow_postcopy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationPhase {
+    /// Asking the destination to get ready.
+    Preparing,
+    /// Copying the blocks the VM wrote.
+    Disk,
+    /// Pre-copy passes over memory.
+    Memory,
+    /// The guest is paused: last blocks and device state.
+    Switching,
+    /// The guest runs at the destination; memory still arriving.
+    Postcopy,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Disk => "disk",
+            MigrationPhase::Memory => "memory",
+            MigrationPhase::Switching => "switching",
+            MigrationPhase::Postcopy => "postcopy",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+            MigrationPhase::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// One decision of a migration policy, or an event worth reporting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationDecision {
+    /// Since the migration started.
+    pub at_ms: f64,
+    /// The pass over memory in progress (1 = the first).
+    pub pass: u64,
+    pub text: String,
+}
+
+/// A point of a migration's timeline.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationSample {
+    pub at_ms: f64,
+    pub status: String,
+    pub ram_transferred: u64,
+    pub ram_remaining: u64,
+    pub dirty_rate: u64,
+    pub throughput: u64,
+}
+
+/// A live migration as its source agent sees it (kept after it ends).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub vm: String,
+    pub to: String,
+    pub policy: MigrationPolicy,
+    pub phase: MigrationPhase,
+    /// Unix time of the request.
+    pub started: u64,
+    pub elapsed_ms: f64,
+    /// When the guest stopped at the source (ms after the start).
+    pub switched_at_ms: Option<f64>,
+    /// Guest RAM, bytes.
+    pub ram_total: u64,
+    pub ram_transferred: u64,
+    pub ram_remaining: u64,
+    /// Passes over memory (QEMU's dirty-sync count).
+    pub passes: u64,
+    pub dirty_rate: u64,
+    pub throughput: u64,
+    pub postcopy_requests: u64,
+    pub throttle_percent: u64,
+    /// Blocks the VM had written, sent from the source's overlay.
+    pub disk_bytes: u64,
+    /// Passes over the disk's dirty blocks (the first copies every written
+    /// block; the last runs while the guest is paused).
+    pub disk_passes: u32,
+    /// Bytes sent in the last disk pass, while the guest was paused.
+    pub disk_final_bytes: u64,
+    /// Downtime as QEMU measured it.
+    pub downtime_ms: Option<f64>,
+    /// The longest time the guest did not answer the agent's pings
+    /// (every 10 ms over the guest channel), from the start of the
+    /// migration until the destination committed.
+    pub guest_stall_ms: Option<f64>,
+    pub decisions: Vec<MigrationDecision>,
+    pub timeline: Vec<MigrationSample>,
+    pub error: Option<String>,
+}
+
+/// `POST /v1/migrations` on the destination's peer listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    pub vm: String,
+    /// Where the request comes from (for records and logs).
+    pub from: String,
+    pub image: String,
+    pub accel: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub max_memory_mib: u64,
+    pub max_cpus: u32,
+    /// Base RAM (MiB), DIMMs (id, MiB), boot CPUs: what QEMU must look like
+    /// before the stream arrives.
+    pub base_mib: u64,
+    pub dimms: Vec<(String, u64)>,
+    pub boot_cpus: u32,
+    pub mac: Option<String>,
+    pub vmgenid: Option<String>,
+    pub hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub postcopy: bool,
+    /// The destination gives up (and cleans up) if the migration has not
+    /// committed by then.
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// The port the destination QEMU listens on for the migration stream.
+    pub port: u16,
+    /// Bytes of the disk (block batches must match it).
+    pub disk_size: u64,
+}
+
+/// The destination's answer to a commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingCommitted {
+    /// When the destination saw the guest answer pings (µs since the Unix
+    /// epoch).
+    pub pongs: Vec<u64>,
+    /// When the destination QEMU began running the guest (µs since epoch).
+    pub running_at: Option<u64>,
 }

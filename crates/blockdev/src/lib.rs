@@ -7,7 +7,10 @@
 //!   with durable flush.
 //!
 //! Both implement [`spore_nbd::Export`], so the agent can serve them.
+//! A [`batch`] carries a disk's written blocks to another host (live
+//! migration), using the overlay's dirty tracking.
 
+pub mod batch;
 pub mod cache;
 pub mod disk;
 pub mod image;

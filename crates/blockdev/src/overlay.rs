@@ -66,6 +66,10 @@ pub struct Overlay {
     generation: Mutex<u64>,
     /// Set by every change, cleared by a flush that captured it.
     dirty: AtomicBool,
+    /// Granules written since tracking started or since the last
+    /// [`Overlay::take_tracked`] (a live migration's dirty bitmap).
+    tracked: Vec<AtomicU64>,
+    tracking: AtomicBool,
 }
 
 /// The meta payload: generation, size, granule, bitmap.
@@ -124,6 +128,24 @@ fn open_rw(path: &Path, create: bool) -> Result<File, OverlayError> {
         .map_err(io_at(path))
 }
 
+/// The set bits of `words` as granule numbers, clearing them if `take`.
+fn granules_of(words: &[AtomicU64], take: bool) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let mut v = if take {
+            w.swap(0, Ordering::AcqRel)
+        } else {
+            w.load(Ordering::Acquire)
+        };
+        while v != 0 {
+            let bit = v.trailing_zeros() as u64;
+            out.push(i as u64 * 64 + bit);
+            v &= v - 1;
+        }
+    }
+    out
+}
+
 impl Overlay {
     /// Creates an empty overlay for a disk of `size` bytes in `dir`.
     pub fn create(dir: &Path, size: u64) -> Result<Self, OverlayError> {
@@ -149,6 +171,8 @@ impl Overlay {
             bits: words.into_iter().map(AtomicU64::new).collect(),
             generation: Mutex::new(1),
             dirty: AtomicBool::new(false),
+            tracked: (0..word_count(size)).map(|_| AtomicU64::new(0)).collect(),
+            tracking: AtomicBool::new(false),
         })
     }
 
@@ -195,6 +219,7 @@ impl Overlay {
             }
         };
         let (generation, size, words) = best;
+        let tracked = (0..words.len()).map(|_| AtomicU64::new(0)).collect();
         Ok(Overlay {
             dir: dir.to_owned(),
             data,
@@ -203,6 +228,8 @@ impl Overlay {
             bits: words.into_iter().map(AtomicU64::new).collect(),
             generation: Mutex::new(generation),
             dirty: AtomicBool::new(false),
+            tracked,
+            tracking: AtomicBool::new(false),
         })
     }
 
@@ -225,12 +252,41 @@ impl Overlay {
     /// Marks granules `[first, last]` as holding overlay data. Call only
     /// after their data is in the data file.
     pub fn mark(&self, first: u64, last: u64) {
+        let tracking = self.tracking.load(Ordering::Acquire);
         for g in first..=last {
             if let Some(w) = self.bits.get((g / 64) as usize) {
                 w.fetch_or(1 << (g % 64), Ordering::Release);
             }
+            if tracking {
+                if let Some(w) = self.tracked.get((g / 64) as usize) {
+                    w.fetch_or(1 << (g % 64), Ordering::Release);
+                }
+            }
         }
         self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Starts recording which granules are written from now on, and
+    /// returns the granules that hold data now (the first pass of a copy).
+    /// A write racing with this call shows up in one or both.
+    pub fn start_tracking(&self) -> Vec<u64> {
+        for w in &self.tracked {
+            w.store(0, Ordering::Release);
+        }
+        self.tracking.store(true, Ordering::Release);
+        granules_of(&self.bits, false)
+    }
+
+    /// Granules written since tracking started or since the last call, in
+    /// order; their bits are cleared. A granule written while its data is
+    /// being copied is reported again by the next call, because a write
+    /// marks its granule after its data is in place.
+    pub fn take_tracked(&self) -> Vec<u64> {
+        granules_of(&self.tracked, true)
+    }
+
+    pub fn stop_tracking(&self) {
+        self.tracking.store(false, Ordering::Release);
     }
 
     /// Granules that hold overlay data.
@@ -313,6 +369,25 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracking_reports_writes_since_the_last_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::create(&dir.path().join("d"), 1 << 20).unwrap();
+        o.mark(1, 1);
+        assert!(o.take_tracked().is_empty(), "not tracking yet");
+        assert_eq!(o.start_tracking(), vec![1]);
+        o.mark(3, 4);
+        o.mark(70, 70);
+        assert_eq!(o.take_tracked(), vec![3, 4, 70]);
+        assert!(o.take_tracked().is_empty());
+        o.mark(1, 1);
+        assert_eq!(o.take_tracked(), vec![1]);
+        o.stop_tracking();
+        o.mark(2, 2);
+        assert!(o.take_tracked().is_empty());
+        assert_eq!(o.start_tracking(), vec![1, 2, 3, 4, 70]);
+    }
 
     #[test]
     fn flush_and_reopen_keeps_bits() {

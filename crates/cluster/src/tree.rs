@@ -47,6 +47,8 @@ pub fn node_args(cluster: &Cluster, node: usize, fanout: usize) -> Vec<String> {
         "--origin".into(),
         peer_url(&cluster.origin),
         "--relay".into(),
+        // The hosts of one cluster trust each other with their VMs.
+        "--accept-migrations".into(),
     ];
     // Chunks come from the parent relay first; the origin is only the
     // fallback, for when the parent is dead.

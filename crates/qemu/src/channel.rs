@@ -6,9 +6,11 @@
 //! blocked reading the port when its template is captured, and each clone
 //! is sent its own identity right after it resumes.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +47,10 @@ pub enum Message {
         path: String,
         content: String,
     },
+    /// Answer `pong N` on the channel itself (the stall probe).
+    Ping(u64),
+    /// Any other line (`spore vm send`): printable, at most 1 KiB.
+    Line(String),
 }
 
 fn word(what: &str, s: &str) -> Result<(), QmpError> {
@@ -86,6 +92,18 @@ impl Message {
                 }
                 format!("write {path}={content}\n")
             }
+            Message::Ping(n) => format!("ping {n}\n"),
+            Message::Line(line) => {
+                if line.trim().is_empty()
+                    || line.len() > 1024
+                    || line.bytes().any(|b| b.is_ascii_control())
+                {
+                    return Err(QmpError::Invalid(
+                        "a line for the guest must be 1 to 1024 printable characters".into(),
+                    ));
+                }
+                format!("{line}\n")
+            }
         })
     }
 }
@@ -118,6 +136,124 @@ impl GuestChannel {
         self.stream.write_all(line.as_bytes())?;
         Ok(())
     }
+
+    /// Starts a stall probe on this channel.
+    pub fn probe(&self, interval: Duration) -> Result<StallProbe, QmpError> {
+        Ok(StallProbe::start(self.stream.try_clone()?, interval)?)
+    }
+}
+
+/// Microseconds since the Unix epoch: the probe's clock, comparable between
+/// the hosts of one machine (and between hosts whose clocks are synced).
+pub fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Measures how long the guest stops answering: pings the guest over its
+/// channel every `interval` and records when each `pong` comes back. A
+/// guest that is paused, or running but stuck on memory that has not
+/// arrived, answers late; the longest gap between answers is the stall the
+/// guest's own processes saw.
+#[derive(Debug)]
+pub struct StallProbe {
+    stop: Arc<AtomicBool>,
+    pongs: Arc<Mutex<Vec<u64>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl StallProbe {
+    pub fn start(stream: UnixStream, interval: Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pongs = Arc::new(Mutex::new(Vec::new()));
+        stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut writer = stream.try_clone()?;
+        let reader = stream;
+        let (s1, s2, p) = (stop.clone(), stop.clone(), pongs.clone());
+        let ping = std::thread::Builder::new()
+            .name("stall-ping".into())
+            .spawn(move || {
+                let mut n = 0u64;
+                while !s1.load(Ordering::Relaxed) {
+                    n += 1;
+                    if writer.write_all(format!("ping {n}\n").as_bytes()).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(interval);
+                }
+            })?;
+        let pong = std::thread::Builder::new()
+            .name("stall-pong".into())
+            .spawn(move || {
+                let mut r = BufReader::new(reader);
+                let mut line = String::new();
+                while !s2.load(Ordering::Relaxed) {
+                    match r.read_line(&mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            if line.ends_with('\n') {
+                                if line.starts_with("pong ") {
+                                    p.lock().unwrap_or_else(|e| e.into_inner()).push(epoch_us());
+                                }
+                                line.clear();
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+            })?;
+        Ok(StallProbe {
+            stop,
+            pongs,
+            threads: vec![ping, pong],
+        })
+    }
+
+    /// Answer times so far (µs since the epoch).
+    pub fn pongs(&self) -> Vec<u64> {
+        self.pongs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops pinging and returns every answer time.
+    pub fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.pongs()
+    }
+}
+
+impl Drop for StallProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The longest time without an answer within `[from, to]`, given answer
+/// times from one or more probes (sorted here). The window's edges count as
+/// answers, so a guest that never answered stalled for the whole window.
+pub fn longest_gap(times: &[u64], from: u64, to: u64) -> u64 {
+    let mut t: Vec<u64> = times
+        .iter()
+        .copied()
+        .filter(|x| (from..=to).contains(x))
+        .collect();
+    t.sort_unstable();
+    let mut prev = from;
+    let mut gap = 0;
+    for x in t.into_iter().chain(std::iter::once(to)) {
+        gap = gap.max(x.saturating_sub(prev));
+        prev = x;
+    }
+    gap
 }
 
 #[cfg(test)]
@@ -160,6 +296,42 @@ mod tests {
     }
 
     #[test]
+    fn longest_gap_counts_the_window_edges() {
+        assert_eq!(longest_gap(&[], 100, 400), 300);
+        assert_eq!(longest_gap(&[300, 150, 200], 100, 400), 100);
+        assert_eq!(longest_gap(&[110, 120, 390], 100, 400), 270);
+        // answers outside the window do not shorten it
+        assert_eq!(longest_gap(&[50, 500], 100, 400), 300);
+        assert_eq!(Message::Ping(7).encode().unwrap(), "ping 7\n");
+    }
+
+    #[test]
+    fn the_probe_records_answers_and_stops() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut w = guest.try_clone().unwrap();
+            let mut r = BufReader::new(guest);
+            let mut line = String::new();
+            let mut answered = 0;
+            while answered < 5 && r.read_line(&mut line).unwrap() > 0 {
+                let n = line.trim().strip_prefix("ping ").unwrap().to_owned();
+                w.write_all(format!("pong {n}\n").as_bytes()).unwrap();
+                line.clear();
+                answered += 1;
+            }
+        });
+        let probe = StallProbe::start(host, Duration::from_millis(2)).unwrap();
+        echo.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while probe.pongs().len() < 5 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pongs = probe.stop();
+        assert_eq!(pongs.len(), 5);
+        assert!(pongs.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
     fn blanks_and_newlines_are_refused() {
         let mut bad = id();
         bad.hostname = "a b".into();
@@ -168,6 +340,13 @@ mod tests {
         bad.hostname = "a\nresources".into();
         assert!(Message::Identity(bad).encode().is_err());
         assert!(Message::Cat(String::new()).encode().is_err());
+        assert!(Message::Line("a\nb".into()).encode().is_err());
+        assert!(Message::Line(" ".into()).encode().is_err());
+        assert!(Message::Line("x".repeat(1025)).encode().is_err());
+        assert_eq!(
+            Message::Line("dataset check".into()).encode().unwrap(),
+            "dataset check\n"
+        );
         assert!(Message::Write {
             path: "/a=b".into(),
             content: "x".into()

@@ -22,6 +22,16 @@ pub struct RamFile {
     pub readonly: bool,
 }
 
+/// How a QEMU that waits for a migration stream goes on once it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// Stay paused (`-S`): a clone is grown and given its identity first.
+    Paused,
+    /// Run at once: a live migration's destination, where every
+    /// millisecond between the source's stop and this start is downtime.
+    Running,
+}
+
 /// Everything needed to start one VM.
 ///
 /// Two specs are migration-compatible (a clone can load its template's
@@ -48,8 +58,8 @@ pub struct VmSpec {
     /// The spore guest channel: a virtio-serial port `org.spore.channel`
     /// backed by this unix socket (QEMU listens, the agent connects).
     pub channel_socket: Option<PathBuf>,
-    /// Start paused waiting for `migrate-incoming` (`-S -incoming defer`).
-    pub incoming: bool,
+    /// Wait for `migrate-incoming` instead of booting.
+    pub incoming: Option<Incoming>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
@@ -158,10 +168,12 @@ impl VmSpec {
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
         ]);
-        if self.incoming {
+        match self.incoming {
             // -S: stay paused after the state is loaded, so that memory and
             // CPUs can be added before the guest runs again.
-            push(&["-S", "-incoming", "defer"]);
+            Some(Incoming::Paused) => push(&["-S", "-incoming", "defer"]),
+            Some(Incoming::Running) => push(&["-incoming", "defer"]),
+            None => {}
         }
         a
     }
@@ -184,7 +196,7 @@ mod tests {
             mac: None,
             vmgenid: None,
             channel_socket: None,
-            incoming: false,
+            incoming: None,
             kernel: Some("/k".into()),
             initrd: None,
             append: Some("console=ttyS0".into()),
@@ -231,7 +243,7 @@ mod tests {
             mac: Some("52:54:00:00:00:01".into()),
             vmgenid: Some("00000000-0000-4000-8000-000000000001".into()),
             channel_socket: Some("/d/channel.sock".into()),
-            incoming: false,
+            incoming: None,
         };
         let args = template.args().join(" ");
         assert!(args.contains("-machine q35,memory-backend=ram0"));
@@ -247,7 +259,7 @@ mod tests {
             }),
             mac: Some("52:54:00:00:00:02".into()),
             vmgenid: Some("00000000-0000-4000-8000-000000000002".into()),
-            incoming: true,
+            incoming: Some(Incoming::Paused),
             ..template.clone()
         };
         let cargs = clone.args();

@@ -7,10 +7,12 @@
 pub mod accel;
 pub mod channel;
 pub mod cmdline;
+pub mod migration;
 pub mod qmp;
 pub mod state;
 
 pub use accel::Accel;
-pub use channel::{GuestChannel, Identity, Message};
-pub use cmdline::{RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY};
+pub use channel::{epoch_us, longest_gap, GuestChannel, Identity, Message, StallProbe};
+pub use cmdline::{Incoming, RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY};
+pub use migration::{MemoryLayout, Progress};
 pub use qmp::{Qmp, QmpError};

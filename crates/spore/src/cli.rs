@@ -103,6 +103,10 @@ pub struct AgentArgs {
     /// skips QEMU's start-up (each costs a QEMU process and a disk)
     #[arg(long, default_value_t = 0)]
     clone_standby: u32,
+    /// Accept live migrations from other agents on the peer listener (they
+    /// start VMs here: only between hosts that trust each other)
+    #[arg(long)]
+    accept_migrations: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -257,6 +261,23 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send one line to the guest on its channel (the demo guest answers
+    /// e.g. `dataset write 8`, `dataset check`, `cat /etc/hostname` on its console)
+    Send {
+        name: String,
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
+    /// Move a running VM to another host while it runs (live migration)
+    Migrate(crate::migrate::MigrateArgs),
+    /// Show a VM's migration (in progress or the last one), --follow until it ends
+    Migration {
+        name: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a running VM: memory (steps of 128M) and CPUs, seen by the guest at once
     Resize {
         name: String,
@@ -347,6 +368,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.relay = a.relay;
             config.ram_dir = a.ram_dir.as_deref().map(abs).transpose()?;
             config.clone_standby = a.clone_standby;
+            config.accept_migrations = a.accept_migrations;
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -698,7 +720,11 @@ async fn follow_log(
         }
         let live = matches!(
             log.state,
-            VmState::Starting | VmState::Standby | VmState::Running | VmState::Stopping
+            VmState::Starting
+                | VmState::Standby
+                | VmState::Running
+                | VmState::Incoming
+                | VmState::Stopping
         );
         if !(follow || until.is_some()) || (!live && log.text.is_empty()) {
             return Ok(false);
@@ -857,6 +883,34 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
         }
         VmCmd::Resize { name, memory, cpus } => {
             crate::templates::resize(c, &name, memory.map(|m| m >> 20), cpus).await?
+        }
+        VmCmd::Send { name, words } => {
+            let _: serde_json::Value = c
+                .call(
+                    hyper::Method::POST,
+                    &format!("/v1/vms/{name}/send"),
+                    Some(&spore_api::SendRequest {
+                        line: words.join(" "),
+                    }),
+                )
+                .await?;
+        }
+        VmCmd::Migrate(a) => {
+            if !crate::migrate::run(c, a).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        VmCmd::Migration { name, follow, json } => {
+            let info: spore_api::MigrationInfo = if follow {
+                crate::migrate::follow(c, &name, json).await?
+            } else {
+                c.get(&format!("/v1/vms/{name}/migration")).await?
+            };
+            if json {
+                print_json(&info)?;
+            } else {
+                crate::migrate::print_summary(&info);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@
 mod cli;
 mod cluster;
 mod format;
+mod migrate;
 mod templates;
 
 use std::path::PathBuf;

@@ -1,0 +1,382 @@
+//! The destination side of a live migration.
+//!
+//! `prepare` makes a disk on the VM's image (its chunks come from this
+//! host's cache, its peers or the origin, never from the source) and starts
+//! QEMU waiting for the stream with the source's memory layout. The source
+//! then sends the blocks its VM wrote (`blocks`), QEMU's stream, and at last
+//! `commit`. Until the commit, everything made here is removed when the
+//! source aborts, when this QEMU exits (a failed incoming migration), or
+//! when the commit does not come in time.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use spore_api::{IncomingCommitted, IncomingReady, IncomingRequest, VmState};
+use spore_blockdev::batch::decode_batch;
+use spore_nbd::Export;
+use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp, StallProbe};
+
+use crate::agent::{now, Agent};
+use crate::error::{check_name, AgentError, Result};
+use crate::meta::Table;
+use crate::vms::{Start, VmRecord};
+
+/// A migration arriving here.
+#[derive(Debug)]
+pub struct Incoming {
+    pub vm: String,
+    pub from: String,
+    qmp: Mutex<Option<Qmp>>,
+    disk_size: u64,
+    probe: Mutex<Option<StallProbe>>,
+    running_at: Mutex<Option<u64>>,
+    /// Committed or aborted: the watcher stops.
+    done: AtomicBool,
+    deadline: Instant,
+}
+
+const POLL: Duration = Duration::from_millis(5);
+
+impl Agent {
+    /// The address QEMU listens on for migration streams: the peer
+    /// listener's host, on a free port.
+    fn migration_listen(&self) -> Result<String> {
+        let listen = self
+            .config
+            .listen
+            .as_deref()
+            .ok_or_else(|| AgentError::State("receiving migrations needs --listen".into()))?;
+        let host = listen
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(listen)
+            .trim_matches(|c| c == '[' || c == ']');
+        // Bind and release: QEMU binds the same port a moment later.
+        let port = TcpListener::bind((host, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(AgentError::io(format!("finding a free port on {host}")))?
+            .port();
+        Ok(format!("tcp:{host}:{port}"))
+    }
+
+    fn incoming(&self, vm: &str) -> Result<Arc<Incoming>> {
+        self.migrations
+            .incoming
+            .lock()
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "incoming migration",
+                name: vm.into(),
+            })
+    }
+
+    pub fn incoming_prepare(self: &Arc<Self>, req: IncomingRequest) -> Result<IncomingReady> {
+        if !self.config.accept_migrations {
+            return Err(AgentError::State(
+                "this agent does not accept migrations (start it with --accept-migrations)".into(),
+            ));
+        }
+        check_name("vm", &req.vm)?;
+        let accel: Accel = req.accel.parse().map_err(AgentError::Invalid)?;
+        if accel != self.accel {
+            return Err(AgentError::Invalid(format!(
+                "the VM runs with {accel}, this host with {}; a migration needs the same accelerator",
+                self.accel
+            )));
+        }
+        let listen = self.migration_listen()?;
+        let identity = req.mac.as_ref().map(|mac| Identity {
+            hostname: req.hostname.clone().unwrap_or_else(|| req.vm.clone()),
+            instance_id: req.instance_id.clone().unwrap_or_default(),
+            mac: mac.clone(),
+            vmgenid: req.vmgenid.clone().unwrap_or_default(),
+            seed: String::new(),
+        });
+        let rec = VmRecord {
+            image: req.image.clone(),
+            disk: req.vm.clone(),
+            state: VmState::Starting,
+            pid: None,
+            accel: accel.to_string(),
+            memory_mib: req.memory_mib,
+            cpus: req.cpus,
+            kernel: None,
+            initrd: None,
+            append: None,
+            created: now(),
+            reason: Some(format!("arriving from {}", req.from)),
+            max_memory_mib: req.max_memory_mib,
+            max_cpus: req.max_cpus,
+            template: None,
+            group: None,
+            identity,
+            dimms: req.dimms.len() as u32,
+            standby: false,
+        };
+        if self.disk_record(&req.vm).is_ok() {
+            return Err(AgentError::Exists {
+                kind: "disk",
+                name: req.vm.clone(),
+            });
+        }
+        {
+            let mut incoming = self.migrations.incoming.lock();
+            if incoming.contains_key(&req.vm) {
+                return Err(AgentError::Exists {
+                    kind: "incoming migration",
+                    name: req.vm.clone(),
+                });
+            }
+            if !self.meta.insert_new(Table::Vms, &req.vm, &rec)? {
+                return Err(AgentError::Exists {
+                    kind: "vm",
+                    name: req.vm.clone(),
+                });
+            }
+            incoming.insert(
+                req.vm.clone(),
+                Arc::new(Incoming {
+                    vm: req.vm.clone(),
+                    from: req.from.clone(),
+                    qmp: Mutex::new(None),
+                    disk_size: 0,
+                    probe: Mutex::new(None),
+                    running_at: Mutex::new(None),
+                    done: AtomicBool::new(false),
+                    deadline: Instant::now(),
+                }),
+            );
+        }
+        let started = (|| -> Result<IncomingReady> {
+            let disk = self.create_disk(&req.vm, &req.image, Some(&req.vm))?;
+            let start = Start::Incoming {
+                layout: MemoryLayout {
+                    base_mib: req.base_mib,
+                    dimms: req.dimms.clone(),
+                    boot_cpus: req.boot_cpus,
+                    cpus: req.cpus,
+                },
+                postcopy: req.postcopy,
+                listen: listen.clone(),
+            };
+            self.start_vm(&req.vm, rec, start, Instant::now())?;
+            let qmp = Qmp::connect(
+                &self.vms.dir(&req.vm).join("qmp.sock"),
+                Duration::from_secs(5),
+            )?;
+            let entry = Arc::new(Incoming {
+                vm: req.vm.clone(),
+                from: req.from.clone(),
+                qmp: Mutex::new(Some(qmp)),
+                disk_size: disk.virtual_size,
+                probe: Mutex::new(None),
+                running_at: Mutex::new(None),
+                done: AtomicBool::new(false),
+                deadline: Instant::now() + Duration::from_secs(req.timeout_s + 30),
+            });
+            self.migrations
+                .incoming
+                .lock()
+                .insert(req.vm.clone(), entry.clone());
+            let agent = self.clone();
+            std::thread::Builder::new()
+                .name(format!("incoming-{}", req.vm))
+                .spawn(move || agent.watch_incoming(entry))
+                .map_err(AgentError::io("starting the incoming migration watcher"))?;
+            let port = listen
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0);
+            Ok(IncomingReady {
+                port,
+                disk_size: disk.virtual_size,
+            })
+        })();
+        match started {
+            Ok(ready) => {
+                tracing::info!(vm = %req.vm, from = %req.from, port = ready.port, postcopy = req.postcopy, "migration incoming");
+                Ok(ready)
+            }
+            Err(e) => {
+                self.discard_incoming(&req.vm, &format!("preparing failed: {}", e.chain()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls the destination QEMU: starts the stall probe when the guest
+    /// runs here, and removes everything when QEMU exits or the commit does
+    /// not come in time.
+    fn watch_incoming(self: Arc<Self>, inc: Arc<Incoming>) {
+        while !inc.done.load(Ordering::Acquire) {
+            std::thread::sleep(POLL);
+            if self.running_vm(&inc.vm).is_none() {
+                if inc.done.load(Ordering::Acquire) {
+                    return;
+                }
+                let why = self
+                    .vm_record(&inc.vm)
+                    .ok()
+                    .and_then(|r| r.reason)
+                    .unwrap_or_else(|| "QEMU exited".into());
+                self.discard_incoming(&inc.vm, &format!("the incoming QEMU ended: {why}"));
+                return;
+            }
+            if Instant::now() > inc.deadline {
+                self.discard_incoming(&inc.vm, "the source did not commit in time");
+                return;
+            }
+            if inc.running_at.lock().is_some() {
+                continue;
+            }
+            let status = match inc.qmp.lock().as_mut().map(|q| q.status()) {
+                Some(Ok(s)) => s,
+                _ => continue,
+            };
+            if status == "running" {
+                *inc.running_at.lock() = Some(epoch_us());
+                *inc.probe.lock() = self.vms.probe(&inc.vm);
+                tracing::info!(vm = %inc.vm, "migrated guest runs here");
+            }
+        }
+    }
+
+    /// Applies a batch of the source disk's written blocks.
+    pub fn incoming_blocks(&self, vm: &str, body: &[u8]) -> Result<u64> {
+        let inc = self.incoming(vm)?;
+        if inc.running_at.lock().is_some() {
+            return Err(AgentError::State(format!(
+                "vm {vm} already runs here; its disk takes no more blocks from the source"
+            )));
+        }
+        let disk = self.exports.disk(vm).ok_or_else(|| AgentError::NotFound {
+            kind: "disk",
+            name: vm.into(),
+        })?;
+        let extents = decode_batch(body, inc.disk_size)
+            .map_err(|e| AgentError::Invalid(format!("block batch for {vm}: {e}")))?;
+        let mut bytes = 0;
+        for (offset, data) in extents {
+            disk.write(offset, data, false)
+                .map_err(AgentError::io(format!("writing blocks of {vm}")))?;
+            bytes += data.len() as u64;
+        }
+        Ok(bytes)
+    }
+
+    /// A post-copy migration whose link broke: pause this side too (a
+    /// connection that silently stopped is not noticed by QEMU), then
+    /// listen again for the source's resumed stream.
+    pub fn incoming_recover(&self, vm: &str) -> Result<IncomingReady> {
+        let inc = self.incoming(vm)?;
+        let listen = self.migration_listen()?;
+        let mut guard = inc.qmp.lock();
+        let qmp = guard
+            .as_mut()
+            .ok_or_else(|| AgentError::State(format!("migration of {vm} is ending")))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let p = qmp.migration_progress()?;
+            match p.status.as_str() {
+                "postcopy-paused" => break,
+                "postcopy-active" => {
+                    let _ = qmp.migrate_pause();
+                }
+                other => {
+                    if Instant::now() > deadline {
+                        return Err(AgentError::State(format!(
+                            "the incoming migration of {vm} is {other}, not paused in post-copy"
+                        )));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(AgentError::State(format!(
+                    "the incoming migration of {vm} did not pause"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        qmp.migrate_recover(&listen)?;
+        tracing::warn!(vm, %listen, "post-copy recovery: listening again");
+        Ok(IncomingReady {
+            port: listen
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0),
+            disk_size: inc.disk_size,
+        })
+    }
+
+    /// The source saw the migration complete: the VM is this host's now.
+    pub fn incoming_commit(&self, vm: &str) -> Result<IncomingCommitted> {
+        let inc = self.incoming(vm)?;
+        let status = inc
+            .qmp
+            .lock()
+            .as_mut()
+            .map(|q| q.status())
+            .transpose()?
+            .unwrap_or_default();
+        if status != "running" {
+            return Err(AgentError::State(format!(
+                "vm {vm} is {status} here, not running; not committing"
+            )));
+        }
+        if let Some(disk) = self.exports.disk(vm) {
+            disk.flush()
+                .map_err(AgentError::io(format!("flushing the disk of {vm}")))?;
+        }
+        inc.done.store(true, Ordering::Release);
+        let pongs = inc
+            .probe
+            .lock()
+            .take()
+            .map(|p| p.stop())
+            .unwrap_or_default();
+        let running_at = *inc.running_at.lock();
+        // The monitor is free again for the agent's other uses.
+        inc.qmp.lock().take();
+        self.migrations.incoming.lock().remove(vm);
+        self.set_vm_state(vm, |r| {
+            if r.state == VmState::Incoming {
+                r.state = VmState::Running;
+            }
+            r.reason = None;
+        })?;
+        tracing::info!(vm, from = %inc.from, "migration committed: the VM is here");
+        Ok(IncomingCommitted { pongs, running_at })
+    }
+
+    pub fn incoming_abort(&self, vm: &str) -> Result<()> {
+        self.incoming(vm)?;
+        self.discard_incoming(vm, "aborted by the source");
+        Ok(())
+    }
+
+    /// Removes everything an incoming migration made here.
+    fn discard_incoming(&self, vm: &str, why: &str) {
+        let entry = self.migrations.incoming.lock().remove(vm);
+        if let Some(inc) = &entry {
+            inc.done.store(true, Ordering::Release);
+            inc.probe.lock().take();
+            inc.qmp.lock().take();
+        }
+        tracing::warn!(vm, why, "incoming migration discarded");
+        if self
+            .meta
+            .get::<VmRecord>(Table::Vms, vm)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            if let Err(e) = self.remove_vm(vm, true) {
+                tracing::error!(vm, error = %e.chain(), "removing an incoming VM failed");
+            }
+        }
+    }
+}

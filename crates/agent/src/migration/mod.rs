@@ -1,0 +1,157 @@
+//! Live migration of a running VM to another agent.
+//!
+//! The source agent drives it ([`source`]): it asks the destination to get
+//! ready ([`destination`]: a disk on the same image, fetched from the
+//! destination's own sources, and a QEMU waiting for the stream), copies the
+//! blocks the VM wrote (its overlay, with dirty tracking), starts QEMU's
+//! migration and watches every pass ([`policy`]), sends the last dirty
+//! blocks while the guest is paused before the switch, and commits. Until
+//! the switch the source VM is the VM: any failure or a cancel leaves it
+//! running and removes what the destination made.
+//!
+//! Between agents, on the destination's peer listener (only with
+//! `--accept-migrations`):
+//!
+//! ```text
+//! POST /v1/migrations                  IncomingRequest -> IncomingReady
+//! PUT  /v1/migrations/{vm}/blocks      a block batch (spore_blockdev::batch)
+//! POST /v1/migrations/{vm}/recover     -> IncomingReady (post-copy recovery)
+//! POST /v1/migrations/{vm}/commit      -> IncomingCommitted
+//! POST /v1/migrations/{vm}/abort
+//! ```
+
+pub mod destination;
+pub mod policy;
+pub mod source;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use spore_api::{ErrorBody, MigrationInfo};
+
+use crate::error::{AgentError, Result};
+
+/// Migrations this agent runs or ran (as source) and receives (as
+/// destination).
+#[derive(Debug, Default)]
+pub struct Migrations {
+    pub(crate) outgoing: Mutex<HashMap<String, Arc<source::Job>>>,
+    pub(crate) incoming: Mutex<HashMap<String, Arc<destination::Incoming>>>,
+}
+
+impl Migrations {
+    /// The migration of `vm` in progress here, either way, if any.
+    pub fn busy(&self, vm: &str) -> Option<&'static str> {
+        if self
+            .outgoing
+            .lock()
+            .get(vm)
+            .is_some_and(|j| !j.info.lock().phase.finished())
+        {
+            return Some("migrating away");
+        }
+        if self.incoming.lock().contains_key(vm) {
+            return Some("arriving by migration");
+        }
+        None
+    }
+
+    pub fn info(&self, vm: &str) -> Option<MigrationInfo> {
+        self.outgoing.lock().get(vm).map(|j| j.info.lock().clone())
+    }
+}
+
+impl crate::Agent {
+    /// Refuses to touch a VM that is moving (stop, remove, resize,
+    /// template): cancel the migration first, or wait for it.
+    pub fn not_migrating(&self, vm: &str) -> Result<()> {
+        match self.migrations.busy(vm) {
+            Some(what) => Err(AgentError::State(format!(
+                "vm {vm} is {what}; wait for it or cancel it (spore vm migrate --cancel {vm})"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The destination agent's peer listener, as the source talks to it.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    base: String,
+    http: ureq::Agent,
+}
+
+impl PeerClient {
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        PeerClient {
+            base: base.trim_end_matches('/').to_owned(),
+            http: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(5))
+                .timeout(timeout)
+                .build(),
+        }
+    }
+
+    /// The host part of the URL (where QEMU's stream goes).
+    pub fn host(&self) -> Result<String> {
+        let rest = self
+            .base
+            .strip_prefix("http://")
+            .ok_or_else(|| AgentError::Invalid(format!("{} is not an http:// URL", self.base)))?;
+        let hostport = rest.split('/').next().unwrap_or("");
+        let host = match hostport.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => hostport,
+        };
+        if host.is_empty() {
+            return Err(AgentError::Invalid(format!("{} names no host", self.base)));
+        }
+        Ok(host.trim_matches(|c| c == '[' || c == ']').to_owned())
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let req = self.http.request(method, &url);
+        let resp = match body {
+            Some(b) => req
+                .set("content-type", "application/octet-stream")
+                .send_bytes(b),
+            None => req.call(),
+        };
+        let what = format!("destination {}: {method} {path}", self.base);
+        match resp {
+            Ok(r) => r
+                .into_string()
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str::<T>(&s).map_err(|e| e.to_string()))
+                .map_err(|e| AgentError::State(format!("{what}: bad answer: {e}"))),
+            Err(ureq::Error::Status(code, r)) => {
+                let msg = r
+                    .into_string()
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<ErrorBody>(&s).ok())
+                    .map(|b| b.message)
+                    .unwrap_or_else(|| "no reason given".into());
+                Err(AgentError::State(format!("{what}: {code}: {msg}")))
+            }
+            Err(ureq::Error::Transport(t)) => Err(AgentError::State(format!("{what}: {t}"))),
+        }
+    }
+
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T> {
+        let bytes = serde_json::to_vec(body).expect("request bodies serialise");
+        self.call("POST", path, Some(&bytes))
+    }
+
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> Result<T> {
+        self.call("PUT", path, Some(body))
+    }
+}

@@ -1,0 +1,376 @@
+//! When a live migration should stop iterating: the decisions of the
+//! `auto`, `postcopy`, `precopy` and `auto-converge` policies.
+//!
+//! Pure logic over QEMU's progress reports, so that it can be tested
+//! without a VM. The algorithm is written down in docs/migration.md.
+//!
+//! `auto` looks at each pass over memory as it ends (QEMU's dirty-sync
+//! count goes up), and asks whether pre-copy will get the remaining memory
+//! under the downtime limit:
+//!
+//! - done: what remains fits the limit at the link's measured speed; QEMU
+//!   finishes on its own.
+//! - memory pattern (after the seed's MP): the guest dirties memory at 80 %
+//!   or more of the link's speed; each pass leaves nearly as much as it sent.
+//! - frequently referenced set (after FRS): the pass left at least 90 % of
+//!   what the previous pass left: the same pages are written again and
+//!   again.
+//! - prediction: remaining shrinks by dirty/link per pass; more than
+//!   [`MAX_PREDICTED_PASSES`] more passes to reach the limit.
+//! - a hard cap of [`MAX_PASSES`] passes.
+//!
+//! Any of the last four switches to post-copy at once. Where post-copy is
+//! not allowed, the guest is throttled instead (QEMU's CPU throttle, raised
+//! each pass that still does not converge) and, once the throttle is at its
+//! maximum for [`RELAX_AFTER`] passes, the downtime limit is raised to what
+//! the remaining memory needs: a longer pause rather than a migration that
+//! never ends.
+
+use spore_api::MigrationPolicy;
+use spore_qemu::Progress;
+
+pub const MAX_PASSES: u64 = 10;
+pub const MAX_PREDICTED_PASSES: f64 = 5.0;
+/// Dirtying at this fraction of the link or faster: the memory pattern
+/// rule.
+pub const MP_RATIO: f64 = 0.8;
+/// A pass that leaves this fraction of the previous pass's remainder or
+/// more: the frequently-referenced-set rule.
+pub const FRS_RATIO: f64 = 0.9;
+pub const RELAX_AFTER: u32 = 2;
+const THROTTLE_FIRST: u64 = 30;
+const THROTTLE_STEP: u64 = 20;
+const THROTTLE_MAX: u64 = 99;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Postcopy,
+    /// Throttle the guest's CPUs to this percentage.
+    Throttle(u64),
+    /// Raise the downtime limit to this many milliseconds.
+    RelaxDowntime(u64),
+}
+
+/// An action and why it was taken (reported to the user).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub action: Option<Action>,
+    pub why: String,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    kind: MigrationPolicy,
+    allow_postcopy: bool,
+    max_downtime_ms: u64,
+    bandwidth: Option<u64>,
+    /// The pass count seen last.
+    pass: u64,
+    /// What remained at the end of the previous pass.
+    prev_remaining: Option<u64>,
+    switched: bool,
+    throttle: u64,
+    passes_at_max_throttle: u32,
+    relaxed: bool,
+}
+
+impl Policy {
+    pub fn new(
+        kind: MigrationPolicy,
+        allow_postcopy: bool,
+        max_downtime_ms: u64,
+        bandwidth: Option<u64>,
+    ) -> Self {
+        Policy {
+            kind,
+            allow_postcopy,
+            max_downtime_ms,
+            bandwidth,
+            pass: 0,
+            prev_remaining: None,
+            switched: false,
+            throttle: 0,
+            passes_at_max_throttle: 0,
+            relaxed: false,
+        }
+    }
+
+    /// Whether the migration needs QEMU's post-copy capability.
+    pub fn may_postcopy(&self) -> bool {
+        match self.kind {
+            MigrationPolicy::Postcopy => true,
+            MigrationPolicy::Auto => self.allow_postcopy,
+            _ => false,
+        }
+    }
+
+    /// The link's speed: QEMU's measurement of the last period, else the
+    /// average so far, never above the configured cap.
+    fn link(&self, p: &Progress) -> u64 {
+        let avg = (p.ram_transferred * 1000)
+            .checked_div(p.total_ms)
+            .unwrap_or(0);
+        let measured = if p.throughput > 0 { p.throughput } else { avg };
+        match self.bandwidth {
+            Some(b) if b > 0 && measured > 0 => measured.min(b),
+            Some(b) if b > 0 => b,
+            _ => measured,
+        }
+    }
+
+    /// Looks at one progress report; returns a decision when a pass ended
+    /// and something was decided (or is worth saying).
+    pub fn observe(&mut self, p: &Progress) -> Option<Decision> {
+        if p.status != "active" || self.switched || p.passes <= self.pass {
+            return None;
+        }
+        self.pass = p.passes;
+        // Pass 1 sends everything; its end is the first time the dirty
+        // pattern is known.
+        if p.passes < 2 {
+            return None;
+        }
+        let prev = self.prev_remaining.replace(p.ram_remaining);
+        match self.kind {
+            MigrationPolicy::Precopy | MigrationPolicy::AutoConverge => None,
+            MigrationPolicy::Postcopy => {
+                self.switched = true;
+                Some(Decision {
+                    action: Some(Action::Postcopy),
+                    why: "first pass done: switch to post-copy (policy postcopy)".into(),
+                })
+            }
+            MigrationPolicy::Auto => self.auto(p, prev),
+        }
+    }
+
+    fn auto(&mut self, p: &Progress, prev: Option<u64>) -> Option<Decision> {
+        let link = self.link(p);
+        let remaining = p.ram_remaining;
+        let budget = link.saturating_mul(self.max_downtime_ms) / 1000;
+        let mb = |b: u64| b as f64 / 1e6;
+        if link == 0 {
+            return None;
+        }
+        if remaining <= budget {
+            return Some(Decision {
+                action: None,
+                why: format!(
+                    "pass {}: {:.1} MB left fits {} ms at {:.1} MB/s; pre-copy finishes",
+                    p.passes,
+                    mb(remaining),
+                    self.max_downtime_ms,
+                    mb(link)
+                ),
+            });
+        }
+        let ratio = p.dirty_rate as f64 / link as f64;
+        let reason = if p.dirty_rate > 0 && ratio >= MP_RATIO {
+            Some(format!(
+                "memory pattern: dirtying {:.1} MB/s against a {:.1} MB/s link ({:.0} %)",
+                mb(p.dirty_rate),
+                mb(link),
+                ratio * 100.0
+            ))
+        } else if let Some(prev) = prev.filter(|&prev| remaining as f64 >= FRS_RATIO * prev as f64)
+        {
+            Some(format!(
+                "frequently referenced set: {:.1} MB left after this pass, {:.1} MB after the last",
+                mb(remaining),
+                mb(prev)
+            ))
+        } else if p.dirty_rate > 0 && {
+            let more = (budget.max(1) as f64 / remaining as f64).ln() / ratio.ln();
+            more > MAX_PREDICTED_PASSES
+        } {
+            Some(format!(
+                "prediction: {:.1} MB left shrinks to {:.0} % per pass; more than {MAX_PREDICTED_PASSES} passes to fit {} ms",
+                mb(remaining),
+                ratio * 100.0,
+                self.max_downtime_ms
+            ))
+        } else if p.passes >= MAX_PASSES {
+            Some(format!("{} passes without converging", p.passes))
+        } else {
+            None
+        };
+        let reason = reason?;
+        if self.allow_postcopy {
+            self.switched = true;
+            return Some(Decision {
+                action: Some(Action::Postcopy),
+                why: format!("pass {}: {reason}: switch to post-copy", p.passes),
+            });
+        }
+        if self.throttle < THROTTLE_MAX {
+            self.throttle = if self.throttle == 0 {
+                THROTTLE_FIRST
+            } else {
+                (self.throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+            };
+            return Some(Decision {
+                action: Some(Action::Throttle(self.throttle)),
+                why: format!(
+                    "pass {}: {reason}: post-copy not allowed, throttle the guest to {} %",
+                    p.passes, self.throttle
+                ),
+            });
+        }
+        self.passes_at_max_throttle += 1;
+        if self.passes_at_max_throttle >= RELAX_AFTER && !self.relaxed {
+            self.relaxed = true;
+            // What the rest needs at this speed, with a margin.
+            let ms = (remaining * 1000 / link) * 5 / 4 + 1;
+            return Some(Decision {
+                action: Some(Action::RelaxDowntime(ms)),
+                why: format!(
+                    "pass {}: {reason} even at the maximum throttle: allow a {ms} ms pause to finish",
+                    p.passes
+                ),
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1_000_000;
+
+    fn pass(n: u64, remaining: u64, dirty: u64, link: u64) -> Progress {
+        Progress {
+            status: "active".into(),
+            total_ms: 1000 * n,
+            ram_total: 512 * MB,
+            ram_transferred: 100 * MB * n,
+            ram_remaining: remaining,
+            passes: n,
+            dirty_rate: dirty,
+            throughput: link,
+            ..Default::default()
+        }
+    }
+
+    fn auto() -> Policy {
+        Policy::new(MigrationPolicy::Auto, true, 300, None)
+    }
+
+    #[test]
+    fn nothing_is_decided_during_the_first_pass_or_twice_per_pass() {
+        let mut p = auto();
+        assert_eq!(p.observe(&pass(1, 400 * MB, 0, 50 * MB)), None);
+        let d = p.observe(&pass(2, 200 * MB, 100 * MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert_eq!(p.observe(&pass(2, 200 * MB, 100 * MB, 50 * MB)), None);
+        assert_eq!(p.observe(&pass(3, 200 * MB, 100 * MB, 50 * MB)), None);
+    }
+
+    #[test]
+    fn a_remainder_that_fits_the_limit_is_left_to_qemu() {
+        let mut p = auto();
+        let d = p.observe(&pass(2, 10 * MB, MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, None);
+        assert!(d.why.contains("pre-copy finishes"), "{}", d.why);
+    }
+
+    #[test]
+    fn the_memory_pattern_rule_switches_when_dirtying_near_the_link_speed() {
+        let mut p = auto();
+        let d = p.observe(&pass(2, 100 * MB, 45 * MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("memory pattern"), "{}", d.why);
+    }
+
+    #[test]
+    fn the_frequently_referenced_set_rule_needs_two_passes() {
+        let mut p = auto();
+        // 20 % dirty rate: converging by prediction, no switch yet
+        assert_eq!(
+            p.observe(&pass(2, 100 * MB, 10 * MB, 50 * MB))
+                .and_then(|d| d.action),
+            None
+        );
+        let d = p.observe(&pass(3, 95 * MB, 10 * MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("frequently referenced"), "{}", d.why);
+    }
+
+    #[test]
+    fn a_slow_convergence_is_cut_short_by_the_prediction() {
+        let mut p = auto();
+        // 70 % ratio from 500 MB to a 15 MB budget: about 10 passes
+        let d = p.observe(&pass(2, 500 * MB, 35 * MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("prediction"), "{}", d.why);
+    }
+
+    #[test]
+    fn without_postcopy_auto_throttles_then_relaxes_the_limit() {
+        let mut p = Policy::new(MigrationPolicy::Auto, false, 300, None);
+        let mut actions = Vec::new();
+        for n in 2..12 {
+            if let Some(d) = p.observe(&pass(n, 100 * MB, 60 * MB, 50 * MB)) {
+                actions.push(d.action.unwrap());
+            }
+        }
+        assert_eq!(
+            actions[..4],
+            [
+                Action::Throttle(30),
+                Action::Throttle(50),
+                Action::Throttle(70),
+                Action::Throttle(90)
+            ]
+        );
+        assert_eq!(actions[4], Action::Throttle(99));
+        // 100 MB at 50 MB/s = 2000 ms, plus a quarter
+        assert_eq!(actions[5], Action::RelaxDowntime(2501));
+        assert_eq!(actions.len(), 6, "{actions:?}");
+    }
+
+    #[test]
+    fn postcopy_switches_after_the_first_pass_and_precopy_never_acts() {
+        let mut p = Policy::new(MigrationPolicy::Postcopy, true, 300, None);
+        assert!(p.may_postcopy());
+        assert_eq!(p.observe(&pass(1, 400 * MB, 0, 50 * MB)), None);
+        assert_eq!(
+            p.observe(&pass(2, MB, 0, 50 * MB)).unwrap().action,
+            Some(Action::Postcopy)
+        );
+        for kind in [MigrationPolicy::Precopy, MigrationPolicy::AutoConverge] {
+            let mut p = Policy::new(kind, true, 300, None);
+            assert!(!p.may_postcopy());
+            for n in 1..20 {
+                assert_eq!(p.observe(&pass(n, 100 * MB, 90 * MB, 50 * MB)), None);
+            }
+        }
+    }
+
+    #[test]
+    fn the_bandwidth_cap_bounds_the_link_estimate() {
+        let mut p = Policy::new(MigrationPolicy::Auto, true, 300, Some(10 * MB));
+        // 8 MB/s dirtying is 16 % of the measured 50 MB/s, but 80 % of the cap
+        let d = p.observe(&pass(2, 100 * MB, 8 * MB, 50 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+    }
+
+    #[test]
+    fn passes_are_capped() {
+        let mut p = auto();
+        let mut last = None;
+        // converging slowly but steadily, below every other rule
+        let mut remaining = 400 * MB;
+        for n in 2..=MAX_PASSES {
+            remaining = remaining * 85 / 100;
+            last = p.observe(&pass(n, remaining, 0, 50 * MB));
+            if last.as_ref().and_then(|d| d.action.clone()).is_some() {
+                break;
+            }
+        }
+        let d = last.unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("passes without converging"), "{}", d.why);
+    }
+}

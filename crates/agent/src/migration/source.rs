@@ -1,0 +1,756 @@
+//! The source side of a live migration: the job that moves one VM.
+//!
+//! 1. Ask the destination to get ready (disk on the same image, QEMU
+//!    listening with the same memory layout).
+//! 2. Copy every block the VM wrote, and from then on track writes.
+//! 3. Start QEMU's migration with `pause-before-switchover`, watch every
+//!    pass, let the policy decide; send newly written blocks each second.
+//! 4. When QEMU stops the guest for the switch: send the last written
+//!    blocks, then let QEMU go on (`migrate-continue`).
+//! 5. Completed: the destination commits, this host removes its copy.
+//!
+//! Until the switch, any failure or a cancel leaves the VM running here and
+//! asks the destination to remove what it made.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::json;
+use spore_api::{
+    IncomingCommitted, IncomingReady, IncomingRequest, MigrateRequest, MigrationDecision,
+    MigrationInfo, MigrationPhase, MigrationPolicy, MigrationSample, VmState,
+};
+use spore_blockdev::batch::{granule_runs, BatchWriter};
+use spore_blockdev::overlay::GRANULE;
+use spore_blockdev::Disk;
+use spore_qemu::{epoch_us, longest_gap, Progress, Qmp, StallProbe};
+
+use super::policy::{Action, Policy};
+use super::PeerClient;
+use crate::agent::{now, Agent};
+use crate::error::{AgentError, Result};
+
+const POLL: Duration = Duration::from_millis(50);
+/// Written blocks are sent this often while memory is copied.
+const DISK_PASS_EVERY: Duration = Duration::from_secs(1);
+/// Before the switch: no byte moved for this long means the link is gone.
+const LINK_STALL: Duration = Duration::from_secs(10);
+/// In post-copy: no byte moved for this long pauses the migration so that
+/// it can be recovered over a new connection.
+const POSTCOPY_STALL: Duration = Duration::from_secs(3);
+/// How long a broken post-copy migration is retried before giving up.
+const RECOVERY_BUDGET: Duration = Duration::from_secs(60);
+/// Data per block batch.
+const BATCH_BYTES: usize = 4 << 20;
+const TIMELINE_EVERY: Duration = Duration::from_millis(100);
+const TIMELINE_MAX: usize = 6000;
+/// No limit, as QEMU takes it (its default is 32 MiB/s).
+const UNLIMITED: u64 = 1 << 40;
+
+#[derive(Debug)]
+pub struct Job {
+    pub info: Mutex<MigrationInfo>,
+    cancel: AtomicBool,
+    t0: Instant,
+}
+
+impl Job {
+    fn ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn set_phase(&self, phase: MigrationPhase) {
+        let mut i = self.info.lock();
+        i.phase = phase;
+        i.elapsed_ms = self.ms();
+    }
+
+    fn decide(&self, pass: u64, text: String) {
+        tracing::info!(vm = %self.info.lock().vm, pass, %text, "migration");
+        let at_ms = self.ms();
+        self.info
+            .lock()
+            .decisions
+            .push(MigrationDecision { at_ms, pass, text });
+    }
+
+    fn update(&self, p: &Progress, sample: bool) {
+        let mut i = self.info.lock();
+        i.elapsed_ms = self.ms();
+        i.ram_total = p.ram_total.max(i.ram_total);
+        i.ram_transferred = p.ram_transferred.max(i.ram_transferred);
+        i.ram_remaining = p.ram_remaining;
+        i.passes = p.passes.max(i.passes);
+        if p.dirty_rate > 0 {
+            i.dirty_rate = p.dirty_rate;
+        }
+        if p.throughput > 0 {
+            i.throughput = p.throughput;
+        }
+        i.postcopy_requests = p.postcopy_requests;
+        i.throttle_percent = p.throttle_percent;
+        if let Some(d) = p.downtime_ms {
+            i.downtime_ms = Some(d as f64);
+        }
+        if sample && i.timeline.len() < TIMELINE_MAX {
+            let s = MigrationSample {
+                at_ms: i.elapsed_ms,
+                status: p.status.clone(),
+                ram_transferred: p.ram_transferred,
+                ram_remaining: p.ram_remaining,
+                dirty_rate: p.dirty_rate,
+                throughput: p.throughput,
+            };
+            i.timeline.push(s);
+        }
+    }
+}
+
+/// Sends a disk's written blocks to the destination in batches.
+struct DiskSender<'a> {
+    disk: &'a Disk,
+    peer: &'a PeerClient,
+    path: String,
+}
+
+impl DiskSender<'_> {
+    /// Sends the given granules (sorted); returns the bytes sent.
+    fn send(&self, granules: &[u64]) -> Result<u64> {
+        let size = self.disk.overlay().size();
+        let mut batch = BatchWriter::new(size);
+        let mut sent = 0u64;
+        let flush = |batch: BatchWriter| -> Result<u64> {
+            let n = batch.data_bytes() as u64;
+            let _: u64 = self.peer.put_bytes(&self.path, &batch.finish())?;
+            Ok(n)
+        };
+        for (first, n) in granule_runs(granules, 256) {
+            let offset = first * GRANULE;
+            let len = (n * GRANULE).min(size - offset) as usize;
+            let mut buf = vec![0u8; len];
+            self.disk
+                .overlay()
+                .read_data(offset, &mut buf)
+                .map_err(AgentError::io("reading the disk's written blocks"))?;
+            batch.push(offset, &buf);
+            if batch.data_bytes() >= BATCH_BYTES {
+                sent += flush(std::mem::replace(&mut batch, BatchWriter::new(size)))?;
+            }
+        }
+        if !batch.is_empty() {
+            sent += flush(batch)?;
+        }
+        Ok(sent)
+    }
+}
+
+/// Asks the destination to remove what it made, unless disarmed.
+struct AbortGuard<'a> {
+    peer: &'a PeerClient,
+    vm: String,
+    armed: bool,
+}
+
+impl Drop for AbortGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let path = format!("/v1/migrations/{}/abort", self.vm);
+        // The link may be down for a while: retry in the background.
+        let (peer, vm) = (self.peer.clone(), self.vm.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("abort-{vm}"))
+            .spawn(move || {
+                for attempt in 0..12 {
+                    match peer.post::<serde_json::Value>(&path, &json!({})) {
+                        Ok(_) => return,
+                        Err(e) if e.chain().contains(": 404") => return,
+                        Err(e) => {
+                            tracing::warn!(%vm, attempt, error = %e.chain(), "aborting at the destination failed; retrying")
+                        }
+                    }
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            });
+    }
+}
+
+impl Agent {
+    /// Starts moving a running VM to another agent; returns at once (poll
+    /// [`Agent::migration`]).
+    pub fn migrate_vm(self: &Arc<Self>, name: &str, req: MigrateRequest) -> Result<MigrationInfo> {
+        let rec = self.vm_record(name)?;
+        if rec.state != VmState::Running || self.running_vm(name).is_none() {
+            return Err(AgentError::State(format!(
+                "vm {name} is {}, not running",
+                rec.state
+            )));
+        }
+        if req.max_downtime_ms == 0 || req.timeout_s == 0 {
+            return Err(AgentError::Invalid(
+                "the downtime limit and the timeout must be above zero".into(),
+            ));
+        }
+        PeerClient::new(&req.to, Duration::from_secs(1)).host()?;
+        let job = Arc::new(Job {
+            info: Mutex::new(MigrationInfo {
+                vm: name.to_owned(),
+                to: req.to.clone(),
+                policy: req.policy,
+                phase: MigrationPhase::Preparing,
+                started: now(),
+                elapsed_ms: 0.0,
+                switched_at_ms: None,
+                ram_total: 0,
+                ram_transferred: 0,
+                ram_remaining: 0,
+                passes: 0,
+                dirty_rate: 0,
+                throughput: 0,
+                postcopy_requests: 0,
+                throttle_percent: 0,
+                disk_bytes: 0,
+                disk_passes: 0,
+                disk_final_bytes: 0,
+                downtime_ms: None,
+                guest_stall_ms: None,
+                decisions: Vec::new(),
+                timeline: Vec::new(),
+                error: None,
+            }),
+            cancel: AtomicBool::new(false),
+            t0: Instant::now(),
+        });
+        {
+            let mut jobs = self.migrations.outgoing.lock();
+            if jobs
+                .get(name)
+                .is_some_and(|j| !j.info.lock().phase.finished())
+            {
+                return Err(AgentError::State(format!("vm {name} is migrating away")));
+            }
+            jobs.insert(name.to_owned(), job.clone());
+        }
+        let info = job.info.lock().clone();
+        let (agent, vm) = (self.clone(), name.to_owned());
+        std::thread::Builder::new()
+            .name(format!("migrate-{name}"))
+            .spawn(move || agent.run_migration(&vm, &req, &job))
+            .map_err(AgentError::io("starting the migration"))?;
+        Ok(info)
+    }
+
+    pub fn migration(&self, name: &str) -> Result<MigrationInfo> {
+        self.migrations
+            .info(name)
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "migration of vm",
+                name: name.into(),
+            })
+    }
+
+    /// Cancels a migration before the switch; the VM keeps running here.
+    pub fn cancel_migration(&self, name: &str) -> Result<MigrationInfo> {
+        let job = self
+            .migrations
+            .outgoing
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "migration of vm",
+                name: name.into(),
+            })?;
+        let phase = job.info.lock().phase;
+        match phase {
+            p if p.finished() => {
+                return Err(AgentError::State(format!(
+                    "the migration of {name} already ended ({p})"
+                )))
+            }
+            MigrationPhase::Postcopy => {
+                return Err(AgentError::State(format!(
+                    "vm {name} already runs at the destination (post-copy); \
+                     cancelling now would lose it"
+                )))
+            }
+            _ => job.cancel.store(true, Ordering::Release),
+        }
+        let info = job.info.lock().clone();
+        Ok(info)
+    }
+
+    fn run_migration(self: Arc<Self>, name: &str, req: &MigrateRequest, job: &Arc<Job>) {
+        let result = self.migrate_inner(name, req, job);
+        let mut i = job.info.lock();
+        i.elapsed_ms = job.ms();
+        match result {
+            Ok(()) => {
+                i.phase = MigrationPhase::Completed;
+                tracing::info!(vm = name, to = %req.to, ms = i.elapsed_ms, downtime_ms = ?i.downtime_ms, stall_ms = ?i.guest_stall_ms, "migration completed");
+            }
+            Err(e) => {
+                i.phase = if job.cancel.load(Ordering::Acquire) {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                i.error = Some(e.chain());
+                tracing::warn!(vm = name, to = %req.to, phase = %i.phase, error = %e.chain(), "migration ended without moving the VM");
+            }
+        }
+    }
+
+    fn migrate_inner(&self, name: &str, req: &MigrateRequest, job: &Job) -> Result<()> {
+        let peer = PeerClient::new(&req.to, Duration::from_secs(60));
+        let host = peer.host()?;
+        let rec = self.vm_record(name)?;
+        let disk = self
+            .exports
+            .disk(&rec.disk)
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "disk",
+                name: rec.disk.clone(),
+            })?;
+        let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
+        let layout = qmp.memory_layout()?;
+        let mut policy = Policy::new(
+            req.policy,
+            req.allow_postcopy,
+            req.max_downtime_ms,
+            req.bandwidth,
+        );
+        let postcopy = policy.may_postcopy();
+        let id = rec.identity.clone();
+        let ready: IncomingReady = peer.post(
+            "/v1/migrations",
+            &IncomingRequest {
+                vm: name.to_owned(),
+                from: self
+                    .config
+                    .listen
+                    .clone()
+                    .unwrap_or_else(|| "a host".into()),
+                image: rec.image.clone(),
+                accel: rec.accel.clone(),
+                memory_mib: rec.memory_mib,
+                cpus: rec.cpus,
+                max_memory_mib: rec.max_memory_mib,
+                max_cpus: rec.max_cpus,
+                base_mib: layout.base_mib,
+                dimms: layout.dimms.clone(),
+                boot_cpus: layout.boot_cpus,
+                mac: id.as_ref().map(|i| i.mac.clone()),
+                vmgenid: id.as_ref().map(|i| i.vmgenid.clone()),
+                hostname: id.as_ref().map(|i| i.hostname.clone()),
+                instance_id: id.as_ref().map(|i| i.instance_id.clone()),
+                postcopy,
+                timeout_s: req.timeout_s,
+            },
+        )?;
+        let mut guard = AbortGuard {
+            peer: &peer,
+            vm: name.to_owned(),
+            armed: true,
+        };
+        job.decide(
+            0,
+            format!(
+                "destination ready: QEMU listening on {host}:{}, disk on image {}",
+                ready.port, rec.image
+            ),
+        );
+        if ready.disk_size != disk.overlay().size() {
+            return Err(AgentError::State(format!(
+                "the destination's disk has {} bytes, this one {}",
+                ready.disk_size,
+                disk.overlay().size()
+            )));
+        }
+
+        job.set_phase(MigrationPhase::Disk);
+        let sender = DiskSender {
+            disk: &disk,
+            peer: &peer,
+            path: format!("/v1/migrations/{name}/blocks"),
+        };
+        let send_pass = |granules: Vec<u64>, last: bool| -> Result<()> {
+            if granules.is_empty() && !last {
+                return Ok(());
+            }
+            let bytes = sender.send(&granules)?;
+            let mut i = job.info.lock();
+            i.disk_bytes += bytes;
+            i.disk_passes += 1;
+            if last {
+                i.disk_final_bytes = bytes;
+            }
+            Ok(())
+        };
+        let written = disk.overlay().start_tracking();
+        let result = (|| -> Result<()> {
+            send_pass(written, false)?;
+            self.start_qemu_migration(
+                &mut qmp,
+                req,
+                &policy,
+                &format!("tcp:{host}:{}", ready.port),
+            )
+        })();
+        if let Err(e) = result {
+            disk.overlay().stop_tracking();
+            return Err(e);
+        }
+        job.set_phase(MigrationPhase::Memory);
+        let probe = self.vms.probe(name);
+        let start_us = epoch_us();
+
+        let outcome = self.follow_migration(
+            &mut qmp,
+            req,
+            job,
+            &mut policy,
+            &peer,
+            &host,
+            name,
+            || send_pass(disk.overlay().take_tracked(), false),
+            || {
+                let r = send_pass(disk.overlay().take_tracked(), true);
+                disk.overlay().stop_tracking();
+                r
+            },
+        );
+        let src_pongs = probe.map(StallProbe::stop).unwrap_or_default();
+        match outcome {
+            Ok(()) => {}
+            Err(e) => {
+                disk.overlay().stop_tracking();
+                if job.info.lock().phase == MigrationPhase::Postcopy {
+                    // The guest runs at the destination: neither side may
+                    // be removed or resumed (recover_postcopy said so).
+                    guard.armed = false;
+                } else {
+                    self.take_back(name, &mut qmp);
+                }
+                return Err(e);
+            }
+        }
+        // Completed: the VM is at the destination.
+        guard.armed = false;
+        let committed: IncomingCommitted = {
+            let path = format!("/v1/migrations/{name}/commit");
+            let mut last = None;
+            let mut ok = None;
+            for _ in 0..5 {
+                match peer.post(&path, &json!({})) {
+                    Ok(c) => {
+                        ok = Some(c);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            match ok {
+                Some(c) => c,
+                None => {
+                    return Err(AgentError::State(format!(
+                        "QEMU completed the migration but the destination did not commit ({}); \
+                         the guest is at {}, this host keeps its stopped copy",
+                        last.map(|e| e.chain()).unwrap_or_default(),
+                        req.to
+                    )))
+                }
+            }
+        };
+        {
+            let mut i = job.info.lock();
+            let mut all = src_pongs;
+            let end = committed.pongs.last().copied();
+            all.extend(committed.pongs.iter().copied());
+            i.guest_stall_ms = match end {
+                Some(end) => Some(longest_gap(&all, start_us, end) as f64 / 1e3),
+                None => {
+                    drop(i);
+                    job.decide(
+                        0,
+                        "the guest did not answer pings at the destination: stall not measured"
+                            .into(),
+                    );
+                    i = job.info.lock();
+                    None
+                }
+            };
+            i.elapsed_ms = job.ms();
+        }
+        // This host's copy goes: QEMU (paused after the switch), its disk,
+        // its record. The monitor must be free for the quit.
+        drop(qmp);
+        if let Err(e) = self.remove_vm(name, true) {
+            job.decide(0, format!("removing the source copy failed: {}", e.chain()));
+        }
+        Ok(())
+    }
+
+    fn start_qemu_migration(
+        &self,
+        qmp: &mut Qmp,
+        req: &MigrateRequest,
+        policy: &Policy,
+        uri: &str,
+    ) -> Result<()> {
+        let throttle_fallback = req.policy == MigrationPolicy::Auto && !req.allow_postcopy;
+        qmp.set_capabilities(&[
+            ("postcopy-ram", policy.may_postcopy()),
+            ("pause-before-switchover", true),
+            (
+                "auto-converge",
+                req.policy == MigrationPolicy::AutoConverge || throttle_fallback,
+            ),
+        ])?;
+        let mut params = json!({
+            "downtime-limit": req.max_downtime_ms,
+            "max-bandwidth": req.bandwidth.unwrap_or(UNLIMITED),
+            "max-postcopy-bandwidth": req.bandwidth.unwrap_or(0),
+        });
+        if throttle_fallback {
+            // Throttling only when the policy asks for it (Action::Throttle).
+            params["throttle-trigger-threshold"] = json!(100);
+            params["cpu-throttle-initial"] = json!(1);
+            params["cpu-throttle-increment"] = json!(1);
+        }
+        qmp.set_parameters(params)?;
+        qmp.migrate(uri)?;
+        Ok(())
+    }
+
+    /// Follows QEMU's migration to its end. `disk_pass` sends blocks
+    /// written since the last call; `final_pass` does it once more while the
+    /// guest is paused before the switch.
+    #[allow(clippy::too_many_arguments)]
+    fn follow_migration(
+        &self,
+        qmp: &mut Qmp,
+        req: &MigrateRequest,
+        job: &Job,
+        policy: &mut Policy,
+        peer: &PeerClient,
+        host: &str,
+        name: &str,
+        disk_pass: impl Fn() -> Result<()>,
+        final_pass: impl Fn() -> Result<()>,
+    ) -> Result<()> {
+        let deadline = job.t0 + Duration::from_secs(req.timeout_s);
+        let mut last_disk = Instant::now();
+        let mut last_sample = Instant::now() - TIMELINE_EVERY;
+        let mut last_status = String::new();
+        let mut moved = (0u64, Instant::now());
+        let mut cancelling: Option<String> = None;
+        loop {
+            let p = qmp.migration_progress()?;
+            let changed = p.status != last_status;
+            job.update(&p, changed || last_sample.elapsed() >= TIMELINE_EVERY);
+            if changed || last_sample.elapsed() >= TIMELINE_EVERY {
+                last_sample = Instant::now();
+            }
+            if p.ram_transferred != moved.0 {
+                moved = (p.ram_transferred, Instant::now());
+            }
+            match p.status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = cancelling.clone().unwrap_or_else(|| {
+                        format!(
+                            "QEMU's migration {}: {}",
+                            p.status,
+                            p.error.clone().unwrap_or_else(|| "no reason given".into())
+                        )
+                    });
+                    return Err(AgentError::State(format!(
+                        "{why}; the VM keeps running here"
+                    )));
+                }
+                "pre-switchover" if changed => {
+                    job.info.lock().switched_at_ms = Some(job.ms());
+                    job.set_phase(MigrationPhase::Switching);
+                    final_pass()?;
+                    qmp.migrate_continue()?;
+                }
+                "postcopy-active" => {
+                    if changed {
+                        job.set_phase(MigrationPhase::Postcopy);
+                    }
+                    if p.ram_remaining > 0 && moved.1.elapsed() > POSTCOPY_STALL {
+                        job.decide(
+                            p.passes,
+                            format!(
+                                "post-copy: nothing moved for {} s; pausing to recover",
+                                POSTCOPY_STALL.as_secs()
+                            ),
+                        );
+                        let _ = qmp.migrate_pause();
+                        moved.1 = Instant::now();
+                    }
+                }
+                "postcopy-paused" => {
+                    self.recover_postcopy(qmp, job, peer, host, name, &p)?;
+                    moved.1 = Instant::now();
+                }
+                _ => {}
+            }
+            if !p.switched() && p.status != "pre-switchover" && cancelling.is_none() {
+                let reason = if job.cancel.load(Ordering::Acquire) {
+                    Some("cancelled on request".to_owned())
+                } else if Instant::now() > deadline {
+                    Some(format!(
+                        "the VM did not switch hosts within the {} s timeout",
+                        req.timeout_s
+                    ))
+                } else if moved.1.elapsed() > LINK_STALL {
+                    Some(format!(
+                        "nothing reached the destination for {} s (link down?)",
+                        LINK_STALL.as_secs()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(r) = reason {
+                    job.decide(p.passes, format!("{r}: cancelling"));
+                    qmp.migrate_cancel()?;
+                    cancelling = Some(r);
+                }
+            }
+            if cancelling.is_none() {
+                if let Some(d) = policy.observe(&p) {
+                    job.decide(p.passes, d.why.clone());
+                    match d.action {
+                        Some(Action::Postcopy) => {
+                            if let Err(e) = qmp.start_postcopy() {
+                                job.decide(p.passes, format!("post-copy refused by QEMU: {e}"));
+                            }
+                        }
+                        Some(Action::Throttle(pct)) => qmp.set_parameters(json!({
+                            "throttle-trigger-threshold": 10,
+                            "cpu-throttle-initial": pct,
+                            "cpu-throttle-increment": 10,
+                        }))?,
+                        Some(Action::RelaxDowntime(ms)) => {
+                            qmp.set_parameters(json!({ "downtime-limit": ms }))?
+                        }
+                        None => {}
+                    }
+                }
+                if p.status == "active" && last_disk.elapsed() >= DISK_PASS_EVERY {
+                    disk_pass()?;
+                    last_disk = Instant::now();
+                }
+            }
+            last_status = p.status;
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Post-copy broke off: the guest runs at the destination and part of
+    /// its memory is still here. Reconnect until it works or the budget is
+    /// spent; then fail loudly, leaving both sides as they are.
+    fn recover_postcopy(
+        &self,
+        qmp: &mut Qmp,
+        job: &Job,
+        peer: &PeerClient,
+        host: &str,
+        name: &str,
+        p: &Progress,
+    ) -> Result<()> {
+        let start = Instant::now();
+        job.decide(
+            p.passes,
+            format!(
+                "post-copy link broken with {:.1} MB not yet sent: recovering",
+                p.ram_remaining as f64 / 1e6
+            ),
+        );
+        let path = format!("/v1/migrations/{name}/recover");
+        let mut attempt = 0;
+        let mut last_error = String::new();
+        while start.elapsed() < RECOVERY_BUDGET {
+            attempt += 1;
+            match peer.post::<IncomingReady>(&path, &json!({})) {
+                Ok(r) => match qmp.migrate_resume(&format!("tcp:{host}:{}", r.port)) {
+                    Ok(()) => {
+                        // Wait for the resumed stream to take.
+                        let until = Instant::now() + Duration::from_secs(5);
+                        while Instant::now() < until {
+                            let s = qmp.migration_progress()?.status;
+                            if s == "postcopy-active" || s == "completed" {
+                                job.decide(
+                                    p.passes,
+                                    format!("post-copy recovered (attempt {attempt})"),
+                                );
+                                return Ok(());
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        last_error = "the resumed stream did not take".into();
+                    }
+                    Err(e) => last_error = e.to_string(),
+                },
+                Err(e) => last_error = e.chain(),
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let here = qmp
+            .migration_progress()
+            .map(|p| {
+                format!(
+                    "{}, {:.1} MB of guest memory not yet sent",
+                    p.status,
+                    p.ram_remaining as f64 / 1e6
+                )
+            })
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        let msg = format!(
+            "post-copy could not be recovered in {} s ({attempt} attempts, last: {last_error}). \
+             Source (this host): QEMU kept with migration state {here}; it holds the only copy \
+             of that memory. Destination {}: the guest is paused there waiting for it. \
+             Neither side was removed.",
+            RECOVERY_BUDGET.as_secs(),
+            peer_url(peer)
+        );
+        let _ = self.set_vm_state(name, |r| {
+            r.state = VmState::Failed;
+            r.reason = Some(msg.clone());
+        });
+        Err(AgentError::State(msg))
+    }
+
+    /// Before the switch, after an error of ours: stop QEMU's migration (if
+    /// it still runs) and make sure the guest runs here.
+    fn take_back(&self, name: &str, qmp: &mut Qmp) {
+        if let Ok(p) = qmp.migration_progress() {
+            if !p.finished() {
+                let _ = qmp.migrate_cancel();
+                let until = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < until {
+                    match qmp.migration_progress() {
+                        Ok(p) if !p.finished() => std::thread::sleep(Duration::from_millis(20)),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        if let Ok(s) = qmp.status() {
+            if matches!(s.as_str(), "paused" | "postmigrate" | "finish-migrate") {
+                tracing::warn!(vm = name, status = %s, "resuming the source VM after a failed migration");
+                let _ = qmp.execute("cont", None);
+            }
+        }
+    }
+}
+
+fn peer_url(p: &PeerClient) -> String {
+    p.host().unwrap_or_default()
+}
