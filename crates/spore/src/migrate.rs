@@ -118,6 +118,10 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<bool> {
             Some(&req),
         )
         .await?;
+    if a.detach && a.json {
+        print_json(&info)?;
+        return Ok(true);
+    }
     if a.detach {
         println!(
             "migrating {} to {} (policy {}); follow with: spore vm migration {}",

@@ -1,0 +1,251 @@
+//! Live migration between two `spore cluster` hosts, with the real demo
+//! guest: each policy moves the VM with its memory and disk intact (checked
+//! from inside the guest), and until the switch the source stays the VM.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{guest, sh, vm_run_args, SPORE};
+use serde_json::Value;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(SPORE)
+            .env("SPORE_CLUSTER_DIR", self.dir.path())
+            .args(["cluster", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+impl Cluster {
+    fn home(&self, host: &str) -> PathBuf {
+        self.dir.path().join(&self.name).join(host)
+    }
+
+    fn cmd(&self, host: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(SPORE);
+        c.env("SPORE_CLUSTER_DIR", self.dir.path())
+            .env("SPORE_HOME", self.home(host))
+            .args(args);
+        c
+    }
+
+    fn ok(&self, host: &str, args: &[&str]) -> String {
+        sh(&mut self.cmd(host, args))
+    }
+
+    fn json(&self, host: &str, args: &[&str]) -> Value {
+        let out = self.ok(host, args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    fn vms(&self, host: &str) -> Vec<Value> {
+        self.json(host, &["vm", "ls", "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn log(&self, host: &str, vm: &str) -> String {
+        self.ok(host, &["vm", "log", vm])
+    }
+
+    /// Sends `dataset check` and returns the (memory, disk) checksums the
+    /// guest printed.
+    fn dataset(&self, host: &str, vm: &str, verb: &str) -> (String, String) {
+        let marker = if verb == "check" {
+            "SPORE-DATASET-CHECK "
+        } else {
+            "SPORE-DATASET "
+        };
+        let before = self.log(host, vm).matches(marker).count();
+        let mut words = vec!["vm", "send", vm, "dataset", verb];
+        if verb == "write" {
+            words.push("8");
+        }
+        self.ok(host, &words);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = self.log(host, vm);
+            if log.matches(marker).count() > before {
+                let line = log.rsplit(marker).next().unwrap().lines().next().unwrap();
+                let field = |k: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                        .to_owned()
+                };
+                return (field("mem="), field("disk="));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {marker} on {host}: {}",
+                &log[log.len().saturating_sub(2000)..]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn migrate(&self, from: &str, to: &str, extra: &[&str]) -> Value {
+        let mut args = vec![
+            "vm",
+            "migrate",
+            "web",
+            "--to",
+            to,
+            "--cluster",
+            &self.name,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        self.json(from, &args)
+    }
+
+    fn migration(&self, host: &str) -> Value {
+        self.json(host, &["vm", "migration", "web", "--json"])
+    }
+
+    fn wait_phase(&self, host: &str, done: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let m = self.migration(host);
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "{what}: {m}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Nothing of `vm` left on `host`: no VM, no disk, no RAM file.
+    fn wait_gone(&self, host: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = self.vms(host);
+            let disks = self.json(host, &["disk", "ls", "--json"]);
+            if vms.is_empty() && disks.as_array().is_some_and(|d| d.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{host} kept {vms:?} / {disks}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn running_on(c: &Cluster, host: &str) -> Value {
+    let vms = c.vms(host);
+    assert_eq!(vms.len(), 1, "{host}: {vms:?}");
+    assert_eq!(vms[0]["state"], "running", "{host}: {vms:?}");
+    vms[0].clone()
+}
+
+#[test]
+fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
+    let g = guest();
+    let c = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        name: format!("m{}", std::process::id() % 100_000),
+    };
+    let out = sh(Command::new(SPORE)
+        .env("SPORE_CLUSTER_DIR", c.dir.path())
+        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"])
+        .args(["--bandwidth", "400mbit"]));
+    assert!(out.contains("origin + 2 nodes"), "{out}");
+    c.ok(
+        "origin",
+        &[
+            "image",
+            "import",
+            g.rootfs.to_str().unwrap(),
+            "--name",
+            "guest",
+        ],
+    );
+    // The guest rewrites 48 MiB of memory as fast as it can.
+    let args = vm_run_args(g, "web", "guest", "spore.memload=48,0");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    let written = c.dataset("node1", "web", "write");
+    assert_eq!(written.0, written.1, "memory and disk copies differ");
+
+    // Cancelled before the switch: the source keeps running, the
+    // destination keeps nothing.
+    c.migrate(
+        "node1",
+        "node2",
+        &["--policy", "precopy", "--detach", "--bandwidth", "80mbit"],
+    );
+    c.wait_phase(
+        "node1",
+        |m| m["phase"] == "memory" && m["ram_transferred"].as_u64() > Some(4 << 20),
+        "migration under way",
+    );
+    c.ok("node1", &["vm", "migrate", "web", "--cancel"]);
+    let m = c.wait_phase("node1", |m| m["phase"] != "memory", "cancelled");
+    assert_eq!(m["phase"], "cancelled", "{m}");
+    running_on(&c, "node1");
+    c.wait_gone("node2");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
+
+    // The destination dies before the switch: the same.
+    c.migrate(
+        "node1",
+        "node2",
+        &["--policy", "precopy", "--detach", "--bandwidth", "80mbit"],
+    );
+    c.wait_phase(
+        "node1",
+        |m| m["phase"] == "memory" && m["ram_transferred"].as_u64() > Some(4 << 20),
+        "migration under way",
+    );
+    let dest = c.vms("node2");
+    assert_eq!(dest[0]["state"], "incoming", "{dest:?}");
+    let pid = dest[0]["pid"].as_u64().unwrap().to_string();
+    sh(Command::new("kill").args(["-9", &pid]));
+    let m = c.wait_phase("node1", |m| m["phase"] != "memory", "failed");
+    assert_eq!(m["phase"], "failed", "{m}");
+    running_on(&c, "node1");
+    c.wait_gone("node2");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
+
+    // Each policy moves the VM, memory and disk intact.
+    for (from, to, policy, extra) in [
+        ("node1", "node2", "auto", &[][..]),
+        ("node2", "node1", "postcopy", &[][..]),
+        (
+            "node1",
+            "node2",
+            "precopy",
+            &["--max-downtime", "20000"][..],
+        ),
+    ] {
+        let mut args = vec!["--policy", policy];
+        args.extend_from_slice(extra);
+        let m = c.migrate(from, to, &args);
+        assert_eq!(m["phase"], "completed", "{policy}: {m}");
+        assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+        assert!(m["guest_stall_ms"].as_f64().is_some(), "{m}");
+        assert!(
+            m["disk_bytes"].as_u64().unwrap() >= 8 << 20,
+            "the written dataset travelled: {m}"
+        );
+        assert!(m["ram_transferred"].as_u64().unwrap() > 48 << 20, "{m}");
+        if policy == "postcopy" {
+            assert!(m["decisions"].to_string().contains("post-copy"), "{m}");
+        }
+        assert!(c.vms(from).is_empty(), "{from} kept the VM");
+        let vm = running_on(&c, to);
+        assert!(vm["pid"].as_u64().is_some());
+        assert_eq!(c.dataset(to, "web", "check"), written, "after {policy}");
+        // The guest's workload goes on at the destination.
+        assert!(c.log(to, "web").contains("SPORE-DATASET-CHECK"));
+    }
+}
