@@ -309,6 +309,9 @@ pub enum BenchCmd {
     /// Clones of a running VM: latency for bursts of clones, host memory,
     /// a clone on a cold host, against a cold boot of the same guest
     Clone(spore_bench::clone::Options),
+    /// Live migration between two cluster hosts: workloads × policies,
+    /// success, time, downtime, guest stall, bytes moved
+    Migrate(spore_bench::migrate::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -386,6 +389,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Storm(opts)) => {
             spore_bench::storm::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Migrate(opts)) => {
+            spore_bench::migrate::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {

@@ -279,8 +279,10 @@ impl Agent {
             .as_mut()
             .ok_or_else(|| AgentError::State(format!("migration of {vm} is ending")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
+        tracing::warn!(vm, "post-copy recovery requested");
         loop {
             let p = qmp.migration_progress()?;
+            tracing::debug!(vm, status = %p.status, "post-copy recovery: destination state");
             match p.status.as_str() {
                 "postcopy-paused" => break,
                 "postcopy-active" => {

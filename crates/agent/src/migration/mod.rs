@@ -80,7 +80,7 @@ impl crate::Agent {
 /// The destination agent's peer listener, as the source talks to it.
 #[derive(Debug, Clone)]
 pub struct PeerClient {
-    base: String,
+    pub(crate) base: String,
     http: ureq::Agent,
 }
 

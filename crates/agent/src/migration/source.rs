@@ -674,6 +674,9 @@ impl Agent {
             ),
         );
         let path = format!("/v1/migrations/{name}/recover");
+        // Short attempts: a request sent while the link was down must not
+        // use up the budget.
+        let peer = &PeerClient::new(&peer.base, Duration::from_secs(10));
         let mut attempt = 0;
         let mut last_error = String::new();
         while start.elapsed() < RECOVERY_BUDGET {
