@@ -40,6 +40,11 @@ pub struct Options {
     /// Link speed of each host, both ways (tc)
     #[arg(long, default_value = "200mbit")]
     pub bandwidth: String,
+    /// The migrations' own cap (`spore vm migrate --bandwidth`), the same for
+    /// every policy: a little under the link, so that data queued in the
+    /// kernel does not delay the switch
+    #[arg(long, default_value = "180mbit")]
+    pub migration_bandwidth: String,
     /// Guest memory, MiB
     #[arg(long, default_value_t = 512)]
     pub memory_mib: u64,
@@ -60,7 +65,7 @@ pub struct Options {
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u64,
     /// A migration that has not switched hosts after this long fails
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     pub timeout: u64,
     /// Downtime limits tried, in order, for pre-copy relaxed
     #[arg(
@@ -130,6 +135,7 @@ struct Goal {
 #[derive(Debug, Serialize)]
 struct Report {
     bandwidth: String,
+    migration_bandwidth: String,
     memory_mib: u64,
     runs_per_policy: usize,
     data_intact: Vec<(String, bool)>,
@@ -221,6 +227,8 @@ impl Bench<'_> {
                 &limit_s,
                 "--timeout",
                 &timeout,
+                "--bandwidth",
+                &self.o.migration_bandwidth,
                 "--json",
             ],
         )?;
@@ -461,6 +469,7 @@ pub fn run(o: &Options) -> Result<()> {
         let goals = goals(&rows);
         Ok(Report {
             bandwidth: o.bandwidth.clone(),
+            migration_bandwidth: o.migration_bandwidth.clone(),
             memory_mib: o.memory_mib,
             runs_per_policy: o.runs,
             data_intact,
@@ -543,8 +552,8 @@ fn print_table(r: &Report) {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "live migration, {} MiB guest, links {} (both ways), {} runs per policy",
-        r.memory_mib, r.bandwidth, r.runs_per_policy
+        "live migration, {} MiB guest, links {} (both ways), migrations capped at {}, {} runs per policy",
+        r.memory_mib, r.bandwidth, r.migration_bandwidth, r.runs_per_policy
     );
     println!(
         "{:<10} {:<16} {:>7} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12} {:>10} {:>6}",

@@ -334,12 +334,15 @@ impl Agent {
                 .map_err(AgentError::io(format!("flushing the disk of {vm}")))?;
         }
         inc.done.store(true, Ordering::Release);
-        let pongs = inc
-            .probe
-            .lock()
-            .take()
-            .map(|p| p.stop())
-            .unwrap_or_default();
+        // The watcher may not have seen the guest run yet.
+        let probe = inc.probe.lock().take().or_else(|| self.vms.probe(vm));
+        // The guest's first answer here ends the stall being measured; it
+        // may come a moment after the migration completed.
+        let until = Instant::now() + Duration::from_secs(5);
+        while probe.as_ref().is_some_and(|p| p.pongs().is_empty()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pongs = probe.map(|p| p.stop()).unwrap_or_default();
         let running_at = *inc.running_at.lock();
         // The monitor is free again for the agent's other uses.
         inc.qmp.lock().take();

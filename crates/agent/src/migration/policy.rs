@@ -38,6 +38,9 @@ pub const MP_RATIO: f64 = 0.8;
 /// more: the frequently-referenced-set rule.
 pub const FRS_RATIO: f64 = 0.9;
 pub const RELAX_AFTER: u32 = 2;
+/// The pause `auto` plans pre-copy for (at most the user's limit): it
+/// switches to post-copy rather than let pre-copy use a longer pause.
+pub const AUTO_TARGET_MS: u64 = 50;
 const THROTTLE_FIRST: u64 = 30;
 const THROTTLE_STEP: u64 = 20;
 const THROTTLE_MAX: u64 = 99;
@@ -95,6 +98,18 @@ impl Policy {
         }
     }
 
+    /// The downtime pre-copy plans for (QEMU's `downtime-limit`): `auto`
+    /// aims at [`AUTO_TARGET_MS`] when post-copy can bound the pause
+    /// instead; the other policies take the user's limit.
+    pub fn downtime_target_ms(&self) -> u64 {
+        match self.kind {
+            MigrationPolicy::Auto if self.allow_postcopy => {
+                self.max_downtime_ms.min(AUTO_TARGET_MS)
+            }
+            _ => self.max_downtime_ms,
+        }
+    }
+
     /// Whether the migration needs QEMU's post-copy capability.
     pub fn may_postcopy(&self) -> bool {
         match self.kind {
@@ -147,7 +162,8 @@ impl Policy {
     fn auto(&mut self, p: &Progress, prev: Option<u64>) -> Option<Decision> {
         let link = self.link(p);
         let remaining = p.ram_remaining;
-        let budget = link.saturating_mul(self.max_downtime_ms) / 1000;
+        let target = self.downtime_target_ms();
+        let budget = link.saturating_mul(target) / 1000;
         let mb = |b: u64| b as f64 / 1e6;
         if link == 0 {
             return None;
@@ -159,7 +175,7 @@ impl Policy {
                     "pass {}: {:.1} MB left fits {} ms at {:.1} MB/s; pre-copy finishes",
                     p.passes,
                     mb(remaining),
-                    self.max_downtime_ms,
+                    target,
                     mb(link)
                 ),
             });
@@ -187,7 +203,7 @@ impl Policy {
                 "prediction: {:.1} MB left shrinks to {:.0} % per pass; more than {MAX_PREDICTED_PASSES} passes to fit {} ms",
                 mb(remaining),
                 ratio * 100.0,
-                self.max_downtime_ms
+                target
             ))
         } else if p.passes >= MAX_PASSES {
             Some(format!("{} passes without converging", p.passes))
@@ -270,7 +286,7 @@ mod tests {
     #[test]
     fn a_remainder_that_fits_the_limit_is_left_to_qemu() {
         let mut p = auto();
-        let d = p.observe(&pass(2, 10 * MB, MB, 50 * MB)).unwrap();
+        let d = p.observe(&pass(2, 2 * MB, MB, 50 * MB)).unwrap();
         assert_eq!(d.action, None);
         assert!(d.why.contains("pre-copy finishes"), "{}", d.why);
     }

@@ -378,7 +378,12 @@ impl Agent {
             path: format!("/v1/migrations/{name}/blocks"),
         };
         let send_pass = |granules: Vec<u64>, last: bool| -> Result<()> {
-            if granules.is_empty() && !last {
+            // Nothing written: no request (while paused, a round trip is
+            // downtime).
+            if granules.is_empty() {
+                if last {
+                    job.info.lock().disk_final_bytes = 0;
+                }
                 return Ok(());
             }
             let bytes = sender.send(&granules)?;
@@ -512,7 +517,7 @@ impl Agent {
             ),
         ])?;
         let mut params = json!({
-            "downtime-limit": req.max_downtime_ms,
+            "downtime-limit": policy.downtime_target_ms(),
             "max-bandwidth": req.bandwidth.unwrap_or(UNLIMITED),
             "max-postcopy-bandwidth": req.bandwidth.unwrap_or(0),
         });
