@@ -218,9 +218,12 @@ impl VmManager {
     pub fn probe(&self, name: &str) -> Option<spore_qemu::StallProbe> {
         let channels = self.channels.lock();
         let ch = channels.get(name)?;
-        ch.probe(Duration::from_millis(10))
-            .map_err(|e| tracing::warn!(vm = name, error = %e, "no stall probe"))
-            .ok()
+        ch.probe(
+            &self.dir(name).join("serial.log"),
+            Duration::from_millis(10),
+        )
+        .map_err(|e| tracing::warn!(vm = name, error = %e, "no stall probe"))
+        .ok()
     }
 
     /// Sends a message on a running VM's guest channel.

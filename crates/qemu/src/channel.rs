@@ -6,7 +6,7 @@
 //! blocked reading the port when its template is captured, and each clone
 //! is sent its own identity right after it resumes.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,9 +137,14 @@ impl GuestChannel {
         Ok(())
     }
 
-    /// Starts a stall probe on this channel.
-    pub fn probe(&self, interval: Duration) -> Result<StallProbe, QmpError> {
-        Ok(StallProbe::start(self.stream.try_clone()?, interval)?)
+    /// Starts a stall probe: pings on this channel, answers read from the
+    /// VM's console log.
+    pub fn probe(&self, console_log: &Path, interval: Duration) -> Result<StallProbe, QmpError> {
+        Ok(StallProbe::start(
+            self.stream.try_clone()?,
+            console_log,
+            interval,
+        )?)
     }
 }
 
@@ -153,10 +158,14 @@ pub fn epoch_us() -> u64 {
 }
 
 /// Measures how long the guest stops answering: pings the guest over its
-/// channel every `interval` and records when each `pong` comes back. A
-/// guest that is paused, or running but stuck on memory that has not
+/// channel every `interval`, and records when each answer (`SPORE-PONG N`,
+/// printed by the guest on its serial console) appears in the console log.
+/// A guest that is paused, or running but stuck on memory that has not
 /// arrived, answers late; the longest gap between answers is the stall the
-/// guest's own processes saw.
+/// guest's own processes saw. Answers go to the console rather than back
+/// over the channel because a write to a virtio-serial port blocks while
+/// the guest thinks no host is connected, which a migration can make it
+/// think; the console always drains.
 #[derive(Debug)]
 pub struct StallProbe {
     stop: Arc<AtomicBool>,
@@ -164,13 +173,20 @@ pub struct StallProbe {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// The console line a guest prints to answer a ping.
+pub const PONG: &str = "SPORE-PONG ";
+
 impl StallProbe {
-    pub fn start(stream: UnixStream, interval: Duration) -> std::io::Result<Self> {
+    pub fn start(
+        mut writer: UnixStream,
+        console_log: &Path,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let pongs = Arc::new(Mutex::new(Vec::new()));
-        stream.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let mut writer = stream.try_clone()?;
-        let reader = stream;
+        let mut log = std::fs::File::open(console_log)?;
+        // Only answers from now on.
+        log.seek(SeekFrom::End(0))?;
         let (s1, s2, p) = (stop.clone(), stop.clone(), pongs.clone());
         let ping = std::thread::Builder::new()
             .name("stall-ping".into())
@@ -187,24 +203,18 @@ impl StallProbe {
         let pong = std::thread::Builder::new()
             .name("stall-pong".into())
             .spawn(move || {
-                let mut r = BufReader::new(reader);
-                let mut line = String::new();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
                 while !s2.load(Ordering::Relaxed) {
-                    match r.read_line(&mut line) {
-                        Ok(0) => break,
-                        Ok(_) => {
-                            if line.ends_with('\n') {
-                                if line.starts_with("pong ") {
-                                    p.lock().unwrap_or_else(|e| e.into_inner()).push(epoch_us());
-                                }
-                                line.clear();
-                            }
+                    match log.read(&mut chunk) {
+                        Ok(0) => std::thread::sleep(Duration::from_millis(1)),
+                        Ok(n) => {
+                            let now = epoch_us();
+                            buf.extend_from_slice(&chunk[..n]);
+                            let answers = count_pongs(&mut buf);
+                            let mut v = p.lock().unwrap_or_else(|e| e.into_inner());
+                            v.extend(std::iter::repeat_n(now, answers));
                         }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) => {}
                         Err(_) => break,
                     }
                 }
@@ -235,6 +245,21 @@ impl Drop for StallProbe {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Counts the answers among the complete lines of `buf` and keeps only the
+/// unfinished last line. Answers may follow other output on a line (a shell
+/// prompt), so they are looked for anywhere in it.
+fn count_pongs(buf: &mut Vec<u8>) -> usize {
+    let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') else {
+        return 0;
+    };
+    let n = buf[..last_nl]
+        .split(|&b| b == b'\n')
+        .filter(|l| l.windows(PONG.len()).any(|w| w == PONG.as_bytes()))
+        .count();
+    buf.drain(..=last_nl);
+    n
 }
 
 /// The longest time without an answer within `[from, to]`, given answer
@@ -306,21 +331,36 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_records_answers_and_stops() {
+    fn the_probe_records_answers_from_the_console_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(&log, "SPORE-PONG 0 (before the probe)\n").unwrap();
         let (host, guest) = UnixStream::pair().unwrap();
+        let console = log.clone();
         let echo = std::thread::spawn(move || {
-            let mut w = guest.try_clone().unwrap();
-            let mut r = BufReader::new(guest);
+            use std::io::BufRead;
+            let mut r = std::io::BufReader::new(guest);
+            let mut out = std::fs::OpenOptions::new()
+                .append(true)
+                .open(console)
+                .unwrap();
             let mut line = String::new();
-            let mut answered = 0;
-            while answered < 5 && r.read_line(&mut line).unwrap() > 0 {
-                let n = line.trim().strip_prefix("ping ").unwrap().to_owned();
-                w.write_all(format!("pong {n}\n").as_bytes()).unwrap();
+            for i in 0..5 {
                 line.clear();
-                answered += 1;
+                r.read_line(&mut line).unwrap();
+                let n = line.trim().strip_prefix("ping ").unwrap().to_owned();
+                // split across writes, after other output on the line
+                let text = if i == 2 {
+                    format!("web:/# SPORE-PONG {n}\n")
+                } else {
+                    format!("SPORE-PONG {n}\n")
+                };
+                let (a, b) = text.split_at(5);
+                out.write_all(a.as_bytes()).unwrap();
+                out.write_all(b.as_bytes()).unwrap();
             }
         });
-        let probe = StallProbe::start(host, Duration::from_millis(2)).unwrap();
+        let probe = StallProbe::start(host, &log, Duration::from_millis(2)).unwrap();
         echo.join().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while probe.pongs().len() < 5 && Instant::now() < deadline {
@@ -329,6 +369,16 @@ mod tests {
         let pongs = probe.stop();
         assert_eq!(pongs.len(), 5);
         assert!(pongs.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn pong_lines_are_counted_once_complete() {
+        let mut b = b"SPORE-PONG 1\nnoise\nx SPORE-PONG 2\nSPORE-PO".to_vec();
+        assert_eq!(count_pongs(&mut b), 2);
+        assert_eq!(b, b"SPORE-PO");
+        b.extend_from_slice(b"NG 3\n");
+        assert_eq!(count_pongs(&mut b), 1);
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -32,7 +32,9 @@ use super::PeerClient;
 use crate::agent::{now, Agent};
 use crate::error::{AgentError, Result};
 
-const POLL: Duration = Duration::from_millis(50);
+/// The guest stays paused at `pre-switchover` until this loop sees it:
+/// the poll interval is part of the downtime.
+const POLL: Duration = Duration::from_millis(5);
 /// Written blocks are sent this often while memory is copied.
 const DISK_PASS_EVERY: Duration = Duration::from_secs(1);
 /// Before the switch: no byte moved for this long means the link is gone.
