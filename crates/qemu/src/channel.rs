@@ -173,6 +173,9 @@ pub struct StallProbe {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// Pings sent and not yet answered, at most.
+const MAX_OUTSTANDING: u64 = 2;
+
 /// The console line a guest prints to answer a ping.
 pub const PONG: &str = "SPORE-PONG ";
 
@@ -187,15 +190,21 @@ impl StallProbe {
         let mut log = std::fs::File::open(console_log)?;
         // Only answers from now on.
         log.seek(SeekFrom::End(0))?;
-        let (s1, s2, p) = (stop.clone(), stop.clone(), pongs.clone());
+        let (s1, s2, p, answered) = (stop.clone(), stop.clone(), pongs.clone(), pongs.clone());
         let ping = std::thread::Builder::new()
             .name("stall-ping".into())
             .spawn(move || {
+                // At most MAX_OUTSTANDING unanswered pings: a busy or
+                // stopped guest is not flooded (its channel would back up
+                // into the agent's socket).
                 let mut n = 0u64;
                 while !s1.load(Ordering::Relaxed) {
-                    n += 1;
-                    if writer.write_all(format!("ping {n}\n").as_bytes()).is_err() {
-                        break;
+                    let got = answered.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+                    if n < got + MAX_OUTSTANDING {
+                        n += 1;
+                        if writer.write_all(format!("ping {n}\n").as_bytes()).is_err() {
+                            break;
+                        }
                     }
                     std::thread::sleep(interval);
                 }
