@@ -138,7 +138,9 @@ struct Report {
     migration_bandwidth: String,
     memory_mib: u64,
     runs_per_policy: usize,
-    data_intact: Vec<(String, bool)>,
+    /// Per series: the guest's data set checksums after it (None: the
+    /// guest did not answer the check).
+    data_intact: Vec<(String, Option<bool>)>,
     rows: Vec<Row>,
     goals: Vec<Goal>,
     migrations: Vec<Run>,
@@ -365,40 +367,63 @@ pub fn run(o: &Options) -> Result<()> {
                 append += &format!(" spore.memload={load}");
             }
             let mem = format!("{}M", o.memory_mib);
-            b.cli(
-                Some("node1"),
-                &[
-                    "vm",
-                    "run",
-                    VM,
-                    "--image",
-                    "guest",
-                    "--memory",
-                    &mem,
-                    "--kernel",
-                    kernel.to_str().context("path")?,
-                    "--initrd",
-                    initrd.to_str().context("path")?,
-                    "--append",
-                    &append,
-                    "--wait-for",
-                    if load.is_empty() {
-                        "SPORE-READY"
-                    } else {
-                        "SPORE-MEMLOAD started"
-                    },
-                    "--timeout",
-                    "300",
-                ],
-            )?;
-            let written = b.dataset("node1", "write")?;
-            let mut at = "node1".to_owned();
+            // A fresh VM per series: each starts from the same state.
+            let boot = || -> Result<String> {
+                b.cli(
+                    Some("node1"),
+                    &[
+                        "vm",
+                        "run",
+                        VM,
+                        "--image",
+                        "guest",
+                        "--memory",
+                        &mem,
+                        "--kernel",
+                        kernel.to_str().context("path")?,
+                        "--initrd",
+                        initrd.to_str().context("path")?,
+                        "--append",
+                        &append,
+                        "--wait-for",
+                        if load.is_empty() {
+                            "SPORE-READY"
+                        } else {
+                            "SPORE-MEMLOAD started"
+                        },
+                        "--timeout",
+                        "300",
+                    ],
+                )?;
+                b.dataset("node1", "write")
+            };
+            let finish = |at: &str,
+                          written: &str,
+                          series: &str,
+                          intact: &mut Vec<(String, Option<bool>)>|
+             -> Result<()> {
+                let check = b.dataset(at, "check").ok();
+                let ok = check.map(|c| c.replace("CHECK ", "") == written.replace("CHECK ", ""));
+                eprintln!(
+                    "  data set after the {series} series: {}",
+                    match ok {
+                        Some(true) => "intact",
+                        Some(false) => "CHANGED",
+                        None => "not checked (the guest did not answer)",
+                    }
+                );
+                intact.push((format!("{name}/{series}"), ok));
+                b.cli(Some(at), &["vm", "rm", VM, "--force"])?;
+                Ok(())
+            };
             eprintln!(
                 "workload {name} ({}):",
                 if load.is_empty() { "none" } else { load }
             );
             let mut precopy_failed = false;
             for policy in &o.policies {
+                let written = boot()?;
+                let mut at = "node1".to_owned();
                 for _ in 0..o.runs {
                     let r = b.migrate(name, policy, o.max_downtime, &at)?;
                     if r.success {
@@ -408,10 +433,13 @@ pub fn run(o: &Options) -> Result<()> {
                     }
                     migrations.push(r);
                 }
+                finish(&at, &written, policy, &mut data_intact)?;
             }
             if precopy_failed {
                 // Raise the limit until pre-copy succeeds once, then run
                 // the series at that limit.
+                let written = boot()?;
+                let mut at = "node1".to_owned();
                 let mut found = None;
                 for &limit in &o.relax {
                     let r = b.migrate(name, "precopy-relaxed", limit, &at)?;
@@ -434,15 +462,8 @@ pub fn run(o: &Options) -> Result<()> {
                         migrations.push(r);
                     }
                 }
+                finish(&at, &written, "precopy-relaxed", &mut data_intact)?;
             }
-            let check = b.dataset(&at, "check")?;
-            let intact = check.replace("CHECK ", "") == written.replace("CHECK ", "");
-            eprintln!(
-                "  data set after the migrations: {}",
-                if intact { "intact" } else { "CHANGED" }
-            );
-            data_intact.push((name.to_owned(), intact));
-            b.cli(Some(&at), &["vm", "rm", VM, "--force"])?;
         }
         let mut rows = Vec::new();
         for w in &o.workloads {
@@ -587,8 +608,12 @@ fn print_table(r: &Report) {
     }
     for (w, ok) in &r.data_intact {
         println!(
-            "data set after all migrations of {w}: {}",
-            if *ok { "intact" } else { "CHANGED" }
+            "data set after the series {w}: {}",
+            match ok {
+                Some(true) => "intact",
+                Some(false) => "CHANGED",
+                None => "not checked (the guest did not answer)",
+            }
         );
     }
     println!("goals:");
