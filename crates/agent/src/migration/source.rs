@@ -25,7 +25,7 @@ use spore_api::{
 use spore_blockdev::batch::{granule_runs, BatchWriter};
 use spore_blockdev::overlay::GRANULE;
 use spore_blockdev::Disk;
-use spore_qemu::{epoch_us, longest_gap, Progress, Qmp, StallProbe};
+use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
 use super::policy::{Action, Policy};
 use super::PeerClient;
@@ -412,7 +412,15 @@ impl Agent {
             return Err(e);
         }
         job.set_phase(MigrationPhase::Memory);
-        let probe = self.vms.probe(name);
+        let probe = Mutex::new(self.vms.probe(name));
+        let src_pongs = Mutex::new(Vec::new());
+        // The guest is paused from `pre-switchover` on: no ping may be in
+        // flight in its virtio-serial queue when its state is saved.
+        let stop_probe = || {
+            if let Some(p) = probe.lock().take() {
+                *src_pongs.lock() = p.stop();
+            }
+        };
         let start_us = epoch_us();
 
         let outcome = self.follow_migration(
@@ -425,12 +433,14 @@ impl Agent {
             name,
             || send_pass(disk.overlay().take_tracked(), false),
             || {
+                stop_probe();
                 let r = send_pass(disk.overlay().take_tracked(), true);
                 disk.overlay().stop_tracking();
                 r
             },
         );
-        let src_pongs = probe.map(StallProbe::stop).unwrap_or_default();
+        stop_probe();
+        let src_pongs = src_pongs.into_inner();
         match outcome {
             Ok(()) => {}
             Err(e) => {
