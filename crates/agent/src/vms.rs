@@ -137,6 +137,8 @@ pub enum Start {
     Incoming {
         layout: spore_qemu::MemoryLayout,
         postcopy: bool,
+        /// `postcopy-preempt` as well (both sides must agree).
+        preempt: bool,
         listen: String,
     },
 }
@@ -753,6 +755,7 @@ impl Agent {
         if let Start::Incoming {
             layout,
             postcopy,
+            preempt,
             listen,
         } = start
         {
@@ -762,8 +765,11 @@ impl Agent {
             if layout.cpus > layout.boot_cpus {
                 qmp.add_cpus(layout.cpus).map_err(qmp_err)?;
             }
-            qmp.set_capabilities(&[("postcopy-ram", *postcopy)])
-                .map_err(qmp_err)?;
+            let mut caps = vec![("postcopy-ram", *postcopy)];
+            if *preempt {
+                caps.push(("postcopy-preempt", true));
+            }
+            qmp.set_capabilities(&caps).map_err(qmp_err)?;
             qmp.migrate_incoming(listen).map_err(qmp_err)?;
             let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
             self.vms.channels.lock().insert(name.to_owned(), channel);

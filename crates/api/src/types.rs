@@ -597,6 +597,14 @@ pub struct MigrationInfo {
     /// Passes over memory (QEMU's dirty-sync count).
     pub passes: u64,
     pub dirty_rate: u64,
+    /// The guest's write rate as QEMU sampled it during the first pass
+    /// (`auto` only; distinct bytes per second).
+    #[serde(default)]
+    pub sampled_dirty_rate: Option<u64>,
+    /// Post-copy faults travel on their own connection
+    /// (`postcopy-preempt`).
+    #[serde(default)]
+    pub postcopy_preempt: bool,
     pub throughput: u64,
     pub postcopy_requests: u64,
     pub throttle_percent: u64,
@@ -613,6 +621,9 @@ pub struct MigrationInfo {
     /// (every 10 ms over the guest channel), from the start of the
     /// migration until the destination committed.
     pub guest_stall_ms: Option<f64>,
+    /// When that longest stall began (ms after the start).
+    #[serde(default)]
+    pub guest_stall_at_ms: Option<f64>,
     pub decisions: Vec<MigrationDecision>,
     pub timeline: Vec<MigrationSample>,
     pub error: Option<String>,
@@ -640,6 +651,10 @@ pub struct IncomingRequest {
     pub hostname: Option<String>,
     pub instance_id: Option<String>,
     pub postcopy: bool,
+    /// Post-copy with QEMU's `postcopy-preempt`: pages the guest faults on
+    /// travel on a second connection, ahead of the background stream.
+    #[serde(default)]
+    pub postcopy_preempt: bool,
     /// The destination gives up (and cleans up) if the migration has not
     /// committed by then.
     pub timeout_s: u64,

@@ -100,6 +100,12 @@ struct Run {
     total_ms: f64,
     downtime_ms: Option<f64>,
     stall_ms: Option<f64>,
+    /// When the longest stall began and when the guest stopped at the
+    /// source (ms after the start).
+    stall_at_ms: Option<f64>,
+    switched_at_ms: Option<f64>,
+    /// Pages the guest faulted on at the destination (post-copy).
+    postcopy_requests: u64,
     ram_bytes: u64,
     disk_bytes: u64,
     passes: u64,
@@ -247,6 +253,9 @@ impl Bench<'_> {
             total_ms: m["elapsed_ms"].as_f64().unwrap_or(0.0),
             downtime_ms: m["downtime_ms"].as_f64(),
             stall_ms: m["guest_stall_ms"].as_f64(),
+            stall_at_ms: m["guest_stall_at_ms"].as_f64(),
+            switched_at_ms: m["switched_at_ms"].as_f64(),
+            postcopy_requests: m["postcopy_requests"].as_u64().unwrap_or(0),
             ram_bytes: m["ram_transferred"].as_u64().unwrap_or(0),
             disk_bytes: m["disk_bytes"].as_u64().unwrap_or(0),
             passes: m["passes"].as_u64().unwrap_or(0),
@@ -274,13 +283,15 @@ impl Bench<'_> {
                 .unwrap_or_default(),
         };
         eprintln!(
-            "  {workload:<10} {:<16} {:>6} ms  {}  total {:>6.1} s  downtime {:>6}  stall {:>6}  {:>6.1} MB  passes {}",
+            "  {workload:<10} {:<16} {:>6} ms  {}  total {:>6.1} s  downtime {:>6}  stall {:>6} (from {:>5}; switch {:>5})  {:>6.1} MB  passes {}",
             run.policy,
             limit,
             if success { "ok  " } else { "FAIL" },
             run.total_ms / 1e3,
             run.downtime_ms.map(|d| format!("{d:.0}")).unwrap_or("-".into()),
             run.stall_ms.map(|d| format!("{d:.0}")).unwrap_or("-".into()),
+            run.stall_at_ms.map(|d| format!("{d:.0}")).unwrap_or("-".into()),
+            run.switched_at_ms.map(|d| format!("{d:.0}")).unwrap_or("-".into()),
             (run.ram_bytes + run.disk_bytes) as f64 / 1e6,
             run.passes
         );

@@ -271,10 +271,11 @@ fn count_pongs(buf: &mut Vec<u8>) -> usize {
     n
 }
 
-/// The longest time without an answer within `[from, to]`, given answer
-/// times from one or more probes (sorted here). The window's edges count as
-/// answers, so a guest that never answered stalled for the whole window.
-pub fn longest_gap(times: &[u64], from: u64, to: u64) -> u64 {
+/// The longest time without an answer within `[from, to]` and when it
+/// began, given answer times from one or more probes (sorted here). The
+/// window's edges count as answers, so a guest that never answered stalled
+/// for the whole window.
+pub fn longest_gap(times: &[u64], from: u64, to: u64) -> (u64, u64) {
     let mut t: Vec<u64> = times
         .iter()
         .copied()
@@ -282,9 +283,11 @@ pub fn longest_gap(times: &[u64], from: u64, to: u64) -> u64 {
         .collect();
     t.sort_unstable();
     let mut prev = from;
-    let mut gap = 0;
+    let mut gap = (0, from);
     for x in t.into_iter().chain(std::iter::once(to)) {
-        gap = gap.max(x.saturating_sub(prev));
+        if x.saturating_sub(prev) > gap.0 {
+            gap = (x - prev, prev);
+        }
         prev = x;
     }
     gap
@@ -331,11 +334,11 @@ mod tests {
 
     #[test]
     fn longest_gap_counts_the_window_edges() {
-        assert_eq!(longest_gap(&[], 100, 400), 300);
-        assert_eq!(longest_gap(&[300, 150, 200], 100, 400), 100);
-        assert_eq!(longest_gap(&[110, 120, 390], 100, 400), 270);
+        assert_eq!(longest_gap(&[], 100, 400), (300, 100));
+        assert_eq!(longest_gap(&[300, 150, 200], 100, 400), (100, 200));
+        assert_eq!(longest_gap(&[110, 120, 390], 100, 400), (270, 120));
         // answers outside the window do not shorten it
-        assert_eq!(longest_gap(&[50, 500], 100, 400), 300);
+        assert_eq!(longest_gap(&[50, 500], 100, 400), (300, 100));
         assert_eq!(Message::Ping(7).encode().unwrap(), "ping 7\n");
     }
 

@@ -118,6 +118,36 @@ impl Qmp {
         Ok(Progress::parse(&self.execute("query-migrate", None)?))
     }
 
+    /// The migration capabilities this QEMU knows (`query-migrate-capabilities`).
+    pub fn migration_capabilities(&mut self) -> Result<Vec<String>, QmpError> {
+        let v = self.execute("query-migrate-capabilities", None)?;
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["capability"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Starts QEMU's own dirty-rate measurement by page sampling
+    /// (`calc-dirty-rate`): it hashes `pages_per_gib` sample pages per GiB
+    /// of RAM, waits `secs` seconds and hashes them again. It does not use
+    /// the migration's dirty log, so it can run during the first pass.
+    pub fn start_dirty_rate(&mut self, secs: u64, pages_per_gib: u64) -> Result<(), QmpError> {
+        self.execute(
+            "calc-dirty-rate",
+            Some(json!({ "calc-time": secs, "sample-pages": pages_per_gib, "mode": "page-sampling" })),
+        )?;
+        Ok(())
+    }
+
+    /// The result of [`Qmp::start_dirty_rate`]: bytes of distinct memory
+    /// written per second, or `None` while it is still measuring.
+    pub fn dirty_rate(&mut self) -> Result<Option<u64>, QmpError> {
+        parse_dirty_rate(&self.execute("query-dirty-rate", None)?)
+    }
+
     /// Starts an outgoing migration to `uri` (e.g. `tcp:10.0.0.2:4444`).
     pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         self.execute("migrate", Some(json!({ "uri": uri })))?;
@@ -186,6 +216,21 @@ impl Qmp {
         let devices = self.execute("query-memory-devices", None)?;
         let cpus = self.execute("query-hotpluggable-cpus", None)?;
         Ok(parse_layout(&summary, &devices, &cpus))
+    }
+}
+
+fn parse_dirty_rate(v: &Value) -> Result<Option<u64>, QmpError> {
+    match v["status"].as_str() {
+        Some("measured") => v["dirty-rate"]
+            .as_i64()
+            .filter(|r| *r >= 0)
+            // QEMU reports MiB per second.
+            .map(|r| Some((r as u64) << 20))
+            .ok_or_else(|| QmpError::Migration(format!("query-dirty-rate without a rate: {v}"))),
+        Some("measuring") | Some("unstarted") => Ok(None),
+        _ => Err(QmpError::Migration(format!(
+            "unexpected query-dirty-rate answer: {v}"
+        ))),
     }
 }
 
@@ -260,6 +305,18 @@ mod tests {
         let p = Progress::parse(&json!({ "status": "failed", "error-desc": "boom" }));
         assert!(p.finished());
         assert_eq!(p.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn dirty_rate_is_read_once_measured() {
+        let measured = json!({ "status": "measured", "dirty-rate": 64, "calc-time": 1,
+            "sample-pages": 1024, "mode": "page-sampling", "start-time": 100 });
+        assert_eq!(parse_dirty_rate(&measured).unwrap(), Some(64 << 20));
+        let measuring = json!({ "status": "measuring", "calc-time": 1 });
+        assert_eq!(parse_dirty_rate(&measuring).unwrap(), None);
+        assert!(parse_dirty_rate(&json!({ "status": "measured" })).is_err());
+        assert!(parse_dirty_rate(&json!({ "status": "measured", "dirty-rate": -1 })).is_err());
+        assert!(parse_dirty_rate(&json!(null)).is_err());
     }
 
     #[test]

@@ -202,10 +202,22 @@ pub fn print_summary(i: &MigrationInfo) {
             i.passes.to_string(),
         ]],
     );
+    if let (Some(stall), Some(at)) = (i.guest_stall_ms, i.guest_stall_at_ms) {
+        let switch = i
+            .switched_at_ms
+            .map(|s| format!("; the guest stopped at the source at {s:.0} ms"))
+            .unwrap_or_default();
+        println!("longest guest stall: {stall:.0} ms from {at:.0} ms{switch}");
+    }
     if i.postcopy_requests > 0 {
         println!(
-            "post-copy: {} pages demanded by the guest",
-            i.postcopy_requests
+            "post-copy: {} pages demanded by the guest{}",
+            i.postcopy_requests,
+            if i.postcopy_preempt {
+                " (on their own connection: postcopy-preempt)"
+            } else {
+                ""
+            }
         );
     }
     for d in &i.decisions {

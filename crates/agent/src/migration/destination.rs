@@ -161,6 +161,7 @@ impl Agent {
                     cpus: req.cpus,
                 },
                 postcopy: req.postcopy,
+                preempt: req.postcopy && req.postcopy_preempt,
                 listen: listen.clone(),
             };
             self.start_vm(&req.vm, rec, start, Instant::now())?;

@@ -4,7 +4,15 @@
 //! Pure logic over QEMU's progress reports, so that it can be tested
 //! without a VM. The algorithm is written down in docs/migration.md.
 //!
-//! `auto` looks at each pass over memory as it ends (QEMU's dirty-sync
+//! `auto` first asks QEMU for a one-second dirty-rate sample while the
+//! first pass runs (page sampling: content that changed). A guest writing
+//! at 80 % of the link or more, or fast enough that the passes after the
+//! first would take more than [`MAX_PREDICTED_PASSES`], is switched during
+//! the first pass: every page sent before the switch that the guest then
+//! rewrites would be sent twice. Otherwise the sample stands in for QEMU's
+//! dirty rate until QEMU has measured one.
+//!
+//! Then it looks at each pass over memory as it ends (QEMU's dirty-sync
 //! count goes up), and asks whether pre-copy will get the remaining memory
 //! under the downtime limit:
 //!
@@ -38,8 +46,10 @@ pub const MP_RATIO: f64 = 0.8;
 /// more: the frequently-referenced-set rule.
 pub const FRS_RATIO: f64 = 0.9;
 pub const RELAX_AFTER: u32 = 2;
-/// The pause `auto` plans pre-copy for (at most the user's limit): it
-/// switches to post-copy rather than let pre-copy use a longer pause.
+/// The pause `auto` plans pre-copy for (QEMU's `downtime-limit`, at most
+/// the user's limit): it switches to post-copy rather than let pre-copy use
+/// a longer pause. Not lower: on QEMU 7.2 with TCG, a 20 ms limit corrupted
+/// the guest's memory at the destination (see docs/migration.md, limits).
 pub const AUTO_TARGET_MS: u64 = 50;
 const THROTTLE_FIRST: u64 = 30;
 const THROTTLE_STEP: u64 = 20;
@@ -72,6 +82,8 @@ pub struct Policy {
     /// What remained at the end of the previous pass.
     prev_remaining: Option<u64>,
     switched: bool,
+    /// The dirty rate QEMU sampled during the first pass, if any.
+    sampled: Option<u64>,
     throttle: u64,
     passes_at_max_throttle: u32,
     relaxed: bool,
@@ -92,6 +104,7 @@ impl Policy {
             pass: 0,
             prev_remaining: None,
             switched: false,
+            sampled: None,
             throttle: 0,
             passes_at_max_throttle: 0,
             relaxed: false,
@@ -180,11 +193,17 @@ impl Policy {
                 ),
             });
         }
-        let ratio = p.dirty_rate as f64 / link as f64;
-        let reason = if p.dirty_rate > 0 && ratio >= MP_RATIO {
+        // QEMU measures the dirty rate from the second pass's end on; until
+        // then the sample stands in.
+        let (dirty, how) = match (p.dirty_rate, self.sampled) {
+            (0, Some(s)) => (s, "writing (sampled)"),
+            (d, _) => (d, "dirtying"),
+        };
+        let ratio = dirty as f64 / link as f64;
+        let reason = if dirty > 0 && ratio >= MP_RATIO {
             Some(format!(
-                "memory pattern: dirtying {:.1} MB/s against a {:.1} MB/s link ({:.0} %)",
-                mb(p.dirty_rate),
+                "memory pattern: {how} {:.1} MB/s against a {:.1} MB/s link ({:.0} %)",
+                mb(dirty),
                 mb(link),
                 ratio * 100.0
             ))
@@ -195,10 +214,7 @@ impl Policy {
                 mb(remaining),
                 mb(prev)
             ))
-        } else if p.dirty_rate > 0 && {
-            let more = (budget.max(1) as f64 / remaining as f64).ln() / ratio.ln();
-            more > MAX_PREDICTED_PASSES
-        } {
+        } else if dirty > 0 && predicted_passes(remaining, budget, ratio) > MAX_PREDICTED_PASSES {
             Some(format!(
                 "prediction: {:.1} MB left shrinks to {:.0} % per pass; more than {MAX_PREDICTED_PASSES} passes to fit {} ms",
                 mb(remaining),
@@ -210,12 +226,71 @@ impl Policy {
         } else {
             None
         };
-        let reason = reason?;
+        self.react(&format!("pass {}", p.passes), reason?, remaining, link)
+    }
+
+    /// Whether the policy wants QEMU's sampled dirty rate during the first
+    /// pass ([`Policy::observe_sampled`]).
+    pub fn wants_sample(&self) -> bool {
+        self.kind == MigrationPolicy::Auto
+    }
+
+    /// The guest's dirty rate as QEMU sampled it while the first pass runs
+    /// (distinct bytes written per second). The memory pattern rule needs
+    /// no finished pass: a guest that writes as fast as the link carries
+    /// will not converge, and every byte of the first pass sent before the
+    /// switch is a byte post-copy sends again if the guest rewrites it.
+    pub fn observe_sampled(&mut self, rate: u64, p: &Progress) -> Option<Decision> {
+        if self.kind != MigrationPolicy::Auto || self.switched || p.status != "active" {
+            return None;
+        }
+        let link = self.link(p);
+        if link == 0 {
+            return None;
+        }
+        self.sampled = Some(rate);
+        let mb = |b: u64| b as f64 / 1e6;
+        let ratio = rate as f64 / link as f64;
+        let sampled = format!(
+            "writing {:.1} MB/s (sampled) against a {:.1} MB/s link ({:.0} %)",
+            mb(rate),
+            mb(link),
+            ratio * 100.0
+        );
+        let at = format!("pass {}", p.passes);
+        if ratio >= MP_RATIO {
+            let reason = format!("memory pattern: {sampled}");
+            return self.react(&at, reason, p.ram_remaining, link);
+        }
+        // What the first pass will leave: what the guest writes while the
+        // rest of it is sent (an upper bound: rewrites of a page count once).
+        let left =
+            ((rate as f64 * p.ram_remaining as f64 / link as f64) as u64).min(p.ram_remaining);
+        let budget = link.saturating_mul(self.downtime_target_ms()) / 1000;
+        if rate > 0 && left > budget {
+            let more = predicted_passes(left, budget, ratio);
+            if more > MAX_PREDICTED_PASSES {
+                let reason = format!(
+                    "prediction: {sampled}; the first pass leaves up to {:.1} MB, {more:.0} more passes to fit {} ms",
+                    mb(left),
+                    self.downtime_target_ms()
+                );
+                return self.react(&at, reason, p.ram_remaining, link);
+            }
+        }
+        Some(Decision {
+            action: None,
+            why: format!("{at}: {sampled}: pre-copy may converge; watching the passes"),
+        })
+    }
+
+    /// What `auto` does once pre-copy is judged not to converge.
+    fn react(&mut self, at: &str, reason: String, remaining: u64, link: u64) -> Option<Decision> {
         if self.allow_postcopy {
             self.switched = true;
             return Some(Decision {
                 action: Some(Action::Postcopy),
-                why: format!("pass {}: {reason}: switch to post-copy", p.passes),
+                why: format!("{at}: {reason}: switch to post-copy"),
             });
         }
         if self.throttle < THROTTLE_MAX {
@@ -227,8 +302,8 @@ impl Policy {
             return Some(Decision {
                 action: Some(Action::Throttle(self.throttle)),
                 why: format!(
-                    "pass {}: {reason}: post-copy not allowed, throttle the guest to {} %",
-                    p.passes, self.throttle
+                    "{at}: {reason}: post-copy not allowed, throttle the guest to {} %",
+                    self.throttle
                 ),
             });
         }
@@ -240,13 +315,24 @@ impl Policy {
             return Some(Decision {
                 action: Some(Action::RelaxDowntime(ms)),
                 why: format!(
-                    "pass {}: {reason} even at the maximum throttle: allow a {ms} ms pause to finish",
-                    p.passes
+                    "{at}: {reason} even at the maximum throttle: allow a {ms} ms pause to finish"
                 ),
             });
         }
         None
     }
+}
+
+/// Passes until `remaining` shrinks to `budget` when each pass leaves
+/// `ratio` of what it sent.
+fn predicted_passes(remaining: u64, budget: u64, ratio: f64) -> f64 {
+    if remaining <= budget {
+        return 0.0;
+    }
+    if ratio >= 1.0 {
+        return f64::INFINITY;
+    }
+    (budget.max(1) as f64 / remaining as f64).ln() / ratio.ln()
 }
 
 #[cfg(test)]
@@ -286,6 +372,7 @@ mod tests {
     #[test]
     fn a_remainder_that_fits_the_limit_is_left_to_qemu() {
         let mut p = auto();
+        // 50 ms at 50 MB/s: 2.5 MB
         let d = p.observe(&pass(2, 2 * MB, MB, 50 * MB)).unwrap();
         assert_eq!(d.action, None);
         assert!(d.why.contains("pre-copy finishes"), "{}", d.why);
@@ -361,6 +448,85 @@ mod tests {
             for n in 1..20 {
                 assert_eq!(p.observe(&pass(n, 100 * MB, 90 * MB, 50 * MB)), None);
             }
+        }
+    }
+
+    #[test]
+    fn a_sampled_rate_near_the_link_switches_during_the_first_pass() {
+        let mut p = auto();
+        assert!(p.wants_sample());
+        let d = p
+            .observe_sampled(64 * MB, &pass(1, 480 * MB, 0, 22 * MB))
+            .unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(
+            d.why
+                .starts_with("pass 1: memory pattern: writing 64.0 MB/s (sampled)"),
+            "{}",
+            d.why
+        );
+        // switched: nothing more to decide
+        assert_eq!(p.observe(&pass(2, 100 * MB, 60 * MB, 22 * MB)), None);
+        assert_eq!(
+            p.observe_sampled(64 * MB, &pass(2, 100 * MB, 0, 22 * MB)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_low_sampled_rate_leaves_the_decision_to_the_passes() {
+        let mut p = auto();
+        let d = p
+            .observe_sampled(2 * MB, &pass(1, 480 * MB, 0, 22 * MB))
+            .unwrap();
+        assert_eq!(d.action, None);
+        assert!(d.why.contains("may converge"), "{}", d.why);
+        let d = p.observe(&pass(2, 100 * MB, 20 * MB, 22 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("memory pattern: dirtying"), "{}", d.why);
+    }
+
+    #[test]
+    fn a_sampled_rate_below_the_link_can_still_predict_too_many_passes() {
+        let mut p = auto();
+        // 67 %: the first pass leaves up to 320 MB, about 16 passes to 0.45 MB
+        let d = p
+            .observe_sampled(15 * MB, &pass(1, 480 * MB, 0, 22 * MB + MB / 2))
+            .unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("prediction"), "{}", d.why);
+    }
+
+    #[test]
+    fn the_sample_stands_in_until_qemu_measures_the_dirty_rate() {
+        let mut p = auto();
+        let d = p
+            .observe_sampled(10 * MB, &pass(1, MB, 0, 22 * MB))
+            .unwrap();
+        assert_eq!(d.action, None);
+        let d = p.observe(&pass(2, 50 * MB, 0, 12 * MB)).unwrap();
+        assert_eq!(d.action, Some(Action::Postcopy));
+        assert!(d.why.contains("writing (sampled) 10.0 MB/s"), "{}", d.why);
+    }
+
+    #[test]
+    fn a_sampled_rate_without_postcopy_throttles_and_other_policies_ignore_it() {
+        let mut p = Policy::new(MigrationPolicy::Auto, false, 300, None);
+        let d = p
+            .observe_sampled(64 * MB, &pass(1, 480 * MB, 0, 22 * MB))
+            .unwrap();
+        assert_eq!(d.action, Some(Action::Throttle(30)));
+        for kind in [
+            MigrationPolicy::Precopy,
+            MigrationPolicy::Postcopy,
+            MigrationPolicy::AutoConverge,
+        ] {
+            let mut p = Policy::new(kind, true, 300, None);
+            assert!(!p.wants_sample());
+            assert_eq!(
+                p.observe_sampled(64 * MB, &pass(1, 480 * MB, 0, 22 * MB)),
+                None
+            );
         }
     }
 

@@ -48,6 +48,10 @@ const RECOVERY_BUDGET: Duration = Duration::from_secs(60);
 const BATCH_BYTES: usize = 4 << 20;
 const TIMELINE_EVERY: Duration = Duration::from_millis(100);
 const TIMELINE_MAX: usize = 6000;
+/// QEMU's dirty-rate sample for `auto`: one second, 1024 pages per GiB
+/// (hashed twice; cheap next to the migration).
+const SAMPLE_SECS: u64 = 1;
+const SAMPLE_PAGES_PER_GIB: u64 = 1024;
 /// No limit, as QEMU takes it (its default is 32 MiB/s).
 const UNLIMITED: u64 = 1 << 40;
 
@@ -56,6 +60,8 @@ pub struct Job {
     pub info: Mutex<MigrationInfo>,
     cancel: AtomicBool,
     t0: Instant,
+    /// `t0` on the clock of the pong timestamps.
+    t0_us: u64,
 }
 
 impl Job {
@@ -211,6 +217,8 @@ impl Agent {
                 ram_remaining: 0,
                 passes: 0,
                 dirty_rate: 0,
+                sampled_dirty_rate: None,
+                postcopy_preempt: false,
                 throughput: 0,
                 postcopy_requests: 0,
                 throttle_percent: 0,
@@ -219,12 +227,14 @@ impl Agent {
                 disk_final_bytes: 0,
                 downtime_ms: None,
                 guest_stall_ms: None,
+                guest_stall_at_ms: None,
                 decisions: Vec::new(),
                 timeline: Vec::new(),
                 error: None,
             }),
             cancel: AtomicBool::new(false),
             t0: Instant::now(),
+            t0_us: epoch_us(),
         });
         {
             let mut jobs = self.migrations.outgoing.lock();
@@ -326,6 +336,14 @@ impl Agent {
             req.bandwidth,
         );
         let postcopy = policy.may_postcopy();
+        // Faulted pages overtake the background stream on their own
+        // connection: the guest waits for one page, not for the queue.
+        let has_preempt = qmp
+            .migration_capabilities()?
+            .iter()
+            .any(|c| c == "postcopy-preempt");
+        let preempt = postcopy && has_preempt;
+        job.info.lock().postcopy_preempt = preempt;
         let id = rec.identity.clone();
         let ready: IncomingReady = peer.post(
             "/v1/migrations",
@@ -350,6 +368,7 @@ impl Agent {
                 hostname: id.as_ref().map(|i| i.hostname.clone()),
                 instance_id: id.as_ref().map(|i| i.instance_id.clone()),
                 postcopy,
+                postcopy_preempt: preempt,
                 timeout_s: req.timeout_s,
             },
         )?;
@@ -404,6 +423,7 @@ impl Agent {
                 &mut qmp,
                 req,
                 &policy,
+                has_preempt.then_some(preempt),
                 &format!("tcp:{host}:{}", ready.port),
             )
         })();
@@ -412,6 +432,17 @@ impl Agent {
             return Err(e);
         }
         job.set_phase(MigrationPhase::Memory);
+        let sampling = policy.wants_sample()
+            && match qmp.start_dirty_rate(SAMPLE_SECS, SAMPLE_PAGES_PER_GIB) {
+                Ok(()) => true,
+                Err(e) => {
+                    job.decide(
+                        1,
+                        format!("no dirty-rate sample ({e}): deciding at pass ends"),
+                    );
+                    false
+                }
+            };
         let probe = Mutex::new(self.vms.probe(name));
         let src_pongs = Mutex::new(Vec::new());
         // The guest is paused from `pre-switchover` on: no ping may be in
@@ -431,6 +462,7 @@ impl Agent {
             &peer,
             &host,
             name,
+            sampling,
             || send_pass(disk.overlay().take_tracked(), false),
             || {
                 stop_probe();
@@ -489,7 +521,11 @@ impl Agent {
             let end = committed.pongs.last().copied();
             all.extend(committed.pongs.iter().copied());
             i.guest_stall_ms = match end {
-                Some(end) => Some(longest_gap(&all, start_us, end) as f64 / 1e3),
+                Some(end) => {
+                    let (gap, at) = longest_gap(&all, start_us, end);
+                    i.guest_stall_at_ms = Some(at.saturating_sub(job.t0_us) as f64 / 1e3);
+                    Some(gap as f64 / 1e3)
+                }
                 None => {
                     drop(i);
                     job.decide(
@@ -517,17 +553,24 @@ impl Agent {
         qmp: &mut Qmp,
         req: &MigrateRequest,
         policy: &Policy,
+        preempt: Option<bool>,
         uri: &str,
     ) -> Result<()> {
         let throttle_fallback = req.policy == MigrationPolicy::Auto && !req.allow_postcopy;
-        qmp.set_capabilities(&[
+        let mut caps = vec![
             ("postcopy-ram", policy.may_postcopy()),
             ("pause-before-switchover", true),
             (
                 "auto-converge",
                 req.policy == MigrationPolicy::AutoConverge || throttle_fallback,
             ),
-        ])?;
+        ];
+        // Set either way where QEMU knows it: capabilities outlive a
+        // migration that failed or was cancelled.
+        if let Some(on) = preempt {
+            caps.push(("postcopy-preempt", on));
+        }
+        qmp.set_capabilities(&caps)?;
         let mut params = json!({
             "downtime-limit": policy.downtime_target_ms(),
             "max-bandwidth": req.bandwidth.unwrap_or(UNLIMITED),
@@ -557,6 +600,7 @@ impl Agent {
         peer: &PeerClient,
         host: &str,
         name: &str,
+        sampling: bool,
         disk_pass: impl Fn() -> Result<()>,
         final_pass: impl Fn() -> Result<()>,
     ) -> Result<()> {
@@ -566,6 +610,8 @@ impl Agent {
         let mut last_status = String::new();
         let mut moved = (0u64, Instant::now());
         let mut cancelling: Option<String> = None;
+        // QEMU's dirty-rate sample, read once it is ready.
+        let mut sample_at = sampling.then(|| Instant::now() + Duration::from_secs(SAMPLE_SECS));
         loop {
             let p = qmp.migration_progress()?;
             let changed = p.status != last_status;
@@ -641,7 +687,22 @@ impl Agent {
                 }
             }
             if cancelling.is_none() {
-                if let Some(d) = policy.observe(&p) {
+                let mut decision = policy.observe(&p);
+                if decision.is_none() && sample_at.is_some_and(|t| Instant::now() >= t) {
+                    match qmp.dirty_rate() {
+                        Ok(Some(rate)) => {
+                            sample_at = None;
+                            job.info.lock().sampled_dirty_rate = Some(rate);
+                            decision = policy.observe_sampled(rate, &p);
+                        }
+                        Ok(None) => sample_at = Some(Instant::now() + Duration::from_millis(50)),
+                        Err(e) => {
+                            sample_at = None;
+                            job.decide(p.passes, format!("no dirty-rate sample ({e})"));
+                        }
+                    }
+                }
+                if let Some(d) = decision {
                     job.decide(p.passes, d.why.clone());
                     match d.action {
                         Some(Action::Postcopy) => {
