@@ -9,6 +9,20 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Hot-plug slots for memory (pc-dimm) on every VM.
 pub const MEMORY_SLOTS: u32 = 8;
 
+/// Boot RAM in KiB. Under TCG it is 8 KiB short of `mib` MiB: QEMU before
+/// 9.0 syncs the dirty bitmap of a RAM block whose size is a multiple of
+/// 256 KiB on a fast path that forgets to re-arm TCG's dirty tracking in
+/// the vCPUs' TLBs, so a live migration loses writes and corrupts the
+/// guest (fixed upstream by "physmem: Fix migration dirty bitmap coherency
+/// with TCG memory access", 2024). Any other size takes the exact path; 8
+/// KiB because QEMU rounds `-m` up to 8 KiB. With KVM the size is exact.
+pub fn ram_kib(mib: u64, accel: Accel) -> u64 {
+    match accel {
+        Accel::Tcg => mib * 1024 - 8,
+        _ => mib * 1024,
+    }
+}
+
 /// Guest RAM backed by a file, so that it can become a template (shared)
 /// or map a template copy-on-write (private).
 #[derive(Debug, Clone)]
@@ -91,11 +105,11 @@ impl VmSpec {
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
         }
+        let ram_kib = ram_kib(self.memory_mib, self.accel);
         push(&[
             "-m",
             &format!(
-                "{}M,slots={MEMORY_SLOTS},maxmem={}M",
-                self.memory_mib,
+                "{ram_kib}K,slots={MEMORY_SLOTS},maxmem={}M",
                 self.max_memory_mib.max(self.memory_mib)
             ),
             "-smp",
@@ -105,8 +119,7 @@ impl VmSpec {
             push(&[
                 "-object",
                 &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}{}",
-                    self.memory_mib,
+                    "memory-backend-file,id=ram0,size={ram_kib}K,mem-path={},share={}{}",
                     ram.path.display(),
                     if ram.shared { "on" } else { "off" },
                     if ram.readonly { ",readonly=on" } else { "" }
@@ -208,7 +221,8 @@ mod tests {
         let args = spec.args().join(" ");
         assert!(args.contains("-accel tcg"));
         assert!(!args.contains("-cpu host"));
-        assert!(args.contains("-m 512M,slots=8,maxmem=4096M -smp 2,maxcpus=8"));
+        // 8 KiB short under TCG (see ram_kib)
+        assert!(args.contains("-m 524280K,slots=8,maxmem=4096M -smp 2,maxcpus=8"));
         assert!(args.contains("-machine q35 "));
         assert!(args.contains(r#""export":"disk/t""#));
         assert!(args.contains(r#""path":"/d/nbd.sock""#));
@@ -247,7 +261,9 @@ mod tests {
         };
         let args = template.args().join(" ");
         assert!(args.contains("-machine q35,memory-backend=ram0"));
-        assert!(args.contains("memory-backend-file,id=ram0,size=256M,mem-path=/shm/t.ram,share=on"));
+        assert!(
+            args.contains("memory-backend-file,id=ram0,size=262136K,mem-path=/shm/t.ram,share=on")
+        );
         assert!(args.contains("virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01"));
         assert!(args.contains("vmgenid,id=vmgenid0,guid=00000000-0000-4000-8000-000000000001"));
         assert!(args.contains("name=org.spore.channel"));
@@ -281,5 +297,16 @@ mod tests {
                 .collect()
         };
         assert_eq!(devices(&template.args()), devices(&cargs));
+    }
+
+    #[test]
+    fn tcg_ram_avoids_the_bitmap_fast_path_and_kvm_ram_is_exact() {
+        for mib in [64, 512, 4096] {
+            let kib = ram_kib(mib, Accel::Tcg);
+            // not a multiple of 256 KiB (QEMU's fast path), a multiple of 8 KiB
+            assert_ne!(kib % 256, 0);
+            assert_eq!(kib % 8, 0);
+            assert_eq!(ram_kib(mib, Accel::Kvm), mib * 1024);
+        }
     }
 }

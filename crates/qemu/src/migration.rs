@@ -254,7 +254,12 @@ fn parse_layout(summary: &Value, devices: &Value, cpus: &Value) -> MemoryLayout 
         .map(|a| a.iter().filter_map(|c| c["qom-path"].as_str()).collect())
         .unwrap_or_default();
     MemoryLayout {
-        base_mib: summary["base-memory"].as_u64().unwrap_or(0) >> 20,
+        // Rounded up: under TCG boot RAM is a few KiB short of whole MiB
+        // (cmdline::ram_kib).
+        base_mib: summary["base-memory"]
+            .as_u64()
+            .unwrap_or(0)
+            .div_ceil(1 << 20),
         dimms,
         // Hot-plugged CPUs have ids, so they live under /machine/peripheral.
         boot_cpus: present
@@ -344,5 +349,8 @@ mod tests {
             parse_layout(&json!(null), &json!(null), &json!(null)),
             MemoryLayout::default()
         );
+        // boot RAM 8 KiB short of 512 MiB (TCG) is still 512 MiB
+        let short = json!({ "base-memory": 536_862_720u64 });
+        assert_eq!(parse_layout(&short, &json!([]), &json!([])).base_mib, 512);
     }
 }

@@ -329,6 +329,15 @@ impl Agent {
             })?;
         let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
         let layout = qmp.memory_layout()?;
+        if rec.accel == "tcg" && !layout.dimms.is_empty() {
+            // Boot RAM is sized around QEMU's TCG dirty-tracking bug
+            // (spore_qemu::cmdline::ram_kib); a DIMM cannot be.
+            return Err(AgentError::State(format!(
+                "vm {name} has hot-plugged memory ({} DIMMs): under TCG, QEMU before 9.0 \
+                 loses the guest's writes to it during a live migration; not migrating",
+                layout.dimms.len()
+            )));
+        }
         let mut policy = Policy::new(
             req.policy,
             req.allow_postcopy,
@@ -443,15 +452,11 @@ impl Agent {
                     false
                 }
             };
-        let probe = Mutex::new(self.vms.probe(name));
-        let src_pongs = Mutex::new(Vec::new());
-        // The guest is paused from `pre-switchover` on: no ping may be in
-        // flight in its virtio-serial queue when its state is saved.
-        let stop_probe = || {
-            if let Some(p) = probe.lock().take() {
-                *src_pongs.lock() = p.stop();
-            }
-        };
+        // Pings while the guest is paused for the switch wait in its queue
+        // and travel with its state; the probe stops once QEMU is done
+        // (stopping it at `pre-switchover` cost up to its 10 ms interval of
+        // downtime).
+        let probe = self.vms.probe(name);
         let start_us = epoch_us();
 
         let outcome = self.follow_migration(
@@ -465,14 +470,12 @@ impl Agent {
             sampling,
             || send_pass(disk.overlay().take_tracked(), false),
             || {
-                stop_probe();
                 let r = send_pass(disk.overlay().take_tracked(), true);
                 disk.overlay().stop_tracking();
                 r
             },
         );
-        stop_probe();
-        let src_pongs = src_pongs.into_inner();
+        let src_pongs = probe.map(|p| p.stop()).unwrap_or_default();
         match outcome {
             Ok(()) => {}
             Err(e) => {
