@@ -947,7 +947,13 @@ impl Agent {
                     rec.state
                 )));
             }
-            self.stop_vm(name)?;
+            if let Err(e) = self.stop_vm(name) {
+                // QEMU may have exited on its own between the two looks
+                // (an incoming migration that failed): nothing to stop.
+                if self.running_vm(name).is_some() {
+                    return Err(e);
+                }
+            }
         }
         if self
             .meta

@@ -366,12 +366,14 @@ impl Agent {
 
     /// Removes everything an incoming migration made here.
     fn discard_incoming(&self, vm: &str, why: &str) {
-        let entry = self.migrations.incoming.lock().remove(vm);
-        if let Some(inc) = &entry {
-            inc.done.store(true, Ordering::Release);
-            inc.probe.lock().take();
-            inc.qmp.lock().take();
-        }
+        // The source's abort and this host's watcher (QEMU exited) can
+        // both get here: the one that takes the entry removes the VM.
+        let Some(inc) = self.migrations.incoming.lock().remove(vm) else {
+            return;
+        };
+        inc.done.store(true, Ordering::Release);
+        inc.probe.lock().take();
+        inc.qmp.lock().take();
         tracing::warn!(vm, why, "incoming migration discarded");
         if self
             .meta
