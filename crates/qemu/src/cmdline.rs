@@ -156,7 +156,7 @@ impl VmSpec {
             push(&["-device", &format!("vmgenid,id=vmgenid0,guid={guid}")]);
         }
         if let Some(sock) = &self.channel_socket {
-            push(&["-device", "virtio-serial-pci,id=vser0"]);
+            push(&["-device", "virtio-serial-pci,id=vser0,max_ports=2"]);
             push(&[
                 "-chardev",
                 &format!(

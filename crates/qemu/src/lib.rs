@@ -9,6 +9,7 @@ pub mod channel;
 pub mod cmdline;
 pub mod migration;
 pub mod qmp;
+pub mod sockets;
 pub mod state;
 
 pub use accel::Accel;

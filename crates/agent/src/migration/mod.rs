@@ -20,6 +20,7 @@
 //! POST /v1/migrations/{vm}/abort
 //! ```
 
+mod connections;
 pub mod destination;
 pub mod policy;
 pub mod source;

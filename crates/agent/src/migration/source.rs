@@ -27,7 +27,8 @@ use spore_blockdev::overlay::GRANULE;
 use spore_blockdev::Disk;
 use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
-use super::policy::{Action, Policy};
+use super::connections::Connections;
+use super::policy::{Action, Policy, EARLY_SWITCH_AFTER};
 use super::PeerClient;
 use crate::agent::{now, Agent};
 use crate::error::{AgentError, Result};
@@ -458,6 +459,9 @@ impl Agent {
         // downtime).
         let probe = self.vms.probe(name);
         let start_us = epoch_us();
+        let mut conns = self
+            .running_vm(name)
+            .map(|(pid, _)| Connections::new(pid, &host, ready.port, req.bandwidth));
 
         let outcome = self.follow_migration(
             &mut qmp,
@@ -468,6 +472,7 @@ impl Agent {
             &host,
             name,
             sampling,
+            &mut conns,
             || send_pass(disk.overlay().take_tracked(), false),
             || {
                 let r = send_pass(disk.overlay().take_tracked(), true);
@@ -604,6 +609,7 @@ impl Agent {
         host: &str,
         name: &str,
         sampling: bool,
+        conns: &mut Option<Connections>,
         disk_pass: impl Fn() -> Result<()>,
         final_pass: impl Fn() -> Result<()>,
     ) -> Result<()> {
@@ -615,6 +621,19 @@ impl Agent {
         let mut cancelling: Option<String> = None;
         // QEMU's dirty-rate sample, read once it is ready.
         let mut sample_at = sampling.then(|| Instant::now() + Duration::from_secs(SAMPLE_SECS));
+        // A switch decided early, waiting for pass 1 to send low memory.
+        let mut held_switch = false;
+        let switch_to_postcopy = |qmp: &mut Qmp, p: &Progress, paced: bool| -> Result<()> {
+            // Paced, the connection keeps the cap; QEMU's own limit would
+            // hold page requests until its 100 ms window ends.
+            if req.bandwidth.is_some() && paced {
+                qmp.set_parameters(json!({ "max-postcopy-bandwidth": 0 }))?;
+            }
+            if let Err(e) = qmp.start_postcopy() {
+                job.decide(p.passes, format!("post-copy refused by QEMU: {e}"));
+            }
+            Ok(())
+        };
         loop {
             let p = qmp.migration_progress()?;
             let changed = p.status != last_status;
@@ -662,7 +681,10 @@ impl Agent {
                     }
                 }
                 "postcopy-paused" => {
-                    self.recover_postcopy(qmp, job, peer, host, name, &p)?;
+                    let port = self.recover_postcopy(qmp, job, peer, host, name, &p)?;
+                    if let Some(c) = conns.as_mut() {
+                        c.retarget(host, port);
+                    }
                     moved.1 = Instant::now();
                 }
                 _ => {}
@@ -689,6 +711,19 @@ impl Agent {
                     cancelling = Some(r);
                 }
             }
+            if matches!(p.status.as_str(), "active" | "postcopy-active") {
+                if let Some(note) = conns.as_mut().and_then(Connections::poll) {
+                    job.decide(p.passes, note);
+                }
+            }
+            if cancelling.is_none() && held_switch && Policy::early_switch_ready(&p) {
+                held_switch = false;
+                job.decide(
+                    p.passes,
+                    "pass 1 has sent the guest kernel's memory: switching".into(),
+                );
+                switch_to_postcopy(qmp, &p, conns.as_ref().is_some_and(Connections::paced))?;
+            }
             if cancelling.is_none() {
                 let mut decision = policy.observe(&p);
                 if decision.is_none() && sample_at.is_some_and(|t| Instant::now() >= t) {
@@ -708,11 +743,22 @@ impl Agent {
                 if let Some(d) = decision {
                     job.decide(p.passes, d.why.clone());
                     match d.action {
-                        Some(Action::Postcopy) => {
-                            if let Err(e) = qmp.start_postcopy() {
-                                job.decide(p.passes, format!("post-copy refused by QEMU: {e}"));
-                            }
+                        Some(Action::Postcopy) if !Policy::early_switch_ready(&p) => {
+                            held_switch = true;
+                            job.decide(
+                                p.passes,
+                                format!(
+                                    "the switch waits until pass 1 has sent the first {} MiB \
+                                     (the guest kernel's memory)",
+                                    EARLY_SWITCH_AFTER.min(p.ram_total / 4) >> 20
+                                ),
+                            );
                         }
+                        Some(Action::Postcopy) => switch_to_postcopy(
+                            qmp,
+                            &p,
+                            conns.as_ref().is_some_and(Connections::paced),
+                        )?,
                         Some(Action::Throttle(pct)) => qmp.set_parameters(json!({
                             "throttle-trigger-threshold": 10,
                             "cpu-throttle-initial": pct,
@@ -745,7 +791,7 @@ impl Agent {
         host: &str,
         name: &str,
         p: &Progress,
-    ) -> Result<()> {
+    ) -> Result<u16> {
         let start = Instant::now();
         job.decide(
             p.passes,
@@ -774,7 +820,7 @@ impl Agent {
                                     p.passes,
                                     format!("post-copy recovered (attempt {attempt})"),
                                 );
-                                return Ok(());
+                                return Ok(r.port);
                             }
                             std::thread::sleep(Duration::from_millis(50));
                         }
