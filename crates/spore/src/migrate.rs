@@ -28,7 +28,8 @@ pub struct MigrateArgs {
     /// Longest pause of the guest pre-copy may plan for, in milliseconds
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u64,
-    /// Cap on the migration's use of the link, e.g. 200mbit, 1gbit
+    /// Cap on the migration's use of the link, e.g. 200mbit, 1gbit (QEMU's limit,
+    /// and pacing of its connection)
     #[arg(long)]
     pub bandwidth: Option<Rate>,
     /// Give up if the VM has not switched hosts after this many seconds (it keeps running here)
