@@ -84,6 +84,10 @@ pub struct Options {
     pub out: PathBuf,
     #[arg(long, default_value = "bench-results/migrate.svg")]
     pub plot: PathBuf,
+    /// Keep the guest's console after every migration in this directory
+    /// (NNN-WORKLOAD-POLICY.log), to see what the guest did in a stall
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
 }
 
 const CLUSTER: &str = "mbench";
@@ -295,6 +299,15 @@ impl Bench<'_> {
             (run.ram_bytes + run.disk_bytes) as f64 / 1e6,
             run.passes
         );
+        if let Some(dir) = &self.o.logs {
+            let host = if success { to } else { from };
+            let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+            let path = dir.join(format!("{n:03}-{workload}-{}.log", run.policy));
+            let console = self.cli(Some(host), &["vm", "log", VM]).unwrap_or_default();
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&path, console))
+                .with_context(|| format!("keeping the console in {}", path.display()))?;
+        }
         // A failed migration leaves the VM running at the source; wait
         // until the destination has removed what it made.
         if !success {

@@ -33,6 +33,31 @@ pub enum QmpError {
     Invalid(String),
 }
 
+/// Whether `stream` has bytes to read within `timeout`.
+fn readable(stream: &UnixStream, timeout: Duration) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut fds, 1, ms) };
+    match rc {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
 #[derive(Debug)]
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -152,9 +177,92 @@ impl Qmp {
         self.reply("getfd").map(|_| ())
     }
 
+    /// Waits up to `timeout` for an asynchronous event (one that arrived
+    /// while a command ran comes first); `None` when none came. Lets a
+    /// caller that polls QEMU react to a state change (a `MIGRATION`
+    /// event, say) at once instead of at its next poll.
+    pub fn wait_event(&mut self, timeout: Duration) -> Result<Option<Value>, QmpError> {
+        if !self.events.is_empty() {
+            return Ok(Some(self.events.remove(0)));
+        }
+        if self.reader.buffer().is_empty() && !readable(&self.writer, timeout)? {
+            return Ok(None);
+        }
+        // QEMU writes whole lines: a readable socket has one coming.
+        let msg = self.read_message()?;
+        Ok(msg.get("event").is_some().then_some(msg))
+    }
+
     /// `query-status`: the run state ("running", "paused", ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None)?;
         Ok(v["status"].as_str().unwrap_or("unknown").to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QMP server: greeting, capabilities, then `script` lines.
+    fn server(dir: &Path, script: Vec<&'static str>) -> std::thread::JoinHandle<()> {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            s.write_all(b"{\"QMP\": {\"version\": {}}}\n").unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            s.write_all(b"{\"return\": {}}\n").unwrap();
+            for l in script {
+                if let Some(ms) = l.strip_prefix("sleep ") {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                } else if l == "reply" {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                    s.write_all(b"{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\"}}\n")
+                        .unwrap();
+                } else {
+                    s.write_all(l.as_bytes()).unwrap();
+                    s.write_all(b"\n").unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        })
+    }
+
+    #[test]
+    fn an_event_ends_the_wait_early_and_none_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = server(
+            dir.path(),
+            vec![
+                "sleep 50",
+                r#"{"event": "MIGRATION", "data": {"status": "pre-switchover"}}"#,
+            ],
+        );
+        let mut q = Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(5)).unwrap();
+        let start = Instant::now();
+        let e = q.wait_event(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(e["data"]["status"], "pre-switchover");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        let start = Instant::now();
+        assert!(q.wait_event(Duration::from_millis(30)).unwrap().is_none());
+        assert!(start.elapsed() >= Duration::from_millis(25));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn an_event_read_with_a_reply_is_handed_out_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = server(dir.path(), vec!["reply"]);
+        let mut q = Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(5)).unwrap();
+        assert_eq!(q.status().unwrap(), "paused");
+        let e = q.wait_event(Duration::from_millis(0)).unwrap().unwrap();
+        assert_eq!(e["event"], "STOP");
+        assert!(q.wait_event(Duration::from_millis(0)).unwrap().is_none());
+        t.join().unwrap();
     }
 }

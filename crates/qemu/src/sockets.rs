@@ -65,6 +65,41 @@ impl PeerSocket {
 /// The TCP connections that process `pid` holds to `peer`, most
 /// acknowledged bytes first. Empty when there are none (yet).
 pub fn peer_sockets(pid: u32, peer: SocketAddr) -> io::Result<Vec<PeerSocket>> {
+    connections(pid, |s| s.peer_addr().ok() == Some(peer))
+}
+
+/// The TCP connections that process `pid` accepted on its local port
+/// `port` (an incoming migration's), most acknowledged bytes first.
+pub fn accepted_sockets(pid: u32, port: u16) -> io::Result<Vec<PeerSocket>> {
+    connections(pid, |s| {
+        s.peer_addr().is_ok() && s.local_addr().map(|a| a.port()).ok() == Some(port)
+    })
+}
+
+/// Descriptor `fd` of process `pid`, if it is still a TCP connection to
+/// `peer` (QEMU may have closed it and reused the number).
+pub fn peer_socket(pid: u32, fd: RawFd, peer: SocketAddr) -> io::Result<Option<PeerSocket>> {
+    let pidfd = pidfd_open(pid)?;
+    let Ok(dup) = pidfd_getfd(&pidfd, fd) else {
+        return Ok(None);
+    };
+    if !is_tcp_stream(&dup) {
+        return Ok(None);
+    }
+    let stream = TcpStream::from(dup);
+    if stream.peer_addr().ok() != Some(peer) {
+        return Ok(None);
+    }
+    let bytes_acked = bytes_acked(&stream)?;
+    Ok(Some(PeerSocket {
+        fd,
+        bytes_acked,
+        stream,
+    }))
+}
+
+/// The connected TCP sockets of process `pid` that `wanted` accepts.
+fn connections(pid: u32, wanted: impl Fn(&TcpStream) -> bool) -> io::Result<Vec<PeerSocket>> {
     let pidfd = pidfd_open(pid)?;
     let mut found = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -89,7 +124,7 @@ pub fn peer_sockets(pid: u32, peer: SocketAddr) -> io::Result<Vec<PeerSocket>> {
             continue;
         }
         let stream = TcpStream::from(dup);
-        if stream.peer_addr().ok() != Some(peer) {
+        if !wanted(&stream) {
             continue;
         }
         let bytes_acked = bytes_acked(&stream)?;

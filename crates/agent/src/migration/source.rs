@@ -27,14 +27,14 @@ use spore_blockdev::overlay::GRANULE;
 use spore_blockdev::Disk;
 use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
-use super::connections::Connections;
-use super::policy::{Action, Policy, EARLY_SWITCH_AFTER};
+use super::connections::{Connections, DemandMeter};
+use super::policy::{Action, Policy};
 use super::PeerClient;
 use crate::agent::{now, Agent};
 use crate::error::{AgentError, Result};
 
-/// The guest stays paused at `pre-switchover` until this loop sees it:
-/// the poll interval is part of the downtime.
+/// The loop polls QEMU this often at most; a MIGRATION event (the guest
+/// paused at `pre-switchover`) wakes it at once.
 const POLL: Duration = Duration::from_millis(5);
 /// Written blocks are sent this often while memory is copied.
 const DISK_PASS_EVERY: Duration = Duration::from_secs(1);
@@ -568,6 +568,8 @@ impl Agent {
         let mut caps = vec![
             ("postcopy-ram", policy.may_postcopy()),
             ("pause-before-switchover", true),
+            // MIGRATION events wake the loop that waits for the pause.
+            ("events", true),
             (
                 "auto-converge",
                 req.policy == MigrationPolicy::AutoConverge || throttle_fallback,
@@ -621,8 +623,8 @@ impl Agent {
         let mut cancelling: Option<String> = None;
         // QEMU's dirty-rate sample, read once it is ready.
         let mut sample_at = sampling.then(|| Instant::now() + Duration::from_secs(SAMPLE_SECS));
-        // A switch decided early, waiting for pass 1 to send low memory.
-        let mut held_switch = false;
+        // The guest's page requests in post-copy, to share the cap with.
+        let mut demand = DemandMeter::default();
         let switch_to_postcopy = |qmp: &mut Qmp, p: &Progress, paced: bool| -> Result<()> {
             // Paced, the connection keeps the cap; QEMU's own limit would
             // hold page requests until its 100 ms window ends.
@@ -661,12 +663,29 @@ impl Agent {
                 "pre-switchover" if changed => {
                     job.info.lock().switched_at_ms = Some(job.ms());
                     job.set_phase(MigrationPhase::Switching);
+                    if let Some(note) = conns.as_mut().and_then(Connections::unpace_for_switch) {
+                        job.decide(p.passes, note);
+                    }
                     final_pass()?;
                     qmp.migrate_continue()?;
                 }
                 "postcopy-active" => {
                     if changed {
                         job.set_phase(MigrationPhase::Postcopy);
+                        // Paced again at once, with room for the first
+                        // page requests (the meter needs a window).
+                        if let Some(c) = conns.as_mut() {
+                            c.repace(req.bandwidth.unwrap_or(0) * 3 / 4);
+                        }
+                    }
+                    if let Some(rate) = demand.observe(p.postcopy_requests, Instant::now()) {
+                        // With a margin: the estimate lags a rising demand.
+                        let note = conns
+                            .as_mut()
+                            .and_then(|c| c.share_with_demand(rate.saturating_mul(5) / 4));
+                        if let Some(note) = note {
+                            job.decide(p.passes, note);
+                        }
                     }
                     if p.ram_remaining > 0 && moved.1.elapsed() > POSTCOPY_STALL {
                         job.decide(
@@ -716,22 +735,32 @@ impl Agent {
                     job.decide(p.passes, note);
                 }
             }
-            if cancelling.is_none() && held_switch && Policy::early_switch_ready(&p) {
-                held_switch = false;
-                job.decide(
-                    p.passes,
-                    "pass 1 has sent the guest kernel's memory: switching".into(),
-                );
-                switch_to_postcopy(qmp, &p, conns.as_ref().is_some_and(Connections::paced))?;
-            }
             if cancelling.is_none() {
                 let mut decision = policy.observe(&p);
                 if decision.is_none() && sample_at.is_some_and(|t| Instant::now() >= t) {
                     match qmp.dirty_rate() {
                         Ok(Some(rate)) => {
                             sample_at = None;
-                            job.info.lock().sampled_dirty_rate = Some(rate);
+                            {
+                                let mut i = job.info.lock();
+                                i.sampled_dirty_rate = i.sampled_dirty_rate.max(Some(rate));
+                            }
                             decision = policy.observe_sampled(rate, &p);
+                            // One second is a short look at a guest: while
+                            // the first pass lasts, look again.
+                            let acted = decision.as_ref().is_some_and(|d| d.action.is_some());
+                            if !acted && p.passes <= 1 && p.status == "active" {
+                                match qmp.start_dirty_rate(SAMPLE_SECS, SAMPLE_PAGES_PER_GIB) {
+                                    Ok(()) => {
+                                        sample_at =
+                                            Some(Instant::now() + Duration::from_secs(SAMPLE_SECS))
+                                    }
+                                    Err(e) => job.decide(
+                                        p.passes,
+                                        format!("no further dirty-rate sample ({e})"),
+                                    ),
+                                }
+                            }
                         }
                         Ok(None) => sample_at = Some(Instant::now() + Duration::from_millis(50)),
                         Err(e) => {
@@ -743,17 +772,6 @@ impl Agent {
                 if let Some(d) = decision {
                     job.decide(p.passes, d.why.clone());
                     match d.action {
-                        Some(Action::Postcopy) if !Policy::early_switch_ready(&p) => {
-                            held_switch = true;
-                            job.decide(
-                                p.passes,
-                                format!(
-                                    "the switch waits until pass 1 has sent the first {} MiB \
-                                     (the guest kernel's memory)",
-                                    EARLY_SWITCH_AFTER.min(p.ram_total / 4) >> 20
-                                ),
-                            );
-                        }
                         Some(Action::Postcopy) => switch_to_postcopy(
                             qmp,
                             &p,
@@ -776,7 +794,11 @@ impl Agent {
                 }
             }
             last_status = p.status;
-            std::thread::sleep(POLL);
+            // A MIGRATION event (QEMU pausing the guest for the switch,
+            // say) ends the wait at once: that pause is downtime until this
+            // loop sees it.
+            qmp.events.clear();
+            qmp.wait_event(POLL)?;
         }
     }
 
