@@ -193,6 +193,16 @@ impl Qmp {
         Ok(msg.get("event").is_some().then_some(msg))
     }
 
+    /// `query-version`: QEMU's (major, minor, micro).
+    pub fn version(&mut self) -> Result<(u64, u64, u64), QmpError> {
+        let v = self.execute("query-version", None)?;
+        let n = |k: &str| v["qemu"][k].as_u64();
+        match (n("major"), n("minor"), n("micro")) {
+            (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
+            _ => Err(QmpError::Invalid(format!("query-version answered {v}"))),
+        }
+    }
+
     /// `query-status`: the run state ("running", "paused", ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None)?;
@@ -251,6 +261,22 @@ mod tests {
         let start = Instant::now();
         assert!(q.wait_event(Duration::from_millis(30)).unwrap().is_none());
         assert!(start.elapsed() >= Duration::from_millis(25));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn the_version_is_read_and_a_bad_answer_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = server(
+            dir.path(),
+            vec![
+                r#"{"return": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}}"#,
+                r#"{"return": {"qemu": {}}}"#,
+            ],
+        );
+        let mut q = Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(5)).unwrap();
+        assert_eq!(q.version().unwrap(), (10, 0, 2));
+        assert!(q.version().is_err());
         t.join().unwrap();
     }
 

@@ -330,13 +330,18 @@ impl Agent {
             })?;
         let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
         let layout = qmp.memory_layout()?;
-        if rec.accel == "tcg" && !layout.dimms.is_empty() {
+        let version = qmp.version()?;
+        if rec.accel == "tcg" && !layout.dimms.is_empty() && version < (9, 0, 0) {
             // Boot RAM is sized around QEMU's TCG dirty-tracking bug
             // (spore_qemu::cmdline::ram_kib); a DIMM cannot be.
             return Err(AgentError::State(format!(
                 "vm {name} has hot-plugged memory ({} DIMMs): under TCG, QEMU before 9.0 \
-                 loses the guest's writes to it during a live migration; not migrating",
-                layout.dimms.len()
+                 (this is {}.{}.{}) loses the guest's writes to it during a live migration; \
+                 not migrating",
+                layout.dimms.len(),
+                version.0,
+                version.1,
+                version.2
             )));
         }
         let mut policy = Policy::new(
