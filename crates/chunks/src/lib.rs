@@ -178,23 +178,16 @@ impl ChunkStore {
         if data.len() > MAX_CHUNK_SIZE {
             return Err(Error::TooLarge(data.len()));
         }
-        let path = self.path_of(&id);
-        if let Ok(meta) = fs::metadata(&path) {
-            self.stats
-                .chunks_deduplicated
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(Put {
-                id,
-                stored_len: meta.len(),
-                new: false,
-            });
+        if let Some(put) = self.existing(&id) {
+            return Ok(put);
         }
-        let (codec, payload): (u8, std::borrow::Cow<[u8]>) = match self.compression {
-            Compression::Zstd => match zstd::bulk::compress(data, 1) {
-                Ok(c) if c.len() <= data.len() - data.len() / 8 => (CODEC_ZSTD, c.into()),
-                _ => (CODEC_RAW, data.into()),
-            },
-            Compression::None => (CODEC_RAW, data.into()),
+        let compressed = match self.compression {
+            Compression::Zstd => compress(data).filter(|c| c.len() <= data.len() - data.len() / 8),
+            Compression::None => None,
+        };
+        let (codec, payload): (u8, &[u8]) = match &compressed {
+            Some(c) => (CODEC_ZSTD, c),
+            None => (CODEC_RAW, data),
         };
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&CHUNK_MAGIC);
@@ -202,7 +195,40 @@ impl ChunkStore {
         header[5] = codec;
         header[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
         header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.write_file(id, &[&header, payload])
+    }
 
+    /// Stores a chunk file that came from another host (the same framing
+    /// as on disk) as it is, once it has been decoded and its bytes hashed
+    /// to `id`; returns the decoded bytes. Unlike decoding and then
+    /// [`ChunkStore::put_with_id`], it does not compress again what the
+    /// sender already compressed: in a boot storm that was most of each
+    /// host's CPU for distribution.
+    pub fn put_verified_file(&self, id: ChunkId, raw: &[u8]) -> Result<(Put, Vec<u8>)> {
+        let data = decode_chunk_file(&id, raw)?;
+        let put = match self.existing(&id) {
+            Some(put) => put,
+            None => self.write_file(id, &[raw])?,
+        };
+        Ok((put, data))
+    }
+
+    /// The chunk already stored under `id`, if any (counted as deduplicated).
+    fn existing(&self, id: &ChunkId) -> Option<Put> {
+        let meta = fs::metadata(self.path_of(id)).ok()?;
+        self.stats
+            .chunks_deduplicated
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Put {
+            id: *id,
+            stored_len: meta.len(),
+            new: false,
+        })
+    }
+
+    /// Writes a chunk file made of `parts` under `id`'s name.
+    fn write_file(&self, id: ChunkId, parts: &[&[u8]]) -> Result<Put> {
+        let path = self.path_of(&id);
         let dir = path.parent().expect("chunk path has a parent");
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // Write beside the final name and rename, so a reader never sees half
@@ -218,15 +244,16 @@ impl ChunkStore {
         ));
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
-            f.write_all(&header)?;
-            f.write_all(&payload)?;
+            for part in parts {
+                f.write_all(part)?;
+            }
             fs::rename(&tmp, &path)
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(&path, e));
         }
-        let stored_len = (HEADER_LEN + payload.len()) as u64;
+        let stored_len = parts.iter().map(|p| p.len() as u64).sum();
         self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_written
@@ -313,6 +340,41 @@ impl ChunkStore {
     }
 }
 
+thread_local! {
+    // zstd contexts are worth keeping: making one per chunk (hundreds of
+    // KiB of tables) cost as much as the work on a 64 KiB chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `data` compressed at level 1 with this thread's context; `None` if zstd
+/// failed (the chunk is then stored raw).
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
+        }
+        c.as_mut()?.compress(data).ok()
+    })
+}
+
+/// `payload` decompressed into at most `capacity` bytes with this thread's
+/// context.
+fn decompress(payload: &[u8], capacity: usize) -> io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut()
+            .expect("made above")
+            .decompress(payload, capacity)
+    })
+}
+
 /// Decodes the bytes of a chunk file and verifies them against `id`.
 ///
 /// Public so that fuzzing and peers (whose bytes come in the same framing)
@@ -340,8 +402,7 @@ pub fn decode_chunk_file(id: &ChunkId, raw: &[u8]) -> Result<Vec<u8>> {
     let data = match raw[5] {
         CODEC_RAW => payload.to_vec(),
         CODEC_ZSTD => {
-            let data = zstd::bulk::decompress(payload, raw_len)
-                .map_err(|_| corrupt("bad zstd payload"))?;
+            let data = decompress(payload, raw_len).map_err(|_| corrupt("bad zstd payload"))?;
             if data.len() != raw_len {
                 return Err(corrupt("decompressed length mismatch"));
             }
@@ -378,6 +439,42 @@ mod tests {
         v[4098] = 0;
         v[7] = 1;
         assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn a_file_from_elsewhere_is_stored_as_sent_once_verified() {
+        let (_d1, sender) = store(Compression::Zstd);
+        let (_d2, receiver) = store(Compression::Zstd);
+        let data = b"compressible ".repeat(5000);
+        let put = sender.put(&data).unwrap();
+        let raw = sender.get_raw(&put.id).unwrap().unwrap();
+        let (got, decoded) = receiver.put_verified_file(put.id, &raw).unwrap();
+        assert!(got.new);
+        assert_eq!(decoded, data);
+        // Byte for byte what the sender had: not compressed a second time.
+        assert_eq!(receiver.get_raw(&put.id).unwrap().unwrap(), raw);
+        assert_eq!(receiver.get(&put.id).unwrap(), data);
+        let (again, _) = receiver.put_verified_file(put.id, &raw).unwrap();
+        assert!(!again.new);
+    }
+
+    #[test]
+    fn a_file_that_does_not_match_its_id_is_not_stored() {
+        let (_d1, sender) = store(Compression::Zstd);
+        let (_d2, receiver) = store(Compression::Zstd);
+        let a = sender.put(&[1u8; 9000]).unwrap();
+        let b = sender.put(&[2u8; 9000]).unwrap();
+        let raw_b = sender.get_raw(&b.id).unwrap().unwrap();
+        let e = receiver.put_verified_file(a.id, &raw_b).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        assert!(!receiver.contains(&a.id));
+        let mut cut = raw_b.clone();
+        cut.truncate(raw_b.len() - 1);
+        assert!(matches!(
+            receiver.put_verified_file(b.id, &cut),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(!receiver.contains(&b.id));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use spore_chunks::{decode_chunk_file, ChunkId, ChunkStore};
+use spore_chunks::{ChunkId, ChunkStore};
 
 use crate::remote::{Class, Remote};
 use crate::wire::MAX_BATCH;
@@ -262,9 +262,8 @@ impl Fetcher {
                         still.push(*id);
                         continue;
                     };
-                    match decode_chunk_file(id, &raw) {
-                        Ok(data) => {
-                            store.put_with_id(*id, &data)?;
+                    match store.put_verified_file(*id, &raw) {
+                        Ok(_) => {
                             self.stats.chunks.fetch_add(1, Ordering::Relaxed);
                             self.stats
                                 .bytes
@@ -275,7 +274,7 @@ impl Fetcher {
                                 .bytes
                                 .fetch_add(raw.len() as u64, Ordering::Relaxed);
                         }
-                        Err(e) => {
+                        Err(e @ spore_chunks::Error::Corrupt { .. }) => {
                             // A lying or broken remote: never use its bytes.
                             tracing::warn!(remote = remote.url(), error = %e, "remote sent a bad chunk; trying the next source");
                             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +282,8 @@ impl Fetcher {
                             tried.push(format!("{}: {e}", remote.url()));
                             still.push(*id);
                         }
+                        // Our own store failed: not the remote's fault.
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
