@@ -227,7 +227,16 @@ impl Agent {
             .chain(config.origin.iter())
             .map(|url| Remote::new(url, REMOTE_TIMEOUT))
             .collect();
-        let fetcher = (!remotes.is_empty()).then(|| Arc::new(Fetcher::new(remotes)));
+        let fetcher = (!remotes.is_empty()).then(|| {
+            // A fetched chunk is decoded and hashed on arrival: the cache
+            // takes those bytes, so its first read is a hit.
+            let cache = cache.clone();
+            Arc::new(
+                Fetcher::new(remotes).on_arrival(Arc::new(move |id, data, class| {
+                    cache.offer(*id, data, class == spore_transfer::Class::Demand)
+                })),
+            )
+        });
         let origin_spec = match (&config.origin_store, config.accept_push) {
             (Some(spec), _) => Some(spec.clone()),
             (None, true) => Some(dir.join("origin").to_string_lossy().into_owned()),

@@ -91,12 +91,43 @@ impl ChunkCache {
             .is_some_and(|s| s.data.get().is_some())
     }
 
+    /// The cached contents of a chunk, if loaded (not counted as a hit).
+    pub fn loaded(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
+        self.shard(id).lock().map.peek(id)?.data.get().cloned()
+    }
+
+    /// Puts verified contents in the cache unless they are there already:
+    /// a chunk that just arrived from another host, decoded and hashed, so
+    /// that its first read need not load and hash it again. `hot` places it
+    /// as the most recently used (a reader waits for it); otherwise as the
+    /// least recently used (prefetch), so that a long background fetch
+    /// evicts its own chunks before anything a reader used.
+    pub fn offer(&self, id: ChunkId, data: Vec<u8>, hot: bool) {
+        let mut s = self.shard(&id).lock();
+        let slot = match s.map.peek(&id) {
+            Some(slot) => slot.clone(),
+            None => {
+                let slot = Arc::new(Slot::default());
+                s.map.put(id, slot.clone());
+                if !hot {
+                    s.map.demote(&id);
+                }
+                slot
+            }
+        };
+        let len = data.len();
+        if slot.data.set(data.into()).is_ok() {
+            s.bytes += len;
+            self.evict(&mut s);
+        }
+    }
+
     /// The chunk's contents, loading them with `load` on a miss. `load`
     /// must return verified data.
     pub fn get_or_load(
         &self,
         id: &ChunkId,
-        load: impl FnOnce() -> io::Result<Vec<u8>>,
+        load: impl FnOnce() -> io::Result<Arc<[u8]>>,
     ) -> io::Result<Arc<[u8]>> {
         let shard = self.shard(id);
         let slot = {
@@ -122,15 +153,17 @@ impl ChunkCache {
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         match load() {
-            Ok(v) => {
-                let d: Arc<[u8]> = v.into();
-                let _ = slot.data.set(d.clone());
-                let mut s = shard.lock();
-                if s.map.peek(id).is_some_and(|cur| Arc::ptr_eq(cur, &slot)) {
-                    s.bytes += d.len();
-                    self.evict(&mut s);
+            Ok(d) => {
+                // `offer` may have filled the slot while `load` ran (the
+                // chunk arrived from a peer): then it is counted already.
+                if slot.data.set(d.clone()).is_ok() {
+                    let mut s = shard.lock();
+                    if s.map.peek(id).is_some_and(|cur| Arc::ptr_eq(cur, &slot)) {
+                        s.bytes += d.len();
+                        self.evict(&mut s);
+                    }
                 }
-                Ok(d)
+                Ok(slot.data.get().cloned().unwrap_or(d))
             }
             Err(e) => {
                 let mut s = shard.lock();
@@ -172,7 +205,7 @@ mod tests {
                 let d = cache
                     .get_or_load(&id, || {
                         loads.fetch_add(1, Ordering::SeqCst);
-                        Ok(vec![i as u8; 4096])
+                        Ok(vec![i as u8; 4096].into())
                     })
                     .unwrap();
                 assert_eq!(d[0], i as u8);
@@ -200,7 +233,7 @@ mod tests {
                         .get_or_load(&id, || {
                             loads.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(50));
-                            Ok(vec![7; 10])
+                            Ok(vec![7; 10].into())
                         })
                         .unwrap()
                 });
@@ -208,5 +241,51 @@ mod tests {
         });
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         assert!(cache.contains(&id));
+    }
+
+    #[test]
+    fn an_offered_chunk_is_a_hit_and_a_cold_offer_is_evicted_first() {
+        // One shard's worth of budget: two 600-byte chunks do not fit.
+        let cache = ChunkCache::new(SHARDS * 1000);
+        // Ids in one shard (the shard is the id's first byte).
+        let ids: Vec<ChunkId> = (0u32..)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .filter(|id| id.0[0] as usize % SHARDS == 0)
+            .take(3)
+            .collect();
+        cache.offer(ids[0], vec![1; 600], true);
+        let d = cache
+            .get_or_load(&ids[0], || panic!("offered: no load"))
+            .unwrap();
+        assert_eq!(d[0], 1);
+        assert_eq!(cache.bytes(), 600);
+        // A second offer of a cached chunk changes nothing.
+        cache.offer(ids[0], vec![9; 600], true);
+        assert_eq!(cache.loaded(&ids[0]).unwrap()[0], 1);
+        assert_eq!(cache.bytes(), 600);
+        // A cold offer goes to the eviction end: the budget drops it, not
+        // the chunk a reader used.
+        cache.offer(ids[1], vec![2; 600], false);
+        assert!(cache.contains(&ids[0]));
+        assert!(!cache.contains(&ids[1]));
+        // A hot one evicts the least recently used.
+        cache.offer(ids[2], vec![3; 600], true);
+        assert!(cache.contains(&ids[2]));
+        assert!(!cache.contains(&ids[0]));
+        assert_eq!(cache.bytes(), 600);
+    }
+
+    #[test]
+    fn an_offer_during_a_load_is_counted_once() {
+        let cache = ChunkCache::new(1 << 20);
+        let id = ChunkId::of(b"y");
+        let d = cache
+            .get_or_load(&id, || {
+                cache.offer(id, vec![5; 100], true);
+                Ok(vec![5; 100].into())
+            })
+            .unwrap();
+        assert_eq!(d.len(), 100);
+        assert_eq!(cache.bytes(), 100);
     }
 }

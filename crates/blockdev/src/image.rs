@@ -163,9 +163,14 @@ impl ImageDevice {
                     tracing::error!(chunk = %id, error = %e, "read failed: chunk unavailable");
                     return Err(e.into());
                 }
-                Ok(self.store.get(id)?)
+                // Verified on arrival and offered to the cache (the agent
+                // wires the fetcher so); from the store otherwise.
+                match self.cache.loaded(id) {
+                    Some(d) => Ok(d),
+                    None => Ok(self.store.get(id)?.into()),
+                }
             }
-            other => Ok(other?),
+            other => Ok(other?.into()),
         })
     }
 

@@ -11,6 +11,62 @@ fn run_vm(t: &TestAgent, name: &str, image: &str, append: &str) -> String {
 }
 
 #[test]
+fn the_uncompressed_kernel_boots_directly_with_the_fast_options() {
+    // guest/build.sh extracts vmlinux (PVH entry) from vmlinuz; QEMU boots
+    // it without decompression, and the crypto self-tests are skipped.
+    let g = guest();
+    assert!(g.vmlinux.exists(), "guest/build.sh made no vmlinux");
+    let t = TestAgent::start();
+    t.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let out = t.ok(&[
+        "vm",
+        "run",
+        "fast",
+        "--image",
+        "base",
+        "--kernel",
+        g.vmlinux.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--append",
+        "console=ttyS0 root=/dev/vda quiet cryptomgr.notests",
+        "--wait-for",
+        "SPORE-READY",
+        "--timeout",
+        "180",
+    ]);
+    assert!(out.contains("SPORE-READY uptime="), "{out}");
+    t.ok(&["vm", "rm", "fast", "--force"]);
+}
+
+#[test]
+fn extracting_vmlinux_refuses_what_is_not_a_kernel() {
+    let g = guest();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vmlinux");
+    let truncated = dir.path().join("cut");
+    let image = std::fs::read(&g.kernel).unwrap();
+    std::fs::write(&truncated, &image[..image.len() / 2]).unwrap();
+    for input in [&g.initrd, &truncated] {
+        let st = std::process::Command::new("python3")
+            .arg(root.join("guest/tools/extract-vmlinux.py"))
+            .arg(input)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(st.status.code(), Some(2), "{input:?}: {st:?}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
 fn guest_boots_from_an_image_and_from_a_committed_layer() {
     let g = guest();
     let t = TestAgent::start();

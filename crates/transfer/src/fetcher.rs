@@ -39,10 +39,25 @@ pub struct FetchStats {
     pub background: AtomicU64,
 }
 
+/// Called with every chunk that arrived, verified and stored, and its
+/// decoded bytes (the agent hands them to its chunk cache, so that the
+/// first read does not decode and hash them again).
+pub type OnArrival = Arc<dyn Fn(&ChunkId, Vec<u8>, Class) + Send + Sync>;
+
+#[derive(Default)]
+struct Arrivals(Option<OnArrival>);
+
+impl std::fmt::Debug for Arrivals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
 /// Remotes in the order they are asked: peers, then the origin.
 #[derive(Debug, Default)]
 pub struct Fetcher {
     remotes: Vec<Remote>,
+    arrivals: Arrivals,
     pub stats: FetchStats,
     /// Demand fetches (a guest is waiting) in flight; background work
     /// waits while there are any.
@@ -76,11 +91,18 @@ impl Fetcher {
     pub fn new(remotes: Vec<Remote>) -> Self {
         Fetcher {
             remotes,
+            arrivals: Arrivals::default(),
             stats: FetchStats::default(),
             demand: AtomicUsize::new(0),
             inflight: Mutex::default(),
             last_demand: Mutex::default(),
         }
+    }
+
+    /// Calls `f` with every chunk that arrives (see [`OnArrival`]).
+    pub fn on_arrival(mut self, f: OnArrival) -> Self {
+        self.arrivals = Arrivals(Some(f));
+        self
     }
 
     pub fn remotes(&self) -> &[Remote] {
@@ -263,7 +285,10 @@ impl Fetcher {
                         continue;
                     };
                     match store.put_verified_file(*id, &raw) {
-                        Ok(_) => {
+                        Ok((_, data)) => {
+                            if let Some(f) = &self.arrivals.0 {
+                                f(id, data, class);
+                            }
                             self.stats.chunks.fetch_add(1, Ordering::Relaxed);
                             self.stats
                                 .bytes

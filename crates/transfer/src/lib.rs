@@ -11,6 +11,6 @@ pub mod popularity;
 pub mod remote;
 pub mod wire;
 
-pub use fetcher::{FetchError, Fetcher};
+pub use fetcher::{FetchError, Fetcher, OnArrival};
 pub use popularity::Popularity;
 pub use remote::{Class, Remote, RemoteError, Resolved, MAX_POPULAR};

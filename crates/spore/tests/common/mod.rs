@@ -206,6 +206,8 @@ pub fn sparse_random_file(path: &Path, size: u64, seed: u64) {
 
 pub struct Guest {
     pub kernel: PathBuf,
+    /// The same kernel uncompressed, for QEMU's direct (PVH) boot.
+    pub vmlinux: PathBuf,
     pub initrd: PathBuf,
     pub rootfs: PathBuf,
 }
@@ -221,6 +223,7 @@ pub fn guest() -> &'static Guest {
             .unwrap_or_else(|| root.join(".cache/guest"));
         let g = Guest {
             kernel: dir.join("vmlinuz"),
+            vmlinux: dir.join("vmlinux"),
             initrd: dir.join("initrd.img"),
             rootfs: dir.join("rootfs.img"),
         };
