@@ -250,7 +250,7 @@ mod tests {
         // Ids in one shard (the shard is the id's first byte).
         let ids: Vec<ChunkId> = (0u32..)
             .map(|i| ChunkId::of(&i.to_le_bytes()))
-            .filter(|id| id.0[0] as usize % SHARDS == 0)
+            .filter(|id| (id.0[0] as usize).is_multiple_of(SHARDS))
             .take(3)
             .collect();
         cache.offer(ids[0], vec![1; 600], true);
