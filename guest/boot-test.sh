@@ -28,7 +28,9 @@ TESTS=${SPORE_BOOT_TESTS:-base layer write}
 TIMEOUT=${SPORE_BOOT_TIMEOUT:-120}
 ACCEL=$(pick_accel)
 
-ensure_packages qemu-system-x86 e2fsprogs
+# QEMU comes from the project's installer (QEMU 10 from bookworm-backports).
+command -v qemu-system-x86_64 >/dev/null || bash "$GUEST_DIR/../scripts/install-deps.sh"
+ensure_packages e2fsprogs
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found"
 
 if [ ! -f "$OUT/vmlinuz" ] || [ ! -f "$OUT/initrd.img" ] || [ ! -f "$OUT/rootfs.img" ]; then

@@ -32,25 +32,19 @@ apt_update_once() {
     fi
 }
 
-# ensure_packages PKG... : install whatever is missing (needs root).
-# qemu-system-x86 is installed together with qemu-utils from bookworm
-# (--allow-downgrades): a newer backports qemu-utils conflicts with it.
+# ensure_packages PKG... : install whatever is missing (needs root). Not for
+# QEMU: scripts/install-deps.sh installs it (from bookworm-backports).
 ensure_packages() {
-    local missing=() p extra=()
+    local missing=() p
     for p in "$@"; do
         pkg_installed "$p" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" -eq 0 ] || die "missing packages (${missing[*]}) and not root; install them first"
-    for p in "${missing[@]}"; do
-        if [ "$p" = qemu-system-x86 ]; then
-            extra=(qemu-utils/bookworm --allow-downgrades)
-        fi
-    done
     apt_update_once
-    log "apt-get install ${missing[*]} ${extra[*]}"
+    log "apt-get install ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "${missing[@]}" "${extra[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+        "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
 }
 
 # The static busybox from busybox-static (the rootfs and initramfs have no libc).
