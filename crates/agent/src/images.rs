@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use spore_api::{
     ImageInfo, ImageSummary, ImportRequest, ImportResult, LayerInfo, PullResult, RemoveResult,
@@ -45,12 +45,22 @@ impl Agent {
         };
         check_name("image", name)?;
         let remote = spore_transfer::Remote::new(origin, crate::agent::REMOTE_TIMEOUT);
+        // An origin that a storm of hosts asks at once may not accept in
+        // time (or its answer is lost on a saturated link): ask again
+        // before failing the VM or disk that needs the name.
+        let mut looked_up = remote.resolve_image(name);
+        for pause in [Duration::from_millis(200), Duration::from_secs(1)] {
+            let Err(e) = &looked_up else { break };
+            tracing::info!(image = name, error = %e, "looking up the image at the origin failed; asking again");
+            std::thread::sleep(pause);
+            remote.forget_failure();
+            looked_up = remote.resolve_image(name);
+        }
         let spore_transfer::Resolved {
             manifest,
             profile,
             popular,
-        } = remote
-            .resolve_image(name)
+        } = looked_up
             .map_err(|e| {
                 AgentError::State(format!("looking up image {name:?} at the origin: {e}"))
             })?

@@ -50,13 +50,7 @@ fn counts(log: &str) -> Vec<u64> {
 fn clones_continue_the_template_with_their_own_identity_disk_and_size() {
     let g = guest();
     let t = TestAgent::start();
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    t.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     t.ok(&args);
@@ -218,13 +212,7 @@ fn clones_continue_the_template_with_their_own_identity_disk_and_size() {
 fn a_stopped_source_and_a_lost_ram_file_are_handled() {
     let g = guest();
     let t = TestAgent::start();
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    t.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     t.ok(&args);
@@ -264,13 +252,7 @@ fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
     let port = common::free_port();
     let a = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}")]);
     let b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
-    a.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    a.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     a.ok(&args);
@@ -345,13 +327,7 @@ fn wait_standby(t: &TestAgent) -> String {
 fn standby_clones_are_handed_out_with_their_own_identity() {
     let g = guest();
     let t = TestAgent::start_with(&["--clone-standby", "1"]);
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    t.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     t.ok(&args);

@@ -17,30 +17,12 @@ fn the_uncompressed_kernel_boots_directly_with_the_fast_options() {
     let g = guest();
     assert!(g.vmlinux.exists(), "guest/build.sh made no vmlinux");
     let t = TestAgent::start();
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
-    let out = t.ok(&[
-        "vm",
-        "run",
-        "fast",
-        "--image",
-        "base",
-        "--kernel",
-        g.vmlinux.to_str().unwrap(),
-        "--initrd",
-        g.initrd.to_str().unwrap(),
-        "--append",
-        "console=ttyS0 root=/dev/vda quiet cryptomgr.notests",
-        "--wait-for",
-        "SPORE-READY",
-        "--timeout",
-        "180",
-    ]);
+    t.import_guest("base");
+    let mut args = vm_run_args(g, "fast", "base", "quiet cryptomgr.notests");
+    let kernel = args.iter().position(|a| a == "--kernel").unwrap() + 1;
+    args[kernel] = g.vmlinux.display().to_string();
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = t.ok(&args);
     assert!(out.contains("SPORE-READY uptime="), "{out}");
     t.ok(&["vm", "rm", "fast", "--force"]);
 }
@@ -68,15 +50,8 @@ fn extracting_vmlinux_refuses_what_is_not_a_kernel() {
 
 #[test]
 fn guest_boots_from_an_image_and_from_a_committed_layer() {
-    let g = guest();
     let t = TestAgent::start();
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    t.import_guest("base");
 
     // First VM: boots, writes a file from inside the guest, powers off.
     let out = run_vm(
@@ -136,15 +111,8 @@ fn guest_boots_from_an_image_and_from_a_committed_layer() {
 
 #[test]
 fn stopping_the_agent_stops_its_vms_and_says_why() {
-    let g = guest();
     let mut t = TestAgent::start();
-    t.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "base",
-    ]);
+    t.import_guest("base");
     run_vm(&t, "v", "base", "");
     let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
     t.restart();

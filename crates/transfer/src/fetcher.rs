@@ -76,6 +76,12 @@ struct Flight {
     cv: Condvar,
 }
 
+/// Pauses before asking unreachable sources again, one per extra round.
+const RETRY_PAUSES: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(1),
+];
+
 /// First batch size of a background fetch; it then adapts.
 const BACKGROUND_BATCH: usize = 8;
 
@@ -263,9 +269,57 @@ impl Fetcher {
             .copied()
             .collect();
         let mut tried: Vec<String> = Vec::new();
+        // A source that could not be reached (a dropped SYN on a saturated
+        // link, an origin too busy to accept) is asked again, past its
+        // backoff, before a reader is told that no source has the chunk.
+        for round in 0..=RETRY_PAUSES.len() {
+            if round > 0 {
+                std::thread::sleep(RETRY_PAUSES[round - 1]);
+                tracing::info!(
+                    chunks = missing.len(),
+                    round,
+                    "sources unreachable; asking again"
+                );
+            }
+            let unreachable;
+            (missing, unreachable) =
+                self.one_round(store, missing, class, round > 0, &mut tried)?;
+            if missing.is_empty() || !unreachable {
+                break;
+            }
+        }
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(FetchError::Unavailable {
+                first: *first,
+                missing: missing.len(),
+                tried: if tried.is_empty() {
+                    "no sources configured".into()
+                } else {
+                    tried.join("; ")
+                },
+            }),
+        }
+    }
+
+    /// Asks every remote in turn for what is still missing; returns what
+    /// none delivered, and whether a remote could not be reached. `again`:
+    /// a retry, which ignores the remotes' backoff.
+    fn one_round(
+        &self,
+        store: &ChunkStore,
+        mut missing: Vec<ChunkId>,
+        class: Class,
+        again: bool,
+        tried: &mut Vec<String>,
+    ) -> Result<(Vec<ChunkId>, bool), FetchError> {
+        let mut unreachable = false;
         for remote in &self.remotes {
             if missing.is_empty() {
                 break;
+            }
+            if again {
+                remote.forget_failure();
             }
             let mut still = Vec::new();
             for batch in missing.chunks(MAX_BATCH) {
@@ -274,6 +328,7 @@ impl Fetcher {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(remote = remote.url(), error = %e, "chunk fetch failed; trying the next source");
+                        unreachable = true;
                         tried.push(e.to_string());
                         still.extend_from_slice(batch);
                         continue;
@@ -317,18 +372,7 @@ impl Fetcher {
             }
             missing = still;
         }
-        match missing.first() {
-            None => Ok(()),
-            Some(first) => Err(FetchError::Unavailable {
-                first: *first,
-                missing: missing.len(),
-                tried: if tried.is_empty() {
-                    "no sources configured".into()
-                } else {
-                    tried.join("; ")
-                },
-            }),
-        }
+        Ok((missing, unreachable))
     }
 }
 
@@ -393,7 +437,82 @@ impl PriorityQueue {
 
 #[cfg(test)]
 mod tests {
-    use super::PriorityQueue;
+    use super::*;
+    use crate::wire;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// A one-shot HTTP peer: drops the first `drop_first` connections
+    /// unanswered (an origin too busy to answer), then answers one batch
+    /// request with `raw` for `id`.
+    fn flaky_peer(
+        drop_first: usize,
+        id: ChunkId,
+        raw: Vec<u8>,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let t = std::thread::spawn(move || {
+            for _ in 0..drop_first {
+                drop(l.accept().unwrap());
+            }
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then the body (one id: 8 + 32 bytes).
+            while !req.windows(4).any(|w| w == b"\r\n\r\n")
+                || req.len() < req.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4 + 40
+            {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "the client hung up");
+                req.extend_from_slice(&buf[..n]);
+            }
+            let body = wire::encode_response(std::iter::once((id, Some(&raw[..]))));
+            write!(
+                c,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            c.write_all(&body).unwrap();
+        });
+        (url, t)
+    }
+
+    #[test]
+    fn an_unreachable_last_source_is_asked_again_before_a_read_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let sender = ChunkStore::open(dir.path().join("a"), Default::default()).unwrap();
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let put = sender.put(b"a chunk the only source has").unwrap();
+        let raw = sender.get_raw(&put.id).unwrap().unwrap();
+        let (url, peer) = flaky_peer(1, put.id, raw);
+        let f = Fetcher::new(vec![Remote::new(&url, Duration::from_secs(5))]);
+        f.fetch(&store, &[put.id]).unwrap();
+        assert_eq!(store.get(&put.id).unwrap(), b"a chunk the only source has");
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_source_that_stays_unreachable_fails_the_read_in_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        // Nothing listens there.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let f = Fetcher::new(vec![Remote::new(
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(5),
+        )]);
+        let started = std::time::Instant::now();
+        let e = f.fetch(&store, &[ChunkId::of(b"x")]).unwrap_err();
+        assert!(matches!(e, FetchError::Unavailable { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 
     #[test]
     fn the_queue_follows_the_reader_and_comes_back_for_what_it_skipped() {

@@ -118,6 +118,12 @@ impl Remote {
         }
     }
 
+    /// Forgets the backoff of an earlier failure (a retry of the last
+    /// sources left).
+    pub fn forget_failure(&self) {
+        *self.down_until.lock() = None;
+    }
+
     fn failed(&self, message: String) -> RemoteError {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         *self.down_until.lock() = Some(Instant::now() + BACKOFF);

@@ -69,6 +69,12 @@ impl TestAgent {
             .expect("spore runs")
     }
 
+    /// Imports the demo guest's root disk as image `name`.
+    pub fn import_guest(&self, name: &str) -> String {
+        let rootfs = guest().rootfs.to_str().unwrap();
+        self.ok(&["image", "import", rootfs, "--name", name])
+    }
+
     /// Runs a CLI command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
