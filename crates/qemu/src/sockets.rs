@@ -273,6 +273,56 @@ mod tests {
         child.wait().unwrap();
     }
 
+    /// A child process listening on a port and holding the connection it
+    /// accepted: the test finds it by the local port and sets TCP_NODELAY.
+    #[test]
+    fn finds_and_tunes_a_connection_another_process_accepted() {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket,sys\n\
+                 l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen(1)\n\
+                 print(l.getsockname()[1], flush=True)\n\
+                 c,_=l.accept(); c.recv(1)",
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        let mut out = child.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            port.push(byte[0] as char);
+        }
+        let port: u16 = port.trim().parse().unwrap();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let s = accepted_sockets(child.id(), port).unwrap();
+            if !s.is_empty() || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            found.len(),
+            1,
+            "only the accepted connection, not the listener"
+        );
+        assert!(!found[0].stream.nodelay().unwrap());
+        found[0].set_nodelay().unwrap();
+        let again = accepted_sockets(child.id(), port).unwrap();
+        assert!(
+            again[0].stream.nodelay().unwrap(),
+            "set on the shared socket"
+        );
+        assert!(accepted_sockets(child.id(), port.wrapping_add(1))
+            .unwrap()
+            .is_empty());
+        conn.write_all(b"x").unwrap();
+        child.wait().unwrap();
+    }
+
     #[test]
     fn a_process_without_connections_to_the_peer_has_none() {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();

@@ -224,7 +224,7 @@ impl Agent {
     /// the stall probe when the guest runs here, and removes everything
     /// when QEMU exits or the commit does not come in time.
     fn watch_incoming(self: Arc<Self>, inc: Arc<Incoming>) {
-        let mut tuned = HashSet::new();
+        let mut return_path = ReturnPath::default();
         let mut next_tune = Instant::now();
         while !inc.done.load(Ordering::Acquire) {
             std::thread::sleep(POLL);
@@ -243,7 +243,7 @@ impl Agent {
             if Instant::now() >= next_tune {
                 next_tune = Instant::now() + TUNE_EVERY;
                 let ports = inc.ports.lock().clone();
-                tune_return_path(&inc.vm, pid, &ports, &mut tuned);
+                return_path.tune(&inc.vm, pid, &ports);
             }
             if Instant::now() > inc.deadline {
                 self.discard_incoming(&inc.vm, "the source did not commit in time");
@@ -405,34 +405,40 @@ impl Agent {
     }
 }
 
-/// Sets `TCP_NODELAY` on the connections QEMU accepted for the stream. The
-/// guest's post-copy page requests travel back to the source on the main
-/// connection; without it, Nagle holds each request until the source has
-/// acknowledged the previous one, and that acknowledgement rides on the
-/// source's next paced burst of the bulk stream (2.8 ms at 22.5 MB/s, which
-/// was most of a fault's time under QEMU 10).
-fn tune_return_path(vm: &str, pid: u32, ports: &[u16], tuned: &mut HashSet<i32>) {
-    for &port in ports {
-        match spore_qemu::sockets::accepted_sockets(pid, port) {
-            Ok(sockets) => {
-                for s in sockets {
-                    if tuned.insert(s.fd) {
-                        match s.set_nodelay() {
-                            Ok(()) => tracing::debug!(
-                                vm,
-                                fd = s.fd,
-                                "incoming migration connection: TCP_NODELAY"
-                            ),
-                            Err(e) => {
-                                tracing::warn!(vm, fd = s.fd, error = %e, "TCP_NODELAY on an incoming migration connection")
-                            }
-                        }
+/// The connections QEMU accepted for the stream, tuned so far.
+#[derive(Default)]
+struct ReturnPath {
+    /// (listen port, descriptor) of each connection set already.
+    tuned: HashSet<(u16, i32)>,
+    warned: bool,
+}
+
+impl ReturnPath {
+    /// Sets `TCP_NODELAY` on the connections QEMU accepted on `ports` that
+    /// are new. The guest's post-copy page requests travel back to the
+    /// source on the main connection; without it, Nagle holds each request
+    /// until the source has acknowledged the previous one, and that
+    /// acknowledgement rides on the source's next paced burst of the bulk
+    /// stream (2.7 ms at 22.5 MB/s, most of a fault's time under QEMU 10).
+    fn tune(&mut self, vm: &str, pid: u32, ports: &[u16]) {
+        for &port in ports {
+            let sockets = match spore_qemu::sockets::accepted_sockets(pid, port) {
+                Ok(s) => s,
+                Err(e) => {
+                    if !std::mem::replace(&mut self.warned, true) {
+                        tracing::warn!(vm, error = %e, "the incoming migration connections cannot be tuned");
                     }
+                    continue;
                 }
-            }
-            Err(e) => {
-                if tuned.insert(-1) {
-                    tracing::warn!(vm, error = %e, "the incoming migration connections cannot be tuned");
+            };
+            for s in sockets.iter().filter(|s| self.tuned.insert((port, s.fd))) {
+                match s.set_nodelay() {
+                    Ok(()) => {
+                        tracing::debug!(vm, fd = s.fd, "incoming migration connection: TCP_NODELAY")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm, fd = s.fd, error = %e, "TCP_NODELAY on an incoming migration connection")
+                    }
                 }
             }
         }
