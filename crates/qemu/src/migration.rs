@@ -182,7 +182,7 @@ impl Qmp {
     /// Forces a post-copy migration whose link is stuck into
     /// `postcopy-paused`, from where it can be recovered.
     pub fn migrate_pause(&mut self) -> Result<(), QmpError> {
-        self.execute("migrate-pause", None)?;
+        self.execute_oob("migrate-pause", None)?;
         Ok(())
     }
 
@@ -194,8 +194,10 @@ impl Qmp {
     }
 
     /// Destination of a paused post-copy migration: listen again.
+    /// Out of band where the connection allows it ([`Qmp::connect_oob`]):
+    /// the destination's main thread may be blocked on a missing page.
     pub fn migrate_recover(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate-recover", Some(json!({ "uri": uri })))?;
+        self.execute_oob("migrate-recover", Some(json!({ "uri": uri })))?;
         Ok(())
     }
 

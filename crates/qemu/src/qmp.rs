@@ -64,12 +64,28 @@ pub struct Qmp {
     writer: UnixStream,
     /// Events received while waiting for command replies.
     pub events: Vec<Value>,
+    /// Out-of-band execution was negotiated ([`Qmp::connect_oob`]).
+    oob: bool,
+    next_id: u64,
 }
 
 impl Qmp {
     /// Connects, retrying until `timeout` (QEMU creates the socket shortly
     /// after it starts), and negotiates capabilities.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::open(path, timeout, false)
+    }
+
+    /// [`Qmp::connect`], with out-of-band execution enabled where QEMU
+    /// offers it: [`Qmp::execute_oob`] then runs commands that QEMU allows
+    /// out of band (`migrate-recover`, `migrate-pause`) even while its main
+    /// thread is blocked, as a post-copy destination's is on a page that
+    /// will not come until the migration is recovered.
+    pub fn connect_oob(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::open(path, timeout, true)
+    }
+
+    fn open(path: &Path, timeout: Duration, oob: bool) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
@@ -84,13 +100,45 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
             events: Vec::new(),
+            oob: false,
+            next_id: 0,
         };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Closed);
         }
-        qmp.execute("qmp_capabilities", None)?;
+        let offered = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if oob && offered {
+            qmp.execute("qmp_capabilities", Some(json!({ "enable": ["oob"] })))?;
+            qmp.oob = true;
+        } else {
+            qmp.execute("qmp_capabilities", None)?;
+        }
         Ok(qmp)
+    }
+
+    /// Runs a command out of band when that was negotiated, else as usual.
+    /// Its answer is told by its id: one to an earlier command that timed
+    /// out (QEMU answers it once its main thread is free) is passed over.
+    pub fn execute_oob(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        if !self.oob {
+            return self.execute(command, arguments);
+        }
+        let id = self.new_id();
+        let mut msg = json!({ "exec-oob": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut line = serde_json::to_vec(&msg)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        self.reply(command, Some(&id))
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {
@@ -107,16 +155,43 @@ impl Qmp {
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
+        // With out-of-band execution on, answers are told by id: one to a
+        // command that timed out earlier may come in first.
+        let id = self.oob.then(|| self.new_id());
+        if let Some(id) = &id {
+            msg["id"] = json!(id);
+        }
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
-        self.reply(command)
+        self.reply(command, id.as_deref())
     }
 
-    /// Reads until the reply to `command`, keeping events.
-    fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
+    fn new_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("spore-{}", self.next_id)
+    }
+
+    /// How long a command may wait for its answer (30 s unless set): a
+    /// command that times out fails, and with out-of-band execution on the
+    /// connection stays usable (its late answer is passed over).
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        self.writer.set_read_timeout(Some(timeout))?;
+        Ok(())
+    }
+
+    /// Reads until the reply to `command` (the one with `id`, if given),
+    /// keeping events.
+    fn reply(&mut self, command: &str, id: Option<&str>) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message()?;
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+                continue;
+            }
+            if id.is_some_and(|id| reply["id"] != id) {
+                continue;
+            }
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());
             }
@@ -126,9 +201,6 @@ impl Qmp {
                     class: err["class"].as_str().unwrap_or("?").to_owned(),
                     desc: err["desc"].as_str().unwrap_or("?").to_owned(),
                 });
-            }
-            if reply.get("event").is_some() {
-                self.events.push(reply);
             }
         }
     }
@@ -174,7 +246,7 @@ impl Qmp {
         if (sent as usize) < line.len() {
             return Err(QmpError::Invalid("getfd command was cut short".into()));
         }
-        self.reply("getfd").map(|_| ())
+        self.reply("getfd", None).map(|_| ())
     }
 
     /// Waits up to `timeout` for an asynchronous event (one that arrived
@@ -277,6 +349,45 @@ mod tests {
         let mut q = Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(5)).unwrap();
         assert_eq!(q.version().unwrap(), (10, 0, 2));
         assert!(q.version().is_err());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn out_of_band_answers_are_told_by_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n")
+                .unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("\"enable\":[\"oob\"]"), "{line}");
+            s.write_all(b"{\"return\": {}}\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let cmd: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(cmd["exec-oob"], "migrate-recover");
+            let id = cmd["id"].as_str().unwrap().to_owned();
+            // A late answer to an earlier in-band command, an event, then ours.
+            s.write_all(b"{\"return\": {\"status\": \"running\"}}\n")
+                .unwrap();
+            s.write_all(b"{\"event\": \"RESUME\"}\n").unwrap();
+            s.write_all(
+                format!("{{\"id\": \"{id}\", \"error\": {{\"class\": \"GenericError\", \"desc\": \"not paused\"}}}}\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        let mut q = Qmp::connect_oob(&path, Duration::from_secs(5)).unwrap();
+        let e = q
+            .execute_oob("migrate-recover", Some(json!({ "uri": "tcp:127.0.0.1:1" })))
+            .unwrap_err();
+        assert!(e.to_string().contains("not paused"), "{e}");
+        assert_eq!(q.events.len(), 1);
         t.join().unwrap();
     }
 

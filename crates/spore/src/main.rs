@@ -23,6 +23,20 @@ fn default_data_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if !matches!(
+        args.command,
+        cli::Command::Agent(_) | cli::Command::Bench(_)
+    ) {
+        // A client command piped into `head` ends quietly when the pipe
+        // closes, as Unix tools do, instead of panicking on the write. The
+        // agent and the benchmarks keep Rust's default (SIGPIPE ignored,
+        // EPIPE as an error), since they write to sockets.
+        // SAFETY: restoring a signal's default disposition at start-up,
+        // before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPORE_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if matches!(args.command, cli::Command::Agent(_)) {
             "info"

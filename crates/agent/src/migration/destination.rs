@@ -42,6 +42,8 @@ pub struct Incoming {
 }
 
 const POLL: Duration = Duration::from_millis(5);
+/// How long the destination waits for an in-band QMP answer.
+const INCOMING_QMP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often QEMU's accepted migration connections are looked for.
 const TUNE_EVERY: Duration = Duration::from_millis(50);
 
@@ -179,10 +181,15 @@ impl Agent {
                 listen: listen.clone(),
             };
             self.start_vm(&req.vm, rec, start, Instant::now())?;
-            let qmp = Qmp::connect(
+            // Out of band, so that a post-copy recovery can reach QEMU
+            // while its main thread waits for a page (incoming_recover);
+            // and a short wait for in-band answers, so that the watcher's
+            // status poll, blocked the same way, lets go of the monitor.
+            let mut qmp = Qmp::connect_oob(
                 &self.vms.dir(&req.vm).join("qmp.sock"),
                 Duration::from_secs(5),
             )?;
+            qmp.set_timeout(INCOMING_QMP_TIMEOUT)?;
             let entry = Arc::new(Incoming {
                 vm: req.vm.clone(),
                 from: req.from.clone(),
@@ -289,7 +296,10 @@ impl Agent {
 
     /// A post-copy migration whose link broke: pause this side too (a
     /// connection that silently stopped is not noticed by QEMU), then
-    /// listen again for the source's resumed stream.
+    /// listen again for the source's resumed stream. Only out-of-band
+    /// commands: the main thread of a destination QEMU whose guest touched
+    /// a page that did not come is blocked until recovery, and in-band
+    /// commands wait for it (they timed out, and recovery never happened).
     pub fn incoming_recover(&self, vm: &str) -> Result<IncomingReady> {
         let inc = self.incoming(vm)?;
         let listen = self.migration_listen()?;
@@ -300,29 +310,21 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(5);
         tracing::warn!(vm, "post-copy recovery requested");
         loop {
-            let p = qmp.migration_progress()?;
-            tracing::debug!(vm, status = %p.status, "post-copy recovery: destination state");
-            match p.status.as_str() {
-                "postcopy-paused" => break,
-                "postcopy-active" => {
+            match qmp.migrate_recover(&listen) {
+                Ok(()) => break,
+                // Not paused yet (QEMU has not noticed the link): pause it.
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(vm, error = %e, "post-copy recovery: pausing the destination first");
                     let _ = qmp.migrate_pause();
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                other => {
-                    if Instant::now() > deadline {
-                        return Err(AgentError::State(format!(
-                            "the incoming migration of {vm} is {other}, not paused in post-copy"
-                        )));
-                    }
+                Err(e) => {
+                    return Err(AgentError::State(format!(
+                        "the incoming migration of {vm} could not listen again: {e}"
+                    )))
                 }
             }
-            if Instant::now() > deadline {
-                return Err(AgentError::State(format!(
-                    "the incoming migration of {vm} did not pause"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        qmp.migrate_recover(&listen)?;
         tracing::warn!(vm, %listen, "post-copy recovery: listening again");
         inc.ports.lock().push(listen_port(&listen));
         Ok(IncomingReady {
