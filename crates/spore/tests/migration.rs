@@ -282,5 +282,14 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
         assert_eq!(src[0]["state"], "failed", "{src:?}");
         assert!(src[0]["pid"].as_u64().is_some(), "{src:?}");
         eprintln!("post-copy was not recovered (failed loudly): {e}");
+        // What the destination said, for whoever reads this.
+        let log = std::fs::read_to_string(c.dir.path().join(&c.name).join("node1.log"))
+            .unwrap_or_default();
+        for line in log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        {
+            eprintln!("  node1: {line}");
+        }
     }
 }

@@ -869,11 +869,18 @@ impl Agent {
                 )
             })
             .unwrap_or_else(|e| format!("unknown ({e})"));
+        // What the destination last said of itself.
+        let there = if last_error.contains(": 404") {
+            "it no longer has the incoming migration (its QEMU ended, or it removed the VM: \
+             see its log), so the guest is lost"
+        } else {
+            "not reached or refused, so its state is unknown: its QEMU, if it still runs, holds \
+             the guest paused, waiting for the rest of its memory"
+        };
         let msg = format!(
             "post-copy could not be recovered in {} s ({attempt} attempts, last: {last_error}). \
              Source (this host): QEMU kept with migration state {here}; it holds the only copy \
-             of that memory. Destination {}: the guest is paused there waiting for it. \
-             Neither side was removed.",
+             of that memory, and was not removed. Destination {}: {there}.",
             RECOVERY_BUDGET.as_secs(),
             peer_url(peer)
         );
