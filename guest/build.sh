@@ -82,13 +82,13 @@ log "kernel: $KPKG"
 
 if [ ! -f "$KDIR/.unpacked" ]; then
     mkdir -p "$WORK/kernel"
-    deb=$(ls "$WORK/kernel/${KPKG}_"*.deb 2>/dev/null | head -n1 || true)
+    deb=$(ls "$WORK/kernel/${KPKG}_"*.deb 2>/dev/null | sed -n 1p || true)
     if [ -z "$deb" ]; then
         log "downloading $KPKG"
         ( cd "$WORK/kernel" && apt-get download -o APT::Sandbox::User=root "$KPKG" >&2 ) \
             || { apt_update_once; ( cd "$WORK/kernel" && apt-get download -o APT::Sandbox::User=root "$KPKG" >&2 ); } \
             || die "apt-get download $KPKG failed"
-        deb=$(ls "$WORK/kernel/${KPKG}_"*.deb | head -n1)
+        deb=$(ls "$WORK/kernel/${KPKG}_"*.deb | sed -n 1p)
     fi
     log "unpacking $(basename "$deb")"
     rm -rf "$KDIR"
@@ -253,8 +253,8 @@ ROOTFS_STAMP=$( {
     sha256sum < "$GUEST_DIR/build.sh"
     sha256sum < "$GUEST_DIR/lib.sh"
     sha256sum < "$GUEST_DIR/tools/spore-reseed.c"
-    gcc --version | head -n1
-    mke2fs -V 2>&1 | head -n1
+    gcc --version | sed -n 1p
+    mke2fs -V 2>&1 | sed -n 1p
 } | hash_str)
 
 # Deterministic incompressible filler, written into DIR:
@@ -310,7 +310,7 @@ populate_image() {
     # debugfs does not stop on a failed command; its errors look like
     # "<command>: <message>" lines without the "debugfs: " prompt prefix
     if grep -v -e '^debugfs' -e '^Allocated inode' -e '^Setting current time' -e '^$' "$WORK/populate.log" | grep -q .; then
-        grep -v -e '^debugfs' -e '^Allocated inode' -e '^Setting current time' -e '^$' "$WORK/populate.log" | head -n 20 >&2
+        grep -v -e '^debugfs' -e '^Allocated inode' -e '^Setting current time' -e '^$' "$WORK/populate.log" | sed -n 1,20p >&2
         die "debugfs reported errors while populating the image (log: $WORK/populate.log)"
     fi
 }

@@ -88,7 +88,7 @@ say "a burst of 8 clones: resumed from the template, not booted (compare with th
 "$SPORE" vm clone web-t --count 8 --name api
 sleep 2
 for v in api-1 api-2 api-3; do
-    "$SPORE" vm log "$v" | grep -a -o -E 'SPORE-(IDENTITY|COUNTER).*' | head -n 2 | sed "s/^/  [$v] /"
+    "$SPORE" vm log "$v" | grep -a -o -E 'SPORE-(IDENTITY|COUNTER).*' | sed -n "1,2s/^/  [$v] /p"
 done
 echo "Each clone kept counting from where 'web' was, with its own hostname, MAC, instance id and RNG." >&2
 say "a clone bigger than its template (memory and CPUs hot-plugged, seen from inside)"

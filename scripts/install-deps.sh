@@ -15,7 +15,7 @@ QEMU_MIN_MAJOR=9
 
 # The major version a QEMU tool prints, or 0.
 qemu_major() {
-    "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1 | grep . || echo 0
+    "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | sed -n 1p | grep . || echo 0
 }
 
 need=()
@@ -64,10 +64,10 @@ else
     # Both QEMU packages in one call, from one suite (see above).
     echo "[deps] apt-get install ${qemu_suite[*]} qemu-system-x86 qemu-utils" >&2
     apt-get install -y -q --no-install-recommends "${qemu_suite[@]}" qemu-system-x86 qemu-utils >/dev/null
-    qemu-system-x86_64 --version | head -1 >&2
+    qemu-system-x86_64 --version | sed -n 1p >&2
     for tool in qemu-system-x86_64 qemu-img; do
         if [ "$(qemu_major "$tool")" -lt "$QEMU_MIN_MAJOR" ]; then
-            echo "[deps] $tool is older than $QEMU_MIN_MAJOR.0: $("$tool" --version | head -1)" >&2
+            echo "[deps] $tool is older than $QEMU_MIN_MAJOR.0: $("$tool" --version | sed -n 1p)" >&2
             exit 1
         fi
     done
