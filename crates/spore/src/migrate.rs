@@ -29,7 +29,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u64,
     /// Cap on the migration's use of the link, e.g. 200mbit, 1gbit (QEMU's limit,
-    /// and pacing of its connection)
+    /// pacing of its connection, and the disk's block batches)
     #[arg(long)]
     pub bandwidth: Option<Rate>,
     /// Give up if the VM has not switched hosts after this many seconds (it keeps running here)

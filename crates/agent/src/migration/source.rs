@@ -117,22 +117,64 @@ impl Job {
     }
 }
 
-/// Sends a disk's written blocks to the destination in batches.
+/// Sends a disk's written blocks to the destination in batches, within
+/// the migration's `--bandwidth`.
 struct DiskSender<'a> {
     disk: &'a Disk,
     peer: &'a PeerClient,
     path: String,
+    /// The cap, bytes per second.
+    cap: Option<u64>,
+    /// Granules a pass held back to stay within its share of the cap
+    /// (sorted); the next pass sends them first.
+    held: Mutex<Vec<u64>>,
+}
+
+/// When a pass sends blocks, how the disk's bytes fit in the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskPass {
+    /// Before the memory copy starts: the whole cap, paced.
+    First,
+    /// While QEMU copies memory: at most a quarter of the cap per pass
+    /// (QEMU's stream is slowed by what was sent); the rest waits.
+    During,
+    /// The guest is paused for the switch: everything, unpaced (QEMU lifts
+    /// its own limit for this phase too).
+    Last,
 }
 
 impl DiskSender<'_> {
-    /// Sends the given granules (sorted); returns the bytes sent.
-    fn send(&self, granules: &[u64]) -> Result<u64> {
+    /// Sends this pass's share of `granules` and of what earlier passes
+    /// held back; returns the bytes sent.
+    fn send(&self, granules: Vec<u64>, pass: DiskPass) -> Result<u64> {
+        let budget = match (pass, self.cap) {
+            (DiskPass::During, Some(cap)) => Some(cap / 4 * DISK_PASS_EVERY.as_secs().max(1)),
+            _ => None,
+        };
+        let now = {
+            let mut held = self.held.lock();
+            share_of_pass(&mut held, granules, budget)
+        };
+        let rate = match pass {
+            DiskPass::First => self.cap,
+            DiskPass::During | DiskPass::Last => None,
+        };
+        self.send_now(&now, rate)
+    }
+
+    /// Sends the given granules (sorted), paced at `rate` bytes per second
+    /// if given; returns the bytes sent.
+    fn send_now(&self, granules: &[u64], rate: Option<u64>) -> Result<u64> {
         let size = self.disk.overlay().size();
+        let start = Instant::now();
         let mut batch = BatchWriter::new(size);
         let mut sent = 0u64;
-        let flush = |batch: BatchWriter| -> Result<u64> {
+        let flush = |batch: BatchWriter, sent: u64| -> Result<u64> {
             let n = batch.data_bytes() as u64;
             let _: u64 = self.peer.put_bytes(&self.path, &batch.finish())?;
+            if let Some(rate) = rate {
+                std::thread::sleep(pace_wait(sent + n, rate, start.elapsed()));
+            }
             Ok(n)
         };
         for (first, n) in granule_runs(granules, 256) {
@@ -145,14 +187,37 @@ impl DiskSender<'_> {
                 .map_err(AgentError::io("reading the disk's written blocks"))?;
             batch.push(offset, &buf);
             if batch.data_bytes() >= BATCH_BYTES {
-                sent += flush(std::mem::replace(&mut batch, BatchWriter::new(size)))?;
+                sent += flush(std::mem::replace(&mut batch, BatchWriter::new(size)), sent)?;
             }
         }
         if !batch.is_empty() {
-            sent += flush(batch)?;
+            sent += flush(batch, sent)?;
         }
         Ok(sent)
     }
+}
+
+/// The granules a pass sends: what earlier passes held back and the newly
+/// written ones (sorted, each once), at most `budget` bytes of them (at
+/// least one granule); the rest is held back for the next pass.
+fn share_of_pass(held: &mut Vec<u64>, new: Vec<u64>, budget: Option<u64>) -> Vec<u64> {
+    let mut all = std::mem::take(held);
+    all.extend(new);
+    all.sort_unstable();
+    all.dedup();
+    if let Some(budget) = budget {
+        let n = (budget / GRANULE).max(1) as usize;
+        if all.len() > n {
+            *held = all.split_off(n);
+        }
+    }
+    all
+}
+
+/// How long to wait after `sent` bytes, `elapsed` into a send paced at
+/// `rate` bytes per second.
+fn pace_wait(sent: u64, rate: u64, elapsed: Duration) -> Duration {
+    Duration::from_secs_f64(sent as f64 / rate.max(1) as f64).saturating_sub(elapsed)
 }
 
 /// Asks the destination to remove what it made, unless disarmed.
@@ -412,28 +477,31 @@ impl Agent {
             disk: &disk,
             peer: &peer,
             path: format!("/v1/migrations/{name}/blocks"),
+            cap: req.bandwidth,
+            held: Mutex::new(Vec::new()),
         };
-        let send_pass = |granules: Vec<u64>, last: bool| -> Result<()> {
+        let send_pass = |granules: Vec<u64>, pass: DiskPass| -> Result<u64> {
+            let last = pass == DiskPass::Last;
             // Nothing written: no request (while paused, a round trip is
             // downtime).
-            if granules.is_empty() {
+            if granules.is_empty() && sender.held.lock().is_empty() {
                 if last {
                     job.info.lock().disk_final_bytes = 0;
                 }
-                return Ok(());
+                return Ok(0);
             }
-            let bytes = sender.send(&granules)?;
+            let bytes = sender.send(granules, pass)?;
             let mut i = job.info.lock();
             i.disk_bytes += bytes;
             i.disk_passes += 1;
             if last {
                 i.disk_final_bytes = bytes;
             }
-            Ok(())
+            Ok(bytes)
         };
         let written = disk.overlay().start_tracking();
         let result = (|| -> Result<()> {
-            send_pass(written, false)?;
+            send_pass(written, DiskPass::First)?;
             self.start_qemu_migration(
                 &mut qmp,
                 req,
@@ -478,9 +546,9 @@ impl Agent {
             name,
             sampling,
             &mut conns,
-            || send_pass(disk.overlay().take_tracked(), false),
+            || send_pass(disk.overlay().take_tracked(), DiskPass::During),
             || {
-                let r = send_pass(disk.overlay().take_tracked(), true);
+                let r = send_pass(disk.overlay().take_tracked(), DiskPass::Last);
                 disk.overlay().stop_tracking();
                 r
             },
@@ -617,11 +685,13 @@ impl Agent {
         name: &str,
         sampling: bool,
         conns: &mut Option<Connections>,
-        disk_pass: impl Fn() -> Result<()>,
-        final_pass: impl Fn() -> Result<()>,
+        disk_pass: impl Fn() -> Result<u64>,
+        final_pass: impl Fn() -> Result<u64>,
     ) -> Result<()> {
         let deadline = job.t0 + Duration::from_secs(req.timeout_s);
         let mut last_disk = Instant::now();
+        // QEMU's limit, the cap less the disk's last pass.
+        let mut ram_cap = req.bandwidth.unwrap_or(UNLIMITED);
         let mut last_sample = Instant::now() - TIMELINE_EVERY;
         let mut last_status = String::new();
         let mut moved = (0u64, Instant::now());
@@ -794,8 +864,17 @@ impl Agent {
                     }
                 }
                 if p.status == "active" && last_disk.elapsed() >= DISK_PASS_EVERY {
-                    disk_pass()?;
+                    let sent = disk_pass()?;
                     last_disk = Instant::now();
+                    // The disk's bytes of this pass come out of QEMU's
+                    // share of the cap until the next pass.
+                    if let Some(cap) = req.bandwidth {
+                        let ram = cap.saturating_sub(sent / DISK_PASS_EVERY.as_secs().max(1));
+                        if ram != ram_cap {
+                            qmp.set_parameters(json!({ "max-bandwidth": ram }))?;
+                            ram_cap = ram;
+                        }
+                    }
                 }
             }
             last_status = p.status;
@@ -917,4 +996,51 @@ impl Agent {
 
 fn peer_url(p: &PeerClient) -> String {
     p.host().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_within_its_budget_holds_the_rest_back_for_the_next() {
+        let mut held = Vec::new();
+        // Two granules' worth of budget: the lowest two go, three wait.
+        let now = share_of_pass(&mut held, vec![9, 3, 5, 1, 7], Some(2 * GRANULE));
+        assert_eq!(now, [1, 3]);
+        assert_eq!(held, [5, 7, 9]);
+        // Held ones and new ones, each once, in disk order.
+        let now = share_of_pass(&mut held, vec![7, 2], Some(3 * GRANULE));
+        assert_eq!(now, [2, 5, 7]);
+        assert_eq!(held, [9]);
+        // Unbounded (the last pass, at the switch): everything.
+        let now = share_of_pass(&mut held, vec![4, 8, 6], None);
+        assert_eq!(now, [4, 6, 8, 9]);
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn a_budget_below_one_granule_still_moves_one() {
+        let mut held = Vec::new();
+        assert_eq!(share_of_pass(&mut held, vec![2, 1], Some(10)), [1]);
+        assert_eq!(held, [2]);
+        assert!(share_of_pass(&mut Vec::new(), Vec::new(), Some(10)).is_empty());
+    }
+
+    #[test]
+    fn pacing_waits_until_the_bytes_fit_the_rate() {
+        let rate = 1_000_000;
+        // 4 MB sent at 1 MB/s, 1 s in: 3 s more.
+        assert_eq!(
+            pace_wait(4_000_000, rate, Duration::from_secs(1)),
+            Duration::from_secs(3)
+        );
+        // Already slower than the rate: no wait.
+        assert_eq!(
+            pace_wait(1_000_000, rate, Duration::from_secs(2)),
+            Duration::ZERO
+        );
+        // A zero rate does not divide by zero.
+        assert!(pace_wait(10, 0, Duration::ZERO) > Duration::ZERO);
+    }
 }
