@@ -80,10 +80,27 @@ pub struct TemplateRecord {
     /// Found at the origin (not captured here).
     #[serde(default)]
     pub remote: bool,
+    /// Boot RAM exactly as the template's QEMU had it (KiB); absent from
+    /// templates made before it was recorded (see [`TemplateRecord::boot_ram_kib`]).
+    #[serde(default)]
+    pub ram_kib: Option<u64>,
 }
 
-/// Version of the description in a template's bundle.
-const TEMPLATE_FORMAT: u32 = 1;
+impl TemplateRecord {
+    /// The boot RAM a clone's QEMU must have to load the template's state.
+    /// Templates that did not record it were made when TCG boot RAM was
+    /// always 8 KiB short (`spore_qemu::cmdline::ram_kib_for`).
+    pub fn boot_ram_kib(&self) -> u64 {
+        self.ram_kib.unwrap_or_else(|| {
+            let accel = self.accel.parse().unwrap_or(spore_qemu::Accel::Tcg);
+            spore_qemu::cmdline::ram_kib_for(self.memory_mib, accel, None)
+        })
+    }
+}
+
+/// Version of the description in a template's bundle (2 added `ram_kib`;
+/// 1 is still read).
+const TEMPLATE_FORMAT: u32 = 2;
 /// Bound on a bundle image read whole.
 const MAX_BUNDLE: u64 = 64 << 20;
 
@@ -109,6 +126,27 @@ struct TemplateMeta {
     ram_chunks: u64,
     state_bytes: u64,
     created: u64,
+    /// Boot RAM, KiB (format 2).
+    #[serde(default)]
+    ram_kib: Option<u64>,
+}
+
+impl TemplateMeta {
+    /// A bundle's description, checked: a known format, and what that
+    /// format must have.
+    fn read(v: &serde_json::Value) -> std::result::Result<TemplateMeta, String> {
+        let meta: TemplateMeta = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        if !(1..=TEMPLATE_FORMAT).contains(&meta.format) {
+            return Err(format!(
+                "description format {} (this build reads 1 to {TEMPLATE_FORMAT})",
+                meta.format
+            ));
+        }
+        if meta.format >= 2 && meta.ram_kib.is_none() {
+            return Err("a format 2 description without ram_kib".into());
+        }
+        Ok(meta)
+    }
 }
 
 /// A template's RAM image as the bytes of a memfs file.
@@ -259,6 +297,8 @@ impl Agent {
         let paused = Instant::now();
         let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
             .map_err(qmp_err)?;
+        // Clones must have exactly this boot RAM to load the state.
+        let ram_kib = qmp.memory_layout().map_err(qmp_err)?.base_kib;
         if let Err(e) = qmp.save_state(&state, Duration::from_secs(60)) {
             let _ = qmp.execute("cont", None);
             return Err(qmp_err(e));
@@ -307,6 +347,7 @@ impl Agent {
             source_after: String::new(),
             boot_image: format!("{name}.boot"),
             remote: false,
+            ram_kib: Some(ram_kib),
         };
 
         // 5. The source: resumed from the template (same name, disk and
@@ -328,6 +369,7 @@ impl Agent {
                 hold: false,
                 state: state.clone(),
                 memory_mib: t.memory_mib,
+                ram_kib: t.boot_ram_kib(),
                 cpus: t.cpus,
             };
             Some(self.start_vm(vm, again, start, Instant::now()))
@@ -398,6 +440,7 @@ impl Agent {
             ram_chunks: t.ram_chunks,
             state_bytes: t.state_bytes,
             created: t.created,
+            ram_kib: Some(t.boot_ram_kib()),
         };
         self.store_bundle(&t.boot_image, &dir, &meta, &state)?;
         self.meta.put(Table::Templates, name, &t)?;
@@ -497,14 +540,7 @@ impl Agent {
             .map_err(|e| AgentError::State(format!("reading {boot_image}: {e}")))?;
         let bad = |why: String| AgentError::State(format!("template {name} at the origin: {why}"));
         let bundle = Bundle::decode(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta: TemplateMeta =
-            serde_json::from_value(bundle.meta.clone()).map_err(|e| bad(e.to_string()))?;
-        if meta.format != TEMPLATE_FORMAT {
-            return Err(bad(format!(
-                "description format {} (this build reads {TEMPLATE_FORMAT})",
-                meta.format
-            )));
-        }
+        let meta = TemplateMeta::read(&bundle.meta).map_err(bad)?;
         if meta.name != name {
             return Err(bad(format!(
                 "its bundle describes template {:?}",
@@ -550,6 +586,7 @@ impl Agent {
             source_after: "captured on another host".into(),
             boot_image,
             remote: true,
+            ram_kib: meta.ram_kib,
         };
         self.meta.put(Table::Templates, name, &t)?;
         tracing::info!(template = name, "template found at the origin");
@@ -793,6 +830,7 @@ impl Agent {
                                 hold: false,
                                 state: state.clone(),
                                 memory_mib: t.memory_mib,
+                                ram_kib: t.boot_ram_kib(),
                                 cpus: t.cpus,
                             };
                             self.create_disk(&vm, &t.disk_image, Some(&vm))
@@ -1031,6 +1069,7 @@ impl Agent {
             hold: true,
             state: self.template_dir(template).join("state"),
             memory_mib: t.memory_mib,
+            ram_kib: t.boot_ram_kib(),
             cpus: t.cpus,
         };
         let r = self
@@ -1181,5 +1220,70 @@ mod tests {
         let mut v = vec!["web-10", "web-2", "web-1", "api"];
         v.sort_by_key(|n| natural(n));
         assert_eq!(v, ["api", "web-1", "web-2", "web-10"]);
+    }
+
+    fn meta_json(format: u32, ram_kib: Option<u64>) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "format": format, "name": "t1", "source_vm": "src", "source_image": "base",
+            "memory_mib": 512, "cpus": 1, "max_memory_mib": 4096, "max_cpus": 8,
+            "accel": "tcg", "ram_image": "t1.ram", "ram_manifest": "00",
+            "disk_image": "t1.disk", "disk_manifest": "00", "ram_stored_bytes": 1,
+            "ram_chunks": 1, "state_bytes": 1, "created": 1
+        });
+        if let Some(k) = ram_kib {
+            v["ram_kib"] = k.into();
+        }
+        v
+    }
+
+    #[test]
+    fn descriptions_of_both_formats_are_read_and_others_refused() {
+        // Format 1 (no ram_kib): clones get the 8 KiB short TCG RAM that
+        // every VM had when it was written.
+        let m = TemplateMeta::read(&meta_json(1, None)).unwrap();
+        assert_eq!(m.ram_kib, None);
+        let t = TemplateRecord {
+            source_vm: m.source_vm,
+            source_image: m.source_image,
+            memory_mib: m.memory_mib,
+            cpus: m.cpus,
+            max_memory_mib: m.max_memory_mib,
+            max_cpus: m.max_cpus,
+            accel: m.accel,
+            ram_image: m.ram_image,
+            disk_image: m.disk_image,
+            ram_stored_bytes: 0,
+            ram_chunks: 0,
+            ram_chunks_deduped: 0,
+            state_bytes: 0,
+            pause_ms: 0.0,
+            created: 0,
+            source_after: String::new(),
+            boot_image: String::new(),
+            remote: true,
+            ram_kib: m.ram_kib,
+        };
+        assert_eq!(t.boot_ram_kib(), 512 * 1024 - 8);
+        let kvm = TemplateRecord {
+            accel: "kvm".into(),
+            ..t.clone()
+        };
+        assert_eq!(kvm.boot_ram_kib(), 512 * 1024);
+        // Format 2 says it exactly.
+        let m = TemplateMeta::read(&meta_json(2, Some(512 * 1024))).unwrap();
+        let t = TemplateRecord {
+            ram_kib: m.ram_kib,
+            ..t
+        };
+        assert_eq!(t.boot_ram_kib(), 512 * 1024);
+        for (v, why) in [
+            (meta_json(2, None), "without ram_kib"),
+            (meta_json(3, Some(1)), "format 3"),
+            (meta_json(0, None), "format 0"),
+            (serde_json::json!({"format": 2}), "missing field"),
+        ] {
+            let e = TemplateMeta::read(&v).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
     }
 }

@@ -129,6 +129,8 @@ pub enum Start {
         hold: bool,
         state: PathBuf,
         memory_mib: u64,
+        /// The template's boot RAM exactly.
+        ram_kib: u64,
         cpus: u32,
     },
     /// The destination of a live migration: its own shared RAM file, the
@@ -540,7 +542,8 @@ impl Agent {
             }
         }
         fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
-        let (ram, memory_mib, cpus) = match &start {
+        let accel: spore_qemu::Accel = rec.accel.parse().map_err(AgentError::Invalid)?;
+        let (ram, memory_mib, ram_kib, cpus) = match &start {
             Start::Boot => (
                 RamFile {
                     path: self.vms.ram_file(name),
@@ -548,6 +551,7 @@ impl Agent {
                     readonly: false,
                 },
                 rec.memory_mib,
+                spore_qemu::cmdline::ram_kib(rec.memory_mib, accel),
                 rec.cpus,
             ),
             Start::Incoming { layout, .. } => (
@@ -557,11 +561,13 @@ impl Agent {
                     readonly: false,
                 },
                 layout.base_mib,
+                layout.base_kib,
                 layout.boot_cpus,
             ),
             Start::Resume {
                 ram,
                 memory_mib,
+                ram_kib,
                 cpus,
                 ..
             } => {
@@ -574,6 +580,7 @@ impl Agent {
                         readonly: false,
                     },
                     *memory_mib,
+                    *ram_kib,
                     *cpus,
                 )
             }
@@ -581,8 +588,9 @@ impl Agent {
         let identity = rec.identity.clone();
         let spec = VmSpec {
             name: name.to_owned(),
-            accel: rec.accel.parse().map_err(AgentError::Invalid)?,
+            accel,
             memory_mib,
+            ram_kib: Some(ram_kib),
             max_memory_mib: rec.max_memory_mib,
             cpus,
             max_cpus: rec.max_cpus,

@@ -644,6 +644,10 @@ pub struct IncomingRequest {
     /// Base RAM (MiB), DIMMs (id, MiB), boot CPUs: what QEMU must look like
     /// before the stream arrives.
     pub base_mib: u64,
+    /// Base RAM exactly (KiB). Absent from older sources, whose TCG VMs
+    /// had 8 KiB less than `base_mib` (spore_qemu::cmdline::ram_kib_for).
+    #[serde(default)]
+    pub base_kib: Option<u64>,
     pub dimms: Vec<(String, u64)>,
     pub boot_cpus: u32,
     pub mac: Option<String>,

@@ -84,8 +84,11 @@ impl Progress {
 /// hot-plugged on the source.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryLayout {
-    /// RAM given at start (`-m`), MiB.
+    /// RAM given at start (`-m`), MiB (rounded up).
     pub base_mib: u64,
+    /// The same exactly, KiB: what a destination must give its QEMU.
+    #[serde(default)]
+    pub base_kib: u64,
     /// Hot-plugged DIMMs in order: (device id, MiB).
     pub dimms: Vec<(String, u64)>,
     /// CPUs present at start (`-smp`).
@@ -262,6 +265,7 @@ fn parse_layout(summary: &Value, devices: &Value, cpus: &Value) -> MemoryLayout 
             .as_u64()
             .unwrap_or(0)
             .div_ceil(1 << 20),
+        base_kib: summary["base-memory"].as_u64().unwrap_or(0) >> 10,
         dimms,
         // Hot-plugged CPUs have ids, so they live under /machine/peripheral.
         boot_cpus: present
@@ -344,6 +348,7 @@ mod tests {
         ]);
         let l = parse_layout(&summary, &devices, &cpus);
         assert_eq!(l.base_mib, 512);
+        assert_eq!(l.base_kib, 512 * 1024);
         assert_eq!(l.dimms, vec![("dimm1".into(), 128), ("dimm2".into(), 128)]);
         assert_eq!(l.boot_cpus, 2);
         assert_eq!(l.cpus, 3);
@@ -353,6 +358,7 @@ mod tests {
         );
         // boot RAM 8 KiB short of 512 MiB (TCG) is still 512 MiB
         let short = json!({ "base-memory": 536_862_720u64 });
-        assert_eq!(parse_layout(&short, &json!([]), &json!([])).base_mib, 512);
+        let l = parse_layout(&short, &json!([]), &json!([]));
+        assert_eq!((l.base_mib, l.base_kib), (512, 512 * 1024 - 8));
     }
 }

@@ -172,6 +172,11 @@ impl Agent {
             let start = Start::Incoming {
                 layout: MemoryLayout {
                     base_mib: req.base_mib,
+                    // An older source: its TCG boot RAM was 8 KiB short.
+                    base_kib: req.base_kib.unwrap_or_else(|| {
+                        let accel = req.accel.parse().unwrap_or(spore_qemu::Accel::Tcg);
+                        spore_qemu::cmdline::ram_kib_for(req.base_mib, accel, None)
+                    }),
                     dimms: req.dimms.clone(),
                     boot_cpus: req.boot_cpus,
                     cpus: req.cpus,

@@ -25,6 +25,7 @@ use spore_api::{
 use spore_blockdev::batch::{granule_runs, BatchWriter};
 use spore_blockdev::overlay::GRANULE;
 use spore_blockdev::Disk;
+use spore_qemu::cmdline::has_tcg_bitmap_fix;
 use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
 use super::connections::{Connections, DemandMeter};
@@ -396,18 +397,27 @@ impl Agent {
         let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
         let layout = qmp.memory_layout()?;
         let version = qmp.version()?;
-        if rec.accel == "tcg" && !layout.dimms.is_empty() && version < (9, 0, 0) {
+        if rec.accel == "tcg" && !has_tcg_bitmap_fix(Some(version)) {
             // Boot RAM is sized around QEMU's TCG dirty-tracking bug
-            // (spore_qemu::cmdline::ram_kib); a DIMM cannot be.
-            return Err(AgentError::State(format!(
-                "vm {name} has hot-plugged memory ({} DIMMs): under TCG, QEMU before 9.0 \
-                 (this is {}.{}.{}) loses the guest's writes to it during a live migration; \
-                 not migrating",
-                layout.dimms.len(),
-                version.0,
-                version.1,
-                version.2
-            )));
+            // (spore_qemu::cmdline::ram_kib_for); a DIMM cannot be, nor a
+            // clone of a template made under a newer QEMU.
+            let unsafe_ram = if !layout.dimms.is_empty() {
+                Some(format!("hot-plugged memory ({} DIMMs)", layout.dimms.len()))
+            } else if layout.base_kib % 256 == 0 {
+                Some(format!(
+                    "boot RAM in whole 256 KiB ({} KiB)",
+                    layout.base_kib
+                ))
+            } else {
+                None
+            };
+            if let Some(what) = unsafe_ram {
+                return Err(AgentError::State(format!(
+                    "vm {name} has {what}: under TCG, QEMU before 9.0 (this is {}.{}.{}) \
+                     loses the guest's writes to it during a live migration; not migrating",
+                    version.0, version.1, version.2
+                )));
+            }
         }
         let mut policy = Policy::new(
             req.policy,
@@ -441,6 +451,7 @@ impl Agent {
                 max_memory_mib: rec.max_memory_mib,
                 max_cpus: rec.max_cpus,
                 base_mib: layout.base_mib,
+                base_kib: Some(layout.base_kib),
                 dimms: layout.dimms.clone(),
                 boot_cpus: layout.boot_cpus,
                 mac: id.as_ref().map(|i| i.mac.clone()),
