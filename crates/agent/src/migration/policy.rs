@@ -261,7 +261,9 @@ impl Policy {
         if link == 0 {
             return None;
         }
-        // Several samples: the guest is as busy as the busiest one showed.
+        // Several samples: the guest is as busy as the busiest one showed
+        // (and only a new busiest one is worth a line in the report).
+        let busiest = self.sampled.is_none_or(|s| rate > s);
         self.sampled = self.sampled.max(Some(rate));
         let mb = |b: u64| b as f64 / 1e6;
         let ratio = rate as f64 / link as f64;
@@ -275,6 +277,9 @@ impl Policy {
         if ratio >= MP_RATIO {
             let reason = format!("memory pattern: {sampled}");
             return self.react(&at, reason, p.ram_remaining, link);
+        }
+        if !busiest {
+            return None;
         }
         // No prediction yet: what the first pass leaves is not known, and
         // a one-second rate stretched over the rest of the pass wildly
@@ -497,6 +502,17 @@ mod tests {
             .unwrap();
         assert_eq!(d.action, None);
         assert!(d.why.contains("may converge"), "{}", d.why);
+        // A quieter or equal sample adds nothing to say; a busier one does.
+        assert!(p
+            .observe_sampled(MB, &pass(1, 400 * MB, 0, 22 * MB))
+            .is_none());
+        assert!(p
+            .observe_sampled(2 * MB, &pass(1, 380 * MB, 0, 22 * MB))
+            .is_none());
+        let d = p
+            .observe_sampled(3 * MB, &pass(1, 360 * MB, 0, 22 * MB))
+            .unwrap();
+        assert!(d.why.contains("writing 3.0 MB/s"), "{}", d.why);
         let d = p.observe(&pass(2, 100 * MB, 20 * MB, 22 * MB)).unwrap();
         assert_eq!(d.action, Some(Action::Postcopy));
         assert!(d.why.contains("memory pattern: dirtying"), "{}", d.why);
