@@ -198,6 +198,30 @@ impl DiskSender<'_> {
     }
 }
 
+/// RAM that QEMU of `version` cannot track exactly under TCG, if any: its
+/// dirty-bitmap bug before 9.0 loses writes to a RAM block sized in whole
+/// 256 KiB (spore_qemu::cmdline::ram_kib_for sizes boot RAM around it). A
+/// DIMM cannot be sized so, nor a VM that came from a newer QEMU.
+fn untrackable_ram(
+    accel: &str,
+    version: (u64, u64, u64),
+    layout: &spore_qemu::MemoryLayout,
+) -> Option<String> {
+    if accel != "tcg" || has_tcg_bitmap_fix(Some(version)) {
+        return None;
+    }
+    if !layout.dimms.is_empty() {
+        Some(format!("hot-plugged memory ({} DIMMs)", layout.dimms.len()))
+    } else if layout.base_kib.is_multiple_of(256) {
+        Some(format!(
+            "boot RAM in whole 256 KiB ({} KiB)",
+            layout.base_kib
+        ))
+    } else {
+        None
+    }
+}
+
 /// The granules a pass sends: what earlier passes held back and the newly
 /// written ones (sorted, each once), at most `budget` bytes of them (at
 /// least one granule); the rest is held back for the next pass.
@@ -397,27 +421,12 @@ impl Agent {
         let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
         let layout = qmp.memory_layout()?;
         let version = qmp.version()?;
-        if rec.accel == "tcg" && !has_tcg_bitmap_fix(Some(version)) {
-            // Boot RAM is sized around QEMU's TCG dirty-tracking bug
-            // (spore_qemu::cmdline::ram_kib_for); a DIMM cannot be, nor a
-            // clone of a template made under a newer QEMU.
-            let unsafe_ram = if !layout.dimms.is_empty() {
-                Some(format!("hot-plugged memory ({} DIMMs)", layout.dimms.len()))
-            } else if layout.base_kib % 256 == 0 {
-                Some(format!(
-                    "boot RAM in whole 256 KiB ({} KiB)",
-                    layout.base_kib
-                ))
-            } else {
-                None
-            };
-            if let Some(what) = unsafe_ram {
-                return Err(AgentError::State(format!(
-                    "vm {name} has {what}: under TCG, QEMU before 9.0 (this is {}.{}.{}) \
-                     loses the guest's writes to it during a live migration; not migrating",
-                    version.0, version.1, version.2
-                )));
-            }
+        if let Some(what) = untrackable_ram(&rec.accel, version, &layout) {
+            return Err(AgentError::State(format!(
+                "vm {name} has {what}: under TCG, QEMU before 9.0 (this is {}.{}.{}) \
+                 loses the guest's writes to it during a live migration; not migrating",
+                version.0, version.1, version.2
+            )));
         }
         let mut policy = Policy::new(
             req.policy,
@@ -1036,6 +1045,33 @@ mod tests {
         assert_eq!(share_of_pass(&mut held, vec![2, 1], Some(10)), [1]);
         assert_eq!(held, [2]);
         assert!(share_of_pass(&mut Vec::new(), Vec::new(), Some(10)).is_empty());
+    }
+
+    #[test]
+    fn only_ram_an_old_qemu_cannot_track_under_tcg_is_refused() {
+        let layout = |base_kib, dimms: usize| spore_qemu::MemoryLayout {
+            base_mib: base_kib / 1024,
+            base_kib,
+            dimms: (0..dimms).map(|i| (format!("dimm{i}"), 128)).collect(),
+            boot_cpus: 1,
+            cpus: 1,
+        };
+        let old = (7, 2, 15);
+        let short = layout(512 * 1024 - 8, 0);
+        assert_eq!(untrackable_ram("tcg", old, &short), None);
+        let exact = layout(512 * 1024, 0);
+        assert!(untrackable_ram("tcg", old, &exact)
+            .unwrap()
+            .contains("whole 256 KiB"));
+        assert!(untrackable_ram("tcg", old, &layout(512 * 1024 - 8, 2))
+            .unwrap()
+            .contains("2 DIMMs"));
+        // Fixed QEMUs and KVM track any size.
+        for v in [(9, 0, 0), (10, 0, 2)] {
+            assert_eq!(untrackable_ram("tcg", v, &exact), None);
+            assert_eq!(untrackable_ram("tcg", v, &layout(524_288, 3)), None);
+        }
+        assert_eq!(untrackable_ram("kvm", old, &layout(524_288, 3)), None);
     }
 
     #[test]
