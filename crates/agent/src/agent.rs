@@ -197,6 +197,8 @@ pub struct Agent {
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     /// Live migrations away from and to this host.
     pub migrations: crate::migration::Migrations,
+    /// Disks whose overlay could not be opened at start, and why.
+    pub broken_disks: parking_lot::Mutex<std::collections::HashMap<String, String>>,
     _lock: File,
 }
 
@@ -264,6 +266,7 @@ impl Agent {
             memfs: Default::default(),
             standbys: Default::default(),
             migrations: Default::default(),
+            broken_disks: Default::default(),
             _lock: lock,
         });
         agent.recover()?;
@@ -301,17 +304,31 @@ impl Agent {
             }
         }
         for (name, rec) in disks {
-            let base = self.exports.open_image(&rec.manifest)?;
-            let disk = Disk::open(&self.disk_dir(&name), base)?;
-            self.exports.add_disk(&name, Arc::new(disk));
+            // A disk that cannot be opened is reported and left as it is
+            // on disk for repair; every other disk and VM still starts.
+            let opened = (|| -> Result<Disk> {
+                let base = self.exports.open_image(&rec.manifest)?;
+                Ok(Disk::open(&self.disk_dir(&name), base)?)
+            })();
+            match opened {
+                Ok(disk) => self.exports.add_disk(&name, Arc::new(disk)),
+                Err(e) => {
+                    tracing::error!(disk = %name, error = %e.chain(), "disk cannot be opened; not served (its files are kept for repair)");
+                    self.broken_disks.lock().insert(name, e.chain());
+                }
+            }
         }
         self.vms.recover(&self.meta)?;
         self.drop_standbys();
         // Resume completing images whose policy says so.
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             if rec.complete {
-                let dev = self.exports.open_image(&rec.manifest)?;
-                self.complete_in_background(&name, dev.image().flat.chunks());
+                match self.exports.open_image(&rec.manifest) {
+                    Ok(dev) => self.complete_in_background(&name, dev.image().flat.chunks()),
+                    Err(e) => {
+                        tracing::error!(image = %name, error = %AgentError::from(e).chain(), "image cannot be opened; not completed")
+                    }
+                }
             }
         }
         Ok(())

@@ -295,7 +295,7 @@ async fn remove_disk(State(a): S, Path(name): Path<String>) -> Response {
 
 async fn commit_disk(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
     match parse::<CommitRequest>(&body) {
-        Ok(req) => blocking(move || a.commit_disk(&name, &req.name)).await,
+        Ok(req) => blocking(move || a.commit_disk_of_vm(&name, &req.name)).await,
         Err(e) => e.into_response(),
     }
 }
@@ -334,10 +334,29 @@ async fn remove_vm(
     .await
 }
 
-async fn stop_vm(State(a): S, Path(name): Path<String>) -> Response {
+#[derive(Deserialize)]
+struct StopQuery {
+    /// Stop QEMU at once instead of asking the guest to power off.
+    #[serde(default)]
+    force: bool,
+    /// Seconds the guest has to power off before QEMU is stopped.
+    timeout_s: Option<u64>,
+}
+
+/// How long a guest has to power off, unless the caller says.
+const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 60;
+const MAX_SHUTDOWN_TIMEOUT_S: u64 = 3600;
+
+async fn stop_vm(State(a): S, Path(name): Path<String>, Query(q): Query<StopQuery>) -> Response {
     blocking(move || {
         a.not_migrating(&name)?;
-        a.stop_vm(&name)
+        let timeout = q.timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S);
+        if timeout > MAX_SHUTDOWN_TIMEOUT_S {
+            return Err(crate::error::AgentError::Invalid(format!(
+                "timeout_s {timeout} is over the limit of {MAX_SHUTDOWN_TIMEOUT_S}"
+            )));
+        }
+        a.shutdown_vm(&name, q.force, std::time::Duration::from_secs(timeout))
     })
     .await
 }

@@ -43,6 +43,7 @@ impl Agent {
             export: format!("{DISK_PREFIX}{name}"),
             vm: rec.vm.clone(),
             created: rec.created,
+            broken: self.broken_disks.lock().get(name).cloned(),
         }
     }
 
@@ -102,7 +103,38 @@ impl Agent {
         Ok(self.disk_info(name, &rec))
     }
 
+    /// `disk commit` as users call it: a disk whose VM is running is
+    /// committed with the VM paused (QEMU drains and flushes its requests
+    /// when it stops), so the layer is the crash-consistent state of one
+    /// moment, and resumed afterwards.
+    pub fn commit_disk_of_vm(&self, name: &str, new_image: &str) -> Result<ImageSummary> {
+        let rec = self.disk_record(name)?;
+        let Some(vm) = rec.vm.filter(|vm| self.running_vm(vm).is_some()) else {
+            return self.commit_disk(name, new_image);
+        };
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
+        let mut qmp = spore_qemu::Qmp::connect(
+            &self.vms.dir(&vm).join("qmp.sock"),
+            std::time::Duration::from_secs(5),
+        )
+        .map_err(qmp_err)?;
+        let was_running = qmp.status().map_err(qmp_err)? == "running";
+        if was_running {
+            qmp.execute("stop", None).map_err(qmp_err)?;
+            tracing::info!(disk = name, vm = %vm, "vm paused for the commit of its disk");
+        }
+        let result = self.commit_disk(name, new_image);
+        if was_running {
+            if let Err(e) = qmp.execute("cont", None) {
+                tracing::error!(vm = %vm, error = %e, "resuming the vm after committing its disk failed");
+                return Err(qmp_err(e));
+            }
+        }
+        result
+    }
+
     /// Makes the disk's writes a new layer on its image, named `new_image`.
+    /// The caller makes sure nothing writes the disk meanwhile.
     pub fn commit_disk(&self, name: &str, new_image: &str) -> Result<ImageSummary> {
         check_name("image", new_image)?;
         self.disk_record(name)?;
@@ -123,10 +155,11 @@ impl Agent {
                 kind: "disk",
                 name: name.into(),
             })?;
-        let published = {
-            let _shared = self.gc_lock.read();
-            disk.commit(&self.store, &format!("disk {name}"))?
-        };
+        // Pinned until the name is in the metadata store: until then the
+        // new chunks are reachable from nothing, and a garbage collection
+        // would take them.
+        let pin = self.gc_lock.read();
+        let published = disk.commit(&self.store, &format!("disk {name}"))?;
         let rec = ImageRecord {
             manifest: published.id,
             created: now(),
@@ -140,6 +173,7 @@ impl Agent {
             });
         }
         self.exports.bind_image(new_image, published.id);
+        drop(pin);
         tracing::info!(
             disk = name,
             image = new_image,

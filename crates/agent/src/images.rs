@@ -73,6 +73,10 @@ impl Agent {
                 .fetch(&self.store, ids)
                 .map_err(|e| AgentError::State(format!("fetching image {name:?}: {e}")))
         };
+        // Pinned until the name is in the metadata store: until then the
+        // new chunks are reachable from nothing, and a garbage collection
+        // would take them.
+        let pin = self.gc_lock.read();
         fetch(&[manifest])?;
         let layers = spore_image::image::load_manifest(&self.store, &manifest)?.layers;
         fetch(&layers)?;
@@ -96,6 +100,7 @@ impl Agent {
             return self.image_record(name);
         }
         self.exports.bind_image(name, manifest);
+        drop(pin);
         // Prefetch the boot's working set in the order the boot will read
         // it, then what the origin's other readers read most (access
         // frequency), then (with the complete policy) the rest.
@@ -325,8 +330,11 @@ impl Agent {
             .unwrap_or(DEFAULT_BLOCK_SIZE);
         let source = spore_image::source::open(&req.path)?;
         let started = Instant::now();
+        // Pinned until the name is in the metadata store: until then the
+        // new chunks are reachable from nothing, and a garbage collection
+        // would take them.
+        let pin = self.gc_lock.read();
         let published = {
-            let _shared = self.gc_lock.read();
             let name = req
                 .path
                 .file_name()
@@ -354,6 +362,7 @@ impl Agent {
             });
         }
         self.exports.bind_image(&req.name, published.id);
+        drop(pin);
         tracing::info!(image = %req.name, manifest = %published.id, "imported");
         Ok(ImportResult {
             image: self.image_summary(&req.name, &rec)?,

@@ -125,6 +125,10 @@ impl Meta {
         Ok(existed)
     }
 
+    /// Every record of `table` that parses. A record that does not (a
+    /// newer agent's, or damaged) is left where it is, keeps its name
+    /// taken, and is reported, so that one bad record never takes the
+    /// rest of the host down with it.
     pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, MetaError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(table.def())?;
@@ -132,9 +136,15 @@ impl Meta {
         for item in t.iter()? {
             let (k, v) = item?;
             let name = k.value().to_owned();
-            let value =
-                serde_json::from_slice(v.value()).map_err(|e| MetaError::Json(name.clone(), e))?;
-            out.push((name, value));
+            match serde_json::from_slice(v.value()) {
+                Ok(value) => out.push((name, value)),
+                Err(e) => tracing::error!(
+                    table = ?table,
+                    record = %name,
+                    error = %e,
+                    "metadata record cannot be read; left untouched and skipped"
+                ),
+            }
         }
         Ok(out)
     }

@@ -391,8 +391,11 @@ impl Agent {
 
         // 6. RAM into the chunk store, so the template can be pushed,
         //    pulled and inspected like an image.
+        // Pinned until the name is in the metadata store: until then the
+        // new chunks are reachable from nothing, and a garbage collection
+        // would take them.
+        let pin = self.gc_lock.read();
         let published = {
-            let _shared = self.gc_lock.read();
             let source = spore_image::source::open_raw(&tram)?;
             spore_image::import(
                 &self.store,
@@ -418,6 +421,7 @@ impl Agent {
         self.meta
             .insert_new(Table::Images, &ram_image, &image_rec)?;
         self.exports.bind_image(&ram_image, published.id);
+        drop(pin);
 
         // 7. The bundle: what a host that lacks the template needs besides
         //    the RAM and disk images.
@@ -475,8 +479,11 @@ impl Agent {
         bytes.resize(bytes.len().next_multiple_of(RAM_BLOCK_SIZE as usize), 0);
         let tmp = dir.join("bundle.tmp");
         fs::write(&tmp, &bytes).map_err(AgentError::io("writing the template bundle"))?;
+        // Pinned until the name is in the metadata store: until then the
+        // new chunks are reachable from nothing, and a garbage collection
+        // would take them.
+        let pin = self.gc_lock.read();
         let published = {
-            let _shared = self.gc_lock.read();
             let source = spore_image::source::open_raw(&tmp)?;
             spore_image::import(
                 &self.store,
@@ -501,6 +508,7 @@ impl Agent {
             });
         }
         self.exports.bind_image(image, published.id);
+        drop(pin);
         Ok(())
     }
 

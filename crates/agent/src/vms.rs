@@ -298,6 +298,40 @@ impl VmManager {
 
 /// A VM can only grow, within the bounds it booted with, memory in whole
 /// guest memory blocks.
+/// Headroom left in the RAM file system besides a new VM's RAM.
+const RAM_HEADROOM: u64 = 64 << 20;
+
+/// Fails unless the file system of `dir` has room for `ram_kib` of guest
+/// RAM (plus headroom). RAM files are sparse, so the space is promised
+/// to nothing: this counts what is free now, against what this VM needs.
+pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64) -> Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| AgentError::Invalid(format!("RAM directory {}", dir.display())))?;
+    // SAFETY: statvfs writes into the struct we pass; the path is a valid
+    // C string that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(AgentError::Io {
+            context: format!("checking free space in {}", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let need = ram_kib * 1024 + RAM_HEADROOM;
+    if free < need {
+        return Err(AgentError::State(format!(
+            "not enough room for the VM's RAM in {}: {} MiB free, {} MiB needed \
+             (guest RAM plus {} MiB headroom); stop other VMs or give the agent a \
+             larger --ram-dir",
+            dir.display(),
+            free >> 20,
+            need >> 20,
+            RAM_HEADROOM >> 20
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_growth(rec: &VmRecord, memory_mib: u64, cpus: u32) -> Result<()> {
     if memory_mib < rec.memory_mib || cpus < rec.cpus {
         return Err(AgentError::Invalid(format!(
@@ -615,6 +649,16 @@ impl Agent {
             "creating RAM directory {}",
             self.vms.ram_dir().display()
         )))?;
+        // Guest memory is for root's eyes only.
+        let _ = fs::set_permissions(
+            self.vms.ram_dir(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        );
+        if matches!(start, Start::Boot | Start::Incoming { .. }) {
+            // A RAM file in a tmpfs that cannot hold it is a SIGBUS in the
+            // guest the first time it touches the missing page: refuse now.
+            check_ram_room(self.vms.ram_dir(), ram_kib)?;
+        }
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(AgentError::io("creating qemu.log"))?;
         let mut cmd = Command::new(QEMU_BINARY);
@@ -919,6 +963,49 @@ impl Agent {
     }
 
     /// Stops a VM: QMP `quit`, then SIGKILL if QEMU has not gone in time.
+    /// Stops a VM the way `virsh shutdown` does: the guest is asked over
+    /// ACPI (the power button, which every distribution guest handles) and
+    /// given `timeout` to power off, so its file systems are clean; only
+    /// then, or at once with `force` (`virsh destroy`), QEMU is stopped.
+    pub fn shutdown_vm(&self, name: &str, force: bool, timeout: Duration) -> Result<VmInfo> {
+        if force {
+            return self.stop_vm(name);
+        }
+        self.vm_record(name)?;
+        let Some((_, exit)) = self.running_vm(name) else {
+            return self.stop_vm(name);
+        };
+        let qmp = self.vms.dir(name).join("qmp.sock");
+        match Qmp::connect(&qmp, Duration::from_secs(2))
+            .and_then(|mut q| q.execute("system_powerdown", None))
+        {
+            Ok(_) => {
+                self.set_vm_state(name, |r| r.state = VmState::Stopping)?;
+                if exit.wait(timeout) {
+                    tracing::info!(vm = name, "the guest powered off");
+                    return self.get_vm(name);
+                }
+                tracing::warn!(
+                    vm = name,
+                    seconds = timeout.as_secs_f64(),
+                    "the guest did not power off in time; stopping QEMU"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(vm = name, error = %e, "asking the guest to power off failed; stopping QEMU")
+            }
+        }
+        let info = self.stop_vm(name)?;
+        let _ = self.set_vm_state(name, |r| {
+            r.reason = Some(format!(
+                "stopped hard: the guest did not power off within {} s of the ACPI request",
+                timeout.as_secs()
+            ))
+        });
+        self.get_vm(name).or(Ok(info))
+    }
+
+    /// Stops QEMU at once (a power cut for the guest).
     pub fn stop_vm(&self, name: &str) -> Result<VmInfo> {
         let rec = self.vm_record(name)?;
         let Some((pid, exit)) = self.running_vm(name) else {

@@ -176,6 +176,10 @@ pub struct DiskInfo {
     pub export: String,
     pub vm: Option<String>,
     pub created: u64,
+    /// Why the disk is not served: its files could not be opened when the
+    /// agent started (they are kept as they are, for repair).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

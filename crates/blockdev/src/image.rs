@@ -143,7 +143,11 @@ impl ImageDevice {
     fn chunk(&self, block: u64, slot: u32) -> io::Result<Arc<[u8]>> {
         let id = self.image.flat.chunk(slot);
         self.cache.get_or_load(id, || match self.store.get(id) {
-            Err(spore_chunks::Error::NotFound(_)) if self.fetcher.is_some() => {
+            // Missing, or found damaged (the store moved it aside): fetch
+            // a good copy where there is a source.
+            Err(spore_chunks::Error::NotFound(_) | spore_chunks::Error::Corrupt { .. })
+                if self.fetcher.is_some() =>
+            {
                 let fetcher = self.fetcher.as_ref().expect("checked");
                 // The missing chunk and the next few missing ones, in one batch.
                 let flat = &self.image.flat;

@@ -13,6 +13,9 @@
 pub mod batch;
 pub mod cache;
 pub mod disk;
+#[cfg(test)]
+mod fault;
+pub mod files;
 pub mod image;
 pub mod overlay;
 

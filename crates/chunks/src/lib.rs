@@ -161,9 +161,64 @@ impl ChunkStore {
         self.root.join(&hex[..2]).join(&hex)
     }
 
-    /// True when the chunk is present (not verified).
+    /// True when a chunk file is present and not visibly truncated (not
+    /// verified: a read hashes it). Cheap: one `stat`.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.path_of(id).exists()
+        fs::metadata(self.path_of(id)).is_ok_and(|m| m.len() > HEADER_LEN as u64)
+    }
+
+    /// True when the chunk file is present and whole: its header is valid
+    /// and its length is what the header says. A file that is not (a
+    /// crash can leave a chunk renamed into place before its bytes reached
+    /// the disk) is moved aside and reported missing, so that it is
+    /// fetched or written again instead of trusted. Costs a 16-byte read.
+    pub fn present(&self, id: &ChunkId) -> bool {
+        self.existing_checked(id).is_some()
+    }
+
+    /// The chunk file under `id` if it is whole; a damaged one is moved
+    /// aside.
+    fn existing_checked(&self, id: &ChunkId) -> Option<u64> {
+        let path = self.path_of(id);
+        let mut file = File::open(&path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let mut header = [0u8; HEADER_LEN];
+        let whole = file.read_exact(&mut header).is_ok()
+            && header[..4] == CHUNK_MAGIC
+            && header[4] == CHUNK_VERSION
+            && len
+                == HEADER_LEN as u64
+                    + u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as u64;
+        if whole {
+            return Some(len);
+        }
+        self.quarantine(id, "truncated or malformed chunk file");
+        None
+    }
+
+    /// Moves a damaged chunk file to `corrupt/` (kept for inspection, out
+    /// of every lookup), so the chunk counts as missing from now on.
+    pub fn quarantine(&self, id: &ChunkId, why: &str) {
+        let path = self.path_of(id);
+        let dir = self.root.join("corrupt");
+        let _ = fs::create_dir_all(&dir);
+        static N: AtomicU64 = AtomicU64::new(0);
+        let to = dir.join(format!(
+            "{}.{}.{}",
+            id.to_hex(),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        match fs::rename(&path, &to) {
+            Ok(()) => {
+                tracing::warn!(chunk = %id, why, to = %to.display(), "damaged chunk file moved aside; it will be fetched or written again")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(chunk = %id, why, error = %e, "cannot move a damaged chunk aside; removing it");
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
 
     /// Stores `data` under its hash. Not durable until [`ChunkStore::sync`].
@@ -213,15 +268,17 @@ impl ChunkStore {
         Ok((put, data))
     }
 
-    /// The chunk already stored under `id`, if any (counted as deduplicated).
+    /// The chunk already stored under `id`, if whole (counted as
+    /// deduplicated). A damaged file is moved aside, so the caller writes
+    /// the chunk again: importing or fetching data repairs the store.
     fn existing(&self, id: &ChunkId) -> Option<Put> {
-        let meta = fs::metadata(self.path_of(id)).ok()?;
+        let stored_len = self.existing_checked(id)?;
         self.stats
             .chunks_deduplicated
             .fetch_add(1, Ordering::Relaxed);
         Some(Put {
             id: *id,
-            stored_len: meta.len(),
+            stored_len,
             new: false,
         })
     }
@@ -276,7 +333,13 @@ impl ChunkStore {
         let mut raw = Vec::new();
         file.read_to_end(&mut raw)
             .map_err(|e| Error::io(&path, e))?;
-        let data = decode_chunk_file(id, &raw)?;
+        let data = decode_chunk_file(id, &raw).inspect_err(|e| {
+            // Never trusted again: moved aside, so the chunk is missing
+            // and a fetch or an import brings a good copy.
+            if let Error::Corrupt { why, .. } = e {
+                self.quarantine(id, why);
+            }
+        })?;
         self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
         Ok(data)
     }
@@ -614,5 +677,46 @@ mod tests {
                 other => panic!("expected {want}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_truncated_chunk_file_is_written_again_not_trusted() {
+        let (_d, s) = store(Compression::Zstd);
+        let data = b"some chunk data ".repeat(1000);
+        let put = s.put(&data).unwrap();
+        let path = s.path_of(&put.id);
+        // What a power cut can leave: the name, without the bytes.
+        for len in [0u64, 10, 20] {
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+            assert!(!s.present(&put.id), "a {len}-byte file passed as present");
+            let again = s.put(&data).unwrap();
+            assert!(again.new, "a {len}-byte file was deduplicated against");
+            assert_eq!(s.get(&put.id).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_moved_aside_and_reported_missing() {
+        let (_d, s) = store(Compression::None);
+        let data = vec![7u8; 5000];
+        let put = s.put(&data).unwrap();
+        let path = s.path_of(&put.id);
+        let mut raw = fs::read(&path).unwrap();
+        raw[100] ^= 1;
+        fs::write(&path, &raw).unwrap();
+        assert!(matches!(s.get(&put.id), Err(Error::Corrupt { .. })));
+        // Out of every lookup now, kept for inspection.
+        assert!(matches!(s.get(&put.id), Err(Error::NotFound(_))));
+        assert!(!s.contains(&put.id));
+        assert_eq!(fs::read_dir(s.root().join("corrupt")).unwrap().count(), 1);
+        assert!(!s.list().unwrap().contains(&put.id));
+        // Writing it again repairs the store.
+        assert!(s.put(&data).unwrap().new);
+        assert_eq!(s.get(&put.id).unwrap(), data);
     }
 }

@@ -218,8 +218,19 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop a VM (QEMU quits; the disk stays)
-    Stop { name: String },
+    /// Stop a VM: the guest is asked to power off (ACPI, like `virsh
+    /// shutdown`) and QEMU is stopped if it has not within --timeout; the
+    /// disk stays
+    Stop {
+        name: String,
+        /// Stop QEMU at once, without asking the guest (a power cut, like
+        /// `virsh destroy`)
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest has to power off
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Remove a stopped VM and its disk (or a whole clone group)
     Rm {
         #[arg(required_unless_present = "group")]
@@ -820,15 +831,24 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
                     .collect(),
             );
         }
-        VmCmd::Stop { name } => {
+        VmCmd::Stop {
+            name,
+            force,
+            timeout,
+        } => {
             let v: VmInfo = c
                 .call(
                     hyper::Method::POST,
-                    &format!("/v1/vms/{name}/stop"),
+                    &format!("/v1/vms/{name}/stop?force={force}&timeout_s={timeout}"),
                     None::<&()>,
                 )
                 .await?;
-            println!("vm {} {}", v.name, v.state);
+            match &v.reason {
+                Some(reason) if reason.starts_with("stopped hard") => {
+                    println!("vm {} {} ({reason})", v.name, v.state)
+                }
+                _ => println!("vm {} {}", v.name, v.state),
+            }
         }
         VmCmd::Rm {
             group: Some(group), ..

@@ -257,23 +257,66 @@ impl Agent {
                 let ports = inc.ports.lock().clone();
                 return_path.tune(&inc.vm, pid, &ports);
             }
-            if Instant::now() > inc.deadline {
+            if inc.running_at.lock().is_none() {
+                if let Some(Ok(status)) = inc.qmp.lock().as_mut().map(|q| q.status()) {
+                    if status == "running" {
+                        *inc.running_at.lock() = Some(epoch_us());
+                        *inc.probe.lock() = self.vms.probe(&inc.vm);
+                        tracing::info!(vm = %inc.vm, "migrated guest runs here");
+                    }
+                }
+            }
+            if Instant::now() <= inc.deadline {
+                continue;
+            }
+            if inc.running_at.lock().is_none() {
+                // The guest never ran here: the source still has it.
                 self.discard_incoming(&inc.vm, "the source did not commit in time");
                 return;
             }
-            if inc.running_at.lock().is_some() {
-                continue;
-            }
-            let status = match inc.qmp.lock().as_mut().map(|q| q.status()) {
-                Some(Ok(s)) => s,
-                _ => continue,
-            };
-            if status == "running" {
-                *inc.running_at.lock() = Some(epoch_us());
-                *inc.probe.lock() = self.vms.probe(&inc.vm);
-                tracing::info!(vm = %inc.vm, "migrated guest runs here");
+            // The guest has run here: its writes since the switch exist
+            // only here, and the source must not resume. A late or lost
+            // commit never removes it; once QEMU has every page (the
+            // post-copy is over) the VM is adopted as if committed.
+            if self.incoming_stream_done(&inc) && self.adopt_uncommitted(&inc) {
+                return;
             }
         }
+    }
+
+    /// True when the destination QEMU has received the whole migration.
+    fn incoming_stream_done(&self, inc: &Incoming) -> bool {
+        let progress = inc.qmp.lock().as_mut().map(|q| q.migration_progress());
+        matches!(progress, Some(Ok(p)) if p.finished())
+    }
+
+    /// Keeps a VM that runs here although the source never committed it.
+    fn adopt_uncommitted(&self, inc: &Incoming) -> bool {
+        let Some(inc) = self.migrations.incoming.lock().remove(&inc.vm) else {
+            return true;
+        };
+        inc.done.store(true, Ordering::Release);
+        inc.probe.lock().take();
+        inc.qmp.lock().take();
+        if let Some(disk) = self.exports.disk(&inc.vm) {
+            if let Err(e) = disk.flush() {
+                tracing::error!(vm = %inc.vm, error = %e, "flushing the disk of an adopted VM failed");
+            }
+        }
+        let adopted = self.set_vm_state(&inc.vm, |r| {
+            if r.state == VmState::Incoming {
+                r.state = VmState::Running;
+            }
+            r.reason = Some(format!(
+                "migrated from {}; the source never committed, kept running here",
+                inc.from
+            ));
+        });
+        if let Err(e) = adopted {
+            tracing::error!(vm = %inc.vm, error = %e.chain(), "recording an adopted VM failed");
+        }
+        tracing::warn!(vm = %inc.vm, from = %inc.from, "the source did not commit in time; the guest already runs here and is kept");
+        true
     }
 
     /// Applies a batch of the source disk's written blocks.
@@ -340,7 +383,21 @@ impl Agent {
 
     /// The source saw the migration complete: the VM is this host's now.
     pub fn incoming_commit(&self, vm: &str) -> Result<IncomingCommitted> {
-        let inc = self.incoming(vm)?;
+        let inc = match self.incoming(vm) {
+            Ok(inc) => inc,
+            // A commit that comes after this host adopted the VM (or a
+            // repeated one): it is here and running, which is what the
+            // source asks.
+            Err(e) => {
+                return match self.vm_record(vm) {
+                    Ok(r) if r.state == VmState::Running => Ok(IncomingCommitted {
+                        pongs: Vec::new(),
+                        running_at: None,
+                    }),
+                    _ => Err(e),
+                }
+            }
+        };
         let status = inc
             .qmp
             .lock()
