@@ -49,6 +49,27 @@ fn chunk_error(reply: &RawReply) -> u32 {
     }
 }
 
+/// The check the close tests rest on can fail: a peer that accepts and
+/// keeps the connection open is "not closed" (the read times out), one
+/// that closes is "closed".
+#[test]
+fn is_closed_tells_a_timeout_from_a_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut c = RawClient::connect(&socket);
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let (held, _) = listener.accept().unwrap();
+    assert!(
+        !c.is_closed(),
+        "an open, silent connection counted as closed"
+    );
+    drop(held);
+    assert!(c.is_closed(), "a closed connection counted as open");
+}
+
 #[test]
 fn bad_option_magic_closes() {
     let (f, _) = fixture();

@@ -477,10 +477,28 @@ impl RawClient {
         }
     }
 
-    /// Whether the server closed the connection (reads hit EOF).
+    /// Whether the server closed the connection: a read hits EOF or the
+    /// connection was reset. A read that times out means the server kept
+    /// the connection open, and bytes mean it is still talking: both are
+    /// "not closed", so a check built on this fails when the server keeps a
+    /// bad connection open instead of passing on the timeout.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => {
+                eprintln!(
+                    "is_closed: the server sent a byte ({:#04x}) instead of closing",
+                    b[0]
+                );
+                false
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset) => true,
+            Err(e) => {
+                eprintln!("is_closed: the connection is still open ({e})");
+                false
+            }
+        }
     }
 }
 
