@@ -308,29 +308,32 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
     std::thread::sleep(Duration::from_secs(6));
     sh(Command::new("ip").args(["-n", &netns, "link", "set", "eth0", "up"]));
     let m = c.wait_phase("node2", |m| m["phase"] != "postcopy", "recovered");
-    if m["phase"] == "completed" {
-        assert!(m["decisions"].to_string().contains("recovered"), "{m}");
-        running_on(&c, "node1");
-        assert_eq!(c.dataset("node1", "web", "check"), written);
-    } else {
-        // Not recovered: it must fail loudly, with both sides' state, and
-        // the source must keep its QEMU (it holds the only copy of the
-        // memory not yet sent).
+    if m["phase"] != "completed" {
+        // Not recovered. It must at least have failed loudly, with both
+        // sides' state, and the source must keep its QEMU (it holds the
+        // only copy of the memory not yet sent); then the test fails:
+        // recovery is meant to work (docs/migration.md gives the measured
+        // rate, 14 of 15 trials).
         assert_eq!(m["phase"], "failed", "{m}");
         let e = m["error"].as_str().unwrap_or_default();
-        assert!(e.contains("Source") && e.contains("Destination"), "{e}");
         let src = c.vms("node2");
-        assert_eq!(src[0]["state"], "failed", "{src:?}");
-        assert!(src[0]["pid"].as_u64().is_some(), "{src:?}");
-        eprintln!("post-copy was not recovered (failed loudly): {e}");
-        // What the destination said, for whoever reads this.
         let log = std::fs::read_to_string(c.dir.path().join(&c.name).join("node1.log"))
             .unwrap_or_default();
-        for line in log
+        let warnings: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        {
+            .collect();
+        eprintln!("post-copy recovery: FAILED: {e}\nnode1's warnings:");
+        for line in &warnings {
             eprintln!("  node1: {line}");
         }
+        assert!(e.contains("Source") && e.contains("Destination"), "{e}");
+        assert_eq!(src[0]["state"], "failed", "{src:?}");
+        assert!(src[0]["pid"].as_u64().is_some(), "{src:?}");
+        panic!("post-copy was not recovered (it failed loudly, as it must when it fails): {e}");
     }
+    eprintln!("post-copy recovery: recovered");
+    assert!(m["decisions"].to_string().contains("recovered"), "{m}");
+    running_on(&c, "node1");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
 }
