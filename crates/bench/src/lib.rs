@@ -3,6 +3,7 @@
 
 pub mod blockdev;
 pub mod clone;
+pub mod flush;
 pub mod migrate;
 pub mod procs;
 pub mod storm;

@@ -101,14 +101,23 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     pub fn start(file: &Path, format: &str, socket: &Path) -> Result<Self> {
+        Self::spawn(file, format, socket, true)
+    }
+
+    /// Serves `file` read-write, with qemu-nbd's default cache mode
+    /// (writeback: NBD_CMD_FLUSH is an fdatasync of the file).
+    pub fn start_writable(file: &Path, format: &str, socket: &Path) -> Result<Self> {
+        Self::spawn(file, format, socket, false)
+    }
+
+    fn spawn(file: &Path, format: &str, socket: &Path, read_only: bool) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "--shared=8",
-                "--export-name=x",
-            ])
+        let mut cmd = Command::new("qemu-nbd");
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        let child = cmd
+            .args(["--persistent", "--shared=8", "--export-name=x"])
             .arg(format!("--format={format}"))
             .arg(format!("--socket={}", socket.display()))
             .arg(file)
@@ -132,6 +141,13 @@ impl QemuNbd {
 
     pub fn uri(&self) -> String {
         format!("nbd+unix:///x?socket={}", self.socket.display())
+    }
+
+    /// How qemu-nbd ended, if it has: a client's error may be its crash.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        // A crashing process may still be dumping when the client sees EOF.
+        std::thread::sleep(Duration::from_millis(100));
+        self.child.try_wait().ok().flatten()
     }
 }
 

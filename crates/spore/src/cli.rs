@@ -323,6 +323,9 @@ pub enum BenchCmd {
     /// Live migration between two cluster hosts: workloads × policies,
     /// success, time, downtime, guest stall, bytes moved
     Migrate(spore_bench::migrate::Options),
+    /// 4 KiB random write + flush latency on a small and a huge disk,
+    /// against qemu-nbd over qcow2
+    Flush(spore_bench::flush::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -404,6 +407,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Migrate(opts)) => {
             spore_bench::migrate::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Flush(opts)) => {
+            spore_bench::flush::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {
