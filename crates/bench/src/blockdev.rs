@@ -6,8 +6,16 @@
 //! file on top of the previous one. At each depth, fio's nbd engine reads
 //! the top of the stack through spore's NBD server and through qemu-nbd
 //! (4 KiB random reads and 1 MiB sequential reads, warm caches), and
-//! qemu-nbd over the raw base file gives the no-layers reference. Before
-//! measuring, `qemu-img compare` proves both stacks hold the same bytes.
+//! qemu-nbd over the raw base file gives the no-layers reference.
+//!
+//! Before measuring a depth, both exports are read whole through NBD and
+//! compared with the bytes that depth must hold (the base file with every
+//! layer's writes applied, computed here). QEMU's own tools cannot be the
+//! judge: on QEMU 10, `qemu-img compare`, `qemu-img convert` and `qemu-nbd`
+//! die of SIGSEGV on the first read that reaches past about 870 backing
+//! files (`bdrv_co_is_inserted` recurses once per layer on a coroutine
+//! stack). When qemu-nbd dies, that depth's qcow2 figure is reported as
+//! QEMU's failure and the run goes on.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +28,9 @@ use serde::Serialize;
 use spore_api::{CommitRequest, DiskCreate, ImportRequest, ImportResult};
 
 use crate::procs::{self, fio_nbd, require, AgentProcess, FioResult, QemuNbd};
+
+/// Bytes per NBD read when checking an export against the expected bytes.
+const CHECK_READ: usize = 1 << 20;
 
 #[derive(Args, Debug, Clone)]
 pub struct Options {
@@ -67,8 +78,20 @@ struct Report {
     iodepth: u32,
     build_seconds_spore: f64,
     build_seconds_qcow2: f64,
+    /// Reading every measured export whole and comparing it with the
+    /// expected bytes.
+    check_seconds: f64,
     rows: Vec<Row>,
+    /// Measurements that could not be made because a QEMU tool failed.
+    qemu_failures: Vec<QemuFailure>,
     block_size_sweep: Vec<SweepRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct QemuFailure {
+    system: String,
+    depth: u32,
+    error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,9 +124,18 @@ fn write_random_file(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The qemu-io commands that make layer `k`: two 64 KiB writes at
-/// pseudo-random aligned offsets with a per-layer pattern.
-fn layer_writes(k: u32, size: u64) -> Vec<String> {
+/// One 64 KiB write of a layer: the byte it repeats, and where.
+#[derive(Debug, Clone, Copy)]
+struct LayerWrite {
+    pattern: u8,
+    offset: u64,
+}
+
+const LAYER_WRITE_LEN: usize = 65536;
+
+/// The writes that make layer `k`: two 64 KiB writes at pseudo-random
+/// aligned offsets with a per-layer pattern.
+fn layer_writes(k: u32, size: u64) -> Vec<LayerWrite> {
     let slots = size / 65536;
     let mut x = (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = || {
@@ -113,8 +145,83 @@ fn layer_writes(k: u32, size: u64) -> Vec<String> {
         x
     };
     (0..2)
-        .map(|_| format!("write -P {} {} 64k", k % 251 + 1, (next() % slots) * 65536))
+        .map(|_| LayerWrite {
+            pattern: (k % 251 + 1) as u8,
+            offset: (next() % slots) * 65536,
+        })
         .collect()
+}
+
+/// The same writes as qemu-io commands.
+fn qemu_io_writes(k: u32, size: u64) -> Vec<String> {
+    layer_writes(k, size)
+        .iter()
+        .map(|w| format!("write -P {} {} 64k", w.pattern, w.offset))
+        .collect()
+}
+
+/// Applies layers `from..=to` to `bytes`, the expected content below them.
+fn apply_layers(bytes: &mut [u8], from: u32, to: u32) {
+    for k in from..=to {
+        for w in layer_writes(k, bytes.len() as u64) {
+            let at = w.offset as usize;
+            bytes[at..at + LAYER_WRITE_LEN].fill(w.pattern);
+        }
+    }
+}
+
+/// Why an export does not hold what it should.
+#[derive(Debug)]
+enum CheckError {
+    /// The export could not be read (the server may have died).
+    Read(std::io::Error),
+    /// Its size is not the expected one.
+    Size { export: u64, expected: u64 },
+    /// It was read and differs.
+    Differs { offset: u64 },
+}
+
+impl std::fmt::Display for CheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckError::Read(e) => write!(f, "reading it through NBD failed: {e}"),
+            CheckError::Size { export, expected } => {
+                write!(f, "it has {export} bytes, not {expected}")
+            }
+            CheckError::Differs { offset } => {
+                write!(
+                    f,
+                    "its bytes differ from the expected ones at offset {offset}"
+                )
+            }
+        }
+    }
+}
+
+/// Reads `export` whole over NBD and compares it with `expected`.
+fn check_export(socket: &Path, export: &str, expected: &[u8]) -> Result<(), CheckError> {
+    let mut c =
+        spore_nbd::client::Client::connect_unix(socket, export).map_err(CheckError::Read)?;
+    if c.size() != expected.len() as u64 {
+        return Err(CheckError::Size {
+            export: c.size(),
+            expected: expected.len() as u64,
+        });
+    }
+    let mut buf = vec![0u8; CHECK_READ];
+    for (i, want) in expected.chunks(CHECK_READ).enumerate() {
+        let offset = (i * CHECK_READ) as u64;
+        let got = &mut buf[..want.len()];
+        c.read(offset, got).map_err(CheckError::Read)?;
+        if got != want {
+            let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(CheckError::Differs {
+                offset: offset + first as u64,
+            });
+        }
+    }
+    let _ = c.disconnect();
+    Ok(())
 }
 
 fn qemu_io(format: &str, target: &str, cmds: &[String]) -> Result<()> {
@@ -137,6 +244,14 @@ fn qemu_io_opts(target: &str, cmds: &[String]) -> Result<()> {
     c.arg(target);
     procs::run(&mut c)?;
     Ok(())
+}
+
+/// The first line of `tool --version`, for reports.
+fn qemu_version(tool: &str) -> String {
+    procs::run(Command::new(tool).arg("--version"))
+        .ok()
+        .and_then(|v| v.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| tool.to_owned())
 }
 
 fn measure(uri: &str, o: &Options, size: u64) -> Result<(FioResult, FioResult)> {
@@ -208,7 +323,7 @@ pub fn run(o: &Options) -> Result<()> {
                 image: format!("d{}", k - 1),
             }),
         ))?;
-        qemu_io("raw", &agent.nbd_uri("disk/tmp"), &layer_writes(k, size))?;
+        qemu_io("raw", &agent.nbd_uri("disk/tmp"), &qemu_io_writes(k, size))?;
         let _: serde_json::Value = rt.block_on(client.call(
             hyper::Method::POST,
             "/v1/disks/tmp/commit",
@@ -250,26 +365,30 @@ pub fn run(o: &Options) -> Result<()> {
                 "file": { "driver": "file", "filename": qcow(k).display().to_string() },
                 "backing": null,
             });
-            qemu_io_opts(&format!("json:{top}"), &layer_writes(k, size))?;
+            qemu_io_opts(&format!("json:{top}"), &qemu_io_writes(k, size))?;
             if k % 100 == 0 {
                 eprintln!("  qcow2: {k} layers ({:.0}s)", t.elapsed().as_secs_f64());
             }
         }
-        // Same bytes on both sides, or the comparison means nothing.
-        procs::run(
-            Command::new("qemu-img")
-                .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
-                .arg(agent.nbd_uri(&format!("image/d{max_depth}")))
-                .arg(qcow(max_depth)),
-        )
-        .context("spore and qcow2 stacks differ")?;
-        eprintln!("  qemu-img compare: spore d{max_depth} == qcow2 chain of {max_depth}");
     }
     let build_qcow2 = t.elapsed().as_secs_f64();
 
+    // Same bytes on both sides, or the comparison means nothing: every
+    // export measured is first read whole and checked against `expected`.
+    let mut expected = std::fs::read(&base)?;
+    let mut expected_depth = 1;
+    let mut check_seconds = 0.0;
+    let spore_socket = agent.data_dir.join(spore_api::NBD_SOCKET);
     let mut rows = Vec::new();
+    let mut qemu_failures = Vec::new();
     for &d in &depths {
-        eprintln!("  measuring depth {d}");
+        apply_layers(&mut expected, expected_depth + 1, d);
+        expected_depth = d;
+        let t = Instant::now();
+        check_export(&spore_socket, &format!("image/d{d}"), &expected)
+            .map_err(|e| anyhow::anyhow!("spore's image d{d} is wrong: {e}"))?;
+        check_seconds += t.elapsed().as_secs_f64();
+        eprintln!("  measuring depth {d} (spore's export holds the expected bytes)");
         let (r, s) = measure(&agent.nbd_uri(&format!("image/d{d}")), o, size)?;
         rows.push(Row {
             system: "spore".into(),
@@ -279,15 +398,41 @@ pub fn run(o: &Options) -> Result<()> {
             seqread_1m: s,
         });
         if !o.no_baseline {
-            let nbd = QemuNbd::start(&qcow(d), "qcow2", &work.join("qemu-nbd.sock"))?;
-            let (r, s) = measure(&nbd.uri(), o, size)?;
-            rows.push(Row {
-                system: "qemu-nbd qcow2".into(),
-                depth: d,
-                block_size: 65536,
-                randread_4k: r,
-                seqread_1m: s,
-            });
+            let mut nbd = QemuNbd::start(&qcow(d), "qcow2", &work.join("qemu-nbd.sock"))?;
+            let t = Instant::now();
+            let checked = check_export(&nbd.socket, "x", &expected);
+            check_seconds += t.elapsed().as_secs_f64();
+            let result = match checked {
+                Ok(()) => measure(&nbd.uri(), o, size),
+                Err(e @ CheckError::Read(_)) => Err(anyhow::anyhow!("qemu-nbd: {e}")),
+                Err(e) => bail!("the qcow2 chain of {d} is wrong: {e}"),
+            };
+            match result {
+                Ok((r, s)) => rows.push(Row {
+                    system: "qemu-nbd qcow2".into(),
+                    depth: d,
+                    block_size: 65536,
+                    randread_4k: r,
+                    seqread_1m: s,
+                }),
+                // qemu-nbd died under the reads: QEMU's failure, not a
+                // difference; the other depths are still worth measuring.
+                Err(e) => match nbd.exit_status() {
+                    Some(status) => {
+                        let error = format!(
+                            "{} exited ({status}) serving the qcow2 chain of {d}",
+                            qemu_version("qemu-nbd")
+                        );
+                        eprintln!("  QEMU failure, not spore's: {error}");
+                        qemu_failures.push(QemuFailure {
+                            system: "qemu-nbd qcow2".into(),
+                            depth: d,
+                            error,
+                        });
+                    }
+                    None => return Err(e.context(format!("measuring the qcow2 chain of {d}"))),
+                },
+            }
         }
     }
     if !o.no_baseline {
@@ -325,13 +470,21 @@ pub fn run(o: &Options) -> Result<()> {
     }
 
     print_report(&rows, &sweep, &depths, o.no_baseline);
+    for f in &qemu_failures {
+        println!(
+            "{} at depth {}: not measured: {}",
+            f.system, f.depth, f.error
+        );
+    }
     let report = Report {
         size_bytes: size,
         seconds_per_job: o.seconds,
         iodepth: o.iodepth,
         build_seconds_spore: build_spore,
         build_seconds_qcow2: build_qcow2,
+        check_seconds,
         rows,
+        qemu_failures,
         block_size_sweep: sweep,
     };
     if let Some(dir) = o.out.parent() {
