@@ -22,7 +22,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::http::Method;
 use axum::Router;
 use futures_util::{stream, StreamExt};
 use spore_chunks::{decode_chunk_file, ChunkId};
@@ -30,35 +30,39 @@ use spore_origin::{OriginError, OriginStore};
 use spore_transfer::{wire, Class};
 
 use crate::agent::{Agent, ImageRecord};
+use crate::api::{route, Route};
 use crate::error::{check_name, AgentError, Result};
 use crate::meta::Table;
 
-pub const PEER_ROUTES: &[(&str, &str)] = &[
-    ("get", "/v1/images/{name}"),
-    ("put", "/v1/images/{name}"),
-    ("post", "/v1/chunks/batch"),
-    ("post", "/v1/chunks/missing"),
-    ("put", "/v1/chunks/{id}"),
-    ("post", "/v1/migrations"),
-    ("put", "/v1/migrations/{vm}/blocks"),
-    ("post", "/v1/migrations/{vm}/recover"),
-    ("post", "/v1/migrations/{vm}/commit"),
-    ("post", "/v1/migrations/{vm}/abort"),
-];
-
 type S = State<Arc<Agent>>;
 
+/// Every route other hosts may call; [`router`] is built from this table.
+fn table() -> Vec<Route<Arc<Agent>>> {
+    use Method as M;
+    vec![
+        route(M::GET, "/v1/images/{name}", resolve),
+        route(M::PUT, "/v1/images/{name}", bind),
+        route(M::POST, "/v1/chunks/batch", batch),
+        route(M::POST, "/v1/chunks/missing", missing),
+        route(M::PUT, "/v1/chunks/{id}", upload),
+        route(M::POST, "/v1/migrations", incoming_prepare),
+        route(M::PUT, "/v1/migrations/{vm}/blocks", incoming_blocks),
+        route(M::POST, "/v1/migrations/{vm}/recover", incoming_recover),
+        route(M::POST, "/v1/migrations/{vm}/commit", incoming_commit),
+        route(M::POST, "/v1/migrations/{vm}/abort", incoming_abort),
+    ]
+}
+
+/// The peer surface's routes as (method, path), from the table the router
+/// is built from.
+pub fn routes() -> Vec<(Method, &'static str)> {
+    table().into_iter().map(|(m, p, _)| (m, p)).collect()
+}
+
 pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
-        .route("/v1/images/{name}", get(resolve).put(bind))
-        .route("/v1/chunks/batch", post(batch))
-        .route("/v1/chunks/missing", post(missing))
-        .route("/v1/chunks/{id}", put(upload))
-        .route("/v1/migrations", post(incoming_prepare))
-        .route("/v1/migrations/{vm}/blocks", put(incoming_blocks))
-        .route("/v1/migrations/{vm}/recover", post(incoming_recover))
-        .route("/v1/migrations/{vm}/commit", post(incoming_commit))
-        .route("/v1/migrations/{vm}/abort", post(incoming_abort))
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
         // A chunk (a layer of a large image, say) or a batch of a migrating
         // disk's blocks may exceed axum's 2 MB default.
         .layer(axum::extract::DefaultBodyLimit::max(
