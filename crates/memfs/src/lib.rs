@@ -339,12 +339,9 @@ mod tests {
         }
     }
 
+    /// Fails under `CI=true` without FUSE, else is a counted skip.
     fn fuse_available() -> bool {
-        let ok = Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
-        if !ok {
-            eprintln!("skipping: needs root and /dev/fuse");
-        }
-        ok
+        spore_testkit::fuse()
     }
 
     #[test]

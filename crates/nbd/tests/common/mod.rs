@@ -244,17 +244,16 @@ impl Fixture {
     }
 }
 
-/// Whether `tool` can be run; prints a SKIP line when it cannot.
+/// Whether `tool` can be run. When it cannot, the test fails under
+/// `CI=true` (naming the Debian package) and is a reported, counted skip
+/// elsewhere (spore-testkit).
 pub fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    found
+    let package = match tool {
+        "qemu-io" | "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "nbdcopy" | "nbdinfo" | "nbdsh" => "libnbd-bin",
+        other => panic!("which Debian package has {other}?"),
+    };
+    spore_testkit::tool(tool, package)
 }
 
 /// Run a command, returning (success, stdout, stderr).

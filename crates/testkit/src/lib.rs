@@ -1,0 +1,144 @@
+//! What tests share across crates: how a test that needs something the
+//! machine lacks (a tool such as qemu-io or nbdcopy, or /dev/fuse) stops.
+//!
+//! A skip must never pass for a run. Under `CI=true` a missing requirement
+//! fails the test with the Debian package to install. Elsewhere the test
+//! returns early after writing `SKIP: <test>: <why>` straight to the
+//! process's stdout (past libtest's capture, so it shows beside the test's
+//! result line without `--nocapture`) and appending the same line to the
+//! file named by `SPORE_SKIP_LOG`, which scripts/test.sh sets and counts
+//! in its summary.
+//!
+//! ```no_run
+//! #[test]
+//! fn qemu_io_reads_back() {
+//!     if !spore_testkit::tool("qemu-io", "qemu-utils") {
+//!         return;
+//!     }
+//!     // ...
+//! }
+//! ```
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// Environment variable naming the file skips are appended to.
+pub const SKIP_LOG: &str = "SPORE_SKIP_LOG";
+
+/// Whether `tool` is on PATH. When it is not: panics under `CI=true`
+/// naming `package`, else reports a skip and returns false.
+pub fn tool(tool: &str, package: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    found || skip(&format!("{tool} is missing (apt-get install {package})"))
+}
+
+/// Whether FUSE file systems can be mounted here: /dev/fuse exists and we
+/// are root. When not: panics under `CI=true`, else reports a skip and
+/// returns false.
+pub fn fuse() -> bool {
+    if !Path::new("/dev/fuse").exists() {
+        return skip("/dev/fuse is missing (modprobe fuse; apt-get install fuse3)");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("mounting FUSE needs root");
+    }
+    true
+}
+
+/// Whether this run is CI's (`CI=true`), where nothing may be skipped.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// The test cannot run because of `why`: fails it under `CI=true`, else
+/// reports the skip (see the crate doc). Always returns false, so a caller
+/// can write `if !ok { return skip(...) }` or use it as a condition.
+pub fn skip(why: &str) -> bool {
+    let test = current_test();
+    if in_ci() {
+        panic!("{test}: {why} (CI=true: a test may not be skipped)");
+    }
+    let line = format!("SKIP: {test}: {why}\n");
+    // io::stdout() is not captured by libtest (print! is).
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    if let Some(log) = std::env::var_os(SKIP_LOG) {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!("{test}: {why}, and the skip could not be recorded in {log:?}: {e}");
+        }
+    }
+    false
+}
+
+/// The running test's name: libtest names each test's thread after it.
+fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_that_is_there_is_no_skip() {
+        assert!(tool("sh", "dash"));
+    }
+
+    /// Outside CI a missing tool is a skip, recorded in the log; in CI it
+    /// fails. Both in child processes of this test binary, so the
+    /// environment of the other tests is left alone.
+    #[test]
+    fn a_missing_tool_is_a_counted_skip_outside_ci_and_a_failure_in_it() {
+        if std::env::var_os("SPORE_TESTKIT_CHILD").is_some() {
+            tool("no-such-tool-spore", "no-such-package");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("spore-testkit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips");
+        let me = std::env::current_exe().unwrap();
+        let run = |ci: &str| {
+            Command::new(&me)
+                .args([
+                    "--exact",
+                    "tests::a_missing_tool_is_a_counted_skip_outside_ci_and_a_failure_in_it",
+                    "--test-threads=1",
+                ])
+                .env("SPORE_TESTKIT_CHILD", "1")
+                .env("CI", ci)
+                .env(SKIP_LOG, &log)
+                .output()
+                .unwrap()
+        };
+        let outside = run("false");
+        let stdout = String::from_utf8_lossy(&outside.stdout);
+        assert!(outside.status.success(), "{stdout}");
+        let line = "SKIP: tests::a_missing_tool_is_a_counted_skip_outside_ci_and_a_failure_in_it: \
+                    no-such-tool-spore is missing (apt-get install no-such-package)";
+        assert!(stdout.contains(line), "not on stdout: {stdout}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), line);
+
+        let inside = run("true");
+        let stdout = String::from_utf8_lossy(&inside.stdout);
+        assert!(!inside.status.success(), "passed in CI: {stdout}");
+        assert!(
+            stdout.contains("apt-get install no-such-package"),
+            "{stdout}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
