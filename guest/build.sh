@@ -14,7 +14,8 @@
 #   SPORE_GUEST_KERNEL        kernel version, e.g. 6.1.0-56-cloud-amd64
 #                             (default: what linux-image-cloud-amd64 depends on)
 #   SPORE_GUEST_EXTRA_MODULES optional modules for the initramfs, space
-#                             separated (default: virtio_net virtio_console)
+#                             separated (default: virtio_net virtio_console
+#                             button evdev: the ACPI power button)
 #   SPORE_GUEST_FORCE=1       rebuild everything
 #   SOURCE_DATE_EPOCH         timestamp of every file (default 2024-01-01)
 set -euo pipefail
@@ -39,7 +40,7 @@ FORCE=${SPORE_GUEST_FORCE:-}
 # crc32c_generic is a run-time (crypto API) dependency of ext4 metadata_csum
 # that modules.dep cannot show.
 REQUIRED_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc32c_generic ext4"
-EXTRA_MODULES=${SPORE_GUEST_EXTRA_MODULES-virtio_net virtio_console}
+EXTRA_MODULES=${SPORE_GUEST_EXTRA_MODULES-virtio_net virtio_console button evdev}
 
 case "$DISK_MIB" in ''|*[!0-9]*) die "SPORE_GUEST_DISK_MIB must be a number of MiB" ;; esac
 case "$FILLER_PCT" in ''|*[!0-9]*) die "SPORE_GUEST_FILLER_PCT must be a number" ;; esac

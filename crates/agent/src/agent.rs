@@ -270,6 +270,7 @@ impl Agent {
             _lock: lock,
         });
         agent.recover()?;
+        agent.watch_io_errors();
         Ok(agent)
     }
 

@@ -166,7 +166,7 @@ impl Agent {
         let chunks = dev.image().flat.chunks();
         let missing: Vec<ChunkId> = chunks
             .iter()
-            .filter(|id| !self.store.contains(id))
+            .filter(|id| !self.store.present(id))
             .copied()
             .collect();
         let result = PullResult {

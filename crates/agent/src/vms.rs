@@ -298,6 +298,13 @@ impl VmManager {
 
 /// A VM can only grow, within the bounds it booted with, memory in whole
 /// guest memory blocks.
+/// How often `vm stop` presses the power button of a guest that has not
+/// powered off yet.
+const POWERDOWN_AGAIN: Duration = Duration::from_secs(3);
+
+/// How often the agent looks for disks whose requests failed.
+const IO_ERROR_POLL: Duration = Duration::from_secs(1);
+
 /// Headroom left in the RAM file system besides a new VM's RAM.
 const RAM_HEADROOM: u64 = 64 << 20;
 
@@ -963,6 +970,63 @@ impl Agent {
     }
 
     /// Stops a VM: QMP `quit`, then SIGKILL if QEMU has not gone in time.
+    /// Resumes VMs that QEMU paused because a disk request failed for
+    /// want of image data (`werror=stop`/`rerror=stop`), once the data is
+    /// here; QEMU then retries the requests. Runs for the agent's life.
+    pub fn watch_io_errors(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("io-errors".into())
+            .spawn(move || loop {
+                std::thread::sleep(IO_ERROR_POLL);
+                let Some(agent) = weak.upgrade() else { return };
+                agent.resume_after_io_errors();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the I/O error watcher");
+        }
+    }
+
+    fn resume_after_io_errors(&self) {
+        for (disk_name, disk) in self.exports.disks() {
+            if !disk.has_failed() {
+                continue;
+            }
+            if let Err(e) = disk.retry_failed() {
+                tracing::debug!(disk = %disk_name, error = %e, "image data a request needs is still unavailable");
+                continue;
+            }
+            let Some(vm) = self.disk_record(&disk_name).ok().and_then(|r| r.vm) else {
+                continue;
+            };
+            if self.running_vm(&vm).is_none() {
+                continue;
+            }
+            let qmp = self.vms.dir(&vm).join("qmp.sock");
+            let resumed = Qmp::connect(&qmp, Duration::from_secs(2)).and_then(|mut q| {
+                // QEMU pauses as the failure reaches it, which is before
+                // the data could have come; look a few times all the same.
+                for _ in 0..5 {
+                    if q.status()? == "io-error" {
+                        q.execute("cont", None)?;
+                        return Ok(true);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(false)
+            });
+            match resumed {
+                Ok(true) => {
+                    tracing::info!(vm = %vm, disk = %disk_name, "the image data arrived; VM resumed after its I/O pause")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "resuming a VM paused on an I/O error failed")
+                }
+            }
+        }
+    }
+
     /// Stops a VM the way `virsh shutdown` does: the guest is asked over
     /// ACPI (the power button, which every distribution guest handles) and
     /// given `timeout` to power off, so its file systems are clean; only
@@ -976,14 +1040,27 @@ impl Agent {
             return self.stop_vm(name);
         };
         let qmp = self.vms.dir(name).join("qmp.sock");
-        match Qmp::connect(&qmp, Duration::from_secs(2))
-            .and_then(|mut q| q.execute("system_powerdown", None))
-        {
+        let press = || {
+            Qmp::connect(&qmp, Duration::from_secs(2))
+                .and_then(|mut q| q.execute("system_powerdown", None))
+        };
+        match press() {
             Ok(_) => {
                 self.set_vm_state(name, |r| r.state = VmState::Stopping)?;
-                if exit.wait(timeout) {
-                    tracing::info!(vm = name, "the guest powered off");
-                    return self.get_vm(name);
+                // A guest that is still booting may not listen to the
+                // button yet (and a press nobody hears is lost): press it
+                // again now and then, as a person would.
+                let until = Instant::now() + timeout;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if exit.wait(left.min(POWERDOWN_AGAIN)) {
+                        tracing::info!(vm = name, "the guest powered off");
+                        return self.get_vm(name);
+                    }
+                    if left <= POWERDOWN_AGAIN {
+                        break;
+                    }
+                    let _ = press();
                 }
                 tracing::warn!(
                     vm = name,

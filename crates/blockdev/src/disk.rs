@@ -45,6 +45,10 @@ pub struct Disk {
     overlay: Overlay,
     rmw: Vec<Mutex<()>>,
     stats: IoStats,
+    /// Ranges of the image that a request needed and could not read (a
+    /// block no source answered for): the VM using the disk is paused by
+    /// QEMU (`werror=stop`), and the agent resumes it once they arrive.
+    failed: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Disk {
@@ -84,6 +88,7 @@ impl Disk {
             overlay,
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             stats: IoStats::default(),
+            failed: Mutex::new(Vec::new()),
         }
     }
 
@@ -97,6 +102,32 @@ impl Disk {
 
     pub fn stats(&self) -> &IoStats {
         &self.stats
+    }
+
+    /// Reads `buf` from the image, remembering the range if it fails.
+    fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.base.read_at(offset, buf).inspect_err(|_| {
+            self.failed.lock().push((offset, buf.len() as u64));
+        })
+    }
+
+    /// True when a request failed for want of image data since the last
+    /// [`Disk::retry_failed`] that succeeded.
+    pub fn has_failed(&self) -> bool {
+        !self.failed.lock().is_empty()
+    }
+
+    /// Fetches the image ranges requests failed on; Ok once every one is
+    /// here (the requests can be retried), else they stay pending.
+    pub fn retry_failed(&self) -> io::Result<()> {
+        let ranges = std::mem::take(&mut *self.failed.lock());
+        for (i, (offset, len)) in ranges.iter().enumerate() {
+            if let Err(e) = self.base.prefetch(*offset, *len) {
+                self.failed.lock().extend_from_slice(&ranges[i..]);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// From `pos`, the run of granules up to `end` that all come from the
@@ -120,7 +151,7 @@ impl Disk {
             if from_overlay {
                 self.overlay.read_data(pos, out)?;
             } else {
-                self.base.read_at(pos, out)?;
+                self.read_base(pos, out)?;
             }
             done += n;
         }
@@ -150,7 +181,7 @@ impl Disk {
         } else {
             let len = GRANULE.min(self.size() - start) as usize;
             let mut block = vec![0u8; len];
-            self.base.read_at(start, &mut block)?;
+            self.read_base(start, &mut block)?;
             block[within..within + data.len()].copy_from_slice(data);
             self.overlay.write_data(start, &block)?;
         }

@@ -195,7 +195,14 @@ impl VmSpec {
             "reconnect-delay": 10,
         });
         push(&["-blockdev", &blockdev.to_string()]);
-        push(&["-device", "virtio-blk-pci,drive=disk0,id=vda"]);
+        // A request the agent cannot serve (a block no peer or origin
+        // delivers in time) pauses the VM instead of failing in the guest;
+        // the agent resumes it, and QEMU retries the request, once the
+        // block is here.
+        push(&[
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=vda,werror=stop,rerror=stop",
+        ]);
         if let Some(mac) = &self.mac {
             push(&["-netdev", "hubport,id=net0,hubid=0"]);
             push(&[
