@@ -43,9 +43,8 @@ const GIB: u64 = 1 << 30;
 /// every iteration removes one.
 const RACE_IMAGE: u64 = 128 * MIB;
 const RACE_BLOCK: &str = "1M";
-/// Upper bounds per race test: iterations and wall time (whichever ends
-/// first; the test says how many ran).
-const RACE_ITERATIONS: usize = 30;
+/// Upper bound of wall time per race test (the iteration count is each
+/// test's; whichever ends first, and the test says how many ran).
 const RACE_BUDGET: Duration = Duration::from_secs(40);
 
 // ---------------------------------------------------------------- helpers
@@ -245,6 +244,7 @@ fn run_race(t: &TestAgent, race: &Race<'_>, iteration: usize, delay: Duration) -
 /// ends; panics listing every iteration that lost data.
 fn race_campaign(
     test: &str,
+    iterations: usize,
     rng: &mut Rng,
     window: Duration,
     mut iteration: impl FnMut(usize, Duration) -> Option<String>,
@@ -253,7 +253,7 @@ fn race_campaign(
     let started = Instant::now();
     let mut ran = 0;
     let mut failures = Vec::new();
-    for i in 0..RACE_ITERATIONS {
+    for i in 0..iterations {
         if started.elapsed() > RACE_BUDGET {
             break;
         }
@@ -318,7 +318,7 @@ fn removals_during_image_import_never_free_the_new_images_chunks() {
     t.ok(&["image", "rm", "big"]);
     println!("{test}: an unraced import of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, &mut rng, window.mul_f64(1.1), |i, delay| {
+    race_campaign(test, 30, &mut rng, window.mul_f64(1.1), |i, delay| {
         // Even iterations remove an image (which collects garbage), odd
         // ones a disk.
         let victim = format!("v{i}");
@@ -398,7 +398,7 @@ fn image_rm_during_disk_commit_never_frees_the_new_layer() {
     t.ok(&["image", "rm", "c"]);
     println!("{test}: an unraced commit of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, &mut rng, window.mul_f64(1.1), |i, delay| {
+    race_campaign(test, 30, &mut rng, window.mul_f64(1.1), |i, delay| {
         let victim = format!("v{i}");
         t.ok(&["image", "import", small_s, "--name", &victim]);
         let race = Race {
@@ -450,7 +450,7 @@ fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
     host.ok(&["image", "rm", "r"]);
     println!("{test}: an unraced resolve (disk create) takes {window:?}");
 
-    race_campaign(test, &mut rng, window.mul_f64(1.5), |i, delay| {
+    race_campaign(test, 50, &mut rng, window.mul_f64(1.5), |i, delay| {
         let victim = format!("v{i}");
         host.ok(&["image", "import", small_s, "--name", &victim]);
         let pull = i % 2 == 0;
