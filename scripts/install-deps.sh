@@ -24,6 +24,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ "$(qemu_major qemu-img)" -ge "$QEMU_MIN_MAJOR" ] || need+=(qemu-utils)
 have nbdcopy || need+=(libnbd-bin)
 have fio || need+=(fio)
+have strace || need+=(strace)  # crates/spore/tests/integrity.rs watches the agent's syscalls
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^switch_root$' || need+=(busybox-static)
 have mke2fs || need+=(e2fsprogs)
 have debugfs || need+=(e2fsprogs)
@@ -58,7 +59,7 @@ else
     fi
     echo "[deps] apt-get update" >&2
     apt-get update -q >/dev/null
-    pkgs=(libnbd-bin fio busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv gcc libc6-dev)
+    pkgs=(libnbd-bin fio strace busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv gcc libc6-dev)
     echo "[deps] apt-get install ${pkgs[*]}" >&2
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
     # Both QEMU packages in one call, from one suite (see above).
