@@ -666,16 +666,22 @@ fn powercut_library(test: &str) -> Option<PathBuf> {
     }
     Some(
         LIB.get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("spore-powercut-{}", std::process::id()));
+            // Built under a name of this process, then renamed into place:
+            // test binaries running at once never see a half-written one.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("spore-powercut");
             std::fs::create_dir_all(&dir).unwrap();
-            let src = dir.join("powercut.c");
+            let pid = std::process::id();
+            let src = dir.join(format!("powercut-{pid}.c"));
             std::fs::write(&src, POWERCUT_C).unwrap();
-            let lib = dir.join("powercut.so");
+            let built = dir.join(format!("powercut-{pid}.so"));
             sh(Command::new("cc")
                 .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
-                .arg(&lib)
+                .arg(&built)
                 .arg(&src)
                 .args(["-ldl", "-lpthread"]));
+            let _ = std::fs::remove_file(&src);
+            let lib = dir.join("powercut.so");
+            std::fs::rename(&built, &lib).unwrap();
             lib
         })
         .clone(),
