@@ -11,6 +11,7 @@ pub mod api;
 mod disks;
 pub mod error;
 pub mod exports;
+pub mod failpoint;
 mod images;
 pub mod meta;
 mod metrics;

@@ -337,3 +337,90 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
     running_on(&c, "node1");
     assert_eq!(c.dataset("node1", "web", "check"), written);
 }
+
+/// The source's commit never reaches the destination (fail-point
+/// `migration-commit-lost`): the source keeps its stopped copy and never
+/// resumes it, and the destination, whose guest already runs, keeps it past
+/// its deadline and adopts it, data set intact (it used to remove it, disk
+/// and all, at the deadline).
+#[test]
+fn a_lost_commit_leaves_the_guest_running_at_the_destination() {
+    let g = guest();
+    let c = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        name: format!("c{}", std::process::id() % 100_000),
+    };
+    let out = sh(Command::new(SPORE)
+        .env("SPORE_CLUSTER_DIR", c.dir.path())
+        .env("SPORE_FAILPOINTS", "migration-commit-lost")
+        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"]));
+    assert!(out.contains("origin + 2 nodes"), "{out}");
+    c.ok(
+        "origin",
+        &[
+            "image",
+            "import",
+            g.rootfs.to_str().unwrap(),
+            "--name",
+            "guest",
+        ],
+    );
+    let args = vm_run_args(g, "web", "guest", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    let written = c.dataset("node1", "web", "write");
+
+    let out = c
+        .cmd(
+            "node1",
+            &[
+                "vm",
+                "migrate",
+                "web",
+                "--to",
+                "node2",
+                "--cluster",
+                &c.name,
+                "--policy",
+                "precopy",
+                "--timeout",
+                "15",
+            ],
+        )
+        .output()
+        .unwrap();
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the migration reported success: {err}"
+    );
+    assert!(err.contains("did not commit"), "{err}");
+    // The source never runs its copy again.
+    let src = c.vms("node1");
+    assert!(src.iter().all(|v| v["state"] != "running"), "{src:?}");
+
+    // Past the destination's deadline (15 + 30 s) the guest is adopted.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let vm = loop {
+        let vms = c.vms("node2");
+        if let Some(v) = vms.first().filter(|v| {
+            v["state"] == "running"
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("never committed"))
+        }) {
+            break v.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node2 did not adopt the VM: {vms:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(vm["name"], "web", "{vm}");
+    assert_eq!(c.dataset("node2", "web", "check"), written);
+}

@@ -595,6 +595,11 @@ impl Agent {
             let mut last = None;
             let mut ok = None;
             for _ in 0..5 {
+                if crate::failpoint::hit("migration-commit-lost") {
+                    last = Some(AgentError::State("fail-point migration-commit-lost".into()));
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
                 match peer.post(&path, &json!({})) {
                     Ok(c) => {
                         ok = Some(c);
@@ -607,12 +612,22 @@ impl Agent {
             match ok {
                 Some(c) => c,
                 None => {
+                    // The guest may run at the destination by now: this
+                    // copy, paused after the switch, must never run again.
+                    let to = req.to.clone();
+                    let _ = self.set_vm_state(name, |r| {
+                        r.state = VmState::Failed;
+                        r.reason = Some(format!(
+                            "migrated to {to}, which did not confirm; the guest may run \
+                             there: this copy stays paused and must not be resumed"
+                        ));
+                    });
                     return Err(AgentError::State(format!(
                         "QEMU completed the migration but the destination did not commit ({}); \
                          the guest is at {}, this host keeps its stopped copy",
                         last.map(|e| e.chain()).unwrap_or_default(),
                         req.to
-                    )))
+                    )));
                 }
             }
         };
