@@ -51,6 +51,11 @@ impl AgentProcess {
     }
 
     /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -99,9 +99,15 @@ fn guest_boots_from_an_image_and_from_a_committed_layer() {
     // over ACPI and the guest powers off cleanly (not a hard stop).
     assert!(t.fails(&["vm", "rm", "user"]).contains("stop it first"));
     let out = t.ok(&["vm", "stop", "user", "--timeout", "60"]);
-    assert!(out.contains("stopped") && !out.contains("stopped hard"), "{out}");
+    assert!(
+        out.contains("stopped") && !out.contains("stopped hard"),
+        "{out}"
+    );
     let log = t.ok(&["vm", "log", "user"]);
-    assert!(log.contains("spore-init: poweroff"), "no clean power-off: {log}");
+    assert!(
+        log.contains("spore-init: poweroff"),
+        "no clean power-off: {log}"
+    );
     t.ok(&["vm", "rm", "user"]);
     t.ok(&["vm", "rm", "builder"]);
     t.ok(&["image", "rm", "base"]);
