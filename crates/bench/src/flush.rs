@@ -11,8 +11,10 @@
 //! defaults (writeback cache: a flush is qcow2's metadata written back,
 //! then fdatasync, as spore's is the data file's fdatasync, then the
 //! overlay's metadata). The cases run interleaved, `rounds` times, each
-//! round with its own random offsets (the same for every case), and the
-//! figures are the median over rounds. `--before-agent` runs a second agent
+//! round with its own random offsets (the same for every case); each
+//! case's figures are its medians over rounds, and each ratio is the median
+//! of the rounds' ratios (a round runs every case once, close in time, so
+//! its ratio is less disturbed by whatever else the machine does). `--before-agent` runs a second agent
 //! from another spore binary (an older build) beside the first, so that a
 //! change is measured against its predecessor under the same noise.
 //!
@@ -38,10 +40,10 @@ pub struct Options {
     #[arg(long, value_delimiter = ',', default_value = "1,1024")]
     pub sizes_gib: Vec<u64>,
     /// Seconds per fio job
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     pub seconds: u32,
     /// Rounds over every case (interleaved); figures are medians over rounds
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: u32,
     /// Skip the qcow2/qemu-nbd baseline
     #[arg(long)]
@@ -91,6 +93,7 @@ struct Report {
     before_agent: Option<String>,
     qemu_nbd_version: String,
     cases: Vec<Case>,
+    ratios: Vec<Ratio>,
 }
 
 const SPORE: &str = "spore";
@@ -260,10 +263,20 @@ pub fn run(o: &Options) -> Result<()> {
         }
     }
 
+    // The pairs compared run next to each other (one server's sizes, then
+    // the next server), and every other round runs backwards, so that a
+    // drift in the machine's load does not favour one side of a ratio.
+    let rank = |system: &str| [SPORE, QCOW2, BEFORE].iter().position(|s| *s == system);
+    targets.sort_by_key(|t| (rank(&t.system), t.size));
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     for round in 0..o.rounds {
         let seed = 1000 + u64::from(round);
-        for (t, out) in targets.iter().zip(samples.iter_mut()) {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let t = &targets[i];
             let s = fio_write_flush(&t.uri, o.seconds, seed)
                 .with_context(|| format!("fio against {} at {} GiB", t.system, t.size >> 30))?;
             eprintln!(
@@ -274,7 +287,7 @@ pub fn run(o: &Options) -> Result<()> {
                 s.iops,
                 s.flush_p50_us
             );
-            out.push(s);
+            samples[i].push(s);
         }
     }
     drop(servers);
@@ -289,7 +302,8 @@ pub fn run(o: &Options) -> Result<()> {
             rounds,
         })
         .collect();
-    print_report(&cases, o);
+    let ratios = ratios(&cases, o);
+    print_report(&cases, &ratios, o);
     let report = Report {
         seconds_per_job: o.seconds,
         rounds: o.rounds,
@@ -297,6 +311,7 @@ pub fn run(o: &Options) -> Result<()> {
         before_agent: before.map(|b| b.display().to_string()),
         qemu_nbd_version,
         cases,
+        ratios,
     };
     write_json(&o.out, &report)
 }
@@ -310,7 +325,80 @@ fn write_json(out: &Path, report: &Report) -> Result<()> {
     Ok(())
 }
 
-fn print_report(cases: &[Case], o: &Options) {
+/// `a / b`, paired by round: each round ran every case once, close in
+/// time, so a round's ratio is less disturbed by the machine's other load
+/// than a ratio of medians.
+#[derive(Debug, Serialize)]
+struct Ratio {
+    what: String,
+    /// Median over rounds of the round's ratio of mean write + flush time.
+    cycle_mean: f64,
+    cycle_mean_min: f64,
+    cycle_mean_max: f64,
+    flush_p50: f64,
+    flush_p99: f64,
+    /// The most `cycle_mean` may be.
+    goal: Option<f64>,
+}
+
+fn ratio(what: String, a: &Case, b: &Case, goal: Option<f64>) -> Ratio {
+    let per_round = |f: fn(&Sample) -> f64| -> Vec<f64> {
+        a.rounds
+            .iter()
+            .zip(&b.rounds)
+            .map(|(x, y)| f(x) / f(y))
+            .collect()
+    };
+    let cycle = per_round(|s| s.cycle_mean_us);
+    Ratio {
+        what,
+        cycle_mean: median(&cycle),
+        cycle_mean_min: cycle.iter().copied().fold(f64::INFINITY, f64::min),
+        cycle_mean_max: cycle.iter().copied().fold(0.0, f64::max),
+        flush_p50: median(&per_round(|s| s.flush_p50_us)),
+        flush_p99: median(&per_round(|s| s.flush_p99_us)),
+        goal,
+    }
+}
+
+/// The comparisons the goals are about: each spore at the largest size
+/// against the smallest, each spore against qcow2 at every size, and spore
+/// against the build before it.
+fn ratios(cases: &[Case], o: &Options) -> Vec<Ratio> {
+    let find = |sys: &str, size: u64| {
+        cases
+            .iter()
+            .find(|c| c.system == sys && c.size_bytes == size)
+    };
+    let mut sizes: Vec<u64> = o.sizes_gib.iter().map(|g| g << 30).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let (small, large) = (sizes[0], sizes[sizes.len() - 1]);
+    let mut out = Vec::new();
+    for sys in [SPORE, BEFORE] {
+        if let (Some(a), Some(b), true) = (find(sys, large), find(sys, small), large > small) {
+            let what = format!("{sys} {} GiB / {} GiB", large >> 30, small >> 30);
+            out.push(ratio(what, a, b, Some(1.1)));
+        }
+    }
+    for sys in [SPORE, BEFORE] {
+        for &size in &sizes {
+            if let (Some(a), Some(q)) = (find(sys, size), find(QCOW2, size)) {
+                let what = format!("{sys} / {QCOW2} at {} GiB", size >> 30);
+                out.push(ratio(what, a, q, Some(1.0)));
+            }
+        }
+    }
+    for &size in &sizes {
+        if let (Some(a), Some(b)) = (find(SPORE, size), find(BEFORE, size)) {
+            let what = format!("{SPORE} / {BEFORE} at {} GiB", size >> 30);
+            out.push(ratio(what, a, b, None));
+        }
+    }
+    out
+}
+
+fn print_report(cases: &[Case], ratios: &[Ratio], o: &Options) {
     let ms = |us: f64| us / 1e3;
     println!();
     println!(
@@ -335,51 +423,18 @@ fn print_report(cases: &[Case], o: &Options) {
             ms(m.cycle_mean_us)
         );
     }
-    let find = |sys: &str, size: u64| {
-        cases
-            .iter()
-            .find(|c| c.system == sys && c.size_bytes == size)
-    };
-    let sizes: Vec<u64> = o.sizes_gib.iter().map(|g| g << 30).collect();
-    let (Some(&small), Some(&large)) = (sizes.iter().min(), sizes.iter().max()) else {
-        return;
-    };
-    // "a / b: ..." with the ratios of the mean write + flush and the
-    // flush percentiles, and whether the mean meets `goal`.
-    let ratio = |what: String, a: &Case, b: &Case, goal: f64| {
-        let r = a.median.cycle_mean_us / b.median.cycle_mean_us;
-        println!(
-            "{what}: write+flush mean {r:.2}x, flush p50 {:.2}x, flush p99 {:.2}x  (goal <= {goal:.2}x: {})",
-            a.median.flush_p50_us / b.median.flush_p50_us,
-            a.median.flush_p99_us / b.median.flush_p99_us,
-            if r <= goal { "met" } else { "not met" }
-        );
-    };
     println!();
-    for sys in [SPORE, BEFORE] {
-        if let (Some(a), Some(b)) = (find(sys, small), find(sys, large)) {
-            if large > small {
-                let what = format!("{sys} {} GiB / {} GiB", large >> 30, small >> 30);
-                ratio(what, b, a, 1.1);
-            }
-        }
-    }
-    for sys in [SPORE, BEFORE] {
-        for &size in &sizes {
-            if let (Some(s), Some(q)) = (find(sys, size), find(QCOW2, size)) {
-                ratio(format!("{sys} / {QCOW2} at {} GiB", size >> 30), s, q, 1.0);
-            }
-        }
-    }
-    for &size in &sizes {
-        if let (Some(s), Some(b)) = (find(SPORE, size), find(BEFORE, size)) {
-            let r = s.median.cycle_mean_us / b.median.cycle_mean_us;
-            println!(
-                "{SPORE} / {BEFORE} at {} GiB: write+flush mean {r:.2}x, flush p50 {:.2}x",
-                size >> 30,
-                s.median.flush_p50_us / b.median.flush_p50_us
-            );
-        }
+    println!("ratios: median over rounds of each round's ratio (range in brackets)");
+    for r in ratios {
+        let goal = match r.goal {
+            Some(g) if r.cycle_mean <= g => format!("  goal <= {g:.2}x: met"),
+            Some(g) => format!("  goal <= {g:.2}x: not met"),
+            None => String::new(),
+        };
+        println!(
+            "{}: write+flush mean {:.2}x [{:.2}-{:.2}], flush p50 {:.2}x, flush p99 {:.2}x{goal}",
+            r.what, r.cycle_mean, r.cycle_mean_min, r.cycle_mean_max, r.flush_p50, r.flush_p99
+        );
     }
     if o.no_baseline {
         println!("(no qcow2 baseline: --no-baseline)");
