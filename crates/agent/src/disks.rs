@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use spore_api::{DiskInfo, ImageSummary, RemoveResult};
 use spore_blockdev::Disk;
+use spore_chunks::ChunkId;
 
 use crate::agent::{now, Agent, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
@@ -53,9 +54,94 @@ impl Agent {
         image: &str,
         vm: Option<&str>,
     ) -> Result<DiskInfo> {
+        self.create_disk_on(name, image, None, vm)
+    }
+
+    /// A disk on exactly the image `manifest` (what a migrating VM ran
+    /// on), recorded as image `image`. The manifest and its layers are
+    /// fetched by content where this host lacks them, from its peers and
+    /// origin or else from `source` (the sending host's peer URL); what
+    /// `image` names here does not matter.
+    pub fn create_disk_pinned(
+        self: &Arc<Self>,
+        name: &str,
+        image: &str,
+        manifest: ChunkId,
+        source: Option<&str>,
+        vm: Option<&str>,
+    ) -> Result<DiskInfo> {
+        check_name("disk", name)?;
+        // Pinned from the first fetched chunk until the disk's record
+        // holds the manifest.
+        let pin = self.gc_lock.read();
+        self.fetch_manifest(&manifest, source).map_err(|e| {
+            AgentError::State(format!(
+                "the VM's disk is on image manifest {manifest} ({image} at the source), \
+                 which neither this host nor its sources can provide: {}",
+                e.chain()
+            ))
+        })?;
+        let info = self.create_disk_on(name, image, Some(manifest), vm);
+        drop(pin);
+        info
+    }
+
+    /// Makes the manifest `id` and its layers local, fetched by content.
+    fn fetch_manifest(&self, id: &ChunkId, source: Option<&str>) -> Result<()> {
+        let from_source = source.map(|url| {
+            spore_transfer::Fetcher::new(vec![spore_transfer::Remote::new(
+                url,
+                crate::agent::REMOTE_TIMEOUT,
+            )])
+        });
+        let fetch = |ids: &[ChunkId]| -> Result<()> {
+            let missing: Vec<ChunkId> = ids
+                .iter()
+                .filter(|id| !self.store.present(id))
+                .copied()
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let mut why = String::from("no peer, origin or source is configured");
+            for fetcher in self
+                .fetcher
+                .as_deref()
+                .into_iter()
+                .chain(from_source.as_ref())
+            {
+                match fetcher.fetch(&self.store, &missing) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => why = e.to_string(),
+                }
+            }
+            Err(AgentError::State(why))
+        };
+        fetch(&[*id])?;
+        let layers = spore_image::image::load_manifest(&self.store, id)?.layers;
+        fetch(&layers)?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    fn create_disk_on(
+        self: &Arc<Self>,
+        name: &str,
+        image: &str,
+        pinned: Option<ChunkId>,
+        vm: Option<&str>,
+    ) -> Result<DiskInfo> {
         check_name("disk", name)?;
         let _names = self.disk_names.lock();
-        let image_rec = self.resolve_image(image)?;
+        let image_rec = match pinned {
+            Some(manifest) => ImageRecord {
+                manifest,
+                created: now(),
+                complete: false,
+                profile: None,
+            },
+            None => self.resolve_image(image)?,
+        };
         if self.meta.get::<DiskRecord>(Table::Disks, name)?.is_some() {
             return Err(AgentError::Exists {
                 kind: "disk",
@@ -84,8 +170,10 @@ impl Agent {
             });
         }
         self.exports.add_disk(name, Arc::new(disk));
-        let base = self.exports.open_image(&image_rec.manifest)?;
-        self.record_profile(image, &image_rec, &base);
+        if pinned.is_none() {
+            let base = self.exports.open_image(&image_rec.manifest)?;
+            self.record_profile(image, &image_rec, &base);
+        }
         Ok(self.disk_info(name, &rec))
     }
 

@@ -105,9 +105,80 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
     }
 }
 
+/// Checks values that reach QEMU's command line from another host or a
+/// client: a MAC (`52:54:00:12:34:56`), a GUID (8-4-4-4-12 hex digits), a
+/// hostname (RFC 1123 labels) and an instance id. A comma or an `=` in any
+/// of them would add options to a `-device` argument (e.g. a `romfile=`
+/// that maps a host file into the guest), so nothing but the expected
+/// characters passes.
+pub fn check_mac(mac: &str) -> Result<()> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then_some(()).ok_or_else(|| {
+        AgentError::Invalid(format!(
+            "MAC {mac:?} is invalid: expected six hex pairs like 52:54:00:12:34:56"
+        ))
+    })
+}
+
+pub fn check_guid(guid: &str) -> Result<()> {
+    let lens: Vec<usize> = guid.split('-').map(str::len).collect();
+    let ok = lens == [8, 4, 4, 4, 12] && guid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    ok.then_some(()).ok_or_else(|| {
+        AgentError::Invalid(format!(
+            "GUID {guid:?} is invalid: expected 8-4-4-4-12 hex digits"
+        ))
+    })
+}
+
+pub fn check_hostname(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    ok.then_some(()).ok_or_else(|| {
+        AgentError::Invalid(format!(
+            "hostname {name:?} is invalid (RFC 1123: letters, digits, '-' and '.')"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_for_the_command_line_are_checked() {
+        assert!(check_mac("52:54:00:ab:CD:0f").is_ok());
+        for bad in [
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f,romfile=/etc/shadow",
+            "52-54-00-ab-cd-0f",
+            "",
+        ] {
+            assert!(check_mac(bad).is_err(), "{bad}");
+        }
+        assert!(check_guid("a32f7f28-983f-4f6c-af96-7bc52f2d4293").is_ok());
+        for bad in [
+            "a32f7f28-983f-4f6c-af96-7bc52f2d4293,romfile=/x",
+            "a32f7f28983f4f6caf967bc52f2d4293",
+            "g32f7f28-983f-4f6c-af96-7bc52f2d4293",
+        ] {
+            assert!(check_guid(bad).is_err(), "{bad}");
+        }
+        assert!(check_hostname("web-1.example").is_ok());
+        for bad in ["", "-web", "web,x=y", "a..b", "web_1"] {
+            assert!(check_hostname(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn names() {

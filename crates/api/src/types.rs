@@ -640,6 +640,11 @@ pub struct IncomingRequest {
     /// Where the request comes from (for records and logs).
     pub from: String,
     pub image: String,
+    /// The manifest (hex) of the image the VM's disk is on: the destination
+    /// builds the disk on exactly this, fetched by content if it lacks it,
+    /// whatever `image` names there. Absent from older sources.
+    #[serde(default)]
+    pub manifest: Option<String>,
     pub accel: String,
     pub memory_mib: u64,
     pub cpus: u32,

@@ -424,3 +424,97 @@ fn a_lost_commit_leaves_the_guest_running_at_the_destination() {
     assert_eq!(vm["name"], "web", "{vm}");
     assert_eq!(c.dataset("node2", "web", "check"), written);
 }
+
+/// The destination holds a different image under the VM's image name: the
+/// VM's disk is built on exactly the manifest it ran on (fetched by content
+/// from the origin), not on what the name means there, so the guest's data
+/// set and file system arrive intact (only the VM's own blocks move).
+#[test]
+fn a_vm_moves_onto_its_own_image_whatever_the_name_means_at_the_destination() {
+    let g = guest();
+    let c = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        name: format!("p{}", std::process::id() % 100_000),
+    };
+    let out = sh(Command::new(SPORE)
+        .env("SPORE_CLUSTER_DIR", c.dir.path())
+        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"]));
+    assert!(out.contains("origin + 2 nodes"), "{out}");
+    c.ok(
+        "origin",
+        &[
+            "image",
+            "import",
+            g.rootfs.to_str().unwrap(),
+            "--name",
+            "guest",
+        ],
+    );
+    // node2's own "guest": the same size, other bytes.
+    let other = c.dir.path().join("other.raw");
+    common::sparse_random_file(&other, std::fs::metadata(&g.rootfs).unwrap().len(), 99);
+    c.ok(
+        "node2",
+        &[
+            "image",
+            "import",
+            other.to_str().unwrap(),
+            "--name",
+            "guest",
+        ],
+    );
+    let args = vm_run_args(g, "web", "guest", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    let written = c.dataset("node1", "web", "write");
+    let m = c.migrate("node1", "node2", &["--policy", "precopy"]);
+    assert_eq!(m["phase"], "completed", "{m}");
+    running_on(&c, "node2");
+    assert_eq!(c.dataset("node2", "web", "check"), written);
+    // The file system the guest reads is the one it booted from.
+    c.ok("node2", &["vm", "send", "web", "cat", "/etc/hostname"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = c.log("node2", "web");
+        if log.contains("SPORE-FILE /etc/hostname") {
+            assert!(!log.contains("EXT4-fs error"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A file the guest never read before the move: its bytes come from
+    // the image underneath, which must be the one it booted from.
+    let expect_file = c.dir.path().join("filler-000");
+    sh(Command::new("debugfs").args([
+        "-R",
+        &format!("dump /data/filler-000 {}", expect_file.display()),
+        g.rootfs.to_str().unwrap(),
+    ]));
+    let expect = sh(Command::new("sha256sum").arg(&expect_file));
+    let expect = expect.split_whitespace().next().unwrap().to_owned();
+    c.ok("node2", &["vm", "send", "web", "sum", "/data/filler-000"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let log = c.log("node2", "web");
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("SPORE-SUM /data/filler-000"))
+        {
+            assert!(
+                line.ends_with(&expect),
+                "other bytes under the guest: {line}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // node2's own image under that name is untouched.
+    let disks = c.json("node2", &["disk", "ls", "--json"]);
+    let theirs = c.json("node2", &["image", "inspect", "guest", "--json"]);
+    assert_ne!(
+        disks[0]["manifest"], theirs["manifest"],
+        "{disks} / {theirs}"
+    );
+}

@@ -21,7 +21,7 @@ use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp, StallProbe};
 
 use crate::agent::{now, Agent};
-use crate::error::{check_name, AgentError, Result};
+use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
 use crate::meta::Table;
 use crate::vms::{Start, VmRecord};
 
@@ -96,6 +96,32 @@ impl Agent {
             ));
         }
         check_name("vm", &req.vm)?;
+        check_name("image", &req.image)?;
+        // Everything below may reach QEMU's command line: only well-formed
+        // values pass (a comma in a MAC would add device options).
+        if let Some(mac) = &req.mac {
+            check_mac(mac)?;
+        }
+        if let Some(guid) = &req.vmgenid {
+            check_guid(guid)?;
+        }
+        if let Some(h) = &req.hostname {
+            check_hostname(h)?;
+        }
+        if let Some(id) = &req.instance_id {
+            check_name("instance id", id)?;
+        }
+        for (id, _) in &req.dimms {
+            check_name("DIMM id", id)?;
+        }
+        let manifest: Option<spore_chunks::ChunkId> = req
+            .manifest
+            .as_deref()
+            .map(|hex| {
+                hex.parse()
+                    .map_err(|_| AgentError::Invalid(format!("manifest {hex:?} is not a chunk id")))
+            })
+            .transpose()?;
         let accel: Accel = req.accel.parse().map_err(AgentError::Invalid)?;
         if accel != self.accel {
             return Err(AgentError::Invalid(format!(
@@ -168,7 +194,21 @@ impl Agent {
             );
         }
         let started = (|| -> Result<IncomingReady> {
-            let disk = self.create_disk(&req.vm, &req.image, Some(&req.vm))?;
+            let disk = match manifest {
+                Some(manifest) => {
+                    let source = (req.from.contains(':') && !req.from.contains('/'))
+                        .then(|| format!("http://{}", req.from));
+                    self.create_disk_pinned(
+                        &req.vm,
+                        &req.image,
+                        manifest,
+                        source.as_deref(),
+                        Some(&req.vm),
+                    )?
+                }
+                // An older source sends only the name.
+                None => self.create_disk(&req.vm, &req.image, Some(&req.vm))?,
+            };
             let start = Start::Incoming {
                 layout: MemoryLayout {
                     base_mib: req.base_mib,
