@@ -50,12 +50,12 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
