@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -207,6 +208,10 @@ impl Agent {
     pub fn open(config: AgentConfig) -> Result<Arc<Self>> {
         let dir = &config.data_dir;
         fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        // Disks, chunks (template RAM among them) and sockets: for root's
+        // eyes only, whatever the umask.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(AgentError::io(format!("restricting {}", dir.display())))?;
         let lock_path = dir.join("agent.lock");
         let lock = File::create(&lock_path)
             .map_err(AgentError::io(format!("creating {}", lock_path.display())))?;

@@ -250,7 +250,10 @@ impl Agent {
         }
         let ram_image = format!("{name}.ram");
         let disk_image = format!("{name}.disk");
-        for image in [&ram_image, &disk_image] {
+        let boot_image = format!("{name}.boot");
+        // Everything that can be checked is checked before the VM pauses,
+        // so that a refusal leaves it exactly as it was.
+        for image in [&ram_image, &disk_image, &boot_image] {
             check_name("image", image)?;
             if self
                 .meta
@@ -276,6 +279,14 @@ impl Agent {
                  mapping, not a file that can be captured; make templates from booted VMs"
             )));
         }
+        if rec.dimms > 0 {
+            return Err(AgentError::State(format!(
+                "vm {vm} was given memory while it ran ({} hot-plugged DIMMs): that memory is \
+                 not in its RAM file, so its state cannot be captured; capture VMs before \
+                 resizing their memory (clones can still be made bigger: vm clone --memory)",
+                rec.dimms
+            )));
+        }
         let Some((_, exit)) = self.running_vm(vm) else {
             return Err(AgentError::State(format!("vm {vm} has no QEMU process")));
         };
@@ -298,7 +309,15 @@ impl Agent {
         let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
             .map_err(qmp_err)?;
         // Clones must have exactly this boot RAM to load the state.
-        let ram_kib = qmp.memory_layout().map_err(qmp_err)?.base_kib;
+        let layout = qmp.memory_layout().map_err(qmp_err)?;
+        if !layout.dimms.is_empty() {
+            return Err(AgentError::State(format!(
+                "vm {vm} has hot-plugged memory ({} DIMMs), which a capture cannot hold; \
+                 not captured",
+                layout.dimms.len()
+            )));
+        }
+        let ram_kib = layout.base_kib;
         if let Err(e) = qmp.save_state(&state, Duration::from_secs(60)) {
             let _ = qmp.execute("cont", None);
             return Err(qmp_err(e));

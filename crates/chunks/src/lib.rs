@@ -141,6 +141,9 @@ impl ChunkStore {
     pub fn open(root: impl Into<PathBuf>, compression: Compression) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        // Chunks hold guest data (template RAM too): root only.
+        fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| Error::io(&root, e))?;
         Ok(ChunkStore {
             root,
             compression,

@@ -201,3 +201,44 @@ fn bad_vm_requests_get_clear_errors() {
         "no half-made disk left"
     );
 }
+
+/// Guest data (disks, chunks, RAM files, sockets) is root's only: another
+/// user can read none of it, whatever the umask the agent ran with.
+#[test]
+fn guest_data_is_readable_by_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestAgent::start();
+    // The test's own directories are private; open them up, so that only
+    // what the agent itself restricts stands in the way.
+    for dir in [t.dir.path(), t.ram.path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    t.import_guest("base");
+    let out = run_vm(&t, "secret", "base", "");
+    assert!(out.contains("SPORE-READY"), "{out}");
+    let ram = t.ram.path().join("vm-secret.ram");
+    assert!(ram.exists(), "no RAM file at {}", ram.display());
+    let chunk = common::chunk_files(&t).into_iter().next().expect("a chunk");
+    let data = t.data_dir();
+    for path in [
+        ram.as_path(),
+        chunk.as_path(),
+        &data.join("disks/secret/data"),
+        &data.join("meta.redb"),
+    ] {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "head",
+                "-c",
+                "1",
+            ])
+            .arg(path)
+            .output()
+            .expect("setpriv runs");
+        assert!(!out.status.success(), "user 65534 read {}", path.display());
+    }
+    t.ok(&["vm", "rm", "secret", "--force"]);
+}
