@@ -86,3 +86,14 @@ else
     "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
     "$MOTO_VENV/bin/moto_server" --help >/dev/null
 fi
+
+# cargo-fuzz (libFuzzer targets in fuzz/, run by scripts/fuzz.sh), from
+# crates.io, built once into ~/.cargo/bin. libFuzzer itself is compiled by
+# the libfuzzer-sys crate (needs g++).
+if command -v cargo-fuzz >/dev/null 2>&1; then
+    echo "[deps] cargo-fuzz is installed" >&2
+else
+    have g++ || { [ "$(id -u)" -eq 0 ] && apt-get install -y -q --no-install-recommends g++ >/dev/null; }
+    echo "[deps] cargo install cargo-fuzz" >&2
+    cargo install -q --locked cargo-fuzz@0.13.2
+fi

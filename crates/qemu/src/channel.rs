@@ -259,7 +259,7 @@ impl Drop for StallProbe {
 /// Counts the answers among the complete lines of `buf` and keeps only the
 /// unfinished last line. Answers may follow other output on a line (a shell
 /// prompt), so they are looked for anywhere in it.
-fn count_pongs(buf: &mut Vec<u8>) -> usize {
+pub fn count_pongs(buf: &mut Vec<u8>) -> usize {
     let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') else {
         return 0;
     };
