@@ -198,6 +198,8 @@ pub struct Agent {
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     /// Live migrations away from and to this host.
     pub migrations: crate::migration::Migrations,
+    /// Held while a template's RAM file is rebuilt from its image.
+    pub template_ram_rebuild: parking_lot::Mutex<()>,
     /// Disks whose overlay could not be opened at start, and why.
     pub broken_disks: parking_lot::Mutex<std::collections::HashMap<String, String>>,
     _lock: File,
@@ -272,6 +274,7 @@ impl Agent {
             standbys: Default::default(),
             migrations: Default::default(),
             broken_disks: Default::default(),
+            template_ram_rebuild: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

@@ -780,8 +780,16 @@ impl Agent {
             mounts.insert(name.to_owned(), m);
             return Ok((p, gate));
         }
+        // One rebuild at a time: two clones racing to rebuild one file
+        // truncated each other's (and a clone could map zero pages). The
+        // one that waited finds the file made.
+        let _rebuilding = self.template_ram_rebuild.lock();
+        if path.is_file() {
+            return Ok((path, None));
+        }
         fs::create_dir_all(self.vms.ram_dir())
             .map_err(AgentError::io("creating the RAM directory"))?;
+        crate::vms::check_ram_room(self.vms.ram_dir(), size >> 10)?;
         let tmp = path.with_extension("tmp");
         let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
         file.set_len(size)

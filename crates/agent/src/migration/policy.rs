@@ -185,6 +185,16 @@ impl Policy {
         }
     }
 
+    /// The bandwidth QEMU itself judges the switch by: what it measured
+    /// in its last period (never above the cap), else the link estimate.
+    fn qemu_bandwidth(&self, p: &Progress) -> u64 {
+        match (p.throughput, self.bandwidth) {
+            (0, _) => self.link(p),
+            (t, Some(b)) if b > 0 => t.min(b),
+            (t, _) => t,
+        }
+    }
+
     fn auto(&mut self, p: &Progress, prev: Option<u64>) -> Option<Decision> {
         let link = self.link(p);
         let remaining = p.ram_remaining;
@@ -194,7 +204,12 @@ impl Policy {
         if link == 0 {
             return None;
         }
-        if remaining <= budget {
+        // Pre-copy finishes when what is left fits the downtime at the
+        // speed QEMU measures now, not at the fastest the link ever was: a
+        // link that got slower keeps QEMU from switching while a remainder
+        // between the two budgets would look done here forever.
+        let qemu_bw = self.qemu_bandwidth(p);
+        if remaining <= qemu_bw.saturating_mul(target) / 1000 {
             return Some(Decision {
                 action: None,
                 why: format!(
@@ -202,7 +217,7 @@ impl Policy {
                     p.passes,
                     mb(remaining),
                     target,
-                    mb(link)
+                    mb(qemu_bw)
                 ),
             });
         }
@@ -593,5 +608,30 @@ mod tests {
         let d = last.unwrap();
         assert_eq!(d.action, Some(Action::Postcopy));
         assert!(d.why.contains("passes without converging"), "{}", d.why);
+    }
+
+    #[test]
+    fn a_link_that_gets_slower_switches_to_postcopy_instead_of_timing_out() {
+        // Fast at first (100 MB/s), then 10 MB/s: 1.5 MB left would fit
+        // 300 ms at the fastest speed seen but never at QEMU's current
+        // one, so QEMU would never switch over by itself.
+        let mut p = auto();
+        assert_eq!(p.observe(&pass(1, 200 * MB, 0, 100 * MB)), None);
+        let mut switched = None;
+        for n in 2..=super::MAX_PASSES {
+            let d = p.observe(&pass(n, 3 * MB / 2, MB / 10, 10 * MB));
+            if let Some(d) = d {
+                assert_ne!(
+                    d.action, None,
+                    "pass {n}: said pre-copy finishes at 10 MB/s: {}",
+                    d.why
+                );
+                switched = Some((n, d));
+                break;
+            }
+        }
+        let (n, d) = switched.expect("never switched: the migration would time out");
+        assert_eq!(d.action, Some(Action::Postcopy), "{}", d.why);
+        assert!(n <= 3, "switched only at pass {n}: {}", d.why);
     }
 }
