@@ -329,6 +329,7 @@ impl Agent {
         }
         self.vms.recover(&self.meta)?;
         self.drop_standbys();
+        self.collect_template_debris();
         // Resume completing images whose policy says so.
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             if rec.complete {

@@ -274,7 +274,16 @@ impl Agent {
     pub fn remove_disk(&self, name: &str, allow_vm: bool) -> Result<RemoveResult> {
         let _names = self.disk_names.lock();
         let rec = self.disk_record(name)?;
-        if let (Some(vm), false) = (&rec.vm, allow_vm) {
+        // A disk whose VM record is gone (a standby that died, a crash
+        // between two records) belongs to nobody: it can go.
+        let owner = rec.vm.as_ref().filter(|vm| {
+            self.meta
+                .get::<crate::vms::VmRecord>(Table::Vms, vm)
+                .ok()
+                .flatten()
+                .is_some()
+        });
+        if let (Some(vm), false) = (owner, allow_vm) {
             return Err(AgentError::InUse {
                 kind: "disk",
                 name: name.into(),

@@ -10,6 +10,8 @@
 //! Points:
 //! - `migration-commit-lost`: the source never delivers its commit to the
 //!   destination (as if every request were lost on the way).
+//! - `capture-store`: a template capture fails after the source was paused
+//!   and resumed, where storing the RAM image and the bundle could fail.
 
 use std::collections::HashSet;
 use std::sync::OnceLock;

@@ -408,65 +408,78 @@ impl Agent {
             None => {}
         }
 
-        // 6. RAM into the chunk store, so the template can be pushed,
-        //    pulled and inspected like an image.
-        // Pinned until the name is in the metadata store: until then the
-        // new chunks are reachable from nothing, and a garbage collection
-        // would take them.
-        let pin = self.gc_lock.read();
-        let published = {
-            let source = spore_image::source::open_raw(&tram)?;
-            spore_image::import(
-                &self.store,
-                &*source,
-                "ram",
-                RAM_BLOCK_SIZE,
-                None,
-                &|_, _| {},
-            )?
-        };
-        t.ram_stored_bytes = published.stats.changed_blocks * RAM_BLOCK_SIZE as u64;
-        t.ram_chunks = published.stats.changed_blocks;
-        t.ram_chunks_deduped = published
-            .stats
-            .changed_blocks
-            .saturating_sub(published.stats.new_chunks);
-        let image_rec = ImageRecord {
-            manifest: published.id,
-            created: now(),
-            complete: false,
-            profile: None,
-        };
-        self.meta
-            .insert_new(Table::Images, &ram_image, &image_rec)?;
-        self.exports.bind_image(&ram_image, published.id);
-        drop(pin);
+        // 6-7 can still fail (a full disk): then the capture is undone,
+        // and the source keeps running as it was (its memory stays the
+        // private mapping it resumed with; the file goes).
+        let stored = (|| -> Result<()> {
+            if crate::failpoint::hit("capture-store") {
+                return Err(AgentError::State("fail-point capture-store".into()));
+            }
+            // 6. RAM into the chunk store, so the template can be pushed,
+            //    pulled and inspected like an image.
+            // Pinned until the name is in the metadata store: until then the
+            // new chunks are reachable from nothing, and a garbage collection
+            // would take them.
+            let pin = self.gc_lock.read();
+            let published = {
+                let source = spore_image::source::open_raw(&tram)?;
+                spore_image::import(
+                    &self.store,
+                    &*source,
+                    "ram",
+                    RAM_BLOCK_SIZE,
+                    None,
+                    &|_, _| {},
+                )?
+            };
+            t.ram_stored_bytes = published.stats.changed_blocks * RAM_BLOCK_SIZE as u64;
+            t.ram_chunks = published.stats.changed_blocks;
+            t.ram_chunks_deduped = published
+                .stats
+                .changed_blocks
+                .saturating_sub(published.stats.new_chunks);
+            let image_rec = ImageRecord {
+                manifest: published.id,
+                created: now(),
+                complete: false,
+                profile: None,
+            };
+            self.meta
+                .insert_new(Table::Images, &ram_image, &image_rec)?;
+            self.exports.bind_image(&ram_image, published.id);
+            drop(pin);
 
-        // 7. The bundle: what a host that lacks the template needs besides
-        //    the RAM and disk images.
-        let disk_manifest = self.image_record(&disk_image)?.manifest;
-        let meta = TemplateMeta {
-            format: TEMPLATE_FORMAT,
-            name: name.clone(),
-            source_vm: t.source_vm.clone(),
-            source_image: t.source_image.clone(),
-            memory_mib: t.memory_mib,
-            cpus: t.cpus,
-            max_memory_mib: t.max_memory_mib,
-            max_cpus: t.max_cpus,
-            accel: t.accel.clone(),
-            ram_image: ram_image.clone(),
-            ram_manifest: published.id.to_hex(),
-            disk_image: disk_image.clone(),
-            disk_manifest: disk_manifest.to_hex(),
-            ram_stored_bytes: t.ram_stored_bytes,
-            ram_chunks: t.ram_chunks,
-            state_bytes: t.state_bytes,
-            created: t.created,
-            ram_kib: Some(t.boot_ram_kib()),
-        };
-        self.store_bundle(&t.boot_image, &dir, &meta, &state)?;
-        self.meta.put(Table::Templates, name, &t)?;
+            // 7. The bundle: what a host that lacks the template needs besides
+            //    the RAM and disk images.
+            let disk_manifest = self.image_record(&disk_image)?.manifest;
+            let meta = TemplateMeta {
+                format: TEMPLATE_FORMAT,
+                name: name.clone(),
+                source_vm: t.source_vm.clone(),
+                source_image: t.source_image.clone(),
+                memory_mib: t.memory_mib,
+                cpus: t.cpus,
+                max_memory_mib: t.max_memory_mib,
+                max_cpus: t.max_cpus,
+                accel: t.accel.clone(),
+                ram_image: ram_image.clone(),
+                ram_manifest: published.id.to_hex(),
+                disk_image: disk_image.clone(),
+                disk_manifest: disk_manifest.to_hex(),
+                ram_stored_bytes: t.ram_stored_bytes,
+                ram_chunks: t.ram_chunks,
+                state_bytes: t.state_bytes,
+                created: t.created,
+                ram_kib: Some(t.boot_ram_kib()),
+            };
+            self.store_bundle(&t.boot_image, &dir, &meta, &state)?;
+            self.meta.put(Table::Templates, name, &t)?;
+            Ok(())
+        })();
+        if let Err(e) = stored {
+            self.undo_capture(name, vm, &t, resumed.is_some_and(|r| r.is_ok()), &e);
+            return Err(e);
+        }
         self.record_ram_working_set(name);
         self.fill_standbys(name);
         tracing::info!(
@@ -479,6 +492,43 @@ impl Agent {
             "template captured"
         );
         self.template_info(name, &t)
+    }
+
+    /// Undoes a capture that failed after the source was paused: the
+    /// images and files it made go, and the source, if it resumed from the
+    /// template's RAM, runs on as a VM of its own.
+    fn undo_capture(
+        &self,
+        name: &str,
+        vm: &str,
+        t: &TemplateRecord,
+        resumed: bool,
+        why: &AgentError,
+    ) {
+        tracing::error!(template = name, vm, error = %why.chain(), "capture failed after the pause; undoing it");
+        let _ = self.meta.remove(Table::Templates, name);
+        for image in [&t.ram_image, &t.disk_image, &t.boot_image] {
+            match self.remove_image(image) {
+                Ok(_) | Err(AgentError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::error!(image = %image, error = %e.chain(), "undoing a capture: removing an image failed")
+                }
+            }
+        }
+        // A running source maps the file privately: unlinking it keeps
+        // its memory, which is already its own.
+        let _ = fs::remove_file(self.template_ram(name));
+        let _ = fs::remove_dir_all(self.template_dir(name));
+        let _ = self.set_vm_state(vm, |r| {
+            r.template = None;
+            r.reason = Some(format!(
+                "capture as template {name} failed and was undone: {}",
+                why.chain()
+            ));
+        });
+        if !resumed {
+            tracing::warn!(vm, "the captured VM did not resume; it stays stopped");
+        }
     }
 
     /// Writes the bundle (meta + state) and imports it as image `image`.
@@ -933,15 +983,12 @@ impl Agent {
 
     /// Removes a template that no VM runs from: its RAM file, state, and its
     /// RAM and disk images.
+    /// Removes a template with its images, RAM file and standbys: every
+    /// blocker is checked before anything is removed, and the standby pool
+    /// is stopped from refilling while it goes.
     pub fn remove_template(&self, name: &str) -> Result<spore_api::RemoveResult> {
         let _serial = self.template_names.lock();
         let t = self.template_record(name)?;
-        let pool = self.standbys.lock().ready.remove(name).unwrap_or_default();
-        for sb in pool {
-            if let Err(e) = self.remove_vm(&sb, true) {
-                tracing::warn!(vm = %sb, error = %e.chain(), "removing a standby clone");
-            }
-        }
         let info = self.template_info(name, &t)?;
         if !info.clones.is_empty() {
             return Err(AgentError::InUse {
@@ -953,10 +1000,56 @@ impl Agent {
                 ),
             });
         }
+        let vms = self.meta.list::<VmRecord>(Table::Vms)?;
+        let standbys: Vec<String> = vms
+            .iter()
+            .filter(|(_, v)| v.standby && v.template.as_deref() == Some(name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        // Disks on the template's images that are not its standbys'.
+        for (disk, d) in self.meta.list::<crate::agent::DiskRecord>(Table::Disks)? {
+            let ours = d.vm.as_ref().is_some_and(|vm| standbys.contains(vm));
+            if !ours && [&t.ram_image, &t.disk_image, &t.boot_image].contains(&&d.image) {
+                return Err(AgentError::InUse {
+                    kind: "template",
+                    name: name.into(),
+                    by: format!("disk {disk} (on image {})", d.image),
+                });
+            }
+        }
+        // No new standby from here on; wait for one being made.
+        self.standbys.lock().removing.insert(name.to_owned());
+        let result = self.remove_template_now(name, &t);
+        self.standbys.lock().removing.remove(name);
+        result
+    }
+
+    fn remove_template_now(
+        &self,
+        name: &str,
+        t: &TemplateRecord,
+    ) -> Result<spore_api::RemoveResult> {
+        let until = Instant::now() + Duration::from_secs(120);
+        while self.standbys.lock().filling.contains(name) {
+            if Instant::now() > until {
+                return Err(AgentError::State(format!(
+                    "template {name}: a standby clone is still being made; try again"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.standbys.lock().ready.remove(name);
+        for (sb, v) in self.meta.list::<VmRecord>(Table::Vms)? {
+            if v.standby && v.template.as_deref() == Some(name) {
+                self.remove_vm(&sb, true)?;
+            }
+        }
         self.meta.remove(Table::Templates, name)?;
         self.memfs.lock().remove(name);
         let mut freed_chunks = 0;
         let mut freed_bytes = 0;
+        // The record is gone: remove everything else, whatever fails.
+        let mut failed = None;
         for image in [&t.ram_image, &t.disk_image, &t.boot_image] {
             match self.remove_image(image) {
                 Ok(r) => {
@@ -964,11 +1057,17 @@ impl Agent {
                     freed_bytes += r.freed_bytes;
                 }
                 Err(AgentError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(template = name, image = %image, error = %e.chain(), "removing a template image failed");
+                    failed.get_or_insert(e);
+                }
             }
         }
         let _ = fs::remove_file(self.template_ram(name));
         let _ = fs::remove_dir_all(self.template_dir(name));
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok(spore_api::RemoveResult {
             removed: name.into(),
             freed_chunks,
@@ -1029,19 +1128,41 @@ fn clone_record(name: &str, t: &TemplateRecord) -> VmRecord {
 pub struct Standbys {
     ready: std::collections::HashMap<String, Vec<String>>,
     filling: std::collections::HashSet<String>,
+    /// Templates being removed: no standby is made for them.
+    removing: std::collections::HashSet<String>,
 }
 
 impl Agent {
+    /// A live standby of the template, if any; dead ones (their QEMU gone,
+    /// or not paused in standby) are removed on the way, so that a clone
+    /// falls back to a fresh start and the pool is refilled.
     fn take_standby(&self, template: &str) -> Option<String> {
-        self.standbys.lock().ready.get_mut(template)?.pop()
+        loop {
+            let sb = self.standbys.lock().ready.get_mut(template)?.pop()?;
+            let alive = self.running_vm(&sb).is_some()
+                && self
+                    .vm_record(&sb)
+                    .is_ok_and(|r| r.state == VmState::Standby);
+            if alive {
+                return Some(sb);
+            }
+            tracing::warn!(vm = %sb, template, "standby clone is gone; removing it");
+            if let Err(e) = self.remove_vm(&sb, true) {
+                tracing::warn!(vm = %sb, error = %e.chain(), "removing a dead standby clone");
+            }
+        }
     }
 
     /// Tops the template's standby pool up to `--clone-standby`, in the
     /// background.
     fn fill_standbys(self: &Arc<Self>, template: &str) {
         let want = self.config.clone_standby as usize;
-        if want == 0 || !self.standbys.lock().filling.insert(template.to_owned()) {
-            return;
+        {
+            let mut s = self.standbys.lock();
+            if want == 0 || s.removing.contains(template) || !s.filling.insert(template.to_owned())
+            {
+                return;
+            }
         }
         let agent = self.clone();
         let name = template.to_owned();
@@ -1050,13 +1171,14 @@ impl Agent {
             .name(format!("standby-{name}"))
             .spawn(move || {
                 loop {
-                    let have = agent
-                        .standbys
-                        .lock()
-                        .ready
-                        .get(&template)
-                        .map_or(0, Vec::len);
-                    if have >= want {
+                    let (have, removing) = {
+                        let s = agent.standbys.lock();
+                        (
+                            s.ready.get(&template).map_or(0, Vec::len),
+                            s.removing.contains(&template),
+                        )
+                    };
+                    if have >= want || removing {
                         break;
                     }
                     match agent.make_standby(&template) {
@@ -1184,6 +1306,41 @@ impl Agent {
 
     /// Removes standby clones a previous run left (they never outlive
     /// their agent: QEMU dies with it).
+    /// Removes template RAM files and template directories that no
+    /// template record owns (left by a capture that failed half-way or a
+    /// crash), and says so.
+    pub(crate) fn collect_template_debris(&self) {
+        let known: std::collections::HashSet<String> = self
+            .meta
+            .list::<TemplateRecord>(Table::Templates)
+            .map(|l| l.into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default();
+        if let Ok(entries) = fs::read_dir(self.vms.ram_dir()) {
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let Some(name) = file
+                    .strip_prefix("tmpl-")
+                    .and_then(|f| f.strip_suffix(".ram").or_else(|| f.strip_suffix(".tmp")))
+                else {
+                    continue;
+                };
+                if !known.contains(name) || file.ends_with(".tmp") {
+                    tracing::warn!(file = %e.path().display(), "removing a template RAM file no template owns");
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.data_dir().join("templates")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    tracing::warn!(dir = %e.path().display(), "removing a template directory no template owns");
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
     pub(crate) fn drop_standbys(&self) {
         let Ok(list) = self.meta.list::<VmRecord>(Table::Vms) else {
             return;

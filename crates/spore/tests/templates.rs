@@ -378,3 +378,75 @@ fn standby_clones_are_handed_out_with_their_own_identity() {
         1
     );
 }
+
+/// A standby whose QEMU died never blocks a clone (a fresh one starts and
+/// the pool refills) nor a removal; `template rm` while the pool is being
+/// filled removes the template, its images, RAM file and every standby.
+#[test]
+fn dead_standbys_are_replaced_and_template_rm_takes_everything() {
+    let g = guest();
+    let t = TestAgent::start_with(&["--clone-standby", "1"]);
+    t.import_guest("base");
+    let args = vm_run_args(g, "src", "base", "quiet");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    t.ok(&["vm", "template", "src", "--name", "t", "--stop"]);
+    let dead = wait_standby(&t);
+    let vms = t.json(&["vm", "ls", "--json"]);
+    let pid = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == dead.as_str())
+        .and_then(|v| v["pid"].as_i64())
+        .expect("standby pid");
+    // SAFETY: a signal to the standby's QEMU, a child of the test's agent.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    let r = t.json(&["vm", "clone", "t", "--name", "c", "--json"]);
+    assert_eq!(r["vms"][0]["state"], "running", "{r}");
+    assert_eq!(r["vms"][0]["start_ms"]["standby"], false, "{r}");
+    // The dead one is gone, disk and all, and the pool refills.
+    let fresh = wait_standby(&t);
+    assert_ne!(fresh, dead);
+    let disks = t.json(&["disk", "ls", "--json"]).to_string();
+    assert!(!disks.contains(&dead), "{disks}");
+    t.ok(&["vm", "rm", "--group", "c"]);
+
+    // Captured, then removed at once, while its pool is being filled.
+    t.ok(&["vm", "rm", "src", "--force"]);
+    let args = vm_run_args(g, "src2", "base", "quiet");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    t.ok(&["vm", "template", "src2", "--name", "t2", "--stop"]);
+    t.ok(&["template", "rm", "t2"]);
+    t.ok(&["template", "rm", "t"]);
+    let vms = t.json(&["vm", "ls", "--json"]);
+    let names: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["src2"], "{vms}");
+    let images = t.json(&["image", "ls", "--json"]).to_string();
+    assert!(
+        !images.contains("\"t.") && !images.contains("\"t2."),
+        "{images}"
+    );
+    for tmpl in ["t", "t2"] {
+        let ram = t.ram.path().join(format!("tmpl-{tmpl}.ram"));
+        assert!(!ram.exists(), "{} left", ram.display());
+    }
+    // No standby QEMU outlives its template.
+    std::thread::sleep(Duration::from_millis(500));
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &format!("{}.*standby-", t.data_dir().display())])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "standby QEMU left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
