@@ -10,6 +10,8 @@
 //! Points:
 //! - `migration-commit-lost`: the source never delivers its commit to the
 //!   destination (as if every request were lost on the way).
+//! - `migration-after-continue`: the source's job fails right after it
+//!   told QEMU to finish the switch (as if QMP broke at that moment).
 //! - `capture-store`: a template capture fails after the source was paused
 //!   and resumed, where storing the RAM image and the bundle could fail.
 

@@ -518,3 +518,64 @@ fn a_vm_moves_onto_its_own_image_whatever_the_name_means_at_the_destination() {
         "{disks} / {theirs}"
     );
 }
+
+/// The source's job breaks right after it told QEMU to finish the switch
+/// (fail-point `migration-after-continue`): the guest may already run at
+/// the destination, so the source asks it instead of resuming its own copy
+/// (it used to resume it: two running copies). Exactly one copy runs, at
+/// the destination, with its data set.
+#[test]
+fn a_switch_that_breaks_off_leaves_exactly_one_running_copy() {
+    let g = guest();
+    let c = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        name: format!("s{}", std::process::id() % 100_000),
+    };
+    let out = sh(Command::new(SPORE)
+        .env("SPORE_CLUSTER_DIR", c.dir.path())
+        .env("SPORE_FAILPOINTS", "migration-after-continue")
+        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"]));
+    assert!(out.contains("origin + 2 nodes"), "{out}");
+    c.ok(
+        "origin",
+        &[
+            "image",
+            "import",
+            g.rootfs.to_str().unwrap(),
+            "--name",
+            "guest",
+        ],
+    );
+    let args = vm_run_args(g, "web", "guest", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    let written = c.dataset("node1", "web", "write");
+    let out = c
+        .cmd(
+            "node1",
+            &[
+                "vm",
+                "migrate",
+                "web",
+                "--to",
+                "node2",
+                "--cluster",
+                &c.name,
+                "--policy",
+                "precopy",
+                "--json",
+            ],
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("the move completed"), "{text}");
+    c.wait_gone("node1");
+    running_on(&c, "node2");
+    assert_eq!(c.dataset("node2", "web", "check"), written);
+}

@@ -61,6 +61,10 @@ const UNLIMITED: u64 = 1 << 40;
 pub struct Job {
     pub info: Mutex<MigrationInfo>,
     cancel: AtomicBool,
+    /// QEMU was told to finish the switch (`migrate-continue`): from here
+    /// the destination may run the guest, so this side never resumes it
+    /// and nothing cancels (docs/migration.md, "One running copy").
+    continued: AtomicBool,
     t0: Instant,
     /// `t0` on the clock of the pong timestamps.
     t0_us: u64,
@@ -245,6 +249,13 @@ fn pace_wait(sent: u64, rate: u64, elapsed: Duration) -> Duration {
     Duration::from_secs_f64(sent as f64 / rate.max(1) as f64).saturating_sub(elapsed)
 }
 
+/// What the destination says of a guest whose switch broke off.
+enum Destination {
+    Runs,
+    Gone,
+    Unknown(String),
+}
+
 /// Asks the destination to remove what it made, unless disarmed.
 struct AbortGuard<'a> {
     peer: &'a PeerClient,
@@ -324,6 +335,7 @@ impl Agent {
                 error: None,
             }),
             cancel: AtomicBool::new(false),
+            continued: AtomicBool::new(false),
             t0: Instant::now(),
             t0_us: epoch_us(),
         });
@@ -378,6 +390,12 @@ impl Agent {
                 return Err(AgentError::State(format!(
                     "vm {name} already runs at the destination (post-copy); \
                      cancelling now would lose it"
+                )))
+            }
+            _ if job.continued.load(Ordering::Acquire) => {
+                return Err(AgentError::State(format!(
+                    "vm {name} is switching hosts (its state is on the way); \
+                     it cannot be taken back now"
                 )))
             }
             _ => job.cancel.store(true, Ordering::Release),
@@ -583,10 +601,44 @@ impl Agent {
                     // The guest runs at the destination: neither side may
                     // be removed or resumed (recover_postcopy said so).
                     guard.armed = false;
+                } else if job.continued.load(Ordering::Acquire) {
+                    // The destination may run the guest by now: ask it,
+                    // never resume here on a guess.
+                    guard.armed = false;
+                    match self.ask_destination(&peer, name) {
+                        Destination::Runs => {
+                            job.decide(
+                                0,
+                                format!(
+                                    "{}; but the guest runs at the destination: the move completed",
+                                    e.chain()
+                                ),
+                            );
+                        }
+                        Destination::Gone => {
+                            self.take_back(name, &mut qmp);
+                            return Err(e);
+                        }
+                        Destination::Unknown(why) => {
+                            let to = req.to.clone();
+                            let _ = self.set_vm_state(name, |r| {
+                                r.state = VmState::Failed;
+                                r.reason = Some(format!(
+                                    "the switch to {to} broke off and {to} could not say whether \
+                                     it runs the guest ({why}); this copy stays paused and must \
+                                     not be resumed until {to} is checked"
+                                ));
+                            });
+                            return Err(e);
+                        }
+                    }
                 } else {
                     self.take_back(name, &mut qmp);
+                    return Err(e);
                 }
-                return Err(e);
+                if job.info.lock().phase == MigrationPhase::Postcopy {
+                    return Err(e);
+                }
             }
         }
         // Completed: the VM is at the destination.
@@ -778,7 +830,15 @@ impl Agent {
                         job.decide(p.passes, note);
                     }
                     final_pass()?;
+                    // Set before the command: it may reach QEMU even if
+                    // its answer does not reach us.
+                    job.continued.store(true, Ordering::Release);
                     qmp.migrate_continue()?;
+                    if crate::failpoint::hit("migration-after-continue") {
+                        return Err(AgentError::State(
+                            "fail-point migration-after-continue".into(),
+                        ));
+                    }
                 }
                 "postcopy-active" => {
                     if changed {
@@ -819,7 +879,11 @@ impl Agent {
                 }
                 _ => {}
             }
-            if !p.switched() && p.status != "pre-switchover" && cancelling.is_none() {
+            if !p.switched()
+                && p.status != "pre-switchover"
+                && !job.continued.load(Ordering::Acquire)
+                && cancelling.is_none()
+            {
                 let reason = if job.cancel.load(Ordering::Acquire) {
                     Some("cancelled on request".to_owned())
                 } else if Instant::now() > deadline {
@@ -1008,6 +1072,25 @@ impl Agent {
 
     /// Before the switch, after an error of ours: stop QEMU's migration (if
     /// it still runs) and make sure the guest runs here.
+    /// Whether the destination runs the guest, asked by committing there
+    /// (the commit succeeds exactly when the guest runs there, and a late
+    /// one is answered for a VM it adopted).
+    fn ask_destination(&self, peer: &PeerClient, name: &str) -> Destination {
+        let path = format!("/v1/migrations/{name}/commit");
+        let mut why = String::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            match peer.post::<IncomingCommitted>(&path, &json!({})) {
+                Ok(_) => return Destination::Runs,
+                // It discarded the migration: no copy runs there.
+                Err(e) if e.chain().contains(": 404") => return Destination::Gone,
+                Err(e) => why = e.chain(),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Destination::Unknown(why)
+    }
+
     fn take_back(&self, name: &str, qmp: &mut Qmp) {
         if let Ok(p) = qmp.migration_progress() {
             if !p.finished() {
