@@ -60,6 +60,8 @@ const RECORD_HEADER: usize = 16;
 const RUN_LEN: usize = 16;
 /// Most runs in one record (bounds what a reader allocates).
 const MAX_RUNS: u32 = 1 << 20;
+/// The log file grows by this much at a time (written zeroes).
+const LOG_PREALLOC: u64 = 256 << 10;
 /// The log may grow to this before a checkpoint, at least.
 const MIN_LOG_BEFORE_CHECKPOINT: u64 = 1 << 20;
 
@@ -91,6 +93,11 @@ struct Durable {
     generation: u64,
     /// Where the next record goes.
     log_len: u64,
+    /// How far the log file is written (with zeroes past `log_len`):
+    /// records go into blocks that already exist, so syncing one changes
+    /// no file system metadata (no journal commit), except once per
+    /// [`LOG_PREALLOC`] when the file grows.
+    log_alloc: u64,
     /// Sequence number of the last record.
     seq: u64,
     /// The log must be started again before a record can follow (its
@@ -388,6 +395,7 @@ impl Overlay {
             durable: Mutex::new(Durable {
                 generation,
                 log_len,
+                log_alloc: log_len,
                 seq,
                 log_stale,
             }),
@@ -484,15 +492,14 @@ impl Overlay {
                         words[w as usize] |= word_mask(w, first, last);
                     }
                 }
+                // What follows the good records (zeroes written ahead, a
+                // torn record of a flush never acknowledged, records of an
+                // older base) is overwritten by the next record: none of
+                // it passes as a record (sequence and checksum, which
+                // covers the base generation).
                 end = LOG_HEADER_LEN + good as u64;
                 seq = last_seq;
                 stale = false;
-                if end < log_len {
-                    // A torn tail (a flush that was never acknowledged):
-                    // cut it so that new records follow the good ones.
-                    log.set_len(end).map_err(io_at(&log_path))?;
-                    log.sync_data().map_err(io_at(&log_path))?;
-                }
             }
             // base < generation: a checkpoint was written but the log not
             // yet started again; the checkpoint holds all it says.
@@ -500,6 +507,7 @@ impl Overlay {
         let overlay = Self::assemble(
             dir, data, meta, log, size, words, generation, end, seq, stale,
         );
+        overlay.durable.lock().log_alloc = log_len.max(end);
         if stale || any_v1 || end > overlay.log_limit() {
             // Start the log again on a fresh checkpoint (twice for a
             // version 1 overlay, so no slot an older reader would take
@@ -665,8 +673,9 @@ impl Overlay {
         self.meta.sync_data()?;
         d.generation = next;
         d.log_stale = true;
+        // The old records stay in the file and fail their checksums under
+        // the new base, so the log need not shrink (its blocks are reused).
         self.log.write_at(&encode_log_header(next, self.size), 0)?;
-        self.log.set_len(LOG_HEADER_LEN)?;
         self.log.sync_data()?;
         d.log_len = LOG_HEADER_LEN;
         d.seq = 0;
@@ -698,6 +707,11 @@ impl Overlay {
                 return Ok(());
             }
             let record = encode_record(d.generation, d.seq + 1, &fresh);
+            if d.log_len + record.len() as u64 > d.log_alloc {
+                let grow = LOG_PREALLOC.max(record.len() as u64);
+                self.log.write_at(&vec![0u8; grow as usize], d.log_alloc)?;
+                d.log_alloc += grow;
+            }
             self.log.write_at(&record, d.log_len)?;
             self.log.sync_data()?;
             d.log_len += record.len() as u64;
@@ -787,11 +801,11 @@ mod tests {
             o.flush().unwrap();
         }
         // Overwriting an allocated granule syncs data and logs nothing.
-        let log_len = std::fs::metadata(p.join("log")).unwrap().len();
+        let log_len = o.durable.lock().log_len;
         o.write_data(5 << GRANULE_SHIFT, &[8u8; 100]).unwrap();
         o.mark(5, 5);
         o.flush().unwrap();
-        assert_eq!(std::fs::metadata(p.join("log")).unwrap().len(), log_len);
+        assert_eq!(o.durable.lock().log_len, log_len);
         assert_eq!(std::fs::read(p.join("meta")).unwrap(), meta_before);
         assert!(log_len < 4 * 100, "{log_len} bytes of log for 4 records");
         drop(o);
@@ -812,8 +826,15 @@ mod tests {
             o.mark(i * 2, i * 2);
             o.flush().unwrap();
         }
-        let log_len = std::fs::metadata(p.join("log")).unwrap().len();
+        let log_len = o.durable.lock().log_len;
         assert!(log_len <= MIN_LOG_BEFORE_CHECKPOINT, "{log_len}");
+        // The file itself grows by whole preallocations, never past the
+        // limit by more than one.
+        let file = std::fs::metadata(p.join("log")).unwrap().len();
+        assert!(
+            file <= MIN_LOG_BEFORE_CHECKPOINT + LOG_PREALLOC + 4096,
+            "{file}"
+        );
         assert!(o.durable.lock().generation > 1);
         drop(o);
         let o = Overlay::open(&p).unwrap();
@@ -831,13 +852,19 @@ mod tests {
             o.mark(3, 3);
             o.flush().unwrap();
         }
-        // Tear the second record.
-        let log = std::fs::OpenOptions::new()
-            .write(true)
-            .open(p.join("log"))
-            .unwrap();
-        let len = log.metadata().unwrap().len();
-        log.set_len(len - 5).unwrap();
+        // Tear the second record (one run: 64 bytes, after the first).
+        {
+            use std::os::unix::fs::FileExt;
+            let log = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p.join("log"))
+                .unwrap();
+            let at = LOG_HEADER_LEN + 64 + 60;
+            let mut b = [0u8; 1];
+            log.read_exact_at(&mut b, at).unwrap();
+            log.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+        }
         {
             let o = Overlay::open(&p).unwrap();
             assert!(o.is_allocated(1) && !o.is_allocated(3));
