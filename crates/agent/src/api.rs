@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::handler::Handler;
 use axum::http::Method;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use parking_lot::Mutex;
@@ -93,7 +93,9 @@ pub fn routes() -> Vec<(Method, &'static str)> {
 pub fn router(agent: Arc<Agent>) -> Router {
     table()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .fallback(|| async {
             error_response(
                 &AgentError::Invalid("no such API route".into()),

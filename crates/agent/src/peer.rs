@@ -20,9 +20,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::http::Method;
 use axum::Router;
 use futures_util::{stream, StreamExt};
 use spore_chunks::{decode_chunk_file, ChunkId};
@@ -62,7 +62,9 @@ pub fn routes() -> Vec<(Method, &'static str)> {
 pub fn router(agent: Arc<Agent>) -> Router {
     table()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         // A chunk (a layer of a large image, say) or a batch of a migrating
         // disk's blocks may exceed axum's 2 MB default.
         .layer(axum::extract::DefaultBodyLimit::max(
