@@ -414,6 +414,18 @@ impl Export for Disk {
         self.base.prefetch(offset, length)
     }
 
+    /// Quick unless a partial granule at either end must first be read
+    /// from the image (which may mean a fetch from another host).
+    fn is_quick_write(&self, offset: u64, length: u64) -> bool {
+        let end = offset + length;
+        let head_ok =
+            offset.is_multiple_of(GRANULE) || self.overlay.is_allocated(offset >> GRANULE_SHIFT);
+        let tail_ok = end.is_multiple_of(GRANULE)
+            || end >= self.size()
+            || self.overlay.is_allocated((end - 1) >> GRANULE_SHIFT);
+        head_ok && tail_ok
+    }
+
     fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let end = (offset + length).min(self.size());
         let mut out: Vec<Extent> = Vec::new();

@@ -53,6 +53,15 @@ pub trait Export: Send + Sync {
     fn can_fast_zero(&self) -> bool {
         false
     }
+    /// True when a write of `length` bytes at `offset` completes from local
+    /// state alone (nothing to fetch, nothing to wait for but local I/O).
+    /// The server then runs it on the connection's own thread when nothing
+    /// else is in flight, saving the hand-off to a worker (most of a small
+    /// write's latency at queue depth 1). The default says no.
+    fn is_quick_write(&self, offset: u64, length: u64) -> bool {
+        let _ = (offset, length);
+        false
+    }
     /// Allocation status of `[offset, offset+length)`, as a run of extents
     /// starting at `offset`. The extents may cover less than `length` (but at
     /// least one byte) and must not cover more.

@@ -90,6 +90,8 @@ struct Conn<'a, T: ?Sized> {
     max_buffers: usize,
     /// Set once a send failed: the client is gone.
     broken: AtomicBool,
+    /// Requests handed to workers and not finished.
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 /// Serve requests until the client disconnects; the handshake is done.
@@ -113,6 +115,7 @@ pub(crate) fn run<T: Transport + ?Sized, R: BufRead>(
         buffers: Mutex::new(Vec::new()),
         max_buffers: workers.max(1) * 2,
         broken: AtomicBool::new(false),
+        busy: std::sync::atomic::AtomicUsize::new(0),
     };
     debug!(export = %negotiated.name, workers, "transmission");
     let (tx, rx) = crossbeam_channel::bounded::<Job>(workers.max(1) * 4);
@@ -193,9 +196,27 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
                 payload,
                 reserved,
             };
+            // Alone on the connection (nothing in flight), a flush or a
+            // write the export can finish from local state runs here: a worker's hand-off would cost more
+            // than the request (queue depth 1, the database pattern).
+            // Anything that may wait on the network goes to a worker, so a
+            // slow request never holds up reading the next.
+            let quick = match op {
+                Op::Flush => true,
+                Op::Write { offset, length, .. } => {
+                    self.export.is_quick_write(offset, length as u64)
+                }
+                _ => false,
+            };
+            if quick && self.busy.load(Ordering::Acquire) == 0 {
+                self.execute(job, &mut buf, &mut scratch);
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::AcqRel);
             // Fails only if there are no workers (none configured, or none
             // could be started): then the reader runs the request itself.
             if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
                 self.execute(job, &mut buf, &mut scratch);
             }
         }
@@ -264,6 +285,7 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
         let mut scratch = Vec::new();
         for job in jobs.iter() {
             self.execute(job, &mut buf, &mut scratch);
+            self.busy.fetch_sub(1, Ordering::AcqRel);
             if buf.len() > KEEP_BUFFER {
                 buf = Vec::new();
             }
