@@ -170,7 +170,10 @@ impl VmSpec {
             push(&[
                 "-object",
                 &format!(
-                    "memory-backend-file,id=ram0,size={ram_kib}K,mem-path={},share={}{}",
+                    // Mapped at a 2 MiB boundary, so that a RAM file on a
+                    // tmpfs with huge pages (agent --huge-pages) can be
+                    // mapped in huge pages; costs nothing otherwise.
+                    "memory-backend-file,id=ram0,size={ram_kib}K,mem-path={},share={}{},align=2M",
                     ram.path.display(),
                     if ram.shared { "on" } else { "off" },
                     if ram.readonly { ",readonly=on" } else { "" }

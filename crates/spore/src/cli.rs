@@ -99,6 +99,10 @@ pub struct AgentArgs {
     /// Where guest RAM files live (a tmpfs) [default: /dev/shm/spore-<hash of DATA_DIR>]
     #[arg(long)]
     ram_dir: Option<PathBuf>,
+    /// Back guest RAM with transparent huge pages: the RAM directory is
+    /// mounted as a tmpfs of its own with huge=within_size (root)
+    #[arg(long)]
+    huge_pages: bool,
     /// Clones kept started and paused per template, so that a clone request
     /// skips QEMU's start-up (each costs a QEMU process and a disk)
     #[arg(long, default_value_t = 0)]
@@ -384,6 +388,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.profile_seconds = a.profile_seconds;
             config.relay = a.relay;
             config.ram_dir = a.ram_dir.as_deref().map(abs).transpose()?;
+            config.huge_pages = a.huge_pages;
             config.clone_standby = a.clone_standby;
             config.accept_migrations = a.accept_migrations;
             spore_agent::run(config)?;

@@ -242,3 +242,37 @@ fn guest_data_is_readable_by_root_only() {
     }
     t.ok(&["vm", "rm", "secret", "--force"]);
 }
+
+/// `--huge-pages`: the RAM directory becomes a tmpfs with transparent huge
+/// pages, and the guest's memory is mapped in 2 MiB pages.
+#[test]
+fn guest_ram_can_live_on_huge_pages() {
+    let mut t = TestAgent::start_with(&["--huge-pages"]);
+    let ram = t.ram.path().to_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(ram.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not a mount point: {mounts}", ram.display()));
+    assert!(line.contains("huge=within_size"), "{line}");
+    t.import_guest("base");
+    let out = run_vm(&t, "big", "base", "");
+    assert!(out.contains("SPORE-READY"), "{out}");
+    let vms = t.json(&["vm", "ls", "--json"]);
+    let pid = vms[0]["pid"].as_u64().expect("pid");
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let pmd = smaps
+        .lines()
+        .find(|l| l.starts_with("ShmemPmdMapped:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(pmd >= 2048, "no guest RAM in huge pages: {smaps}");
+    t.ok(&["vm", "rm", "big", "--force"]);
+    t.agent.take().unwrap().stop().unwrap();
+    let status = std::process::Command::new("umount")
+        .arg(&ram)
+        .status()
+        .unwrap();
+    assert!(status.success(), "umount {}", ram.display());
+}
