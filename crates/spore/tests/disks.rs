@@ -152,3 +152,39 @@ fn several_connections_write_different_regions_at_once() {
         qemu_io(&uri, &[&format!("read -P {} {} 512k", i + 1, i * MIB)]);
     }
 }
+
+/// One disk whose overlay metadata is damaged does not take the host down:
+/// the agent starts, serves the other disk, and lists the damaged one as
+/// broken, its files left for repair.
+#[test]
+fn a_damaged_disk_is_reported_and_the_rest_of_the_host_starts() {
+    let mut t = TestAgent::start();
+    let base = t.path("base.raw");
+    sparse_random_file(&base, 4 * MIB, 3);
+    t.ok(&["image", "import", base.to_str().unwrap(), "--name", "base"]);
+    t.ok(&["disk", "create", "bad", "--image", "base"]);
+    t.ok(&["disk", "create", "good", "--image", "base"]);
+    qemu_io(&t.uri("disk/good"), &["write -P 0x5a 0 65536", "flush"]);
+    t.agent.take().unwrap().stop().unwrap();
+    let meta = t.data_dir().join("disks/bad/meta");
+    std::fs::File::options()
+        .write(true)
+        .open(&meta)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    t.restart_stopped();
+    qemu_io(&t.uri("disk/good"), &["read -P 0x5a 0 65536"]);
+    let disks = t.json(&["disk", "ls", "--json"]);
+    let bad = disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "bad")
+        .unwrap_or_else(|| panic!("{disks}"));
+    assert!(
+        bad["broken"].as_str().is_some_and(|b| b.contains("slot")),
+        "{bad}"
+    );
+    assert!(meta.exists(), "the damaged files were removed");
+}

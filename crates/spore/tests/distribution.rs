@@ -545,3 +545,32 @@ fn a_guest_pauses_while_no_source_answers_and_resumes_when_one_does() {
     );
     cold.ok(&["vm", "rm", "v", "--force"]);
 }
+
+/// A chunk file a crash left empty on a host that has an origin: `image
+/// pull` counts it missing and fetches it again, and reads are right.
+#[test]
+fn a_truncated_chunk_is_fetched_again_by_a_pull() {
+    let (origin, origin_port) = start_origin();
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 8 * MIB, 23);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let host = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let out = host.ok(&["image", "pull", "img"]);
+    assert!(out.contains("img"), "{out}");
+    // What a power cut can leave: the name without the bytes.
+    let damaged: Vec<_> = chunk_files(&host).into_iter().take(3).collect();
+    for f in &damaged {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+    let pulled = host.ok(&["image", "pull", "img"]);
+    assert!(
+        pulled.contains(&format!("{} were missing", damaged.len())),
+        "{pulled}"
+    );
+    assert_eq!(nbd_copy(&host, "image/img"), std::fs::read(&src).unwrap());
+}

@@ -129,6 +129,13 @@ impl TestAgent {
         self.start_again();
     }
 
+    /// Starts the agent again after the test stopped it.
+    #[allow(dead_code)]
+    pub fn restart_stopped(&mut self) {
+        assert!(self.agent.is_none(), "the agent still runs");
+        self.start_again();
+    }
+
     fn start_again(&mut self) {
         let refs: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
         self.agent = Some(
