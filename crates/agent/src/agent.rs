@@ -251,6 +251,9 @@ pub struct Agent {
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     /// Live migrations away from and to this host.
     pub migrations: crate::migration::Migrations,
+    /// The peer listener's address as bound (`--listen` with port 0 picks
+    /// one), once it listens.
+    pub peer_addr: std::sync::OnceLock<String>,
     /// Held while a template's RAM file is rebuilt from its image.
     pub template_ram_rebuild: parking_lot::Mutex<()>,
     /// Disks whose overlay could not be opened at start, and why.
@@ -331,6 +334,7 @@ impl Agent {
             migrations: Default::default(),
             broken_disks: Default::default(),
             template_ram_rebuild: Default::default(),
+            peer_addr: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

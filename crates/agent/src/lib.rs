@@ -78,6 +78,16 @@ pub fn run(config: AgentConfig) -> Result<()> {
         let listener = tokio::net::UnixListener::bind(&api_path).map_err(AgentError::io(format!("binding {}", api_path.display())))?;
         if let Some(addr) = &agent.config.listen {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(AgentError::io(format!("binding peer listener {addr}")))?;
+            // The address as bound (port 0 picks a free one): other hosts
+            // are told this one, and DATA/listen.addr says it to scripts.
+            let bound = l.local_addr().map_err(AgentError::io("reading the peer listener's address"))?;
+            let _ = agent.peer_addr.set(bound.to_string());
+            let addr_file = dir.join("listen.addr");
+            let tmp = dir.join("listen.addr.tmp");
+            std::fs::write(&tmp, format!("{bound}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &addr_file))
+                .map_err(AgentError::io(format!("writing {}", addr_file.display())))?;
+            let addr = &bound.to_string();
             let router = peer::router(agent.clone());
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, router).await {

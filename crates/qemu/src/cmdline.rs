@@ -198,14 +198,14 @@ impl VmSpec {
             "reconnect-delay": 10,
         });
         push(&["-blockdev", &blockdev.to_string()]);
-        // A request the agent cannot serve (a block no peer or origin
-        // delivers in time) pauses the VM instead of failing in the guest;
-        // the agent resumes it, and QEMU retries the request, once the
-        // block is here.
-        push(&[
-            "-device",
-            "virtio-blk-pci,drive=disk0,id=vda,werror=stop,rerror=stop",
-        ]);
+        // A write the agent cannot complete (it needs a block no peer or
+        // origin delivers in time) pauses the VM instead of failing in the
+        // guest; the agent resumes it, and QEMU retries the write, once the
+        // block is here. Reads keep QEMU's default (report): a VM stopped
+        // for a read error during an incoming post-copy makes QEMU 10 fail
+        // the migration when its link recovers ("loadvm failed: -5"), and
+        // a post-copy's guest reads blocks exactly while links are bad.
+        push(&["-device", "virtio-blk-pci,drive=disk0,id=vda,werror=stop"]);
         if let Some(mac) = &self.mac {
             push(&["-netdev", "hubport,id=net0,hubid=0"]);
             push(&[

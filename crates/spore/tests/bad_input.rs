@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{free_port, TestAgent};
+use common::TestAgent;
 
 /// (status, body) of one request, over the API socket or TCP.
 fn request(
@@ -128,13 +128,7 @@ fn every_api_route_answers_bad_input_with_a_4xx_and_a_message() {
 
 #[test]
 fn every_peer_route_answers_bad_input_with_a_4xx_and_a_message() {
-    let port = free_port();
-    let t = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--accept-push",
-        "--accept-migrations",
-    ]);
+    let (t, port) = TestAgent::start_listening(&["--accept-push", "--accept-migrations"]);
     let base = format!("http://127.0.0.1:{port}");
     let routes = spore_agent::peer::routes()
         .into_iter()

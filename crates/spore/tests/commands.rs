@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, guest, sh, sparse_random_file, vm_run_args, TestAgent, SPORE};
+use common::{guest, sh, sparse_random_file, vm_run_args, TestAgent, SPORE};
 
 const MIB: u64 = 1 << 20;
 
@@ -31,9 +31,7 @@ fn wait_log(t: &TestAgent, vm: &str, marker: &str) -> String {
 
 #[test]
 fn a_template_pushed_to_an_origin_is_pulled_and_cloned_on_another_host() {
-    let port = free_port();
-    let origin =
-        TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
+    let (origin, port) = TestAgent::start_listening(&["--accept-push"]);
     let a = TestAgent::start_with(&["--origin", &url(port)]);
     a.import_guest("base");
     a.ok(&["image", "push", "base", "--to", &url(port)]);
@@ -67,9 +65,7 @@ fn a_template_pushed_to_an_origin_is_pulled_and_cloned_on_another_host() {
 
 #[test]
 fn pull_in_the_background_returns_at_once_and_completes_the_image() {
-    let port = free_port();
-    let origin =
-        TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
+    let (origin, port) = TestAgent::start_listening(&["--accept-push"]);
     let src = origin.path("img.raw");
     sparse_random_file(&src, 32 * MIB, 31);
     origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);

@@ -16,8 +16,7 @@ fn url(port: u16) -> String {
 
 /// An origin agent on a free loopback port.
 fn start_origin() -> (TestAgent, u16) {
-    let port = free_port();
-    let agent = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
+    let (agent, port) = TestAgent::start_listening(&["--accept-push"]);
     (agent, port)
 }
 
@@ -42,8 +41,7 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
         ])
         .arg(format!("{}/v1/images/bogus", url(origin_port))));
     assert!(bogus.contains("is not here"), "{bogus}");
-    let plain_port = free_port();
-    let _plain = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{plain_port}")]);
+    let (_plain, plain_port) = TestAgent::start_listening(&[]);
     let err = builder.fails(&["image", "push", "img", "--to", &url(plain_port)]);
     assert!(err.contains("does not accept pushes"), "{err}");
     // A second push sends nothing new.
@@ -77,13 +75,7 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 
     // A corrupt chunk at a peer is detected and fetched from the origin.
-    let peer_port = free_port();
-    let peer = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{peer_port}"),
-        "--origin",
-        &url(origin_port),
-    ]);
+    let (peer, peer_port) = TestAgent::start_listening(&["--origin", &url(origin_port)]);
     peer.ok(&["disk", "create", "warm", "--image", "img"]);
     let _ = nbd_copy(&peer, "image/img");
     let mut corrupted = 0;
@@ -341,14 +333,8 @@ fn a_relay_fetches_each_chunk_from_the_origin_once_however_many_hosts_ask() {
         .unwrap();
 
     // origin ← relay ← leaves: the leaves name the relay as their origin.
-    let relay_port = free_port();
-    let relay = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{relay_port}"),
-        "--origin",
-        &url(origin_port),
-        "--relay",
-    ]);
+    let (relay, relay_port) =
+        TestAgent::start_listening(&["--origin", &url(origin_port), "--relay"]);
     let leaves: Vec<TestAgent> = (0..3)
         .map(|_| TestAgent::start_with(&["--origin", &url(relay_port)]))
         .collect();
@@ -471,79 +457,6 @@ fn chunks_other_hosts_read_are_prefetched_by_the_next_host() {
         .arg(b.uri("disk/d")));
     assert_eq!(fetched(&b), before, "A's range was already local on B");
     drop(origin);
-}
-
-/// A guest reads blocks its host lacks while the origin is wedged (SIGSTOP:
-/// it accepts and never answers): the VM pauses (QEMU's werror/rerror=stop)
-/// instead of seeing an I/O error, and once the origin answers again the
-/// agent fetches the blocks and resumes it; the guest reads the right bytes
-/// and its kernel never logged an I/O error.
-#[test]
-fn a_guest_pauses_while_no_source_answers_and_resumes_when_one_does() {
-    let g = common::guest();
-    let (origin, origin_port) = start_origin();
-    origin.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "guest",
-    ]);
-    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
-    let args = common::vm_run_args(g, "v", "guest", "");
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    cold.ok(&args);
-    // The bytes the guest should read: the file as the image holds it.
-    let expect_file = cold.path("filler-000");
-    sh(Command::new("debugfs").args([
-        "-R",
-        &format!("dump /data/filler-000 {}", expect_file.display()),
-        g.rootfs.to_str().unwrap(),
-    ]));
-    let expect = sh(Command::new("sha256sum").arg(&expect_file));
-    let expect = expect.split_whitespace().next().unwrap().to_owned();
-
-    let pid = origin.agent.as_ref().unwrap().pid() as i32;
-    // SAFETY: signals to a child process of this test.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    cold.ok(&["vm", "send", "v", "sum", "/data/filler-000"]);
-    // Long enough for the fetcher to give up on those blocks (its retries
-    // take about half a minute) and the read to fail.
-    std::thread::sleep(std::time::Duration::from_secs(45));
-    let log = cold.ok(&["vm", "log", "v"]);
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert!(
-        !log.contains("SPORE-SUM"),
-        "read while no source answered: {log}"
-    );
-
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    let log = loop {
-        let log = cold.ok(&["vm", "log", "v"]);
-        if log.contains("SPORE-SUM") {
-            break log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest never finished its read: {}",
-            &log[log.len().saturating_sub(2000)..]
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    };
-    assert!(
-        log.contains(&format!("SPORE-SUM /data/filler-000 {expect}")),
-        "wrong bytes: {log}"
-    );
-    assert!(
-        !log.contains("I/O error") && !log.contains("EXT4-fs error"),
-        "the guest saw an I/O error: {log}"
-    );
-    let agent_log = std::fs::read_to_string(cold.dir.path().join("data.agent.log")).unwrap();
-    assert!(
-        agent_log.contains("VM resumed after its I/O pause"),
-        "the agent did not resume the VM: {agent_log}"
-    );
-    cold.ok(&["vm", "rm", "v", "--force"]);
 }
 
 /// A chunk file a crash left empty on a host that has an origin: `image

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{free_port, TestAgent};
+use common::TestAgent;
 
 /// POSTs `body` to `path` on the agent's peer listener: (status, body).
 fn post(port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
@@ -34,12 +34,7 @@ fn incoming(vm: &str) -> serde_json::Value {
 
 #[test]
 fn values_that_would_reach_the_qemu_command_line_are_refused() {
-    let port = free_port();
-    let t = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--accept-migrations",
-    ]);
+    let (t, port) = TestAgent::start_listening(&["--accept-migrations"]);
     let cases: &[(&str, serde_json::Value)] = &[
         (
             "mac",

@@ -32,7 +32,7 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, sh, TestAgent, SPORE};
+use common::{sh, TestAgent, SPORE};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -428,9 +428,7 @@ fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
         return;
     }
     let mut rng = Rng::new(test);
-    let port = free_port();
-    let origin =
-        TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}"), "--accept-push"]);
+    let (origin, port) = TestAgent::start_listening(&["--accept-push"]);
     let url = format!("http://127.0.0.1:{port}");
     // Small: the resolve fetches only manifest and layer, and every
     // iteration removes the image again (a few ms per chunk).

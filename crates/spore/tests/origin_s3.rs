@@ -195,14 +195,8 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
     let err = agent_fails_to_start(tmp.path(), &["--origin-store", "gs://elsewhere"]);
     assert!(err.contains("expected a directory"), "{err}");
 
-    let origin_port = free_port();
-    let origin = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{origin_port}"),
-        "--accept-push",
-        "--origin-store",
-        &store,
-    ]);
+    let (origin, origin_port) =
+        TestAgent::start_listening(&["--accept-push", "--origin-store", &store]);
     let builder = TestAgent::start();
     let src = builder.path("img.raw");
     sparse_random_file(&src, 16 * MIB, 41);
@@ -291,13 +285,7 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
 
     // A second origin agent that has nothing but the bucket serves the same
     // image, and takes no pushes.
-    let front_port = free_port();
-    let _front = TestAgent::start_with(&[
-        "--listen",
-        &format!("127.0.0.1:{front_port}"),
-        "--origin-store",
-        &store,
-    ]);
+    let (_front, front_port) = TestAgent::start_listening(&["--origin-store", &store]);
     let err = builder.fails(&["image", "push", "img", "--to", &url(front_port)]);
     assert!(err.contains("does not accept pushes"), "{err}");
     let cold2 = TestAgent::start_with(&["--origin", &url(front_port)]);

@@ -249,8 +249,7 @@ fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
     let g = guest();
     // Host A captures the template and serves it to peers; host B has
     // nothing and names A as its origin.
-    let port = common::free_port();
-    let a = TestAgent::start_with(&["--listen", &format!("127.0.0.1:{port}")]);
+    let (a, port) = TestAgent::start_listening(&[]);
     let b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
     a.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");

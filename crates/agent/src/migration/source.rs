@@ -467,9 +467,10 @@ impl Agent {
             &IncomingRequest {
                 vm: name.to_owned(),
                 from: self
-                    .config
-                    .listen
-                    .clone()
+                    .peer_addr
+                    .get()
+                    .cloned()
+                    .or_else(|| self.config.listen.clone())
                     .unwrap_or_else(|| "a host".into()),
                 image: rec.image.clone(),
                 manifest: Some(self.disk_record(&rec.disk)?.manifest.to_hex()),

@@ -53,6 +53,44 @@ impl TestAgent {
         }
     }
 
+    /// An agent with a peer listener on a loopback port it picks itself
+    /// (`--listen 127.0.0.1:0`), and that port, read back from
+    /// DATA/listen.addr: no port is picked free and then raced for.
+    #[allow(dead_code)]
+    pub fn start_listening(extra: &[&str]) -> (Self, u16) {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut t = Self::start_with(&args);
+        let port = t.listen_port();
+        // A restart listens on the same port again (other agents and the
+        // test hold URLs with it).
+        for a in t.args.iter_mut().filter(|a| a.as_str() == "127.0.0.1:0") {
+            *a = format!("127.0.0.1:{port}");
+        }
+        (t, port)
+    }
+
+    /// The port of the peer listener, as the agent bound it.
+    #[allow(dead_code)]
+    pub fn listen_port(&self) -> u16 {
+        let file = self.data_dir().join("listen.addr");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(port) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|a| a.trim().rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+            {
+                return port;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {}",
+                file.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
