@@ -417,37 +417,13 @@ impl Agent {
             }
             // 6. RAM into the chunk store, so the template can be pushed,
             //    pulled and inspected like an image.
-            // Pinned until the name is in the metadata store: until then the
-            // new chunks are reachable from nothing, and a garbage collection
-            // would take them.
-            let pin = self.gc_lock.read();
-            let published = {
-                let source = spore_image::source::open_raw(&tram)?;
-                spore_image::import(
-                    &self.store,
-                    &*source,
-                    "ram",
-                    RAM_BLOCK_SIZE,
-                    None,
-                    &|_, _| {},
-                )?
-            };
+            let published = self.import_raw_image(&tram, "ram", &ram_image)?;
             t.ram_stored_bytes = published.stats.changed_blocks * RAM_BLOCK_SIZE as u64;
             t.ram_chunks = published.stats.changed_blocks;
             t.ram_chunks_deduped = published
                 .stats
                 .changed_blocks
                 .saturating_sub(published.stats.new_chunks);
-            let image_rec = ImageRecord {
-                manifest: published.id,
-                created: now(),
-                complete: false,
-                profile: None,
-            };
-            self.meta
-                .insert_new(Table::Images, &ram_image, &image_rec)?;
-            self.exports.bind_image(&ram_image, published.id);
-            drop(pin);
 
             // 7. The bundle: what a host that lacks the template needs besides
             //    the RAM and disk images.
@@ -548,22 +524,31 @@ impl Agent {
         bytes.resize(bytes.len().next_multiple_of(RAM_BLOCK_SIZE as usize), 0);
         let tmp = dir.join("bundle.tmp");
         fs::write(&tmp, &bytes).map_err(AgentError::io("writing the template bundle"))?;
-        // Pinned until the name is in the metadata store: until then the
-        // new chunks are reachable from nothing, and a garbage collection
-        // would take them.
-        let pin = self.gc_lock.read();
-        let published = {
-            let source = spore_image::source::open_raw(&tmp)?;
-            spore_image::import(
-                &self.store,
-                &*source,
-                "bundle",
-                RAM_BLOCK_SIZE,
-                None,
-                &|_, _| {},
-            )?
-        };
+        let imported = self.import_raw_image(&tmp, "bundle", image);
         let _ = fs::remove_file(&tmp);
+        imported.map(|_| ())
+    }
+
+    /// Imports the raw file `path` (in RAM_BLOCK_SIZE blocks) as image
+    /// `image`, which must be free. Pinned against garbage collection from
+    /// the first chunk until the name is in the metadata store: until then
+    /// the new chunks are reachable from nothing.
+    fn import_raw_image(
+        &self,
+        path: &std::path::Path,
+        source_name: &str,
+        image: &str,
+    ) -> Result<spore_image::Published> {
+        let pin = self.gc_lock.read();
+        let source = spore_image::source::open_raw(path)?;
+        let published = spore_image::import(
+            &self.store,
+            &*source,
+            source_name,
+            RAM_BLOCK_SIZE,
+            None,
+            &|_, _| {},
+        )?;
         let rec = ImageRecord {
             manifest: published.id,
             created: now(),
@@ -578,7 +563,7 @@ impl Agent {
         }
         self.exports.bind_image(image, published.id);
         drop(pin);
-        Ok(())
+        Ok(published)
     }
 
     /// A template known here, or else found at the origin by its bundle

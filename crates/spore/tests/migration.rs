@@ -109,6 +109,20 @@ impl Cluster {
         self.json(from, &args)
     }
 
+    /// Runs `vm migrate web --to TO --cluster ... EXTRA` on `from`, which
+    /// may fail: (succeeded, stdout and stderr).
+    fn try_migrate(&self, from: &str, to: &str, extra: &[&str]) -> (bool, String) {
+        let mut args = vec!["vm", "migrate", "web", "--to", to, "--cluster", &self.name];
+        args.extend_from_slice(extra);
+        let out = self.cmd(from, &args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     fn migration(&self, host: &str) -> Value {
         self.json(host, &["vm", "migration", "web", "--json"])
     }
@@ -398,35 +412,13 @@ fn a_lost_commit_leaves_the_guest_running_at_the_destination() {
     c.ok("node1", &refs);
     let written = c.dataset("node1", "web", "write");
 
-    let out = c
-        .cmd(
-            "node1",
-            &[
-                "vm",
-                "migrate",
-                "web",
-                "--to",
-                "node2",
-                "--cluster",
-                &c.name,
-                "--policy",
-                "precopy",
-                "--timeout",
-                "15",
-            ],
-        )
-        .output()
-        .unwrap();
-    let err = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, text) = c.try_migrate(
+        "node1",
+        "node2",
+        &["--policy", "precopy", "--timeout", "15"],
     );
-    assert!(
-        !out.status.success(),
-        "the migration reported success: {err}"
-    );
-    assert!(err.contains("did not commit"), "{err}");
+    assert!(!ok, "the migration reported success: {text}");
+    assert!(text.contains("did not commit"), "{text}");
     // The source never runs its copy again.
     let src = c.vms("node1");
     assert!(src.iter().all(|v| v["state"] != "running"), "{src:?}");
@@ -543,30 +535,8 @@ fn a_switch_that_breaks_off_leaves_exactly_one_running_copy() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ok("node1", &refs);
     let written = c.dataset("node1", "web", "write");
-    let out = c
-        .cmd(
-            "node1",
-            &[
-                "vm",
-                "migrate",
-                "web",
-                "--to",
-                "node2",
-                "--cluster",
-                &c.name,
-                "--policy",
-                "precopy",
-                "--json",
-            ],
-        )
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = c.try_migrate("node1", "node2", &["--policy", "precopy", "--json"]);
+    assert!(ok, "{text}");
     assert!(text.contains("the move completed"), "{text}");
     c.wait_gone("node1");
     running_on(&c, "node2");
