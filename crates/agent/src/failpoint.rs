@@ -12,6 +12,9 @@
 //!   destination (as if every request were lost on the way).
 //! - `migration-after-continue`: the source's job fails right after it
 //!   told QEMU to finish the switch (as if QMP broke at that moment).
+//! - `clone-start`: a fresh clone fails after its disk was made, before
+//!   its QEMU starts.
+//! - `standby-refill`: a standby clone fails the same way.
 //! - `capture-store`: a template capture fails after the source was paused
 //!   and resumed, where storing the RAM image and the bundle could fail.
 

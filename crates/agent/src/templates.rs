@@ -904,7 +904,14 @@ impl Agent {
                                 cpus: t.cpus,
                             };
                             self.create_disk(&vm, &t.disk_image, Some(&vm))
-                                .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()))
+                                .and_then(|_| {
+                                    if crate::failpoint::hit("clone-start") {
+                                        return Err(AgentError::State(
+                                            "fail-point clone-start".into(),
+                                        ));
+                                    }
+                                    self.start_vm(&vm, rec, start, Instant::now())
+                                })
                         }
                     };
                     if let Err(e) = &r {
@@ -1216,7 +1223,12 @@ impl Agent {
         };
         let r = self
             .create_disk(&vm, &t.disk_image, Some(&vm))
-            .and_then(|_| self.start_vm(&vm, rec, start, Instant::now()));
+            .and_then(|_| {
+                if crate::failpoint::hit("standby-refill") {
+                    return Err(AgentError::State("fail-point standby-refill".into()));
+                }
+                self.start_vm(&vm, rec, start, Instant::now())
+            });
         if let Err(e) = r {
             self.settle_failed_start(&vm, &e);
             let _ = self.remove_vm(&vm, true);
