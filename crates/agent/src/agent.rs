@@ -213,6 +213,9 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How long background completion keeps retrying after failures.
+const COMPLETE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -422,9 +425,31 @@ impl Agent {
         let name = name.to_owned();
         tracing::info!(image = %name, chunks = missing.len(), "completing image in the background");
         let spawned = std::thread::Builder::new().name(format!("complete-{name}")).spawn(move || {
-            match fetcher.fetch_background(&store, &missing, &|_, _| {}).and_then(|()| Ok(store.sync()?)) {
-                Ok(()) => tracing::info!(image = %name, "image complete: every chunk is local"),
-                Err(e) => tracing::warn!(image = %name, error = %e, "completing image failed; it resumes when the agent restarts"),
+            // A source that is down for a while only delays completion: the
+            // missing chunks are asked for again, with a growing pause,
+            // for up to COMPLETE_RETRY_FOR (then at the next agent start).
+            let started = std::time::Instant::now();
+            let mut pause = std::time::Duration::from_secs(1);
+            let mut missing = missing;
+            loop {
+                let result = fetcher
+                    .fetch_background(&store, &missing, &|_, _| {})
+                    .and_then(|()| Ok(store.sync()?));
+                let e = match result {
+                    Ok(()) => {
+                        tracing::info!(image = %name, "image complete: every chunk is local");
+                        return;
+                    }
+                    Err(e) => e,
+                };
+                missing.retain(|id| !store.contains(id));
+                if started.elapsed() > COMPLETE_RETRY_FOR {
+                    tracing::warn!(image = %name, error = %e, left = missing.len(), "completing image failed; it resumes when the agent restarts");
+                    return;
+                }
+                tracing::warn!(image = %name, error = %e, left = missing.len(), retry_in = ?pause, "completing image: a fetch failed; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(60));
             }
         });
         if let Err(e) = spawned {

@@ -171,3 +171,41 @@ fn cluster_ls_lists_the_hosts_and_their_agents() {
     assert!(out.contains("origin") && out.contains("node1"), "{out}");
     assert!(down.unwrap().status.success());
 }
+
+/// The origin goes away for a few seconds while an image completes in the
+/// background: completion tries again and finishes once it is back (it
+/// used to stop for good until the agent restarted).
+#[test]
+fn background_completion_survives_an_origin_outage() {
+    let (mut origin, port) = TestAgent::start_listening(&["--accept-push"]);
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 48 * MIB, 32);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let expect = std::fs::read(&src).unwrap();
+    let host = TestAgent::start_with(&["--origin", &url(port)]);
+    // The name resolved (manifest and layers here), the data not yet.
+    host.ok(&["disk", "create", "d", "--image", "img"]);
+    origin.agent.take().unwrap().kill();
+    host.ok(&["image", "pull", "img", "--background"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let during = host.json(&["image", "inspect", "img", "--json"]);
+    assert_ne!(
+        during["local_chunks"], during["chunks"],
+        "complete without the origin: {during}"
+    );
+    origin.restart_stopped();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let i = host.json(&["image", "inspect", "img", "--json"]);
+        if i["local_chunks"] == i["chunks"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never completed after the outage: {i}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(origin);
+    assert_eq!(common::nbd_copy(&host, "image/img"), expect);
+}
