@@ -5,14 +5,18 @@
 //! DATA_DIR/
 //!   agent.lock      flock'd while an agent runs on this directory
 //!   meta.redb       names of images, disks, VMs (see meta.rs)
-//!   chunks/         content-addressed chunks (images, layers, manifests)
+//!   chunks/         content-addressed chunks (images, layers, manifests);
+//!                   chunks/corrupt/ holds damaged files moved aside
 //!   origin/         what hosts pushed, when this agent is an origin with the
 //!                   default origin store (spore-origin, docs/formats.md)
-//!   disks/NAME/     overlay of each disk (data + meta)
+//!   disks/NAME/     overlay of each disk (data + meta + log)
 //!   vms/NAME/       serial.log, qmp.sock, qemu.log of each VM
 //!   api.sock        REST API
 //!   nbd.sock        NBD server
+//!   listen.addr     the peer listener's address as bound (with --listen)
 //! ```
+//!
+//! The directory is 0700: it holds guest data.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
