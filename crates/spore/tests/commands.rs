@@ -123,33 +123,25 @@ fn vm_log_follows_the_console_and_until_stops_at_a_marker() {
     assert!(seen, "--follow did not print the new line");
     // --until: exit 0 at the marker, 1 when it does not come in time.
     t.ok(&["vm", "send", "v", "ping", "77"]);
-    let ok = Command::new(SPORE)
-        .env("SPORE_HOME", t.data_dir())
-        .args([
-            "vm",
-            "log",
-            "v",
-            "--until",
-            "SPORE-PONG 77",
-            "--timeout",
-            "30",
-        ])
-        .output()
-        .unwrap();
+    let ok = t.run(&[
+        "vm",
+        "log",
+        "v",
+        "--until",
+        "SPORE-PONG 77",
+        "--timeout",
+        "30",
+    ]);
     assert!(ok.status.success(), "{ok:?}");
-    let late = Command::new(SPORE)
-        .env("SPORE_HOME", t.data_dir())
-        .args([
-            "vm",
-            "log",
-            "v",
-            "--until",
-            "NEVER-PRINTED",
-            "--timeout",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let late = t.run(&[
+        "vm",
+        "log",
+        "v",
+        "--until",
+        "NEVER-PRINTED",
+        "--timeout",
+        "2",
+    ]);
     assert_eq!(late.status.code(), Some(1), "{late:?}");
     t.ok(&["vm", "rm", "v", "--force"]);
 }
