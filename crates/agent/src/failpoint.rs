@@ -12,6 +12,9 @@
 //!   destination (as if every request were lost on the way).
 //! - `migration-after-continue`: the source's job fails right after it
 //!   told QEMU to finish the switch (as if QMP broke at that moment).
+//! - `migration-destination-silent`: the destination never says that its
+//!   incoming guest runs (as if QEMU were still loading the device state),
+//!   so the source must not pause a stalled post-copy.
 //! - `clone-start`: a fresh clone fails after its disk was made, before
 //!   its QEMU starts.
 //! - `standby-refill`: a standby clone fails the same way.

@@ -46,6 +46,7 @@ fn table() -> Vec<Route<Arc<Agent>>> {
         route(M::POST, "/v1/chunks/missing", missing),
         route(M::PUT, "/v1/chunks/{id}", upload),
         route(M::POST, "/v1/migrations", incoming_prepare),
+        route(M::GET, "/v1/migrations/{vm}", incoming_status),
         route(M::PUT, "/v1/migrations/{vm}/blocks", incoming_blocks),
         route(M::POST, "/v1/migrations/{vm}/recover", incoming_recover),
         route(M::POST, "/v1/migrations/{vm}/commit", incoming_commit),
@@ -395,6 +396,14 @@ async fn incoming_blocks(State(a): S, Path(vm): Path<String>, body: Bytes) -> Re
         off_thread(move || a.incoming_blocks(&vm, &body))
             .await
             .map(|n| axum::Json(n).into_response()),
+    )
+}
+
+async fn incoming_status(State(a): S, Path(vm): Path<String>) -> Response {
+    respond(
+        off_thread(move || a.incoming_status(&vm))
+            .await
+            .map(|r| axum::Json(r).into_response()),
     )
 }
 

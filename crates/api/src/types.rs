@@ -628,6 +628,12 @@ pub struct MigrationInfo {
     /// When that longest stall began (ms after the start).
     #[serde(default)]
     pub guest_stall_at_ms: Option<f64>,
+    /// When the destination said its guest runs (post-copy; ms after the
+    /// start). Until then a post-copy is never paused on purpose: QEMU
+    /// loses a post-copy broken off before the destination starts the
+    /// guest (docs/migration.md, "Post-copy recovery").
+    #[serde(default)]
+    pub destination_runs_at_ms: Option<f64>,
     pub decisions: Vec<MigrationDecision>,
     pub timeline: Vec<MigrationSample>,
     pub error: Option<String>,
@@ -679,6 +685,16 @@ pub struct IncomingReady {
     pub port: u16,
     /// Bytes of the disk (block batches must match it).
     pub disk_size: u64,
+}
+
+/// `GET /v1/migrations/{vm}` on the destination's peer listener: how far
+/// an incoming migration got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingStatus {
+    /// The destination QEMU runs the guest (it loaded the device state and
+    /// started the CPUs): from here a post-copy can be paused and
+    /// recovered; before, breaking its stream fails it.
+    pub guest_runs: bool,
 }
 
 /// The destination's answer to a commit.

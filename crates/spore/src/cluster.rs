@@ -58,12 +58,19 @@ pub struct UpArgs {
     /// Chunk cache of each agent
     #[arg(long, default_value = "256M")]
     pub cache_size: String,
-    /// More arguments for every node's agent (e.g. --complete-images)
+    /// More arguments for every node's agent, split at spaces (e.g. --complete-images or "--clone-standby 1")
     #[arg(long, allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
-    /// More arguments for the origin's agent (e.g. --profile-seconds 20)
+    /// More arguments for the origin's agent, split at spaces (e.g. "--profile-seconds 20")
     #[arg(long, allow_hyphen_values = true)]
     pub origin_args: Vec<String>,
+}
+
+/// `--agent-args "--clone-standby 1"` is two arguments for the agent.
+fn words(values: &[String]) -> impl Iterator<Item = String> + '_ {
+    values
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
 }
 
 pub fn up(a: &UpArgs) -> Result<Cluster> {
@@ -75,13 +82,13 @@ pub fn up(a: &UpArgs) -> Result<Cluster> {
         let cache = ["--cache-size".to_string(), a.cache_size.clone()];
         let mut args: Vec<String> = cache.to_vec();
         args.extend(tree::origin_args(&cluster));
-        args.extend(a.origin_args.iter().cloned());
+        args.extend(words(&a.origin_args));
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let mut handles = vec![cluster.spawn_agent(&cluster.origin, &spore, &refs)?];
         for (i, node) in cluster.nodes.iter().enumerate() {
             let mut args: Vec<String> = cache.to_vec();
             args.extend(tree::node_args(&cluster, i + 1, a.fanout));
-            args.extend(a.agent_args.iter().cloned());
+            args.extend(words(&a.agent_args));
             let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             handles.push(cluster.spawn_agent(node, &spore, &refs)?);
         }

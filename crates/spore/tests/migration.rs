@@ -112,9 +112,14 @@ impl Cluster {
     /// Runs `vm migrate web --to TO --cluster ... EXTRA` on `from`, which
     /// may fail: (succeeded, stdout and stderr).
     fn try_migrate(&self, from: &str, to: &str, extra: &[&str]) -> (bool, String) {
-        let mut args = vec!["vm", "migrate", "web", "--to", to, "--cluster", &self.name];
+        self.try_migrate_vm("web", from, to, extra)
+    }
+
+    /// [`Cluster::try_migrate`] for the VM `vm`.
+    fn try_migrate_vm(&self, vm: &str, from: &str, to: &str, extra: &[&str]) -> (bool, String) {
+        let mut args = vec!["vm", "migrate", vm, "--to", to, "--cluster", &self.name];
         args.extend_from_slice(extra);
-        let out = self.cmd(from, &args).output().unwrap();
+        let out = spore_testkit::output(&mut self.cmd(from, &args));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -308,6 +313,11 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
 /// Starts a cluster of an origin and 2 nodes (name prefix `prefix`), the
 /// demo guest imported at the origin.
 fn cluster(prefix: &str, env: &[(&str, &str)]) -> Cluster {
+    cluster_with(prefix, env, &[])
+}
+
+/// [`cluster`] with more arguments for `cluster up`.
+fn cluster_with(prefix: &str, env: &[(&str, &str)], up: &[&str]) -> Cluster {
     let c = Cluster {
         dir: tempfile::tempdir().unwrap(),
         name: format!("{prefix}{}", std::process::id() % 100_000),
@@ -317,7 +327,9 @@ fn cluster(prefix: &str, env: &[(&str, &str)]) -> Cluster {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = sh(cmd.args(["cluster", "up", "--name", &c.name, "--nodes", "2"]));
+    let out = sh(cmd
+        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"])
+        .args(up));
     assert!(out.contains("origin + 2 nodes"), "{out}");
     c.ok(
         "origin",
@@ -336,11 +348,10 @@ fn cluster(prefix: &str, env: &[(&str, &str)]) -> Cluster {
 /// memory is still on node2): the migration pauses and recovers once the
 /// link is back. A trial that is not recovered must fail loudly, with both
 /// sides' state, the source keeping its QEMU (it holds the only copy of the
-/// memory not yet sent). Recovery is not yet reliable (QEMU's destination
-/// sometimes dies of "loadvm failed: -5" as the stream resumes; about 1 in
-/// 15 trials, docs/migration.md), so a second trial runs after a loud
-/// failure, and the test fails unless one of two recovers; it prints which
-/// way each went.
+/// memory not yet sent). The link breaks once the destination said its guest
+/// runs (before, QEMU loses a broken post-copy: docs/migration.md). A second
+/// trial runs after a loud failure, and the test fails unless one of two
+/// recovers; it prints which way each went.
 #[test]
 fn post_copy_recovers_after_a_link_break() {
     let c = cluster("r", &[]);
@@ -360,7 +371,15 @@ fn post_copy_recovers_after_a_link_break() {
             "node1",
             &["--policy", "postcopy", "--bandwidth", "40mbit", "--detach"],
         );
-        c.wait_phase("node2", |m| m["phase"] == "postcopy", "post-copy");
+        // Broken off before the destination runs the guest, a post-copy
+        // is lost whatever anyone does (QEMU fails the destination, and
+        // the source can neither resume nor cancel): the source does not
+        // pause until then, and this test breaks the link after.
+        c.wait_phase(
+            "node2",
+            |m| m["phase"] == "postcopy" && m["destination_runs_at_ms"].is_number(),
+            "post-copy, the guest running at the destination",
+        );
         sh(Command::new("ip").args(["-n", &netns, "link", "set", "eth0", "down"]));
         std::thread::sleep(Duration::from_secs(6));
         sh(Command::new("ip").args(["-n", &netns, "link", "set", "eth0", "up"]));
@@ -390,12 +409,52 @@ fn post_copy_recovers_after_a_link_break() {
         assert_eq!(src[0]["state"], "failed", "{src:?}");
         assert!(src[0]["pid"].as_u64().is_some(), "{src:?}");
         failures.push(e);
-        // The guest is lost; clear both sides for the next trial.
+        // The guest is lost; clear both sides for the next trial (the
+        // destination lists its failed copy, with the reason).
         c.ok("node2", &["vm", "rm", "web", "--force"]);
+        if !c.vms("node1").is_empty() {
+            c.ok("node1", &["vm", "rm", "web", "--force"]);
+        }
         c.wait_gone("node1");
         c.wait_gone("node2");
     }
     panic!("post-copy was not recovered in 2 trials (each failed loudly): {failures:?}");
+}
+
+/// The link breaks in post-copy while the destination has not said that
+/// its guest runs (fail-point `migration-destination-silent`): the source
+/// does not pause the stalled stream (a post-copy broken off before the
+/// destination runs the guest is lost), and once the link is back the same
+/// connection carries on and the migration completes, data set intact.
+#[test]
+fn post_copy_is_not_paused_before_the_destination_runs_the_guest() {
+    let c = cluster("s", &[("SPORE_FAILPOINTS", "migration-destination-silent")]);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir.path().join(&c.name).join("cluster.json")).unwrap(),
+    )
+    .unwrap();
+    let netns = state["nodes"][0]["netns"].as_str().unwrap().to_owned();
+    let args = vm_run_args(guest(), "web", "guest", "spore.memload=48,0");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node2", &refs);
+    let written = c.dataset("node2", "web", "write");
+    c.migrate(
+        "node2",
+        "node1",
+        &["--policy", "postcopy", "--bandwidth", "40mbit", "--detach"],
+    );
+    c.wait_phase("node2", |m| m["phase"] == "postcopy", "post-copy");
+    sh(Command::new("ip").args(["-n", &netns, "link", "set", "eth0", "down"]));
+    std::thread::sleep(Duration::from_secs(6));
+    sh(Command::new("ip").args(["-n", &netns, "link", "set", "eth0", "up"]));
+    let m = c.wait_phase("node2", |m| m["phase"] != "postcopy", "post-copy over");
+    assert_eq!(m["phase"], "completed", "{m}");
+    let decisions = m["decisions"].to_string();
+    assert!(decisions.contains("not pausing"), "{decisions}");
+    assert!(!decisions.contains("pausing to recover"), "{decisions}");
+    assert!(m["destination_runs_at_ms"].is_null(), "{m}");
+    running_on(&c, "node1");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
 }
 
 /// The source's commit never reaches the destination (fail-point
@@ -573,5 +632,77 @@ fn a_captured_vm_does_not_migrate_yet_and_stays_unharmed() {
         c.wait_gone("node2");
         running_on(&c, "node1");
         assert_eq!(c.dataset("node1", "web", "check"), written, "{policy}");
+    }
+}
+
+/// Expected to fail until the migrate-every-VM issue: clones of every kind
+/// (a fresh clone, a grown one with hot-plugged memory and CPUs, one born
+/// as a standby, and one started on a host that had none of its template)
+/// cannot be live-migrated yet. This test pins today's behaviour: each move
+/// is refused or fails cleanly, nothing of it stays at the destination, and
+/// the clone keeps running at the source with its data set. It prints XFAIL
+/// for each; when one migrates, it fails and says to make it the real test.
+#[test]
+fn clones_do_not_migrate_yet_and_stay_unharmed() {
+    let g = guest();
+    let c = cluster_with("k", &[], &["--agent-args", "--clone-standby 1"]);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir.path().join(&c.name).join("cluster.json")).unwrap(),
+    )
+    .unwrap();
+    let origin = format!("http://{}:7070", state["origin"]["ip"].as_str().unwrap());
+    let args = vm_run_args(g, "web", "guest", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    c.ok("node1", &["vm", "template", "web", "--name", "t"]);
+    c.ok("node1", &["template", "push", "t", "--to", &origin]);
+    // The standby made for `t` on node1 is handed out to the first clone.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.vms("node1").iter().any(|v| v["state"] == "standby") {
+        assert!(
+            Instant::now() < deadline,
+            "no standby: {:?}",
+            c.vms("node1")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let standby_born = c.json("node1", &["vm", "clone", "t", "--name", "sb", "--json"]);
+    assert_eq!(
+        standby_born["vms"][0]["start_ms"]["standby"], true,
+        "{standby_born}"
+    );
+    c.ok("node1", &["vm", "clone", "t", "--name", "fresh"]);
+    c.ok(
+        "node1",
+        &[
+            "vm", "clone", "t", "--name", "grown", "--memory", "640M", "--cpus", "2",
+        ],
+    );
+    // node2 has nothing of `t`: it pages the template in from the origin.
+    c.ok("node2", &["vm", "clone", "t", "--name", "cold"]);
+    let cases = [
+        ("standby-born clone", "sb-1", "node1", "node2"),
+        ("clone", "fresh-1", "node1", "node2"),
+        ("grown clone", "grown-1", "node1", "node2"),
+        ("cold-host clone", "cold-1", "node2", "node1"),
+    ];
+    for (kind, vm, from, to) in cases {
+        let written = c.dataset(from, vm, "write");
+        let (ok, text) = c.try_migrate_vm(vm, from, to, &["--policy", "precopy"]);
+        assert!(
+            !ok,
+            "a {kind} migrated: the migrate-every-VM issue works; make this the real test: {text}"
+        );
+        eprintln!("XFAIL (migrate-every-VM issue): {kind}: {}", text.trim());
+        // Nothing of it at the destination, and it runs at the source.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.vms(to).iter().any(|v| v["name"] == vm) {
+            assert!(Instant::now() < deadline, "{to} kept {vm}: {:?}", c.vms(to));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let here = c.vms(from);
+        let v = here.iter().find(|v| v["name"] == vm).unwrap();
+        assert_eq!(v["state"], "running", "{kind}: {v}");
+        assert_eq!(c.dataset(from, vm, "check"), written, "{kind}");
     }
 }

@@ -1,5 +1,7 @@
 //! What tests share across crates: how a test that needs something the
-//! machine lacks (a tool such as qemu-io or nbdcopy, or /dev/fuse) stops.
+//! machine lacks (a tool such as qemu-io or nbdcopy, or /dev/fuse) stops,
+//! and how a command that hangs fails its test ([`output_within`]) instead
+//! of holding the suite until CI's limit.
 //!
 //! A skip must never pass for a run. Under `CI=true` a missing requirement
 //! fails the test with the Debian package to install. Elsewhere the test
@@ -19,9 +21,66 @@
 //! }
 //! ```
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a test command may run before [`output`] calls it hung.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(600);
+
+/// [`output_within`] with [`COMMAND_LIMIT`].
+pub fn output(cmd: &mut Command) -> Output {
+    output_within(cmd, COMMAND_LIMIT)
+}
+
+/// Runs `cmd` to completion like [`Command::output`], but kills it and
+/// panics (with what it printed so far) if it runs longer than `limit`: a
+/// deadlocked agent then fails the test that met it, with its name.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let out = stdout.join().unwrap_or_default();
+                let err = stderr.join().unwrap_or_default();
+                panic!(
+                    "{cmd:?} did not finish in {} s (hung?); it printed: {}{}",
+                    limit.as_secs(),
+                    String::from_utf8_lossy(&err),
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            Err(e) => panic!("{cmd:?}: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
 
 /// Environment variable naming the file skips are appended to.
 pub const SKIP_LOG: &str = "SPORE_SKIP_LOG";

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use spore_api::{IncomingCommitted, IncomingReady, IncomingRequest, VmState};
+use spore_api::{IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, VmState};
 use spore_blockdev::batch::decode_batch;
 use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp, StallProbe};
@@ -357,6 +357,16 @@ impl Agent {
         }
         tracing::warn!(vm = %inc.vm, from = %inc.from, "the source did not commit in time; the guest already runs here and is kept");
         true
+    }
+
+    /// Whether the guest of an incoming migration runs here yet (as the
+    /// watcher last saw QEMU; no monitor command, so that a QEMU blocked
+    /// on a missing page still answers).
+    pub fn incoming_status(&self, vm: &str) -> Result<IncomingStatus> {
+        let inc = self.incoming(vm)?;
+        let guest_runs = inc.running_at.lock().is_some()
+            && !crate::failpoint::hit("migration-destination-silent");
+        Ok(IncomingStatus { guest_runs })
     }
 
     /// Applies a batch of the source disk's written blocks.

@@ -14,6 +14,7 @@
 //!
 //! ```text
 //! POST /v1/migrations                  IncomingRequest -> IncomingReady
+//! GET  /v1/migrations/{vm}             -> IncomingStatus (the guest runs here?)
 //! PUT  /v1/migrations/{vm}/blocks      a block batch (spore_blockdev::batch)
 //! POST /v1/migrations/{vm}/recover     -> IncomingReady (post-copy recovery)
 //! POST /v1/migrations/{vm}/commit      -> IncomingCommitted
@@ -150,6 +151,10 @@ impl PeerClient {
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T> {
         let bytes = serde_json::to_vec(body).expect("request bodies serialise");
         self.call("POST", path, Some(&bytes))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call("GET", path, None)
     }
 
     pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> Result<T> {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::json;
 use spore_api::{
-    IncomingCommitted, IncomingReady, IncomingRequest, MigrateRequest, MigrationDecision,
-    MigrationInfo, MigrationPhase, MigrationPolicy, MigrationSample, VmState,
+    IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, MigrateRequest,
+    MigrationDecision, MigrationInfo, MigrationPhase, MigrationPolicy, MigrationSample, VmState,
 };
 use spore_blockdev::batch::{granule_runs, BatchWriter};
 use spore_blockdev::overlay::GRANULE;
@@ -330,6 +330,7 @@ impl Agent {
                 downtime_ms: None,
                 guest_stall_ms: None,
                 guest_stall_at_ms: None,
+                destination_runs_at_ms: None,
                 decisions: Vec::new(),
                 timeline: Vec::new(),
                 error: None,
@@ -425,7 +426,7 @@ impl Agent {
         }
     }
 
-    fn migrate_inner(&self, name: &str, req: &MigrateRequest, job: &Job) -> Result<()> {
+    fn migrate_inner(&self, name: &str, req: &MigrateRequest, job: &Arc<Job>) -> Result<()> {
         let peer = PeerClient::new(&req.to, Duration::from_secs(60));
         let host = peer.host()?;
         let rec = self.vm_record(name)?;
@@ -767,7 +768,7 @@ impl Agent {
         &self,
         qmp: &mut Qmp,
         req: &MigrateRequest,
-        job: &Job,
+        job: &Arc<Job>,
         policy: &mut Policy,
         peer: &PeerClient,
         host: &str,
@@ -785,6 +786,8 @@ impl Agent {
         let mut last_status = String::new();
         let mut moved = (0u64, Instant::now());
         let mut cancelling: Option<String> = None;
+        // A post-copy stall before the destination ran the guest was noted.
+        let mut stall_noted = false;
         // QEMU's dirty-rate sample, read once it is ready.
         let mut sample_at = sampling.then(|| Instant::now() + Duration::from_secs(SAMPLE_SECS));
         // The guest's page requests in post-copy, to share the cap with.
@@ -844,6 +847,7 @@ impl Agent {
                 "postcopy-active" => {
                     if changed {
                         job.set_phase(MigrationPhase::Postcopy);
+                        watch_destination_runs(job.clone(), peer.clone(), name.to_owned());
                         // Paced again at once, with room for the first
                         // page requests (the meter needs a window).
                         if let Some(c) = conns.as_mut() {
@@ -860,14 +864,32 @@ impl Agent {
                         }
                     }
                     if p.ram_remaining > 0 && moved.1.elapsed() > POSTCOPY_STALL {
-                        job.decide(
-                            p.passes,
-                            format!(
-                                "post-copy: nothing moved for {} s; pausing to recover",
-                                POSTCOPY_STALL.as_secs()
-                            ),
-                        );
-                        let _ = qmp.migrate_pause();
+                        // Paused before the destination runs the guest (it
+                        // still loads the device state), QEMU fails the
+                        // destination and the source can neither resume nor
+                        // cancel: the guest would be lost. Until the
+                        // destination says it runs, wait for the link.
+                        if job.info.lock().destination_runs_at_ms.is_some() {
+                            job.decide(
+                                p.passes,
+                                format!(
+                                    "post-copy: nothing moved for {} s; pausing to recover",
+                                    POSTCOPY_STALL.as_secs()
+                                ),
+                            );
+                            let _ = qmp.migrate_pause();
+                        } else if !stall_noted {
+                            stall_noted = true;
+                            job.decide(
+                                p.passes,
+                                format!(
+                                    "post-copy: nothing moved for {} s, but the destination has \
+                                     not said its guest runs: not pausing (a post-copy broken \
+                                     off before then is lost); waiting for the link",
+                                    POSTCOPY_STALL.as_secs()
+                                ),
+                            );
+                        }
                         moved.1 = Instant::now();
                     }
                 }
@@ -1116,6 +1138,39 @@ impl Agent {
 
 fn peer_url(p: &PeerClient) -> String {
     p.host().unwrap_or_default()
+}
+
+/// Asks the destination, until it says so or the migration ends, whether
+/// its QEMU runs the guest, and records when it does: only from then may a
+/// stalled post-copy be paused and recovered.
+fn watch_destination_runs(job: Arc<Job>, peer: PeerClient, vm: String) {
+    let peer = PeerClient::new(&peer.base, Duration::from_secs(2));
+    let path = format!("/v1/migrations/{vm}");
+    let spawned = std::thread::Builder::new()
+        .name(format!("runs-{vm}"))
+        .spawn(move || {
+            let until = Instant::now() + Duration::from_secs(3600);
+            while Instant::now() < until && job.info.lock().phase == MigrationPhase::Postcopy {
+                match peer.get::<IncomingStatus>(&path) {
+                    Ok(s) if s.guest_runs => {
+                        let at = job.ms();
+                        let passes = {
+                            let mut i = job.info.lock();
+                            i.destination_runs_at_ms = Some(at);
+                            i.passes
+                        };
+                        job.decide(passes, "the guest runs at the destination".into());
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%vm, error = %e.chain(), "asking the destination whether the guest runs"),
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to ask the destination whether the guest runs");
+    }
 }
 
 #[cfg(test)]

@@ -100,11 +100,11 @@ impl TestAgent {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(SPORE)
-            .env("SPORE_HOME", self.data_dir())
-            .args(args)
-            .output()
-            .expect("spore runs")
+        spore_testkit::output(
+            Command::new(SPORE)
+                .env("SPORE_HOME", self.data_dir())
+                .args(args),
+        )
     }
 
     /// Imports the demo guest's root disk as image `name`.
@@ -193,7 +193,7 @@ pub fn free_port() -> u16 {
 
 /// Runs a command that must succeed; returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = spore_testkit::output(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
