@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use spore_api::{
     AgentStatus, Client, CommitRequest, DiskCreate, DiskInfo, ExportRequest, ImageInfo,
     ImageSummary, ImportRequest, ImportResult, RemoveResult, VmCreate, VmInfo, VmLog, VmState,
 };
 
 use crate::format::{human, parse_size, table};
+use crate::output::{print_json, with_progress};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -334,41 +334,6 @@ pub enum BenchCmd {
 
 fn abs(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
-}
-
-fn bar(total: u64) -> ProgressBar {
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb
-}
-
-/// A POST answered by a stream of progress events, shown as a bar.
-pub(crate) async fn with_progress<T: serde::de::DeserializeOwned>(
-    c: &Client,
-    path: &str,
-    body: &impl serde::Serialize,
-) -> Result<T> {
-    let pb = bar(0);
-    let result = c
-        .stream(hyper::Method::POST, path, body, |phase, done, total| {
-            pb.set_message(phase.to_owned());
-            pb.set_length(total);
-            pb.set_position(done);
-        })
-        .await;
-    pb.finish_and_clear();
-    Ok(result?)
-}
-
-pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {

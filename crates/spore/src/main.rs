@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod format;
 mod migrate;
+mod output;
 mod templates;
 
 use std::path::PathBuf;

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use spore_api::{Client, MigrateRequest, MigrationInfo, MigrationPhase, MigrationPolicy};
 use spore_cluster::Rate;
 
-use crate::cli::print_json;
 use crate::format::{human, table};
+use crate::output::print_json;
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {

@@ -11,8 +11,8 @@ use spore_api::{
     TemplateInfo, VmInfo,
 };
 
-use crate::cli::print_json;
 use crate::format::{human, table};
+use crate::output::print_json;
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCmd {
@@ -81,7 +81,7 @@ pub async fn template_command(cmd: TemplateCmd, c: &Client) -> Result<()> {
             print_template(&t);
         }
         TemplateCmd::Push { name, to } => {
-            let r: spore_api::PushResult = crate::cli::with_progress(
+            let r: spore_api::PushResult = crate::output::with_progress(
                 c,
                 &format!("/v1/templates/{name}/push"),
                 &spore_api::PushRequest { to },
