@@ -71,6 +71,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
         }
         None => None,
     };
+    agent.fill_all_standbys();
 
     let api_path = dir.join(spore_api::API_SOCKET);
     let served = runtime.block_on(async {

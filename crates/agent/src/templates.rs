@@ -1145,6 +1145,23 @@ impl Agent {
         }
     }
 
+    /// Fills every template's standby pool, in the background: standbys
+    /// do not outlive the agent that started them, so a starting agent
+    /// (once it serves NBD, which their disks need) makes new ones.
+    pub fn fill_all_standbys(self: &Arc<Self>) {
+        if self.config.clone_standby == 0 {
+            return;
+        }
+        match self.meta.list::<TemplateRecord>(Table::Templates) {
+            Ok(list) => {
+                for (name, _) in list {
+                    self.fill_standbys(&name);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing templates for the standby pool"),
+        }
+    }
+
     /// Tops the template's standby pool up to `--clone-standby`, in the
     /// background.
     fn fill_standbys(self: &Arc<Self>, template: &str) {

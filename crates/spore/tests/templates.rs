@@ -449,3 +449,137 @@ fn dead_standbys_are_replaced_and_template_rm_takes_everything() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// The QEMU processes `vm ls` shows on `t`, by VM name.
+fn qemus_of(t: &TestAgent) -> Vec<(String, u32)> {
+    t.json(&["vm", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v["name"].as_str()?.to_owned(), v["pid"].as_u64()? as u32)))
+        .collect()
+}
+
+/// FUSE mounts (template RAM paged in from elsewhere) under `dir`.
+fn fuse_mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(1).is_some_and(|m| m.starts_with(&dir)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Agents restarted under everything templates make: host A (graceful
+/// restart) has a template, a standby and a clone; host B (killed with
+/// SIGKILL) has a clone whose RAM is a FUSE file paging the template in
+/// from A. After the restarts no QEMU process or FUSE mount of the old
+/// agents is left, every VM is listed with why it stopped, the standby
+/// pool refills with a new standby, and both hosts clone the template
+/// again; then everything can be removed.
+///
+/// Today an agent restart stops the VMs it ran (the restart issue keeps
+/// them running); this test checks that they are stopped cleanly and says
+/// so with an XFAIL line; it fails once they survive, to be updated then.
+#[test]
+fn agents_restart_under_templates_standbys_and_a_fuse_clone() {
+    let g = guest();
+    let (mut a, port) = TestAgent::start_listening(&["--clone-standby", "1"]);
+    let mut b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
+    a.import_guest("base");
+    let args = vm_run_args(g, "src", "base", "quiet spore.counter");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    a.ok(&args);
+    wait_log(&a, "src", "SPORE-COUNTER n=2 ", 120);
+    a.ok(&["vm", "template", "src", "--name", "t1"]);
+    let taken = wait_standby(&a);
+    a.ok(&["vm", "clone", "t1", "--name", "c"]);
+    wait_log(&a, "c-1", "host=c-1", 60);
+    b.ok(&["vm", "clone", "t1", "--name", "far"]);
+    wait_log(&b, "far-1", "host=far-1", 60);
+    assert!(
+        !fuse_mounts_under(b.ram.path()).is_empty(),
+        "far-1's RAM is not a FUSE file on B"
+    );
+    // The clone took the standby (keeping its disk); the pool refills.
+    let standby = wait_standby(&a);
+    assert_ne!(standby, taken);
+    let mut old: Vec<(String, u32)> = qemus_of(&a);
+    old.extend(qemus_of(&b));
+    assert!(old.len() >= 4, "src, c-1, a standby and far-1: {old:?}");
+
+    a.restart();
+    b.crash_and_restart();
+
+    // No QEMU of the old agents is left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old
+        .iter()
+        .any(|(_, pid)| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU processes left by the old agents: {old:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        fuse_mounts_under(b.ram.path()).is_empty(),
+        "FUSE mounts left on B: {:?}",
+        fuse_mounts_under(b.ram.path())
+    );
+    // Every VM is listed, stopped, with the reason.
+    for (t, vms) in [(&a, &["src", "c-1"][..]), (&b, &["far-1"][..])] {
+        let list = t.json(&["vm", "ls", "--json"]);
+        for vm in vms {
+            let v = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == *vm)
+                .unwrap_or_else(|| panic!("{vm} is not listed: {list}"));
+            assert_ne!(v["state"], "running", "{vm} survived the restart: {v}");
+            assert!(v["pid"].is_null(), "{v}");
+            let reason = v["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("agent"), "{vm}: {v}");
+        }
+    }
+    println!("XFAIL (agent restarts keep VMs running): the restarts stopped src, c-1 and far-1");
+    // The old standby is gone and the pool refills with a new one.
+    let list = a.json(&["vm", "ls", "--json"]);
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == standby.as_str()),
+        "{list}"
+    );
+    let refill = wait_standby(&a);
+    assert_ne!(refill, standby);
+    // Both hosts clone the template again.
+    for (t, name, vm) in [(&a, "c2", "c2-1"), (&b, "far2", "far2-1")] {
+        let r = t.json(&["vm", "clone", "t1", "--name", name, "--json"]);
+        assert_eq!(r["vms"][0]["state"], "running", "{r}");
+        wait_log(t, vm, &format!("host={vm}"), 60);
+    }
+    assert!(!fuse_mounts_under(b.ram.path()).is_empty());
+
+    // Everything goes.
+    for vm in ["far-1", "far2-1"] {
+        b.ok(&["vm", "rm", "--force", vm]);
+    }
+    b.ok(&["template", "rm", "t1"]);
+    assert!(fuse_mounts_under(b.ram.path()).is_empty());
+    for vm in ["src", "c-1", "c2-1"] {
+        a.ok(&["vm", "rm", "--force", vm]);
+    }
+    a.ok(&["template", "rm", "t1"]);
+    for t in [&a, &b] {
+        let vms = t.json(&["vm", "ls", "--json"]);
+        assert_eq!(vms.as_array().unwrap().len(), 0, "{vms}");
+        let disks = t.json(&["disk", "ls", "--json"]);
+        assert_eq!(disks.as_array().unwrap().len(), 0, "{disks}");
+    }
+}
