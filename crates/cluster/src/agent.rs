@@ -82,10 +82,15 @@ impl AgentHandle {
 
 impl Cluster {
     /// Starts `ip netns exec <netns> <spore_bin> --data-dir <data_dir> agent
-    /// <extra_args>` for `node`, output to `<data_dir>.log` (truncated), in
-    /// its own process group so a Ctrl-C at the caller's terminal does not
-    /// reach it. Its pid goes into the state file before this returns.
-    /// Call [`AgentHandle::wait_ready`] to wait for its API.
+    /// --ram-dir <ram_dir> <extra_args>` for `node`, output to
+    /// `<data_dir>.log` (truncated), in its own process group so a Ctrl-C
+    /// at the caller's terminal does not reach it. Its pid goes into the
+    /// state file before this returns. Call [`AgentHandle::wait_ready`] to
+    /// wait for its API.
+    ///
+    /// The RAM dir is [`Cluster::ram_dir`] (created mode 0700), which
+    /// [`crate::down`] removes; if `extra_args` has a `--ram-dir` of its
+    /// own, that one is used instead and left to the caller.
     pub fn spawn_agent(
         &self,
         node: &Node,
@@ -99,16 +104,25 @@ impl Cluster {
             });
         }
         std::fs::create_dir_all(&node.data_dir).map_err(|e| ClusterError::io(&node.data_dir, e))?;
+        let ram_dir = if has_ram_dir(extra_args) {
+            None
+        } else {
+            let dir = self.ram_dir(node);
+            crate::ram::private_dir(&self.ram_root)?;
+            crate::ram::private_dir(&dir)?;
+            Some(dir)
+        };
         let log_path = node.log_file();
         let log = File::create(&log_path).map_err(|e| ClusterError::io(&log_path, e))?;
         let log_err = log
             .try_clone()
             .map_err(|e| ClusterError::io(&log_path, e))?;
-        let mut child = node
-            .command(spore_bin)
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .arg("agent")
+        let mut cmd = node.command(spore_bin);
+        cmd.arg("--data-dir").arg(&node.data_dir).arg("agent");
+        if let Some(dir) = &ram_dir {
+            cmd.arg("--ram-dir").arg(dir);
+        }
+        let mut child = cmd
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -144,6 +158,13 @@ impl Cluster {
     }
 }
 
+/// Whether the caller chose the agent's RAM dir (`--ram-dir D` or
+/// `--ram-dir=D`).
+fn has_ram_dir(args: &[&str]) -> bool {
+    args.iter()
+        .any(|a| *a == "--ram-dir" || a.starts_with("--ram-dir="))
+}
+
 /// The last lines of a log, for error messages.
 pub(crate) fn log_tail(path: &Path) -> String {
     const MAX: u64 = 4096;
@@ -161,5 +182,18 @@ pub(crate) fn log_tail(path: &Path) -> String {
         "(log is empty)".to_owned()
     } else {
         tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_ram_dir() {
+        assert!(has_ram_dir(&["--cache-size", "1M", "--ram-dir", "/x"]));
+        assert!(has_ram_dir(&["--ram-dir=/x"]));
+        assert!(!has_ram_dir(&["--cache-size", "1M"]));
+        assert!(!has_ram_dir(&["--ram-dirs", "/x"]));
     }
 }

@@ -5,8 +5,9 @@
 //! crate makes them out of network namespaces: one per host plus the
 //! origin, joined by veth pairs to a bridge in a switch namespace, each
 //! link shaped with `tc` both ways ([`up`]); and it removes every
-//! namespace, link and process it made, whatever state a crash left
-//! behind ([`down`]). docs/cluster.md has the picture and the figures.
+//! namespace, link, process and guest RAM file it made, whatever state a
+//! crash left behind ([`down`]). docs/cluster.md has the picture and the
+//! figures.
 //!
 //! Nothing is created in the caller's own namespace: all addresses exist
 //! only inside the cluster's namespaces.
@@ -17,6 +18,7 @@ mod net;
 mod node;
 mod probe;
 mod procs;
+mod ram;
 mod rate;
 mod spec;
 mod state;
@@ -37,11 +39,21 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use spec::{cluster_dir, is_cluster_object, switch_netns, HostId};
+use spec::{cluster_dir, is_cluster_object, ram_root, ram_root_candidates, switch_netns, HostId};
 use state::{State, Status};
 
-/// How long `down` gives processes between SIGTERM and SIGKILL.
+/// How long `down` gives agents after SIGTERM to stop their VMs (QEMU)
+/// and flush their disks, before it signals anything else.
+const AGENT_GRACE: Duration = Duration::from_secs(30);
+
+/// How long `down` then gives every other process of the cluster (QEMU
+/// left by an agent that died or did not finish) between SIGTERM and
+/// SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Rounds of "find what is left in the namespaces and kill it" (a process
+/// may fork while it is being killed).
+const KILL_ROUNDS: usize = 3;
 
 /// A cluster that is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +63,10 @@ pub struct Cluster {
     pub switch_netns: String,
     pub origin: Node,
     pub nodes: Vec<Node>,
+    /// Where agents started by [`Cluster::spawn_agent`] keep guest RAM:
+    /// `<ram_root>/<host>` each, on a tmpfs (`/dev/shm/spore-cluster-<name>`,
+    /// mode 0700). [`down`] removes it.
+    pub ram_root: PathBuf,
 }
 
 impl Cluster {
@@ -68,6 +84,12 @@ impl Cluster {
     pub fn host(&self, name: &str) -> Option<&Node> {
         self.hosts().find(|h| h.name == name)
     }
+
+    /// The `--ram-dir` that [`Cluster::spawn_agent`] gives `node`'s agent:
+    /// `<ram_root>/<host>`.
+    pub fn ram_dir(&self, node: &Node) -> PathBuf {
+        self.ram_root.join(&node.name)
+    }
 }
 
 /// What [`down`] removed.
@@ -78,8 +100,12 @@ pub struct DownReport {
     /// Links deleted from the caller's namespace (only ever leftovers of
     /// some other tool following the naming convention: `up` creates none).
     pub links: Vec<String>,
-    /// Processes stopped.
+    /// Processes of the cluster that were running and are gone now:
+    /// agents (asked to stop their VMs first), the VMs, and whatever else
+    /// ran in the namespaces.
     pub processes: Vec<u32>,
+    /// Guest RAM directories removed (the cluster's RAM root).
+    pub ram_dirs: Vec<PathBuf>,
     /// Whether there was a state file (it is gone now).
     pub had_state_file: bool,
     /// Why the state file could not be read, if it could not; the cluster
@@ -93,6 +119,7 @@ impl DownReport {
         self.namespaces.is_empty()
             && self.links.is_empty()
             && self.processes.is_empty()
+            && self.ram_dirs.is_empty()
             && !self.had_state_file
     }
 }
@@ -129,6 +156,14 @@ fn leftover_links(name: &str) -> Result<Vec<String>, ClusterError> {
         .collect())
 }
 
+/// RAM roots of cluster `name` that exist now.
+fn existing_ram_roots(name: &str, dir: &Path) -> Vec<PathBuf> {
+    ram_root_candidates(name, dir)
+        .into_iter()
+        .filter(|r| fs::symlink_metadata(r).is_ok())
+        .collect()
+}
+
 /// Builds the cluster `spec` describes.
 ///
 /// The state file is written (status `creating`) before anything is
@@ -153,6 +188,11 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
     }
     let mut leftovers = existing_namespaces(&spec.name)?;
     leftovers.extend(leftover_links(&spec.name)?);
+    leftovers.extend(
+        existing_ram_roots(&spec.name, &dir)
+            .iter()
+            .map(|r| format!("RAM dir {}", r.display())),
+    );
     if !leftovers.is_empty() {
         return Err(ClusterError::Leftovers {
             name: spec.name.clone(),
@@ -179,6 +219,7 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
         switch_netns: switch_netns(&spec.name),
         origin,
         nodes,
+        ram_root: ram_root(&spec.name, &dir),
     };
     for h in cluster.hosts() {
         fresh_dir(&h.data_dir)?;
@@ -194,6 +235,7 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
         origin: cluster.origin.clone(),
         nodes: cluster.nodes.clone(),
         agents: Default::default(),
+        ram_root: Some(cluster.ram_root.clone()),
     };
     state::write(&dir, &st)?;
 
@@ -238,6 +280,7 @@ fn remove_if_exists(path: &Path) -> Result<(), ClusterError> {
 }
 
 fn build(cluster: &Cluster) -> Result<(), ClusterError> {
+    ram::private_dir(&cluster.ram_root)?;
     let hosts: Vec<&Node> = cluster.hosts().collect();
     let mut namespaces = vec![cluster.switch_netns.clone()];
     namespaces.extend(hosts.iter().map(|h| h.netns.clone()));
@@ -283,6 +326,7 @@ pub fn load(state_dir: &Path, name: &str) -> Result<Cluster, ClusterError> {
         });
     }
     Ok(Cluster {
+        ram_root: st.ram_root.unwrap_or_else(|| ram_root(name, &dir)),
         spec: st.spec,
         switch_netns: st.switch_netns,
         origin: st.origin,
@@ -290,14 +334,24 @@ pub fn load(state_dir: &Path, name: &str) -> Result<Cluster, ClusterError> {
     })
 }
 
-/// Removes every namespace, link and process of cluster `name`, and its
-/// state file; data dirs and logs stay for a post-mortem.
+/// Removes every namespace, link and process of cluster `name`, its guest
+/// RAM directory and its state file; data dirs and logs stay for a
+/// post-mortem.
+///
+/// Agents are asked first (SIGTERM) and given [`AGENT_GRACE`] to stop
+/// their VMs and flush their disks; then whatever is left in the
+/// namespaces (QEMU) gets SIGTERM, [`STOP_GRACE`], SIGKILL, and `down`
+/// waits until each process is gone. Only then are the namespaces, links
+/// and the RAM dir removed. Anything that is still there at the end is an
+/// error ([`ClusterError::NotGone`]) naming it, and the state file stays
+/// for the next attempt.
 ///
 /// Works from the state file if there is a readable one, and in any case
-/// from the naming convention (`<name>-sw`, `<name>-o`, `<name>-<n>`) and
-/// the processes' namespaces and command lines, so it cleans up after a
-/// crash at any point of [`up`] or of whoever started agents. Running it
-/// again finds nothing to do and succeeds.
+/// from the naming convention (`<name>-sw`, `<name>-o`, `<name>-<n>`,
+/// `/dev/shm/spore-cluster-<name>`) and the processes' namespaces and
+/// command lines, so it cleans up after a crash at any point of [`up`] or
+/// of whoever started agents. Running it again finds nothing to do and
+/// succeeds.
 pub fn down(state_dir: &Path, name: &str) -> Result<DownReport, ClusterError> {
     spec::check_name(name)?;
     require_root()?;
@@ -323,6 +377,7 @@ pub fn down(state_dir: &Path, name: &str) -> Result<DownReport, ClusterError> {
         name,
         namespaces = report.namespaces.len(),
         processes = report.processes.len(),
+        ram_dirs = report.ram_dirs.len(),
         elapsed = ?started.elapsed(),
         "cluster down"
     );
@@ -340,8 +395,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Stops processes, deletes namespaces and stray links; checks that
-/// nothing is left. The state file is the caller's business.
+/// Stops processes (agents first), deletes namespaces, stray links and
+/// the RAM root; checks that nothing is left. The state file is the
+/// caller's business.
 fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, ClusterError> {
     let mut namespaces = existing_namespaces(name)?;
     if let Some(st) = st {
@@ -351,27 +407,75 @@ fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, Cl
             }
         }
     }
-
-    let mut pids = BTreeSet::new();
-    if let Some(st) = st {
-        for (host, &pid) in &st.agents {
-            let data_dir = std::iter::once(&st.origin)
-                .chain(&st.nodes)
-                .find(|n| &n.name == host)
-                .map(|n| n.data_dir.as_path());
-            if data_dir.is_some_and(|d| procs::is_agent_of(pid, d)) {
-                pids.insert(pid);
-            }
-        }
-    }
     let ns_ids: BTreeSet<procs::NsId> = namespaces
         .iter()
         .filter_map(|n| procs::netns_id(&Path::new(node::NETNS_DIR).join(n)))
         .collect();
-    pids.extend(procs::in_namespaces(&ns_ids));
-    pids.extend(procs::with_data_dir_under(dir));
-    pids.retain(|&p| procs::is_alive(p));
-    let stuck = procs::terminate(&pids, STOP_GRACE);
+
+    // Agents: the recorded pids that still are agents of their host, and
+    // whatever runs with a data dir of the cluster.
+    let agents = || {
+        let mut pids = BTreeSet::new();
+        if let Some(st) = st {
+            for (host, &pid) in &st.agents {
+                let data_dir = std::iter::once(&st.origin)
+                    .chain(&st.nodes)
+                    .find(|n| &n.name == host)
+                    .map(|n| n.data_dir.as_path());
+                if data_dir.is_some_and(|d| procs::is_agent_of(pid, d)) {
+                    pids.insert(pid);
+                }
+            }
+        }
+        pids.extend(procs::with_data_dir_under(dir));
+        pids.retain(|&p| procs::is_alive(p));
+        pids
+    };
+    let everything = || {
+        let mut pids = agents();
+        pids.extend(procs::in_namespaces(&ns_ids));
+        pids.retain(|&p| procs::is_alive(p));
+        pids
+    };
+
+    // Everything running now is reported, also what its agent stops.
+    let mut seen = everything();
+    // 1. Only the agents: each stops its VMs and flushes its disks.
+    let first = agents();
+    seen.extend(&first);
+    if !first.is_empty() {
+        procs::signal_all(&first, libc::SIGTERM);
+        for pid in procs::wait_gone(&first, AGENT_GRACE) {
+            tracing::warn!(
+                pid,
+                comm = %procs::comm(pid),
+                "agent did not stop within {AGENT_GRACE:?} of SIGTERM"
+            );
+        }
+    }
+    // 2. Everything else (and agents that did not stop): a QEMU whose agent
+    // died gets SIGTERM, then SIGKILL; wait until each is gone.
+    let mut stuck = Vec::new();
+    for round in 0..KILL_ROUNDS {
+        let rest = everything();
+        if rest.is_empty() {
+            break;
+        }
+        seen.extend(&rest);
+        let grace = if round == 0 {
+            STOP_GRACE
+        } else {
+            Duration::ZERO
+        };
+        stuck = procs::terminate(&rest, grace);
+        if !stuck.is_empty() {
+            break;
+        }
+    }
+    if stuck.is_empty() {
+        // Still something after every round: it forks faster than we kill.
+        stuck = everything().into_iter().collect();
+    }
 
     if !namespaces.is_empty() {
         // -force: one namespace that is already gone must not stop the
@@ -394,7 +498,34 @@ fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, Cl
         .collect();
     left.extend(existing_namespaces(name)?);
     left.extend(leftover_links(name)?);
-    left.extend(stuck.iter().map(|p| format!("process {p}")));
+    left.extend(
+        stuck
+            .iter()
+            .map(|&p| format!("process {p} ({})", procs::comm(p))),
+    );
+
+    // 3. Guest RAM, now that no process maps it. Only a root that follows
+    // the convention is removed, whatever the state file says.
+    let roots = ram_root_candidates(name, dir);
+    if let Some(recorded) = st.and_then(|s| s.ram_root.as_ref()) {
+        if !roots.contains(recorded) {
+            tracing::warn!(
+                ram_root = %recorded.display(),
+                "the state file names a RAM dir outside the convention; left alone"
+            );
+        }
+    }
+    let mut ram_dirs = Vec::new();
+    for root in roots {
+        match ram::remove_root(&root) {
+            Ok(true) => ram_dirs.push(root),
+            Ok(false) => {}
+            Err(e) => {
+                left.insert(format!("RAM dir {} ({})", root.display(), error_chain(&e)));
+            }
+        }
+    }
+
     if !left.is_empty() {
         return Err(ClusterError::NotGone {
             what: left.into_iter().collect::<Vec<_>>().join(", "),
@@ -403,7 +534,8 @@ fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, Cl
     Ok(DownReport {
         namespaces,
         links,
-        processes: pids.into_iter().collect(),
+        processes: seen.into_iter().collect(),
+        ram_dirs,
         had_state_file: false,
         unreadable_state: None,
     })

@@ -104,6 +104,13 @@ pub(crate) fn is_alive(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// The process's command name (`/proc/PID/comm`), for messages.
+pub(crate) fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
@@ -115,31 +122,46 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-fn wait_gone(pids: &mut Vec<u32>, within: Duration) {
+/// Sends `sig` to every pid in `pids` that is still alive.
+pub(crate) fn signal_all(pids: &BTreeSet<u32>, sig: libc::c_int) {
+    for &pid in pids {
+        if is_alive(pid) {
+            signal(pid, sig);
+        }
+    }
+}
+
+/// Polls `/proc` until every pid of `pids` is gone (or a zombie: it holds
+/// no memory, file or mount any more) or `within` has passed. Returns
+/// those still alive.
+pub(crate) fn wait_gone(pids: &BTreeSet<u32>, within: Duration) -> Vec<u32> {
     let deadline = Instant::now() + within;
+    let mut left: Vec<u32> = pids.iter().copied().collect();
     loop {
-        pids.retain(|&p| is_alive(p));
-        if pids.is_empty() || Instant::now() >= deadline {
-            return;
+        left.retain(|&p| is_alive(p));
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// SIGTERM, up to `grace` to exit, then SIGKILL. Returns the pids that
-/// are still alive after that (normally none).
+/// How long a process may take to disappear after SIGKILL (a QEMU with
+/// gigabytes of guest RAM takes a moment to free it).
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// SIGTERM, up to `grace` to exit, then SIGKILL and up to [`KILL_WAIT`]
+/// to be gone. Returns the pids that are still alive after that
+/// (normally none).
 pub(crate) fn terminate(pids: &BTreeSet<u32>, grace: Duration) -> Vec<u32> {
-    let mut left: Vec<u32> = pids.iter().copied().filter(|&p| is_alive(p)).collect();
+    let alive: BTreeSet<u32> = pids.iter().copied().filter(|&p| is_alive(p)).collect();
+    signal_all(&alive, libc::SIGTERM);
+    let left: BTreeSet<u32> = wait_gone(&alive, grace).into_iter().collect();
     for &pid in &left {
-        signal(pid, libc::SIGTERM);
+        tracing::warn!(pid, comm = %comm(pid), "did not exit on SIGTERM; killing");
     }
-    wait_gone(&mut left, grace);
-    for &pid in &left {
-        tracing::warn!(pid, "did not exit on SIGTERM; killing");
-        signal(pid, libc::SIGKILL);
-    }
-    wait_gone(&mut left, Duration::from_secs(2));
-    left
+    signal_all(&left, libc::SIGKILL);
+    wait_gone(&left, KILL_WAIT)
 }
 
 #[cfg(test)]
@@ -213,5 +235,41 @@ mod tests {
         assert!(in_namespaces(&BTreeSet::new()).is_empty());
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn kills_what_ignores_sigterm() {
+        use std::os::unix::process::ExitStatusExt;
+        // An ignored signal stays ignored across exec.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "trap '' TERM; exec sleep 300"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while comm(pid) != "sleep" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(comm(pid), "sleep");
+        let t = Instant::now();
+        let left = terminate(&BTreeSet::from([pid]), Duration::from_millis(500));
+        assert!(left.is_empty(), "{left:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(!is_alive(pid));
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // wait_gone returns what is alive at the deadline.
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let still = wait_gone(&BTreeSet::from([sleeper.id()]), Duration::from_millis(100));
+        assert_eq!(still, [sleeper.id()]);
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
     }
 }

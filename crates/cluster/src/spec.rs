@@ -81,6 +81,29 @@ pub(crate) fn cluster_dir(state_dir: &Path, name: &str) -> PathBuf {
     std::path::absolute(&dir).unwrap_or(dir)
 }
 
+/// Where guest RAM lives on most machines: a tmpfs.
+const SHM: &str = "/dev/shm";
+
+/// The directory under which `spawn_agent` puts each agent's guest RAM
+/// (`<root>/<host>`): `/dev/shm/spore-cluster-<name>`, or
+/// `<cluster dir>/ram` on a machine without `/dev/shm`. `down` removes it.
+pub(crate) fn ram_root(name: &str, cluster_dir: &Path) -> PathBuf {
+    if Path::new(SHM).is_dir() {
+        Path::new(SHM).join(format!("spore-cluster-{name}"))
+    } else {
+        cluster_dir.join("ram")
+    }
+}
+
+/// Every place [`ram_root`] may have chosen (it depends on whether
+/// `/dev/shm` existed when the cluster came up).
+pub(crate) fn ram_root_candidates(name: &str, cluster_dir: &Path) -> [PathBuf; 2] {
+    [
+        Path::new(SHM).join(format!("spore-cluster-{name}")),
+        cluster_dir.join("ram"),
+    ]
+}
+
 /// Refuses names that would not make valid, unambiguous namespace and
 /// interface names. No `-`: it separates the name from the host, and a
 /// cluster `a` must never claim the namespaces of a cluster `a-1`.
@@ -195,6 +218,20 @@ mod tests {
         ] {
             assert!(!is_cluster_object("sp", theirs), "{theirs}");
         }
+    }
+
+    #[test]
+    fn ram_roots() {
+        let dir = Path::new("/var/tmp/c/sp");
+        let root = ram_root("sp", dir);
+        assert!(ram_root_candidates("sp", dir).contains(&root), "{root:?}");
+        assert_eq!(
+            ram_root_candidates("sp", dir),
+            [
+                PathBuf::from("/dev/shm/spore-cluster-sp"),
+                PathBuf::from("/var/tmp/c/sp/ram")
+            ]
+        );
     }
 
     #[test]

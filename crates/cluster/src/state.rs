@@ -2,6 +2,7 @@
 //!
 //! `up` writes it before it creates anything, with status `creating`, and
 //! rewrites it with status `up` when done; `spawn_agent` adds agent pids.
+//! It also records where the agents' guest RAM goes, for `down` to remove.
 //! Every write goes to a temporary file that is synced and renamed over the
 //! old one, so a reader sees the old or the new file, never a torn one.
 //! Writers (and `up`/`down` as a whole) hold an exclusive `flock` on
@@ -41,6 +42,10 @@ pub(crate) struct State {
     /// Agent pids by host name, as recorded by `spawn_agent`.
     #[serde(default)]
     pub agents: BTreeMap<String, u32>,
+    /// Where `spawn_agent` puts the agents' guest RAM (see
+    /// `spec::ram_root`); absent in files written before it was recorded.
+    #[serde(default)]
+    pub ram_root: Option<PathBuf>,
 }
 
 impl State {
@@ -180,6 +185,7 @@ mod tests {
             origin: node(HostId::Origin),
             nodes: vec![node(HostId::Node(1)), node(HostId::Node(2))],
             agents: BTreeMap::new(),
+            ram_root: Some(dir.join("ram")),
         }
     }
 
@@ -196,8 +202,20 @@ mod tests {
         assert_eq!(back.nodes, state.nodes);
         assert_eq!(back.agents.get("node1"), Some(&42));
         assert_eq!(back.namespaces(), ["sp-sw", "sp-o", "sp-1", "sp-2"]);
+        assert_eq!(back.ram_root, Some(tmp.path().join("ram")));
         assert!(remove(tmp.path()).unwrap());
         assert!(!remove(tmp.path()).unwrap());
+    }
+
+    #[test]
+    fn reads_files_without_ram_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut state = serde_json::to_value(sample(tmp.path())).unwrap();
+        state.as_object_mut().unwrap().remove("ram_root");
+        fs::write(state_file(tmp.path()), state.to_string()).unwrap();
+        let back = read(tmp.path()).unwrap().unwrap();
+        assert_eq!(back.ram_root, None);
+        assert_eq!(back.nodes.len(), 2);
     }
 
     #[test]

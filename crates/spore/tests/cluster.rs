@@ -32,7 +32,7 @@ fn spore(dir: &std::path::Path, home: Option<&std::path::Path>, args: &[&str]) -
 #[test]
 fn a_leaf_reads_an_image_through_its_relay_and_down_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let name = format!("t{}", std::process::id() % 100_000);
+    let name = spore_testkit::unique_name("t");
     let _guard = Down(dir.path(), &name);
     let out = spore(
         dir.path(),

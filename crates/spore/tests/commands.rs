@@ -149,7 +149,7 @@ fn vm_log_follows_the_console_and_until_stops_at_a_marker() {
 #[test]
 fn cluster_ls_lists_the_hosts_and_their_agents() {
     let dir = tempfile::tempdir().unwrap();
-    let name = format!("l{}", std::process::id() % 100_000);
+    let name = spore_testkit::unique_name("l");
     let cmd = |args: &[&str]| {
         let mut c = Command::new(SPORE);
         c.env("SPORE_CLUSTER_DIR", dir.path()).args(args);

@@ -49,24 +49,6 @@ const RACE_BUDGET: Duration = Duration::from_secs(40);
 
 // ---------------------------------------------------------------- helpers
 
-/// Whether `tool` is on PATH. Missing: fails under `CI=true` (naming the
-/// Debian package), else prints `SKIP:` so the caller can return.
-fn have(tool: &str, package: &str, test: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {tool} is missing (apt-get install {package})");
-    }
-    println!("SKIP: {test}: {tool} is missing (apt-get install {package})");
-    false
-}
-
 /// xorshift64*: enough randomness for timings and offsets, and repeatable.
 struct Rng(u64);
 
@@ -290,7 +272,7 @@ fn race_campaign(
 #[test]
 fn removals_during_image_import_never_free_the_new_images_chunks() {
     let test = "removals during image import";
-    if !have("nbdcopy", "libnbd-bin", test) {
+    if !spore_testkit::tool("nbdcopy", "libnbd-bin") {
         return;
     }
     let mut rng = Rng::new(test);
@@ -362,7 +344,7 @@ fn removals_during_image_import_never_free_the_new_images_chunks() {
 #[test]
 fn image_rm_during_disk_commit_never_frees_the_new_layer() {
     let test = "image rm during disk commit";
-    if !have("nbdcopy", "libnbd-bin", test) {
+    if !spore_testkit::tool("nbdcopy", "libnbd-bin") {
         return;
     }
     let mut rng = Rng::new(test);
@@ -424,7 +406,7 @@ fn image_rm_during_disk_commit_never_frees_the_new_layer() {
 #[test]
 fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
     let test = "image rm during a resolve from the origin";
-    if !have("nbdcopy", "libnbd-bin", test) {
+    if !spore_testkit::tool("nbdcopy", "libnbd-bin") {
         return;
     }
     let mut rng = Rng::new(test);
@@ -657,9 +639,9 @@ int fsync(int fd) { return sync_with(real_fsync, fd); }
 "#;
 
 /// Builds the preload library once per test binary (None: no C compiler).
-fn powercut_library(test: &str) -> Option<PathBuf> {
+fn powercut_library() -> Option<PathBuf> {
     static LIB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    if !have("cc", "gcc", test) {
+    if !spore_testkit::tool("cc", "gcc") {
         return None;
     }
     Some(
@@ -1094,10 +1076,12 @@ fn random_command(
 #[test]
 fn acknowledged_writes_survive_kill_9_and_a_power_cut() {
     let test = "kill -9 campaign";
-    if !have("qemu-io", "qemu-utils", test) || !have("nbdcopy", "libnbd-bin", test) {
+    if !spore_testkit::tool("qemu-io", "qemu-utils")
+        || !spore_testkit::tool("nbdcopy", "libnbd-bin")
+    {
         return;
     }
-    let Some(lib) = powercut_library(test) else {
+    let Some(lib) = powercut_library() else {
         return;
     };
     // 50 iterations take about a minute here; the budget stops it earlier
@@ -1242,10 +1226,10 @@ fn acknowledged_writes_survive_kill_9_and_a_power_cut() {
 #[test]
 fn sub_granule_fua_and_flushed_writes_survive_a_power_cut() {
     let test = "sub-granule writes and a power cut";
-    if !have("qemu-io", "qemu-utils", test) {
+    if !spore_testkit::tool("qemu-io", "qemu-utils") {
         return;
     }
-    let Some(lib) = powercut_library(test) else {
+    let Some(lib) = powercut_library() else {
         return;
     };
     let mut agent = FaultyAgent::start(lib);
@@ -1428,7 +1412,9 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 #[test]
 fn trim_and_zeroes_of_unwritten_space_stay_unwritten_and_no_hole_is_honoured() {
     let test = "trim, zeroes and NO_HOLE";
-    if !have("qemu-io", "qemu-utils", test) || !have("nbdinfo", "libnbd-bin", test) {
+    if !spore_testkit::tool("qemu-io", "qemu-utils")
+        || !spore_testkit::tool("nbdinfo", "libnbd-bin")
+    {
         return;
     }
     let t = TestAgent::start();
@@ -1512,7 +1498,7 @@ fn trim_and_zeroes_of_unwritten_space_stay_unwritten_and_no_hole_is_honoured() {
     }
 
     // NO_HOLE over unwritten space: no hole punched.
-    if have("strace", "strace", test) {
+    if spore_testkit::tool("strace", "strace") {
         let (off, len) = (64 * MIB, MIB);
         let log = strace_agent(&t, "fallocate", || {
             qemu_io(&uri, &[&format!("write -z {off} {len}"), "flush"]);

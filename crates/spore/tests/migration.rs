@@ -18,10 +18,26 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(SPORE)
-            .env("SPORE_CLUSTER_DIR", self.dir.path())
-            .args(["cluster", "down", "--name", &self.name])
-            .output();
+        // `cluster down` waits for the agents to stop their VMs and fails
+        // when anything is left: that fails the test (unless it is failing
+        // already).
+        let out = spore_testkit::output(
+            Command::new(SPORE)
+                .env("SPORE_CLUSTER_DIR", self.dir.path())
+                .args(["cluster", "down", "--name", &self.name]),
+        );
+        if !out.status.success() {
+            let msg = format!(
+                "cluster down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
     }
 }
 
@@ -171,7 +187,7 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
     let g = guest();
     let c = Cluster {
         dir: tempfile::tempdir().unwrap(),
-        name: format!("m{}", std::process::id() % 100_000),
+        name: spore_testkit::unique_name("m"),
     };
     let out = sh(Command::new(SPORE)
         .env("SPORE_CLUSTER_DIR", c.dir.path())
@@ -320,7 +336,7 @@ fn cluster(prefix: &str, env: &[(&str, &str)]) -> Cluster {
 fn cluster_with(prefix: &str, env: &[(&str, &str)], up: &[&str]) -> Cluster {
     let c = Cluster {
         dir: tempfile::tempdir().unwrap(),
-        name: format!("{prefix}{}", std::process::id() % 100_000),
+        name: spore_testkit::unique_name(prefix),
     };
     let mut cmd = Command::new(SPORE);
     cmd.env("SPORE_CLUSTER_DIR", c.dir.path());

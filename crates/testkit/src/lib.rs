@@ -147,6 +147,18 @@ fn current_test() -> String {
         .to_owned()
 }
 
+/// A cluster or namespace name no other test of this run and no other run
+/// on the machine uses at the same time: `prefix`, this process's id and a
+/// per-process counter, in at most 10 bytes (`spore cluster` names' limit)
+/// for a one-letter prefix. Tests of one binary run in parallel threads,
+/// so the process id alone is not enough.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}z{n}", std::process::id() % 100_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
