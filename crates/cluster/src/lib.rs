@@ -442,7 +442,6 @@ fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, Cl
     let mut seen = everything();
     // 1. Only the agents: each stops its VMs and flushes its disks.
     let first = agents();
-    seen.extend(&first);
     if !first.is_empty() {
         procs::signal_all(&first, libc::SIGTERM);
         for pid in procs::wait_gone(&first, AGENT_GRACE) {
