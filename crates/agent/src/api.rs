@@ -44,6 +44,34 @@ where
     (method, path, on(filter, handler))
 }
 
+/// The `{name}` (or `{vm}`) segment of a route's path, checked at the
+/// boundary: a name that cannot exist (a `/`, a `,`, too long, ...) is a
+/// 400 before any handler runs, whatever else the request holds. What kind
+/// of name it is follows from the path (`/v1/vms/...` names a VM).
+pub(crate) struct Name(pub String);
+
+impl<St: Send + Sync> axum::extract::FromRequestParts<St> for Name {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &St,
+    ) -> std::result::Result<Self, Response> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let kind = match parts.uri.path().split('/').nth(2) {
+            Some("images") => "image",
+            Some("disks") => "disk",
+            Some("templates") => "template",
+            Some("groups") => "group",
+            _ => "vm",
+        };
+        crate::error::check_name(kind, &name).map_err(IntoResponse::into_response)?;
+        Ok(Name(name))
+    }
+}
+
 /// Every route the API serves; [`router`] is built from this table.
 fn table() -> Vec<Route<Arc<Agent>>> {
     use Method as M;
@@ -236,33 +264,29 @@ struct InspectQuery {
     profile: bool,
 }
 
-async fn inspect_image(
-    State(a): S,
-    Path(name): Path<String>,
-    Query(q): Query<InspectQuery>,
-) -> Response {
+async fn inspect_image(State(a): S, Name(name): Name, Query(q): Query<InspectQuery>) -> Response {
     blocking(move || a.inspect_image(&name, q.profile)).await
 }
 
-async fn remove_image(State(a): S, Path(name): Path<String>) -> Response {
+async fn remove_image(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.remove_image(&name)).await
 }
 
-async fn export_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn export_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<ExportRequest>(&body) {
         Ok(req) => streaming(move |p| a.export_image(&name, &req.path, &req.format, p)),
         Err(e) => e.into_response(),
     }
 }
 
-async fn push_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn push_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
         Ok(req) => streaming(move |p| a.push_image(&name, &req.to, p)),
         Err(e) => e.into_response(),
     }
 }
 
-async fn pull_image(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn pull_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     let req = if body.is_empty() {
         Ok(PullRequest { background: false })
     } else {
@@ -285,15 +309,15 @@ async fn create_disk(State(a): S, body: Bytes) -> Response {
     }
 }
 
-async fn get_disk(State(a): S, Path(name): Path<String>) -> Response {
+async fn get_disk(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.get_disk(&name)).await
 }
 
-async fn remove_disk(State(a): S, Path(name): Path<String>) -> Response {
+async fn remove_disk(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.remove_disk(&name, false)).await
 }
 
-async fn commit_disk(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn commit_disk(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<CommitRequest>(&body) {
         Ok(req) => blocking(move || a.commit_disk_of_vm(&name, &req.name)).await,
         Err(e) => e.into_response(),
@@ -311,7 +335,7 @@ async fn run_vm(State(a): S, body: Bytes) -> Response {
     }
 }
 
-async fn get_vm(State(a): S, Path(name): Path<String>) -> Response {
+async fn get_vm(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.get_vm(&name)).await
 }
 
@@ -321,11 +345,7 @@ struct RemoveQuery {
     force: bool,
 }
 
-async fn remove_vm(
-    State(a): S,
-    Path(name): Path<String>,
-    Query(q): Query<RemoveQuery>,
-) -> Response {
+async fn remove_vm(State(a): S, Name(name): Name, Query(q): Query<RemoveQuery>) -> Response {
     blocking(move || {
         a.not_migrating(&name)?;
         a.remove_vm(&name, q.force)
@@ -347,7 +367,7 @@ struct StopQuery {
 const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 60;
 const MAX_SHUTDOWN_TIMEOUT_S: u64 = 3600;
 
-async fn stop_vm(State(a): S, Path(name): Path<String>, Query(q): Query<StopQuery>) -> Response {
+async fn stop_vm(State(a): S, Name(name): Name, Query(q): Query<StopQuery>) -> Response {
     blocking(move || {
         a.not_migrating(&name)?;
         let timeout = q.timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S);
@@ -367,11 +387,11 @@ struct LogQuery {
     offset: u64,
 }
 
-async fn vm_log(State(a): S, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Response {
+async fn vm_log(State(a): S, Name(name): Name, Query(q): Query<LogQuery>) -> Response {
     blocking(move || a.vm_log(&name, q.offset)).await
 }
 
-async fn template_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn template_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<TemplateCreate>(&body) {
         Ok(req) => {
             blocking(move || {
@@ -384,7 +404,7 @@ async fn template_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Resp
     }
 }
 
-async fn resize_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn resize_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<ResizeRequest>(&body) {
         Ok(req) => {
             blocking(move || {
@@ -397,7 +417,7 @@ async fn resize_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Respon
     }
 }
 
-async fn send_line(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn send_line(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<spore_api::SendRequest>(&body) {
         Ok(req) => {
             blocking(move || {
@@ -411,18 +431,18 @@ async fn send_line(State(a): S, Path(name): Path<String>, body: Bytes) -> Respon
     }
 }
 
-async fn migrate_vm(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn migrate_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<MigrateRequest>(&body) {
         Ok(req) => blocking(move || a.migrate_vm(&name, req)).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn get_migration(State(a): S, Path(name): Path<String>) -> Response {
+async fn get_migration(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.migration(&name)).await
 }
 
-async fn cancel_migration(State(a): S, Path(name): Path<String>) -> Response {
+async fn cancel_migration(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.cancel_migration(&name)).await
 }
 
@@ -430,33 +450,33 @@ async fn list_templates(State(a): S) -> Response {
     blocking(move || a.list_templates()).await
 }
 
-async fn get_template(State(a): S, Path(name): Path<String>) -> Response {
+async fn get_template(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.get_template(&name)).await
 }
 
-async fn remove_template(State(a): S, Path(name): Path<String>) -> Response {
+async fn remove_template(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.remove_template(&name)).await
 }
 
-async fn clone_template(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn clone_template(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<CloneRequest>(&body) {
         Ok(req) => blocking(move || a.clone_template(&name, &req)).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn push_template(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn push_template(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
         Ok(req) => streaming(move |p| a.push_template(&name, &req.to, p)),
         Err(e) => e.into_response(),
     }
 }
 
-async fn pull_template(State(a): S, Path(name): Path<String>) -> Response {
+async fn pull_template(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.pull_template(&name)).await
 }
 
-async fn remove_group(State(a): S, Path(name): Path<String>) -> Response {
+async fn remove_group(State(a): S, Name(name): Name) -> Response {
     blocking(move || a.remove_group(&name)).await
 }
 

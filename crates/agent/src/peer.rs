@@ -30,8 +30,8 @@ use spore_origin::{OriginError, OriginStore};
 use spore_transfer::{wire, Class};
 
 use crate::agent::{Agent, ImageRecord};
-use crate::api::{route, Route};
-use crate::error::{check_name, AgentError, Result};
+use crate::api::{route, Name, Route};
+use crate::error::{AgentError, Result};
 use crate::meta::Table;
 
 type S = State<Arc<Agent>>;
@@ -107,15 +107,13 @@ async fn own_record(a: &Arc<Agent>, name: &str) -> Result<Option<ImageRecord>> {
     off_thread(move || Ok(a.meta.get::<ImageRecord>(Table::Images, &name)?)).await
 }
 
-async fn resolve(State(a): S, Path(name): Path<String>) -> Response {
+async fn resolve(State(a): S, Name(name): Name) -> Response {
     respond(
         async {
             let mut found = own_record(&a, &name)
                 .await?
                 .map(|r| (r.manifest, r.profile));
-            if let (None, Some(store), Ok(())) =
-                (found, &a.origin_store, check_name("image", &name))
-            {
+            if let (None, Some(store)) = (found, &a.origin_store) {
                 found = store
                     .get_image(&name)
                     .await?
@@ -296,11 +294,10 @@ async fn upload(State(a): S, Path(id): Path<String>, body: Bytes) -> Response {
     )
 }
 
-async fn bind(State(a): S, Path(name): Path<String>, body: Bytes) -> Response {
+async fn bind(State(a): S, Name(name): Name, body: Bytes) -> Response {
     respond(
         async {
             let store = push_store(&a)?;
-            check_name("image", &name)?;
             let v: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| AgentError::Invalid(format!("bad body: {e}")))?;
             let manifest: ChunkId = v["manifest"]
@@ -391,7 +388,7 @@ async fn incoming_prepare(State(a): S, body: Bytes) -> Response {
     )
 }
 
-async fn incoming_blocks(State(a): S, Path(vm): Path<String>, body: Bytes) -> Response {
+async fn incoming_blocks(State(a): S, Name(vm): Name, body: Bytes) -> Response {
     respond(
         off_thread(move || a.incoming_blocks(&vm, &body))
             .await
@@ -399,7 +396,7 @@ async fn incoming_blocks(State(a): S, Path(vm): Path<String>, body: Bytes) -> Re
     )
 }
 
-async fn incoming_status(State(a): S, Path(vm): Path<String>) -> Response {
+async fn incoming_status(State(a): S, Name(vm): Name) -> Response {
     respond(
         off_thread(move || a.incoming_status(&vm))
             .await
@@ -407,7 +404,7 @@ async fn incoming_status(State(a): S, Path(vm): Path<String>) -> Response {
     )
 }
 
-async fn incoming_recover(State(a): S, Path(vm): Path<String>) -> Response {
+async fn incoming_recover(State(a): S, Name(vm): Name) -> Response {
     respond(
         off_thread(move || a.incoming_recover(&vm))
             .await
@@ -415,7 +412,7 @@ async fn incoming_recover(State(a): S, Path(vm): Path<String>) -> Response {
     )
 }
 
-async fn incoming_commit(State(a): S, Path(vm): Path<String>) -> Response {
+async fn incoming_commit(State(a): S, Name(vm): Name) -> Response {
     respond(
         off_thread(move || a.incoming_commit(&vm))
             .await
@@ -423,7 +420,7 @@ async fn incoming_commit(State(a): S, Path(vm): Path<String>) -> Response {
     )
 }
 
-async fn incoming_abort(State(a): S, Path(vm): Path<String>) -> Response {
+async fn incoming_abort(State(a): S, Name(vm): Name) -> Response {
     respond(
         off_thread(move || a.incoming_abort(&vm))
             .await

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{chunk_files, free_port, nbd_copy, sh, sparse_random_file, TestAgent};
+use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent};
 
 const MIB: u64 = 1 << 20;
 
@@ -89,10 +89,11 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
         }
     }
     assert!(corrupted > 10);
-    let dead_port = free_port();
+    // Bound by this test and never listening: connections are refused.
+    let (_dead, dead_port) = spore_testkit::refused_port();
     let third = TestAgent::start_with(&[
         "--peer",
-        &url(dead_port), // nobody listens here: a dead peer
+        &url(dead_port), // a dead peer
         "--peer",
         &url(peer_port),
         "--origin",

@@ -182,38 +182,66 @@ fn running_on(c: &Cluster, host: &str) -> Value {
     vms[0].clone()
 }
 
-#[test]
-fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
-    let g = guest();
-    let c = Cluster {
-        dir: tempfile::tempdir().unwrap(),
-        name: spore_testkit::unique_name("m"),
-    };
-    let out = sh(Command::new(SPORE)
-        .env("SPORE_CLUSTER_DIR", c.dir.path())
-        .args(["cluster", "up", "--name", &c.name, "--nodes", "2"])
-        .args(["--bandwidth", "400mbit"]));
-    assert!(out.contains("origin + 2 nodes"), "{out}");
-    c.ok(
-        "origin",
-        &[
-            "image",
-            "import",
-            g.rootfs.to_str().unwrap(),
-            "--name",
-            "guest",
-        ],
-    );
-    // The guest rewrites 48 MiB of memory as fast as it can.
-    let args = vm_run_args(g, "web", "guest", "spore.memload=48,0");
+/// A cluster whose hosts share a 400 Mbit/s link, and on node1 the VM
+/// `web`, whose guest rewrites 48 MiB of memory as fast as it can, with
+/// an 8 MiB data set written to its memory and disk: (cluster, the
+/// data set's checksums).
+fn busy_web(prefix: &str) -> (Cluster, (String, String)) {
+    let c = cluster_with(prefix, &[], &["--bandwidth", "400mbit"]);
+    let args = vm_run_args(guest(), "web", "guest", "spore.memload=48,0");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ok("node1", &refs);
     let written = c.dataset("node1", "web", "write");
     assert_eq!(written.0, written.1, "memory and disk copies differ");
+    (c, written)
+}
 
-    // Cancelled before the switch: the source keeps running, the
-    // destination keeps nothing. The cap (1 MB/s) holds for the disk's
-    // first pass too: the memory copy starts once its bytes fit the cap.
+/// `web` moved from `from` to `to` under `policy` (and `extra`): the
+/// migration completed, the data set and the workload are intact at `to`,
+/// `from` kept nothing. Returns the migration's report.
+fn moves_intact(
+    c: &Cluster,
+    written: &(String, String),
+    from: &str,
+    to: &str,
+    policy: &str,
+    extra: &[&str],
+) -> Value {
+    let mut args = vec!["--policy", policy];
+    args.extend_from_slice(extra);
+    let m = c.migrate(from, to, &args);
+    assert_eq!(m["phase"], "completed", "{policy}: {m}");
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert!(m["guest_stall_ms"].as_f64().is_some(), "{m}");
+    assert!(
+        m["disk_bytes"].as_u64().unwrap() >= 8 << 20,
+        "the written dataset travelled: {m}"
+    );
+    assert!(m["ram_transferred"].as_u64().unwrap() > 48 << 20, "{m}");
+    assert!(c.vms(from).is_empty(), "{from} kept the VM");
+    let vm = running_on(c, to);
+    assert!(vm["pid"].as_u64().is_some());
+    assert_eq!(&c.dataset(to, "web", "check"), written, "after {policy}");
+    // The guest's workload goes on at the destination.
+    assert!(c.log(to, "web").contains("SPORE-DATASET-CHECK"));
+    m
+}
+
+/// Did QEMU's migration enter post-copy? From the sampled timeline and
+/// the policy's decisions.
+fn went_postcopy(m: &Value) -> bool {
+    let sampled = m["timeline"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|s| s["status"] == "postcopy-active"));
+    sampled || m["decisions"].to_string().contains("switch to post-copy")
+}
+
+/// Cancelled before the switch: the source keeps running, the destination
+/// keeps nothing. The cap (1 MB/s) holds for the disk's first pass too:
+/// the memory copy starts once its bytes fit the cap.
+#[test]
+fn a_cancelled_migration_leaves_the_vm_at_the_source_and_nothing_at_the_destination() {
+    let (c, written) = busy_web("mc");
     c.migrate(
         "node1",
         "node2",
@@ -237,8 +265,13 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
     running_on(&c, "node1");
     c.wait_gone("node2");
     assert_eq!(c.dataset("node1", "web", "check"), written);
+}
 
-    // The destination dies before the switch: the same.
+/// The destination's QEMU is killed before the switch: the migration
+/// fails, the source keeps running, the destination keeps nothing.
+#[test]
+fn a_destination_that_dies_before_the_switch_leaves_the_vm_at_the_source() {
+    let (c, written) = busy_web("md");
     c.migrate(
         "node1",
         "node2",
@@ -258,38 +291,42 @@ fn a_vm_moves_under_each_policy_and_until_the_switch_the_source_is_the_vm() {
     running_on(&c, "node1");
     c.wait_gone("node2");
     assert_eq!(c.dataset("node1", "web", "check"), written);
+}
 
-    // Each policy moves the VM, memory and disk intact.
+/// `auto` there, `postcopy` back: memory and disk intact both ways.
+#[test]
+fn auto_and_postcopy_move_the_vm_there_and_back_intact() {
+    let (c, written) = busy_web("ma");
+    moves_intact(&c, &written, "node1", "node2", "auto", &[]);
+    let m = moves_intact(&c, &written, "node2", "node1", "postcopy", &[]);
+    assert!(went_postcopy(&m), "postcopy: {m}");
+}
+
+/// QEMU's auto-converge there, `auto --no-postcopy` back: both complete
+/// without ever entering post-copy (the guest is throttled instead, when
+/// the copy does not converge), memory and disk intact.
+#[test]
+fn auto_converge_and_auto_without_postcopy_move_the_vm_intact_without_post_copy() {
+    let (c, written) = busy_web("mv");
     for (from, to, policy, extra) in [
-        ("node1", "node2", "auto", &[][..]),
-        ("node2", "node1", "postcopy", &[][..]),
+        ("node1", "node2", "auto-converge", &[][..]),
+        ("node2", "node1", "auto", &["--no-postcopy"][..]),
     ] {
-        let mut args = vec!["--policy", policy];
-        args.extend_from_slice(extra);
-        let m = c.migrate(from, to, &args);
-        assert_eq!(m["phase"], "completed", "{policy}: {m}");
-        assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
-        assert!(m["guest_stall_ms"].as_f64().is_some(), "{m}");
-        assert!(
-            m["disk_bytes"].as_u64().unwrap() >= 8 << 20,
-            "the written dataset travelled: {m}"
+        let m = moves_intact(&c, &written, from, to, policy, extra);
+        assert!(!went_postcopy(&m), "{policy} {extra:?} went post-copy: {m}");
+        eprintln!(
+            "{policy} {extra:?}: {} passes, throttled to {}%, decisions {}",
+            m["passes"], m["throttle_percent"], m["decisions"]
         );
-        assert!(m["ram_transferred"].as_u64().unwrap() > 48 << 20, "{m}");
-        if policy == "postcopy" {
-            assert!(m["decisions"].to_string().contains("post-copy"), "{m}");
-        }
-        assert!(c.vms(from).is_empty(), "{from} kept the VM");
-        let vm = running_on(&c, to);
-        assert!(vm["pid"].as_u64().is_some());
-        assert_eq!(c.dataset(to, "web", "check"), written, "after {policy}");
-        // The guest's workload goes on at the destination.
-        assert!(c.log(to, "web").contains("SPORE-DATASET-CHECK"));
     }
+}
 
-    // Pre-copy, with a data set written while memory is copied: 8 MiB of
-    // disk in a second, more than a pass's share of the cap (a quarter of
-    // 10 MB/s), so passes hold blocks back for later ones; every block
-    // arrives.
+/// Pre-copy, with a data set written while memory is copied: 8 MiB of
+/// disk in a second, more than a pass's share of the cap (a quarter of 10
+/// MB/s), so passes hold blocks back for later ones; every block arrives.
+#[test]
+fn precopy_moves_every_block_of_a_data_set_written_during_it() {
+    let (c, _) = busy_web("mp");
     c.migrate(
         "node1",
         "node2",

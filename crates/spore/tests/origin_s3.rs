@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chunk_files, free_port, nbd_copy, sh, sparse_random_file, TestAgent, SPORE};
+use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent, SPORE};
 
 const MIB: u64 = 1 << 20;
 const BUCKET: &str = "spore-origin";
@@ -25,23 +25,34 @@ fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-/// moto's S3 server from the venv scripts/install-deps.sh makes, or
-/// wherever SPORE_MOTO_SERVER points.
-fn moto_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("SPORE_MOTO_SERVER") {
+/// A Python with moto in it: the venv scripts/install-deps.sh makes, or
+/// wherever SPORE_MOTO_PYTHON points.
+fn moto_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SPORE_MOTO_PYTHON") {
         return p.into();
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/moto/venv/bin/moto_server");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/moto/venv/bin/python");
     assert!(
         p.exists(),
-        "moto_server is not at {}: run `bash scripts/install-deps.sh` (it installs moto[server] \
-         in a venv there), or point SPORE_MOTO_SERVER at one",
+        "no moto venv at {}: run `bash scripts/install-deps.sh` (it installs moto[server] \
+         in a venv there), or point SPORE_MOTO_PYTHON at a Python that has moto",
         p.display()
     );
     p
 }
 
-/// A moto S3 server on a loopback port, killed on drop.
+/// moto's server on a port the kernel picks (port 0), which it prints
+/// once it listens; it serves until its stdin closes.
+const MOTO: &str = "
+import sys
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+server = ThreadedMotoServer('127.0.0.1', 0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+";
+
+/// A moto S3 server on a loopback port it bound itself, killed on drop.
 struct Moto {
     child: Child,
     port: u16,
@@ -50,28 +61,35 @@ struct Moto {
 
 impl Moto {
     fn start(dir: &Path) -> Self {
-        let port = free_port();
+        use std::io::BufRead;
         let log = dir.join("moto.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
+        let mut child = Command::new(moto_python())
+            .args(["-c", MOTO])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .expect("moto_server starts");
-        let mut moto = Moto { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = moto.child.try_wait() {
-                panic!("moto_server exited with {status}: {}", moto.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen in 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            .expect("moto's Python starts");
+        // The first line is the port, written once the server listens; EOF
+        // means it died. Read aside, so a server that hangs fails the test.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| "(nothing in 60 s)".into());
+        let mut moto = Moto {
+            child,
+            port: 0,
+            log,
+        };
+        moto.port = line.trim().parse().unwrap_or_else(|_| {
+            panic!("moto did not say its port ({line:?}): {}", moto.log_text())
+        });
         moto
     }
 

@@ -159,9 +159,45 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}z{n}", std::process::id() % 100_000)
 }
 
+/// A loopback TCP port that refuses connections for as long as the
+/// returned socket lives: bound (so no other process of the machine can
+/// take the port) but never listening, so a connection to it is reset at
+/// once. What a test needs for "a dead peer", without the race of a port
+/// that was free a moment ago.
+pub fn refused_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // structures passed are sized as the kernel expects.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        use std::os::fd::AsRawFd;
+        let rc = libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        let rc = libc::getsockname(fd.as_raw_fd(), (&raw mut got).cast(), &mut got_len);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        (fd, u16::from_be(got.sin_port))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_port_refuses_and_stays_taken() {
+        let (_guard, port) = refused_port();
+        let e = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+    }
 
     #[test]
     fn a_tool_that_is_there_is_no_skip() {

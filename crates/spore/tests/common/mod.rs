@@ -182,15 +182,6 @@ impl TestAgent {
     }
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs a command that must succeed; returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
     let out = spore_testkit::output(cmd);
