@@ -265,6 +265,8 @@ pub struct Agent {
     pub template_ram_rebuild: parking_lot::Mutex<()>,
     /// Disks whose overlay could not be opened at start, and why.
     pub broken_disks: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+    /// What the start found left by a previous run and settled or removed.
+    pub recovered: parking_lot::Mutex<Vec<String>>,
     _lock: File,
 }
 
@@ -340,6 +342,7 @@ impl Agent {
             standbys: Default::default(),
             migrations: Default::default(),
             broken_disks: Default::default(),
+            recovered: Default::default(),
             template_ram_rebuild: Default::default(),
             peer_addr: Default::default(),
             _lock: lock,
@@ -363,8 +366,10 @@ impl Agent {
 
     /// Rebuilds the export registry from the metadata store, removes disk
     /// directories that no record owns (a crash between creating one and
-    /// recording it), and settles VMs that a previous agent left running.
+    /// recording it), settles VMs that a previous agent left running and
+    /// collects what they left; what it did is kept for `spore status`.
     fn recover(self: &Arc<Self>) -> Result<()> {
+        let mut report = Vec::new();
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             self.exports.bind_image(&name, rec.manifest);
         }
@@ -377,6 +382,10 @@ impl Agent {
             if !known.contains(name.as_str()) {
                 tracing::warn!(disk = %name, "removing a disk directory without a record (left by a crash)");
                 let _ = fs::remove_dir_all(entry.path());
+                report.push(format!(
+                    "disk directory {}: no record owns it; removed",
+                    entry.path().display()
+                ));
             }
         }
         for (name, rec) in disks {
@@ -394,9 +403,11 @@ impl Agent {
                 }
             }
         }
-        self.vms.recover(&self.meta)?;
-        self.drop_standbys();
-        self.collect_template_debris();
+        report.extend(self.vms.recover(&self.meta)?);
+        report.extend(self.drop_standbys());
+        report.extend(self.finish_template_removals());
+        report.extend(self.collect_template_debris());
+        *self.recovered.lock() = report;
         // Resume completing images whose policy says so.
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             if rec.complete {

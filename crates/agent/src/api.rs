@@ -227,6 +227,7 @@ async fn status(State(a): S) -> Response {
             vms: a.list_vms()?.len(),
             cache_bytes: a.exports.cache().bytes() as u64,
             cache_budget: a.config.cache_bytes as u64,
+            recovered: a.recovered.lock().clone(),
             sources: a
                 .fetcher
                 .iter()

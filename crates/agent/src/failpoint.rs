@@ -4,8 +4,10 @@
 //! crate, without their run-time API).
 //!
 //! The agent reads `SPORE_FAILPOINTS` (names separated by commas) once, at
-//! the first check. Unset, every check is one relaxed load of a cached
-//! empty set. Each point says in its doc what failing means there.
+//! the first check. `NAME` fails every time; `NAME=N` fails the first N
+//! times only (so one agent can fail a step and then finish it). Checks
+//! sit on rare steps only (an uncontended lock of a small map). Each point says
+//! in its doc what failing means there.
 //!
 //! Points:
 //! - `migration-commit-lost`: the source never delivers its commit to the
@@ -20,35 +22,70 @@
 //! - `standby-refill`: a standby clone fails the same way.
 //! - `capture-store`: a template capture fails after the source was paused
 //!   and resumed, where storing the RAM image and the bundle could fail.
+//! - `template-rm-standbys`: `template rm` fails once the template is
+//!   marked as being removed and its standbys are gone, before its images.
+//! - `template-rm-images`: `template rm` fails after the first of the
+//!   template's images (its RAM) was removed.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 /// The environment variable that names the active points.
 pub const ENV: &str = "SPORE_FAILPOINTS";
 
-fn active() -> &'static HashSet<String> {
-    static ACTIVE: OnceLock<HashSet<String>> = OnceLock::new();
+/// Active points: how many more times each fails (`None`: always).
+fn active() -> &'static Mutex<HashMap<String, Option<u32>>> {
+    static ACTIVE: OnceLock<Mutex<HashMap<String, Option<u32>>>> = OnceLock::new();
     ACTIVE.get_or_init(|| {
-        let set: HashSet<String> = std::env::var(ENV)
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if !set.is_empty() {
-            tracing::warn!(points = ?set, "fail-points are active (testing only)");
+        let points = parse(&std::env::var(ENV).unwrap_or_default());
+        if !points.is_empty() {
+            tracing::warn!(points = ?points, "fail-points are active (testing only)");
         }
-        set
+        Mutex::new(points)
     })
+}
+
+/// `a,b=2` -> {a: always, b: twice}.
+fn parse(spec: &str) -> HashMap<String, Option<u32>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((name, n)) => (name.to_owned(), Some(n.parse().unwrap_or(1))),
+            None => (p.to_owned(), None),
+        })
+        .collect()
 }
 
 /// True when the point `name` is to fail now.
 pub fn hit(name: &str) -> bool {
-    let hit = active().contains(name);
+    let mut points = active().lock();
+    let hit = match points.get_mut(name) {
+        None | Some(Some(0)) => false,
+        Some(None) => true,
+        Some(Some(n)) => {
+            *n -= 1;
+            true
+        }
+    };
     if hit {
         tracing::warn!(point = name, "fail-point hit");
     }
     hit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_fail_always_or_a_given_number_of_times() {
+        let p = parse(" a, b=2 ,,c=x");
+        assert_eq!(p["a"], None);
+        assert_eq!(p["b"], Some(2));
+        assert_eq!(p["c"], Some(1));
+        assert_eq!(p.len(), 3);
+    }
 }

@@ -84,9 +84,25 @@ pub struct TemplateRecord {
     /// templates made before it was recorded (see [`TemplateRecord::boot_ram_kib`]).
     #[serde(default)]
     pub ram_kib: Option<u64>,
+    /// Set (durably) before a removal starts: from then on nothing starts
+    /// from the template, and a removal that stopped half-way (an error, a
+    /// crash) is finished by the next `template rm` or agent start.
+    #[serde(default)]
+    pub removing: bool,
 }
 
 impl TemplateRecord {
+    /// Fails for a template being removed: nothing may start from it.
+    pub fn usable(&self, name: &str) -> Result<()> {
+        if self.removing {
+            return Err(AgentError::State(format!(
+                "template {name} is being removed (a removal stopped half-way; \
+                 `spore template rm {name}` finishes it)"
+            )));
+        }
+        Ok(())
+    }
+
     /// The boot RAM a clone's QEMU must have to load the template's state.
     /// Templates that did not record it were made when TCG boot RAM was
     /// always 8 KiB short (`spore_qemu::cmdline::ram_kib_for`).
@@ -186,7 +202,10 @@ impl Agent {
             .meta
             .list::<TemplateRecord>(Table::Templates)?
             .into_iter()
-            .find(|(_, t)| t.ram_image == image || t.disk_image == image || t.boot_image == image)
+            .find(|(_, t)| {
+                !t.removing
+                    && (t.ram_image == image || t.disk_image == image || t.boot_image == image)
+            })
             .map(|(n, _)| n))
     }
 
@@ -217,6 +236,7 @@ impl Agent {
             clones,
             created: t.created,
             source_after: t.source_after.clone(),
+            removing: t.removing,
         })
     }
 
@@ -367,6 +387,7 @@ impl Agent {
             boot_image: format!("{name}.boot"),
             remote: false,
             ram_kib: Some(ram_kib),
+            removing: false,
         };
 
         // 5. The source: resumed from the template (same name, disk and
@@ -570,7 +591,8 @@ impl Agent {
     /// image `NAME.boot` (RAM and disk images stay lazy: their chunks come
     /// when read).
     pub fn resolve_template(self: &Arc<Self>, name: &str) -> Result<TemplateRecord> {
-        if let Some(t) = self.meta.get(Table::Templates, name)? {
+        if let Some(t) = self.meta.get::<TemplateRecord>(Table::Templates, name)? {
+            t.usable(name)?;
             return Ok(t);
         }
         check_name("template", name)?;
@@ -582,7 +604,8 @@ impl Agent {
             return Err(not_found());
         }
         let _serial = self.template_names.lock();
-        if let Some(t) = self.meta.get(Table::Templates, name)? {
+        if let Some(t) = self.meta.get::<TemplateRecord>(Table::Templates, name)? {
+            t.usable(name)?;
             return Ok(t);
         }
         let boot_image = format!("{name}.boot");
@@ -649,6 +672,7 @@ impl Agent {
             boot_image,
             remote: true,
             ram_kib: meta.ram_kib,
+            removing: false,
         };
         self.meta.put(Table::Templates, name, &t)?;
         tracing::info!(template = name, "template found at the origin");
@@ -664,6 +688,7 @@ impl Agent {
         progress: crate::images::Progress<'_>,
     ) -> Result<spore_api::PushResult> {
         let t = self.template_record(name)?;
+        t.usable(name)?;
         let mut total = spore_api::PushResult {
             image: name.into(),
             to: to.into(),
@@ -978,10 +1003,38 @@ impl Agent {
     /// Removes a template with its images, RAM file and standbys: every
     /// blocker is checked before anything is removed, and the standby pool
     /// is stopped from refilling while it goes.
+    /// Removes a template with its standbys, images, RAM file and
+    /// directory. Every blocker (clones, disks on its images) is checked
+    /// first; then the record is marked `removing` (durably) and the rest
+    /// goes, the record last. A removal that stops half-way (an error, a
+    /// crash) leaves a template nothing starts from, which the next
+    /// `template rm` or agent start finishes: never a record without its
+    /// images, nor images or a RAM file nothing owns.
     pub fn remove_template(&self, name: &str) -> Result<spore_api::RemoveResult> {
         let _serial = self.template_names.lock();
-        let t = self.template_record(name)?;
-        let info = self.template_info(name, &t)?;
+        let mut t = self.template_record(name)?;
+        if !t.removing {
+            self.template_blockers(name, &t)?;
+            t.removing = true;
+            self.meta.put(Table::Templates, name, &t)?;
+        }
+        // No new standby from here on; wait for one being made.
+        self.standbys.lock().removing.insert(name.to_owned());
+        let result = self.remove_template_now(name, &t);
+        self.standbys.lock().removing.remove(name);
+        result.map_err(|e| {
+            AgentError::State(format!(
+                "removing template {name} stopped half-way: {}; nothing starts from it \
+                 any more, and `spore template rm {name}` (or the agent's next start) \
+                 finishes the removal",
+                e.chain()
+            ))
+        })
+    }
+
+    /// Fails if anything but the template's own standbys uses it.
+    fn template_blockers(&self, name: &str, t: &TemplateRecord) -> Result<()> {
+        let info = self.template_info(name, t)?;
         if !info.clones.is_empty() {
             return Err(AgentError::InUse {
                 kind: "template",
@@ -1009,13 +1062,12 @@ impl Agent {
                 });
             }
         }
-        // No new standby from here on; wait for one being made.
-        self.standbys.lock().removing.insert(name.to_owned());
-        let result = self.remove_template_now(name, &t);
-        self.standbys.lock().removing.remove(name);
-        result
+        Ok(())
     }
 
+    /// The removal proper, of a template marked `removing`: standbys,
+    /// images (each at most once: one already gone is skipped), RAM file,
+    /// directory, then the record.
     fn remove_template_now(
         &self,
         name: &str,
@@ -1036,35 +1088,77 @@ impl Agent {
                 self.remove_vm(&sb, true)?;
             }
         }
-        self.meta.remove(Table::Templates, name)?;
+        if crate::failpoint::hit("template-rm-standbys") {
+            return Err(AgentError::State("fail-point template-rm-standbys".into()));
+        }
         self.memfs.lock().remove(name);
         let mut freed_chunks = 0;
         let mut freed_bytes = 0;
-        // The record is gone: remove everything else, whatever fails.
-        let mut failed = None;
-        for image in [&t.ram_image, &t.disk_image, &t.boot_image] {
+        for (i, image) in [&t.ram_image, &t.disk_image, &t.boot_image]
+            .into_iter()
+            .enumerate()
+        {
+            if i == 1 && crate::failpoint::hit("template-rm-images") {
+                return Err(AgentError::State("fail-point template-rm-images".into()));
+            }
             match self.remove_image(image) {
                 Ok(r) => {
                     freed_chunks += r.freed_chunks;
                     freed_bytes += r.freed_bytes;
                 }
                 Err(AgentError::NotFound { .. }) => {}
-                Err(e) => {
-                    tracing::error!(template = name, image = %image, error = %e.chain(), "removing a template image failed");
-                    failed.get_or_insert(e);
-                }
+                Err(e) => return Err(e),
             }
         }
-        let _ = fs::remove_file(self.template_ram(name));
-        let _ = fs::remove_dir_all(self.template_dir(name));
-        if let Some(e) = failed {
-            return Err(e);
+        for path in [self.template_ram(name), self.template_dir(name)] {
+            let gone = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match gone {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(AgentError::Io {
+                        context: format!("removing {}", path.display()),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
         }
+        self.meta.remove(Table::Templates, name)?;
         Ok(spore_api::RemoveResult {
             removed: name.into(),
             freed_chunks,
             freed_bytes,
         })
+    }
+
+    /// Finishes removals a previous run left half-way (templates marked
+    /// `removing`); returns what it did, for the start-up report.
+    pub(crate) fn finish_template_removals(&self) -> Vec<String> {
+        let Ok(list) = self.meta.list::<TemplateRecord>(Table::Templates) else {
+            return Vec::new();
+        };
+        let mut done = Vec::new();
+        for (name, t) in list.into_iter().filter(|(_, t)| t.removing) {
+            match self.remove_template_now(&name, &t) {
+                Ok(_) => {
+                    tracing::warn!(template = %name, "finished a removal a previous run left half-way");
+                    done.push(format!(
+                        "template {name}: finished its removal, left half-way"
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(template = %name, error = %e.chain(), "finishing a template's removal failed");
+                    done.push(format!(
+                        "template {name}: finishing its removal failed: {}",
+                        e.chain()
+                    ));
+                }
+            }
+        }
+        done
     }
 }
 
@@ -1216,6 +1310,7 @@ impl Agent {
     /// loaded, paused before `cont`, under an internal name.
     fn make_standby(self: &Arc<Self>, template: &str) -> Result<String> {
         let t = self.template_record(template)?;
+        t.usable(template)?;
         let (ram, warm) = self.ensure_template_ram(template, &t)?;
         let mut rec = clone_record(template, &t);
         rec.standby = true;
@@ -1318,12 +1413,11 @@ impl Agent {
         result
     }
 
-    /// Removes standby clones a previous run left (they never outlive
-    /// their agent: QEMU dies with it).
     /// Removes template RAM files and template directories that no
     /// template record owns (left by a capture that failed half-way or a
     /// crash), and says so.
-    pub(crate) fn collect_template_debris(&self) {
+    pub(crate) fn collect_template_debris(&self) -> Vec<String> {
+        let mut report = Vec::new();
         let known: std::collections::HashSet<String> = self
             .meta
             .list::<TemplateRecord>(Table::Templates)
@@ -1341,6 +1435,10 @@ impl Agent {
                 if !known.contains(name) || file.ends_with(".tmp") {
                     tracing::warn!(file = %e.path().display(), "removing a template RAM file no template owns");
                     let _ = fs::remove_file(e.path());
+                    report.push(format!(
+                        "template RAM file {}: no template owns it; removed",
+                        e.path().display()
+                    ));
                 }
             }
         }
@@ -1350,22 +1448,38 @@ impl Agent {
                 if !known.contains(&name) {
                     tracing::warn!(dir = %e.path().display(), "removing a template directory no template owns");
                     let _ = fs::remove_dir_all(e.path());
+                    report.push(format!(
+                        "template directory {}: no template owns it; removed",
+                        e.path().display()
+                    ));
                 }
             }
         }
+        report
     }
 
-    pub(crate) fn drop_standbys(&self) {
+    /// Removes standby clones a previous run left (they never outlive
+    /// their agent: QEMU dies with it).
+    pub(crate) fn drop_standbys(&self) -> Vec<String> {
         let Ok(list) = self.meta.list::<VmRecord>(Table::Vms) else {
-            return;
+            return Vec::new();
         };
+        let mut report = Vec::new();
         for (name, r) in list {
             if r.standby {
-                if let Err(e) = self.remove_vm(&name, true) {
-                    tracing::warn!(vm = %name, error = %e.chain(), "removing a standby clone");
+                match self.remove_vm(&name, true) {
+                    Ok(()) => report.push(format!("standby clone {name}: removed")),
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %e.chain(), "removing a standby clone");
+                        report.push(format!(
+                            "standby clone {name}: removing it failed: {}",
+                            e.chain()
+                        ));
+                    }
                 }
             }
         }
+        report
     }
 }
 
@@ -1468,6 +1582,7 @@ mod tests {
             boot_image: String::new(),
             remote: true,
             ram_kib: m.ram_kib,
+            removing: false,
         };
         assert_eq!(t.boot_ram_kib(), 512 * 1024 - 8);
         let kvm = TemplateRecord {
@@ -1479,6 +1594,7 @@ mod tests {
         let m = TemplateMeta::read(&meta_json(2, Some(512 * 1024))).unwrap();
         let t = TemplateRecord {
             ram_kib: m.ram_kib,
+            removing: false,
             ..t
         };
         assert_eq!(t.boot_ram_kib(), 512 * 1024);

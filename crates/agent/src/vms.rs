@@ -254,8 +254,10 @@ impl VmManager {
         self.root.join(name)
     }
 
-    /// Settles VMs that a previous agent left in a live state.
-    pub fn recover(&self, meta: &Meta) -> Result<()> {
+    /// Settles VMs that a previous agent left in a live state and removes
+    /// their RAM files and FUSE mounts; returns what it did, one line each.
+    pub fn recover(&self, meta: &Meta) -> Result<Vec<String>> {
+        let mut report = Vec::new();
         for (name, mut rec) in meta.list::<VmRecord>(Table::Vms)? {
             if matches!(rec.state, VmState::Stopped | VmState::Failed) {
                 continue;
@@ -274,6 +276,7 @@ impl VmManager {
                 }
             }
             tracing::warn!(vm = %name, %reason, "settling VM left by a previous agent");
+            report.push(format!("vm {name}: stopped ({reason})"));
             rec.state = VmState::Stopped;
             rec.pid = None;
             rec.reason = Some(reason);
@@ -285,14 +288,22 @@ impl VmManager {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with("vm-") {
                     let _ = fs::remove_file(e.path());
+                    report.push(format!(
+                        "RAM file {}: its VM is not running; removed",
+                        e.path().display()
+                    ));
                 } else if name.starts_with("mem-") {
                     // A FUSE mount whose server (a previous agent) is gone.
                     spore_memfs::detach_stale(&e.path());
                     let _ = fs::remove_dir(e.path());
+                    report.push(format!(
+                        "FUSE mount {}: its server (the previous agent) is gone; detached",
+                        e.path().display()
+                    ));
                 }
             }
         }
-        Ok(())
+        Ok(report)
     }
 }
 
@@ -1172,7 +1183,7 @@ impl Agent {
                 r.reason = Some("stopped because the agent shut down".into())
             });
         }
-        self.drop_standbys();
+        let _ = self.drop_standbys();
         // No VM maps them now: unmount the FUSE files of remote templates.
         self.memfs.lock().clear();
         // Nothing left in it (no templates): leave no empty directory.

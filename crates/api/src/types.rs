@@ -50,6 +50,13 @@ pub struct AgentStatus {
     pub served_chunks: u64,
     #[serde(default)]
     pub served_bytes: u64,
+    /// What this agent's start found left by a previous run and settled
+    /// or removed (VMs that were running, their RAM files and FUSE mounts,
+    /// standby clones, template RAM files and directories nothing owns,
+    /// disk directories without a record, template removals left
+    /// half-way), one line each.
+    #[serde(default)]
+    pub recovered: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +347,10 @@ pub struct TemplateInfo {
     pub created: u64,
     /// What happened to the source VM.
     pub source_after: String,
+    /// A removal started and stopped half-way: nothing starts from the
+    /// template; `template rm` (or the agent's next start) finishes it.
+    #[serde(default)]
+    pub removing: bool,
 }
 
 /// `POST /v1/templates/{name}/clone`

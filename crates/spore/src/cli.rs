@@ -432,6 +432,12 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
                 human(s.cache_bytes),
                 human(s.cache_budget)
             );
+            if !s.recovered.is_empty() {
+                println!("  at start, left by the previous run:");
+                for line in &s.recovered {
+                    println!("    {line}");
+                }
+            }
         }
         Command::Image(cmd) => image_command(cmd, &c).await?,
         Command::Disk(cmd) => disk_command(cmd, &c).await?,

@@ -61,7 +61,11 @@ pub async fn template_command(cmd: TemplateCmd, c: &Client) -> Result<()> {
                 list.into_iter()
                     .map(|t| {
                         vec![
-                            t.name,
+                            if t.removing {
+                                format!("{} (removing)", t.name)
+                            } else {
+                                t.name
+                            },
                             t.source_vm,
                             t.source_image,
                             format!("{}M", t.memory_mib),
@@ -144,6 +148,12 @@ fn print_template(t: &TemplateInfo) {
     println!("state      {}", human(t.state_bytes));
     println!("capture    source paused {:.0} ms", t.pause_ms);
     println!("source     {}", t.source_after);
+    if t.removing {
+        println!(
+            "removing   a removal stopped half-way; `spore template rm {}` finishes it",
+            t.name
+        );
+    }
     if t.clones.is_empty() {
         println!("clones     none");
     } else {
