@@ -14,6 +14,13 @@
 //!   destination (as if every request were lost on the way).
 //! - `migration-after-continue`: the source's job fails right after it
 //!   told QEMU to finish the switch (as if QMP broke at that moment).
+//! - `migration-before-continue`: the source's job fails at the switch
+//!   (QEMU paused at `pre-switchover`, the disk's last pass sent) before it
+//!   tells QEMU to continue: the source takes the VM back.
+//! - `migration-continue-withheld`: the source's job fails right after it
+//!   marked the switch as continued, without telling QEMU (as if the
+//!   command never reached it): the source must ask the destination, and
+//!   resume only on its 404.
 //! - `migration-destination-silent`: the destination never says that its
 //!   incoming guest runs (as if QEMU were still loading the device state),
 //!   so the source must not pause a stalled post-copy.

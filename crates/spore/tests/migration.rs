@@ -557,6 +557,86 @@ fn a_lost_commit_leaves_the_guest_running_at_the_destination() {
     assert_eq!(c.dataset("node2", "web", "check"), written);
 }
 
+/// The switch's transitions at `migrate-continue`, each driven by a
+/// fail-point (docs/migration.md, "One running copy"): a failure before
+/// continue takes the VM back; once the switch is marked continued (here
+/// without QEMU being told) the source asks the destination and resumes
+/// only on its 404 (its QEMU killed: it has nothing), while a destination
+/// that cannot say (its guest not running) leaves the source's copy paused
+/// and recorded as not to be resumed. Never two running copies.
+#[test]
+fn a_switch_broken_off_at_continue_is_taken_back_only_when_the_destination_has_nothing() {
+    let g = guest();
+    let c = cluster(
+        "s",
+        &[(
+            "SPORE_FAILPOINTS",
+            "migration-before-continue=1,migration-continue-withheld=2",
+        )],
+    );
+    let args = vm_run_args(g, "web", "guest", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok("node1", &refs);
+    let written = c.dataset("node1", "web", "write");
+
+    // Before continue: taken back at once.
+    let (ok, text) = c.try_migrate("node1", "node2", &["--policy", "precopy"]);
+    assert!(!ok, "the migration reported success: {text}");
+    assert!(text.contains("migration-before-continue"), "{text}");
+    running_on(&c, "node1");
+    c.wait_gone("node2");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
+
+    // Marked continued, QEMU never told: the source asks the destination
+    // (which answers "not running" for now); its QEMU dies, it discards
+    // the VM and answers 404: taken back.
+    c.migrate(
+        "node1",
+        "node2",
+        &["--policy", "precopy", "--timeout", "60", "--detach"],
+    );
+    c.wait_phase("node1", |m| m["phase"] == "switching", "switching");
+    std::thread::sleep(Duration::from_secs(2));
+    let dest = c.vms("node2");
+    assert_eq!(dest[0]["state"], "incoming", "{dest:?}");
+    let pid = dest[0]["pid"].as_u64().unwrap().to_string();
+    sh(Command::new("kill").args(["-9", &pid]));
+    let m = c.wait_phase("node1", |m| m["phase"] != "switching", "taken back");
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(
+        m["error"]
+            .to_string()
+            .contains("migration-continue-withheld"),
+        "another failure than the withheld continue: {m}"
+    );
+    running_on(&c, "node1");
+    c.wait_gone("node2");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
+
+    // The same, the destination alive but unable to say that its guest
+    // runs (it does not): the source's copy stays paused, recorded as not
+    // to be resumed; nothing runs the guest twice.
+    let (ok, text) = c.try_migrate(
+        "node1",
+        "node2",
+        &["--policy", "precopy", "--timeout", "60"],
+    );
+    assert!(!ok, "the migration reported success: {text}");
+    let src = c.vms("node1");
+    assert_eq!(src[0]["state"], "failed", "{src:?}");
+    assert!(
+        src[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("must not be resumed")),
+        "{src:?}"
+    );
+    let dest = c.vms("node2");
+    assert!(
+        dest.iter().all(|v| v["state"] != "running"),
+        "the destination runs it too: {dest:?}"
+    );
+}
+
 /// The destination holds a different image under the VM's image name: the
 /// VM's disk is built on exactly the manifest it ran on (fetched by content
 /// from the origin), not on what the name means there, so the guest's data

@@ -834,9 +834,19 @@ impl Agent {
                         job.decide(p.passes, note);
                     }
                     final_pass()?;
+                    if crate::failpoint::hit("migration-before-continue") {
+                        return Err(AgentError::State(
+                            "fail-point migration-before-continue".into(),
+                        ));
+                    }
                     // Set before the command: it may reach QEMU even if
                     // its answer does not reach us.
                     job.continued.store(true, Ordering::Release);
+                    if crate::failpoint::hit("migration-continue-withheld") {
+                        return Err(AgentError::State(
+                            "fail-point migration-continue-withheld".into(),
+                        ));
+                    }
                     qmp.migrate_continue()?;
                     if crate::failpoint::hit("migration-after-continue") {
                         return Err(AgentError::State(
