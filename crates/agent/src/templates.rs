@@ -56,6 +56,11 @@ const CLONE_WORKERS: usize = 2;
 /// clone still runs within half a second of the request.
 const WARM_BUDGET: Duration = Duration::from_millis(300);
 
+/// Room a capture needs in the data directory besides the guest's RAM and
+/// its disk's written blocks (each copied into chunks): the device state
+/// and the store's own files.
+const CAPTURE_HEADROOM: u64 = 64 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TemplateRecord {
     pub source_vm: String,
@@ -315,6 +320,32 @@ impl Agent {
             return Err(AgentError::State(format!(
                 "vm {vm} has no RAM file at {} (was it started by an older agent?)",
                 vm_ram.display()
+            )));
+        }
+        // The RAM image (at most what the guest touched, before
+        // compression), the disk's layer and the device state go to the
+        // data directory: room for them is checked now, not found missing
+        // while the guest is frozen.
+        use std::os::unix::fs::MetadataExt;
+        let allocated =
+            |p: &std::path::Path| fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+        let touched = allocated(&vm_ram);
+        let written: u64 = fs::read_dir(self.disk_dir(&rec.disk))
+            .map(|d| d.flatten().map(|e| allocated(&e.path())).sum())
+            .unwrap_or(0);
+        let need = touched + written + CAPTURE_HEADROOM;
+        let free = crate::vms::free_bytes(self.data_dir())?;
+        if free < need {
+            return Err(AgentError::State(format!(
+                "not enough room to capture vm {vm} in {}: {} MiB free, {} MiB needed (the \
+                 {} MiB of RAM the guest touched, the {} MiB it wrote to its disk, and {} MiB \
+                 for the state); nothing was paused",
+                self.data_dir().display(),
+                free >> 20,
+                need >> 20,
+                touched >> 20,
+                written >> 20,
+                CAPTURE_HEADROOM >> 20
             )));
         }
         let dir = self.template_dir(name);

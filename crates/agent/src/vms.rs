@@ -307,8 +307,6 @@ impl VmManager {
     }
 }
 
-/// A VM can only grow, within the bounds it booted with, memory in whole
-/// guest memory blocks.
 /// How often `vm stop` presses the power button of a guest that has not
 /// powered off yet.
 const POWERDOWN_AGAIN: Duration = Duration::from_secs(3);
@@ -323,18 +321,7 @@ const RAM_HEADROOM: u64 = 64 << 20;
 /// RAM (plus headroom). RAM files are sparse, so the space is promised
 /// to nothing: this counts what is free now, against what this VM needs.
 pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64) -> Result<()> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| AgentError::Invalid(format!("RAM directory {}", dir.display())))?;
-    // SAFETY: statvfs writes into the struct we pass; the path is a valid
-    // C string that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(AgentError::Io {
-            context: format!("checking free space in {}", dir.display()),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let free = free_bytes(dir)?;
     let need = ram_kib * 1024 + RAM_HEADROOM;
     if free < need {
         return Err(AgentError::State(format!(
@@ -1189,4 +1176,21 @@ impl Agent {
         // Nothing left in it (no templates): leave no empty directory.
         let _ = fs::remove_dir(self.vms.ram_dir());
     }
+}
+
+/// Bytes an unprivileged writer may still write to the file system of
+/// `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| AgentError::Invalid(format!("directory {}", dir.display())))?;
+    // SAFETY: statvfs writes into the struct we pass; the path is a valid
+    // C string that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(AgentError::Io {
+            context: format!("checking free space in {}", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }

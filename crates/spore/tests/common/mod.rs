@@ -17,6 +17,18 @@ pub struct TestAgent {
     pub ram: tempfile::TempDir,
     pub agent: Option<AgentProcess>,
     args: Vec<String>,
+    /// A file system mounted for the data directory, unmounted on drop.
+    mounted: Option<PathBuf>,
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            // The agent first: it holds files in it.
+            self.agent.take();
+            let _ = Command::new("umount").arg(&m).status();
+        }
+    }
 }
 
 impl TestAgent {
@@ -26,7 +38,11 @@ impl TestAgent {
 
     /// An agent with extra `spore agent` arguments (kept for restarts).
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    /// [`TestAgent::start_with`] with its data directory `DIR/data`.
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let ram = tempfile::Builder::new()
             .prefix("spore-test-ram")
             .tempdir_in(if Path::new("/dev/shm").is_dir() {
@@ -50,7 +66,28 @@ impl TestAgent {
             ram,
             agent: Some(agent),
             args,
+            mounted: None,
         }
+    }
+
+    /// An agent whose data directory is a tmpfs of its own of `mib` MiB
+    /// (a disk that can be filled), unmounted when the agent is dropped.
+    pub fn start_on_tmpfs(mib: u64, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        sh(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "spore-test",
+            ])
+            .arg(&data));
+        let mut t = Self::start_in(dir, extra);
+        t.mounted = Some(data);
+        t
     }
 
     /// An agent with a peer listener on a loopback port it picks itself
