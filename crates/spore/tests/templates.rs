@@ -240,6 +240,44 @@ fn a_stopped_source_and_a_lost_ram_file_are_handled() {
     let log = wait_log(&t, "t-1", "host=t-1", 60);
     assert!(!log.contains("SPORE-READY"), "{log}");
     t.ok(&["vm", "rm", "--group", "t"]);
+
+    // Lost again, and two clones race to rebuild it (one rebuild at a
+    // time: they used to truncate each other's file): both resume the
+    // template's workload.
+    std::fs::remove_file(&ram_files[0]).unwrap();
+    let racers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|n| {
+            let mut c = std::process::Command::new(common::SPORE);
+            c.env("SPORE_HOME", t.data_dir())
+                .args(["vm", "clone", "t", "--name", n]);
+            c.spawn().expect("spore runs")
+        })
+        .collect();
+    for mut r in racers {
+        assert!(r.wait().unwrap().success(), "a racing clone failed");
+    }
+    for vm in ["a-1", "b-1"] {
+        let log = wait_log(&t, vm, &format!("host={vm}"), 60);
+        assert!(!log.contains("SPORE-READY"), "{log}");
+        let before = wait_log(&t, vm, "SPORE-COUNTER", 60)
+            .matches("SPORE-COUNTER")
+            .count();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while t.ok(&["vm", "log", vm]).matches("SPORE-COUNTER").count() <= before {
+            assert!(Instant::now() < deadline, "{vm}'s workload stopped");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(t.ram.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    t.ok(&["vm", "rm", "--group", "a"]);
+    t.ok(&["vm", "rm", "--group", "b"]);
     t.ok(&["vm", "rm", "src"]);
     t.ok(&["template", "rm", "t"]);
 }
