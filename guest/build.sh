@@ -254,6 +254,7 @@ ROOTFS_STAMP=$( {
     sha256sum < "$GUEST_DIR/build.sh"
     sha256sum < "$GUEST_DIR/lib.sh"
     sha256sum < "$GUEST_DIR/tools/spore-reseed.c"
+    sha256sum < "$GUEST_DIR/tools/spore-poke.c"
     gcc --version | sed -n 1p
     mke2fs -V 2>&1 | sed -n 1p
 } | hash_str)
@@ -340,6 +341,8 @@ else
     # the guest has no libc: its one compiled helper is static
     gcc -static -Os -s -Wall -o "$S/sbin/spore-reseed" "$GUEST_DIR/tools/spore-reseed.c" \
         || die "compiling guest/tools/spore-reseed.c failed (gcc, libc6-dev)"
+    gcc -static -Os -s -Wall -o "$S/sbin/spore-poke" "$GUEST_DIR/tools/spore-poke.c" \
+        || die "compiling guest/tools/spore-poke.c failed (gcc, libc6-dev)"
     mkdir -p "$S"/{proc,sys,dev,tmp,run,root,mnt,var/log,data}
     chmod 1777 "$S/tmp"
     chmod 700 "$S/root"

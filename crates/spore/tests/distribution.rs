@@ -185,6 +185,107 @@ fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
     );
 }
 
+/// A guest writes 512 bytes (less than the host's 4 KiB granule) into a
+/// block its host has not fetched while the origin is down: the host cannot
+/// read the rest of the granule, so the VM pauses (QEMU's werror=stop)
+/// instead of seeing an I/O error. Once the origin is back the agent
+/// fetches the block and resumes the VM; the write lands exactly (the file
+/// reads back as the image's bytes with that sector replaced) and the
+/// guest's kernel never logged an I/O error.
+#[test]
+fn a_guest_write_needing_an_unfetched_block_pauses_the_vm_until_the_block_arrives() {
+    let g = common::guest();
+    let (mut origin, origin_port) = start_origin();
+    origin.ok(&[
+        "image",
+        "import",
+        g.rootfs.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let args = common::vm_run_args(g, "v", "guest", "");
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    cold.ok(&args);
+    // What the file must read as: the image's bytes, one sector replaced:
+    // 8 MiB into it, in a block nothing else shares (its first blocks
+    // share a chunk with what the boot read).
+    let sector = 16387;
+    let expect_file = cold.path("filler-000");
+    sh(Command::new("debugfs").args([
+        "-R",
+        &format!("dump /data/filler-000 {}", expect_file.display()),
+        g.rootfs.to_str().unwrap(),
+    ]));
+    let mut expect = std::fs::read(&expect_file).unwrap();
+    // The same sector on the guest's disk: written there, under ext4.
+    let block = sh(Command::new("debugfs")
+        .args(["-R", &format!("bmap /data/filler-000 {}", sector / 8)])
+        .arg(&g.rootfs));
+    let block: u64 = block.trim().parse().expect("a block number");
+    let disk_sector = block * 8 + (sector as u64 % 8);
+    let pattern: Vec<u8> = b"spore\n".iter().copied().cycle().take(512).collect();
+    expect[sector * 512..(sector + 1) * 512].copy_from_slice(&pattern);
+    std::fs::write(&expect_file, &expect).unwrap();
+    let expect = sh(Command::new("sha256sum").arg(&expect_file));
+    let expect = expect.split_whitespace().next().unwrap().to_owned();
+
+    let log_of = |t: &TestAgent| t.ok(&["vm", "log", "v"]);
+    origin.agent.as_mut().unwrap().stop().expect("origin stops");
+    origin.agent = None;
+    cold.ok(&[
+        "vm",
+        "send",
+        "v",
+        "poke",
+        "/dev/vda",
+        &disk_sector.to_string(),
+    ]);
+    // Every fetch is refused at once: the write has failed on the host by
+    // now, many times over (the agent retries each second).
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let log = log_of(&cold);
+    assert!(
+        !log.contains("SPORE-POKE"),
+        "the write finished while no source could serve its block: {log}"
+    );
+
+    origin.restart_stopped();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !log_of(&cold).contains("SPORE-POKE") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never finished: {}",
+            log_of(&cold)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cold.ok(&["vm", "send", "v", "sum", "/data/filler-000"]);
+    while !log_of(&cold).contains("SPORE-SUM") {
+        assert!(std::time::Instant::now() < deadline, "no sum");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = log_of(&cold);
+    assert!(
+        log.contains(&format!("SPORE-POKED /dev/vda {disk_sector}")),
+        "the write failed: {log}"
+    );
+    assert!(
+        log.contains(&format!("SPORE-SUM /data/filler-000 {expect}")),
+        "the file is not the image's bytes with the sector written: {log}"
+    );
+    assert!(
+        !log.contains("I/O error"),
+        "the guest saw an I/O error: {log}"
+    );
+    let agent_log = std::fs::read_to_string(cold.dir.path().join("data.agent.log")).unwrap();
+    assert!(
+        agent_log.contains("VM resumed after its I/O pause"),
+        "the VM was never paused and resumed: {agent_log}"
+    );
+    cold.ok(&["vm", "rm", "v", "--force"]);
+}
+
 #[test]
 fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
     let g = common::guest();
