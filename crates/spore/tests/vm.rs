@@ -276,3 +276,63 @@ fn guest_ram_can_live_on_huge_pages() {
         .unwrap();
     assert!(status.success(), "umount {}", ram.display());
 }
+
+/// Waits until the VM's console log holds `marker` more than `before`
+/// times; returns the log.
+fn wait_for(t: &TestAgent, vm: &str, marker: &str, before: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let log = t.ok(&["vm", "log", vm]);
+        if log.matches(marker).count() > before {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {marker} on {vm}: {}",
+            &log[log.len().saturating_sub(2000)..]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The `disk=` checksum on the last console line with `marker`.
+fn disk_sum(log: &str, marker: &str) -> String {
+    let line = log.rsplit(marker).next().unwrap().lines().next().unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("disk="))
+        .unwrap_or_else(|| panic!("no disk= in {line:?}"))
+        .to_owned()
+}
+
+/// `disk commit` of a running VM's disk pauses the VM for the copy (so
+/// the layer is what the guest had synced, not blocks read while it
+/// writes), then lets it run on: the guest's workload goes on, and a VM
+/// booted from the layer reads the data set the first one wrote.
+#[test]
+fn a_running_vms_disk_is_committed_while_it_is_paused_and_it_runs_on() {
+    let t = TestAgent::start();
+    t.import_guest("base");
+    run_vm(&t, "w", "base", "spore.counter");
+    t.ok(&["vm", "send", "w", "dataset", "write", "8"]);
+    let log = wait_for(&t, "w", "SPORE-DATASET ", 0);
+    let written = disk_sum(&log, "SPORE-DATASET ");
+
+    t.ok(&["disk", "commit", "w", "--name", "snap"]);
+    let agent_log = std::fs::read_to_string(t.dir.path().join("data.agent.log")).unwrap();
+    assert!(
+        agent_log.contains("vm paused for the commit of its disk"),
+        "the VM was not paused: {agent_log}"
+    );
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["state"], "running", "{vms}");
+    // Its workload goes on after the commit.
+    let counted = t.ok(&["vm", "log", "w"]).matches("SPORE-COUNTER").count();
+    wait_for(&t, "w", "SPORE-COUNTER", counted);
+
+    run_vm(&t, "r", "snap", "");
+    t.ok(&["vm", "send", "r", "dataset", "check"]);
+    let log = wait_for(&t, "r", "SPORE-DATASET-CHECK", 0);
+    assert_eq!(disk_sum(&log, "SPORE-DATASET-CHECK"), written, "{log}");
+    t.ok(&["vm", "rm", "r", "--force"]);
+    t.ok(&["vm", "rm", "w", "--force"]);
+}
