@@ -27,6 +27,10 @@
 //! - `clone-start`: a fresh clone fails after its disk was made, before
 //!   its QEMU starts.
 //! - `standby-refill`: a standby clone fails the same way.
+//! - `capture-save-state`, `capture-commit`, `capture-place-ram`: a
+//!   template capture fails while the source is paused, at saving its
+//!   device state, committing its disk's layer, or moving its RAM file to
+//!   the template's.
 //! - `capture-store`: a template capture fails after the source was paused
 //!   and resumed, where storing the RAM image and the bundle could fail.
 //! - `template-rm-standbys`: `template rm` fails once the template is

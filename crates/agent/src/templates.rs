@@ -369,27 +369,51 @@ impl Agent {
             )));
         }
         let ram_kib = layout.base_kib;
-        if let Err(e) = qmp.save_state(&state, Duration::from_secs(60)) {
+        // Until the RAM file is the template's, a failure resumes the
+        // source as it was and removes what was made: the state file and
+        // the disk's layer.
+        let give_back = |qmp: &mut Qmp, e: AgentError| {
             let _ = qmp.execute("cont", None);
-            return Err(qmp_err(e));
+            if let Err(e) = self.remove_image(&disk_image) {
+                if !matches!(e, AgentError::NotFound { .. }) {
+                    tracing::error!(image = %disk_image, error = %e.chain(), "undoing a capture: removing the disk layer failed");
+                }
+            }
+            let _ = fs::remove_dir_all(&dir);
+            tracing::warn!(template = %name, vm, error = %e.chain(), "capture failed while the VM was paused; it runs on as it was");
+            e
+        };
+        let saved = if crate::failpoint::hit("capture-save-state") {
+            Err(AgentError::State("fail-point capture-save-state".into()))
+        } else {
+            qmp.save_state(&state, Duration::from_secs(60))
+                .map_err(qmp_err)
+        };
+        if let Err(e) = saved {
+            return Err(give_back(&mut qmp, e));
         }
         // 2. The disk as the guest left it (QEMU flushed it on stop).
-        let disk = match self.commit_disk(&rec.disk, &disk_image) {
+        let committed = if crate::failpoint::hit("capture-commit") {
+            Err(AgentError::State("fail-point capture-commit".into()))
+        } else {
+            self.commit_disk(&rec.disk, &disk_image)
+        };
+        let disk = match committed {
             Ok(d) => d,
-            Err(e) => {
-                let _ = qmp.execute("cont", None);
-                return Err(e);
-            }
+            Err(e) => return Err(give_back(&mut qmp, e)),
         };
         // 3. The RAM file becomes the template's; the source QEMU goes.
         let tram = self.template_ram(name);
-        if let Err(e) = fs::rename(&vm_ram, &tram) {
-            let _ = qmp.execute("cont", None);
-            let _ = self.remove_image(&disk_image);
-            return Err(AgentError::Io {
+        let placed = if crate::failpoint::hit("capture-place-ram") {
+            Err(AgentError::State("fail-point capture-place-ram".into()))
+        } else {
+            fs::rename(&vm_ram, &tram).map_err(|e| AgentError::Io {
                 context: format!("moving {} to {}", vm_ram.display(), tram.display()),
                 source: e,
-            });
+            })
+        };
+        if let Err(e) = placed {
+            return Err(give_back(&mut qmp, e));
         }
         let _ = fs::set_permissions(&tram, std::os::unix::fs::PermissionsExt::from_mode(0o400));
         self.set_vm_state(vm, |r| r.state = VmState::Stopping)?;

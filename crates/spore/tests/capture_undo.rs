@@ -1,8 +1,9 @@
 //! A template capture either completes or leaves the VM as it was: refused
 //! up front when a name it needs is taken or the VM has hot-plugged memory,
-//! and undone when it fails after the pause (fail-point `capture-store`,
-//! which is why this test has a binary of its own: the fail-point is in
-//! the agent's environment).
+//! and undone when it fails after the pause, at each of its steps
+//! (fail-points `capture-save-state`, `capture-commit`, `capture-place-ram`
+//! and `capture-store`, each failing once, which is why this test has a
+//! binary of its own: the fail-points are in the agent's environment).
 
 mod common;
 
@@ -52,12 +53,19 @@ fn nothing_left_of(t: &TestAgent, template: &str) {
     }
     let ram = t.ram.path().join(format!("tmpl-{template}.ram"));
     assert!(!ram.exists(), "{} left", ram.display());
+    let dir = t.data_dir().join("templates").join(template);
+    assert!(!dir.exists(), "{} left", dir.display());
 }
 
 #[test]
 fn a_capture_completes_or_leaves_the_vm_as_it_was() {
     // SAFETY: this binary's only test sets it before any agent starts.
-    unsafe { std::env::set_var("SPORE_FAILPOINTS", "capture-store") };
+    unsafe {
+        std::env::set_var(
+            "SPORE_FAILPOINTS",
+            "capture-save-state=1,capture-commit=1,capture-place-ram=1,capture-store=1",
+        )
+    };
     let t = TestAgent::start();
     t.import_guest("base");
     let args = vm_run_args(guest(), "src", "base", "");
@@ -87,15 +95,25 @@ fn a_capture_completes_or_leaves_the_vm_as_it_was() {
     }
     answers(&t, "src");
 
-    // Failing after the pause (storing the RAM image): undone, and the
-    // source runs on as a VM of its own.
-    let err = t.fails(&["vm", "template", "src", "--name", "t1"]);
-    assert!(err.contains("capture-store"), "{err}");
-    nothing_left_of(&t, "t1");
-    let v = vm(&t, "src");
-    assert_eq!(v["state"], "running", "{v}");
-    assert!(v["template"].is_null(), "{v}");
-    answers(&t, "src");
+    // Failing after the pause, at each step in turn (each point fails
+    // once, so each capture gets one step further): undone, and the source
+    // runs on, at the last step as a VM of its own.
+    for step in [
+        "capture-save-state",
+        "capture-commit",
+        "capture-place-ram",
+        "capture-store",
+    ] {
+        let err = t.fails(&["vm", "template", "src", "--name", "t1"]);
+        assert!(err.contains(step), "{step}: {err}");
+        nothing_left_of(&t, "t1");
+        let v = vm(&t, "src");
+        assert_eq!(v["state"], "running", "{step}: {v}");
+        assert!(v["template"].is_null(), "{step}: {v}");
+        answers(&t, "src");
+    }
+    let disks = t.json(&["disk", "ls", "--json"]);
+    assert_eq!(disks.as_array().map(Vec::len), Some(1), "{disks}");
 
     // Hot-plugged memory cannot be captured: refused, VM untouched.
     t.ok(&["vm", "resize", "src", "--memory", "640M"]);
