@@ -14,6 +14,9 @@
 //!   destination (as if every request were lost on the way).
 //! - `migration-after-continue`: the source's job fails right after it
 //!   told QEMU to finish the switch (as if QMP broke at that moment).
+//! - `migration-disk-first-pass`: the source's first pass over the disk's
+//!   written blocks fails (as if the destination refused a batch), before
+//!   any memory is copied.
 //! - `migration-before-continue`: the source's job fails at the switch
 //!   (QEMU paused at `pre-switchover`, the disk's last pass sent) before it
 //!   tells QEMU to continue: the source takes the VM back.

@@ -558,26 +558,35 @@ fn a_lost_commit_leaves_the_guest_running_at_the_destination() {
 }
 
 /// The switch's transitions at `migrate-continue`, each driven by a
-/// fail-point (docs/migration.md, "One running copy"): a failure before
-/// continue takes the VM back; once the switch is marked continued (here
+/// fail-point (docs/migration.md, "One running copy"): a failure in the
+/// disk's first pass or before continue takes the VM back; once the switch is marked continued (here
 /// without QEMU being told) the source asks the destination and resumes
 /// only on its 404 (its QEMU killed: it has nothing), while a destination
 /// that cannot say (its guest not running) leaves the source's copy paused
 /// and recorded as not to be resumed. Never two running copies.
 #[test]
-fn a_switch_broken_off_at_continue_is_taken_back_only_when_the_destination_has_nothing() {
+fn a_migration_broken_off_is_taken_back_only_when_the_destination_has_nothing() {
     let g = guest();
     let c = cluster(
         "s",
         &[(
             "SPORE_FAILPOINTS",
-            "migration-before-continue=1,migration-continue-withheld=2",
+            "migration-disk-first-pass=1,migration-before-continue=1,\
+             migration-continue-withheld=2",
         )],
     );
     let args = vm_run_args(g, "web", "guest", "");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ok("node1", &refs);
     let written = c.dataset("node1", "web", "write");
+
+    // The disk's first pass fails: nothing was paused, taken back.
+    let (ok, text) = c.try_migrate("node1", "node2", &["--policy", "precopy"]);
+    assert!(!ok, "the migration reported success: {text}");
+    assert!(text.contains("migration-disk-first-pass"), "{text}");
+    running_on(&c, "node1");
+    c.wait_gone("node2");
+    assert_eq!(c.dataset("node1", "web", "check"), written);
 
     // Before continue: taken back at once.
     let (ok, text) = c.try_migrate("node1", "node2", &["--policy", "precopy"]);

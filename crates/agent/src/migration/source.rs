@@ -152,6 +152,11 @@ impl DiskSender<'_> {
     /// Sends this pass's share of `granules` and of what earlier passes
     /// held back; returns the bytes sent.
     fn send(&self, granules: Vec<u64>, pass: DiskPass) -> Result<u64> {
+        if pass == DiskPass::First && crate::failpoint::hit("migration-disk-first-pass") {
+            return Err(AgentError::State(
+                "fail-point migration-disk-first-pass".into(),
+            ));
+        }
         let budget = match (pass, self.cap) {
             (DiskPass::During, Some(cap)) => Some(cap / 4 * DISK_PASS_EVERY.as_secs().max(1)),
             _ => None,
