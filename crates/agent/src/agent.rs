@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use serde::{Deserialize, Serialize};
 use spore_blockdev::{ChunkCache, Disk};
 use spore_chunks::{ChunkId, ChunkStore, Compression};
 use spore_origin::OriginStore;
@@ -36,6 +35,7 @@ use spore_transfer::{Fetcher, Remote};
 use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::meta::{Meta, Table};
+use crate::records::{DiskRecord, ImageRecord, PeerStats, REMOTE_TIMEOUT};
 use crate::vms::VmManager;
 
 /// How an agent is run.
@@ -124,50 +124,6 @@ impl AgentConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageRecord {
-    pub manifest: ChunkId,
-    pub created: u64,
-    /// Policy: fetch every chunk of the image in the background (after
-    /// it is first used), so that a later outage of the origin does no harm.
-    #[serde(default)]
-    pub complete: bool,
-    /// The boot profile (a chunk), recorded on the image's first use here
-    /// or received with the image.
-    #[serde(default)]
-    pub profile: Option<ChunkId>,
-}
-
-/// What this agent served to peers.
-#[derive(Debug, Default)]
-pub struct PeerStats {
-    pub chunks: std::sync::atomic::AtomicU64,
-    pub bytes: std::sync::atomic::AtomicU64,
-}
-
-impl PeerStats {
-    pub fn record(&self, raws: &[Option<bytes::Bytes>]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        for r in raws.iter().flatten() {
-            self.chunks.fetch_add(1, Relaxed);
-            self.bytes.fetch_add(r.len() as u64, Relaxed);
-        }
-    }
-}
-
-/// How long one request to a peer or the origin may take.
-pub const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskRecord {
-    pub image: String,
-    /// The manifest the disk was made from: renaming or removing the image
-    /// name later does not change what the disk sees.
-    pub manifest: ChunkId,
-    pub created: u64,
-    pub vm: Option<String>,
-}
-
 /// Makes `dir` a tmpfs of its own with transparent huge pages
 /// (`huge=within_size`: a RAM file gets 2 MiB pages wherever it is large
 /// enough), unless it already is one. Guest RAM then takes fewer TLB
@@ -219,13 +175,6 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
 
 /// How long background completion keeps retrying after failures.
 const COMPLETE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 #[derive(Debug)]
 pub struct Agent {

@@ -7,7 +7,8 @@ use spore_api::{DiskInfo, ImageSummary, RemoveResult};
 use spore_blockdev::Disk;
 use spore_chunks::ChunkId;
 
-use crate::agent::{now, Agent, DiskRecord, ImageRecord};
+use crate::agent::Agent;
+use crate::records::{now, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::DISK_PREFIX;
 use crate::meta::Table;
@@ -91,7 +92,7 @@ impl Agent {
         let from_source = source.map(|url| {
             spore_transfer::Fetcher::new(vec![spore_transfer::Remote::new(
                 url,
-                crate::agent::REMOTE_TIMEOUT,
+                crate::records::REMOTE_TIMEOUT,
             )])
         });
         let fetch = |ids: &[ChunkId]| -> Result<()> {

@@ -12,7 +12,8 @@ use spore_chunks::ChunkId;
 use spore_image::image::reachable_chunks;
 use spore_image::{Format, DEFAULT_BLOCK_SIZE};
 
-use crate::agent::{now, Agent, DiskRecord, ImageRecord};
+use crate::agent::Agent;
+use crate::records::{now, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::IMAGE_PREFIX;
 use crate::meta::Table;
@@ -44,7 +45,7 @@ impl Agent {
             });
         };
         check_name("image", name)?;
-        let remote = spore_transfer::Remote::new(origin, crate::agent::REMOTE_TIMEOUT);
+        let remote = spore_transfer::Remote::new(origin, crate::records::REMOTE_TIMEOUT);
         // An origin that a storm of hosts asks at once may not accept in
         // time (or its answer is lost on a saturated link): ask again
         // before failing the VM or disk that needs the name.

@@ -17,6 +17,7 @@ pub mod meta;
 mod metrics;
 pub mod migration;
 pub mod peer;
+pub mod records;
 mod templates;
 pub mod vms;
 

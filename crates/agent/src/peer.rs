@@ -29,7 +29,8 @@ use spore_chunks::{decode_chunk_file, ChunkId};
 use spore_origin::{OriginError, OriginStore};
 use spore_transfer::{wire, Class};
 
-use crate::agent::{Agent, ImageRecord};
+use crate::agent::Agent;
+use crate::records::ImageRecord;
 use crate::api::{route, Name, Route};
 use crate::error::{AgentError, Result};
 use crate::meta::Table;

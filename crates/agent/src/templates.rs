@@ -36,7 +36,8 @@ use spore_chunks::ChunkId;
 use spore_image::Bundle;
 use spore_qemu::Qmp;
 
-use crate::agent::{now, Agent, ImageRecord};
+use crate::agent::Agent;
+use crate::records::{now, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::meta::Table;
 use crate::vms::{check_growth, Start, VmRecord};
@@ -1107,7 +1108,7 @@ impl Agent {
             .map(|(n, _)| n.clone())
             .collect();
         // Disks on the template's images that are not its standbys'.
-        for (disk, d) in self.meta.list::<crate::agent::DiskRecord>(Table::Disks)? {
+        for (disk, d) in self.meta.list::<crate::records::DiskRecord>(Table::Disks)? {
             let ours = d.vm.as_ref().is_some_and(|vm| standbys.contains(vm));
             if !ours && [&t.ram_image, &t.disk_image, &t.boot_image].contains(&&d.image) {
                 return Err(AgentError::InUse {

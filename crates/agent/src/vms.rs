@@ -32,7 +32,8 @@ use spore_qemu::{
     Accel, GuestChannel, Identity, Message, Qmp, RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY,
 };
 
-use crate::agent::{now, Agent};
+use crate::agent::Agent;
+use crate::records::now;
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::DISK_PREFIX;
 use crate::meta::{Meta, Table};
@@ -1127,7 +1128,7 @@ impl Agent {
         }
         if self
             .meta
-            .get::<crate::agent::DiskRecord>(Table::Disks, &rec.disk)?
+            .get::<crate::records::DiskRecord>(Table::Disks, &rec.disk)?
             .is_some()
         {
             self.remove_disk(&rec.disk, true)?;

@@ -20,7 +20,8 @@ use spore_blockdev::batch::decode_batch;
 use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp, StallProbe};
 
-use crate::agent::{now, Agent};
+use crate::agent::Agent;
+use crate::records::now;
 use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
 use crate::meta::Table;
 use crate::vms::{Start, VmRecord};

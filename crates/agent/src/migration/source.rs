@@ -31,7 +31,8 @@ use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
 use super::PeerClient;
-use crate::agent::{now, Agent};
+use crate::agent::Agent;
+use crate::records::now;
 use crate::error::{AgentError, Result};
 
 /// The loop polls QEMU this often at most; a MIGRATION event (the guest
