@@ -36,7 +36,7 @@ use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::meta::{Meta, Table};
 use crate::records::{DiskRecord, ImageRecord, PeerStats, REMOTE_TIMEOUT};
-use crate::vms::VmManager;
+use crate::vms::processes::VmManager;
 
 /// How an agent is run.
 #[derive(Debug, Clone)]
@@ -202,7 +202,7 @@ pub struct Agent {
     /// Serialises template captures and removals.
     pub template_names: parking_lot::Mutex<()>,
     /// Standby clones by template (VM names), and templates being refilled.
-    pub standbys: parking_lot::Mutex<crate::templates::Standbys>,
+    pub standbys: parking_lot::Mutex<crate::templates::standbys::Standbys>,
     /// FUSE files paging in templates captured elsewhere, by template.
     pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
     /// Live migrations away from and to this host.

@@ -8,10 +8,10 @@ use spore_blockdev::Disk;
 use spore_chunks::ChunkId;
 
 use crate::agent::Agent;
-use crate::records::{now, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::DISK_PREFIX;
 use crate::meta::Table;
+use crate::records::{now, DiskRecord, ImageRecord};
 
 impl Agent {
     pub fn disk_record(&self, name: &str) -> Result<DiskRecord> {

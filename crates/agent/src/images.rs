@@ -13,10 +13,10 @@ use spore_image::image::reachable_chunks;
 use spore_image::{Format, DEFAULT_BLOCK_SIZE};
 
 use crate::agent::Agent;
-use crate::records::{now, DiskRecord, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::IMAGE_PREFIX;
 use crate::meta::Table;
+use crate::records::{now, DiskRecord, ImageRecord};
 
 /// Reports (phase, done, total) of a long operation.
 pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);

@@ -30,10 +30,10 @@ use spore_origin::{OriginError, OriginStore};
 use spore_transfer::{wire, Class};
 
 use crate::agent::Agent;
-use crate::records::ImageRecord;
 use crate::api::{route, Name, Route};
 use crate::error::{AgentError, Result};
 use crate::meta::Table;
+use crate::records::ImageRecord;
 
 type S = State<Arc<Agent>>;
 

@@ -18,29 +18,14 @@ use parking_lot::Mutex;
 use spore_api::{IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, VmState};
 use spore_blockdev::batch::decode_batch;
 use spore_nbd::Export;
-use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp, StallProbe};
+use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp};
 
+use super::Incoming;
 use crate::agent::Agent;
-use crate::records::now;
 use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
 use crate::meta::Table;
+use crate::records::now;
 use crate::vms::{Start, VmRecord};
-
-/// A migration arriving here.
-#[derive(Debug)]
-pub struct Incoming {
-    pub vm: String,
-    pub from: String,
-    qmp: Mutex<Option<Qmp>>,
-    disk_size: u64,
-    probe: Mutex<Option<StallProbe>>,
-    running_at: Mutex<Option<u64>>,
-    /// The ports QEMU listens on for the stream (a recovery adds one).
-    ports: Mutex<Vec<u16>>,
-    /// Committed or aborted: the watcher stops.
-    done: AtomicBool,
-    deadline: Instant,
-}
 
 const POLL: Duration = Duration::from_millis(5);
 /// How long the destination waits for an in-band QMP answer.

@@ -23,62 +23,20 @@
 
 mod connections;
 pub mod destination;
+mod jobs;
 pub mod policy;
 pub mod source;
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
-use spore_api::{ErrorBody, MigrationInfo};
+use spore_api::ErrorBody;
 
 use crate::error::{AgentError, Result};
+pub use jobs::{Incoming, Job, Migrations};
 
 /// Migrations this agent runs or ran (as source) and receives (as
 /// destination).
-#[derive(Debug, Default)]
-pub struct Migrations {
-    pub(crate) outgoing: Mutex<HashMap<String, Arc<source::Job>>>,
-    pub(crate) incoming: Mutex<HashMap<String, Arc<destination::Incoming>>>,
-}
-
-impl Migrations {
-    /// The migration of `vm` in progress here, either way, if any.
-    pub fn busy(&self, vm: &str) -> Option<&'static str> {
-        if self
-            .outgoing
-            .lock()
-            .get(vm)
-            .is_some_and(|j| !j.info.lock().phase.finished())
-        {
-            return Some("migrating away");
-        }
-        if self.incoming.lock().contains_key(vm) {
-            return Some("arriving by migration");
-        }
-        None
-    }
-
-    pub fn info(&self, vm: &str) -> Option<MigrationInfo> {
-        self.outgoing.lock().get(vm).map(|j| j.info.lock().clone())
-    }
-}
-
-impl crate::Agent {
-    /// Refuses to touch a VM that is moving (stop, remove, resize,
-    /// template): cancel the migration first, or wait for it.
-    pub fn not_migrating(&self, vm: &str) -> Result<()> {
-        match self.migrations.busy(vm) {
-            Some(what) => Err(AgentError::State(format!(
-                "vm {vm} is {what}; wait for it or cancel it (spore vm migrate --cancel {vm})"
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
 /// The destination agent's peer listener, as the source talks to it.
 #[derive(Debug, Clone)]
 pub struct PeerClient {

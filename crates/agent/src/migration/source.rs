@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 use spore_api::{
     IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, MigrateRequest,
-    MigrationDecision, MigrationInfo, MigrationPhase, MigrationPolicy, MigrationSample, VmState,
+    MigrationInfo, MigrationPhase, MigrationPolicy, VmState,
 };
 use spore_blockdev::batch::{granule_runs, BatchWriter};
 use spore_blockdev::overlay::GRANULE;
@@ -30,10 +30,10 @@ use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
-use super::PeerClient;
+use super::{Job, PeerClient};
 use crate::agent::Agent;
-use crate::records::now;
 use crate::error::{AgentError, Result};
+use crate::records::now;
 
 /// The loop polls QEMU this often at most; a MIGRATION event (the guest
 /// paused at `pre-switchover`) wakes it at once.
@@ -49,79 +49,14 @@ const POSTCOPY_STALL: Duration = Duration::from_secs(3);
 const RECOVERY_BUDGET: Duration = Duration::from_secs(60);
 /// Data per block batch.
 const BATCH_BYTES: usize = 4 << 20;
+/// How often the timeline records QEMU's progress.
 const TIMELINE_EVERY: Duration = Duration::from_millis(100);
-const TIMELINE_MAX: usize = 6000;
 /// QEMU's dirty-rate sample for `auto`: one second, 1024 pages per GiB
 /// (hashed twice; cheap next to the migration).
 const SAMPLE_SECS: u64 = 1;
 const SAMPLE_PAGES_PER_GIB: u64 = 1024;
 /// No limit, as QEMU takes it (its default is 32 MiB/s).
 const UNLIMITED: u64 = 1 << 40;
-
-#[derive(Debug)]
-pub struct Job {
-    pub info: Mutex<MigrationInfo>,
-    cancel: AtomicBool,
-    /// QEMU was told to finish the switch (`migrate-continue`): from here
-    /// the destination may run the guest, so this side never resumes it
-    /// and nothing cancels (docs/migration.md, "One running copy").
-    continued: AtomicBool,
-    t0: Instant,
-    /// `t0` on the clock of the pong timestamps.
-    t0_us: u64,
-}
-
-impl Job {
-    fn ms(&self) -> f64 {
-        self.t0.elapsed().as_secs_f64() * 1e3
-    }
-
-    fn set_phase(&self, phase: MigrationPhase) {
-        let mut i = self.info.lock();
-        i.phase = phase;
-        i.elapsed_ms = self.ms();
-    }
-
-    fn decide(&self, pass: u64, text: String) {
-        tracing::info!(vm = %self.info.lock().vm, pass, %text, "migration");
-        let at_ms = self.ms();
-        self.info
-            .lock()
-            .decisions
-            .push(MigrationDecision { at_ms, pass, text });
-    }
-
-    fn update(&self, p: &Progress, sample: bool) {
-        let mut i = self.info.lock();
-        i.elapsed_ms = self.ms();
-        i.ram_total = p.ram_total.max(i.ram_total);
-        i.ram_transferred = p.ram_transferred.max(i.ram_transferred);
-        i.ram_remaining = p.ram_remaining;
-        i.passes = p.passes.max(i.passes);
-        if p.dirty_rate > 0 {
-            i.dirty_rate = p.dirty_rate;
-        }
-        if p.throughput > 0 {
-            i.throughput = p.throughput;
-        }
-        i.postcopy_requests = p.postcopy_requests;
-        i.throttle_percent = p.throttle_percent;
-        if let Some(d) = p.downtime_ms {
-            i.downtime_ms = Some(d as f64);
-        }
-        if sample && i.timeline.len() < TIMELINE_MAX {
-            let s = MigrationSample {
-                at_ms: i.elapsed_ms,
-                status: p.status.clone(),
-                ram_transferred: p.ram_transferred,
-                ram_remaining: p.ram_remaining,
-                dirty_rate: p.dirty_rate,
-                throughput: p.throughput,
-            };
-            i.timeline.push(s);
-        }
-    }
-}
 
 /// Sends a disk's written blocks to the destination in batches, within
 /// the migration's `--bandwidth`.
@@ -1148,6 +1083,19 @@ impl Agent {
                 tracing::warn!(vm = name, status = %s, "resuming the source VM after a failed migration");
                 let _ = qmp.execute("cont", None);
             }
+        }
+    }
+}
+
+impl Agent {
+    /// Refuses to touch a VM that is moving (stop, remove, resize,
+    /// template): cancel the migration first, or wait for it.
+    pub fn not_migrating(&self, vm: &str) -> Result<()> {
+        match self.migrations.busy(vm) {
+            Some(what) => Err(AgentError::State(format!(
+                "vm {vm} is {what}; wait for it or cancel it (spore vm migrate --cancel {vm})"
+            ))),
+            None => Ok(()),
         }
     }
 }

@@ -24,6 +24,8 @@
 //! recorded after the capture prefetched first. Clones need no kernel or
 //! initrd: the guest's kernel is in its RAM already.
 
+pub mod standbys;
+
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,10 +39,10 @@ use spore_image::Bundle;
 use spore_qemu::Qmp;
 
 use crate::agent::Agent;
-use crate::records::{now, ImageRecord};
 use crate::error::{check_name, AgentError, Result};
 use crate::meta::Table;
-use crate::vms::{check_growth, Start, VmRecord};
+use crate::records::{now, ImageRecord};
+use crate::vms::{check_growth, Start, VmRecord, WarmGate};
 
 /// Block size of RAM images: 64 KiB, like disk images.
 const RAM_BLOCK_SIZE: u32 = 64 * 1024;
@@ -881,10 +883,10 @@ impl Agent {
                                 .filter(|(o, _)| *o < size)
                                 .collect(),
                         );
-                        gate = Some(Arc::new(WarmGate {
-                            done: parking_lot::Mutex::new(Some(warmed)),
-                            deadline: Instant::now() + WARM_BUDGET,
-                        }));
+                        gate = Some(Arc::new(WarmGate::new(
+                            warmed,
+                            Instant::now() + WARM_BUDGET,
+                        )));
                     }
                     Err(e) => {
                         tracing::warn!(template = name, error = %e.chain(), "working set unreadable")
@@ -1218,26 +1220,6 @@ impl Agent {
     }
 }
 
-/// Where the first clone of a template paged in from elsewhere waits for
-/// the working set's warm-up (which runs while its QEMU starts), until the
-/// warm-up ends or the budget from the mount runs out.
-#[derive(Debug)]
-pub struct WarmGate {
-    done: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    deadline: Instant,
-}
-
-impl WarmGate {
-    pub fn wait(&self) {
-        let Some(rx) = self.done.lock().take() else {
-            return;
-        };
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        let done = rx.recv_timeout(left).is_ok();
-        tracing::debug!(done, "working set warm-up gate");
-    }
-}
-
 /// The record a clone of `t` starts from (name, disk, identity and group
 /// are the caller's).
 fn clone_record(name: &str, t: &TemplateRecord) -> VmRecord {
@@ -1263,15 +1245,6 @@ fn clone_record(name: &str, t: &TemplateRecord) -> VmRecord {
         dimms: 0,
         standby: false,
     }
-}
-
-/// The standby pool: clones started and paused, per template.
-#[derive(Debug, Default)]
-pub struct Standbys {
-    ready: std::collections::HashMap<String, Vec<String>>,
-    filling: std::collections::HashSet<String>,
-    /// Templates being removed: no standby is made for them.
-    removing: std::collections::HashSet<String>,
 }
 
 impl Agent {

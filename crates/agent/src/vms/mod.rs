@@ -15,298 +15,31 @@
 //! delay first). Their disks lose nothing that was flushed. On a clean shutdown the agent stops its VMs and records why;
 //! on start it marks VMs a previous agent left as stopped, with the reason.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-use rand::Rng;
-use serde::{Deserialize, Serialize};
+use parking_lot::Mutex;
 use spore_api::{StartTimes, VmCreate, VmInfo, VmLog, VmState};
-use spore_qemu::{
-    Accel, GuestChannel, Identity, Message, Qmp, RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY,
-};
+use spore_qemu::{Accel, GuestChannel, Identity, Message, Qmp, RamFile, VmSpec, QEMU_BINARY};
 
 use crate::agent::Agent;
-use crate::records::now;
 use crate::error::{check_name, AgentError, Result};
 use crate::exports::DISK_PREFIX;
-use crate::meta::{Meta, Table};
+use crate::meta::Table;
+use crate::records::now;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub image: String,
-    pub disk: String,
-    pub state: VmState,
-    pub pid: Option<u32>,
-    pub accel: String,
-    pub memory_mib: u64,
-    pub cpus: u32,
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub append: Option<String>,
-    pub created: u64,
-    pub reason: Option<String>,
-    /// Hot-plug bounds, fixed when the VM (or its template) booted.
-    #[serde(default)]
-    pub max_memory_mib: u64,
-    #[serde(default)]
-    pub max_cpus: u32,
-    /// Set for clones (and for a source VM resumed from its template).
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub group: Option<String>,
-    #[serde(default)]
-    pub identity: Option<Identity>,
-    /// Memory DIMMs hot-plugged so far (their ids are dimm1, dimm2, ...).
-    #[serde(default)]
-    pub dimms: u32,
-    /// A standby clone (pool member, not yet handed out).
-    #[serde(default)]
-    pub standby: bool,
-}
+pub mod processes;
 
-/// The largest hot-plug bounds a VM gets: memory up to 4× its size (at
-/// least 4 GiB, at most 64 GiB), CPUs up to 8 (or its count if higher).
-pub fn hotplug_bounds(memory_mib: u64, cpus: u32) -> (u64, u32) {
-    (
-        (memory_mib * 4).clamp(4096, 65536).max(memory_mib),
-        cpus.max(8),
-    )
-}
-
-/// Hot-plugged memory comes in multiples of the guest's memory block size.
-pub const MEMORY_STEP_MIB: u64 = 128;
-
-/// A new, random identity. MACs are locally administered (52:54:00 is
-/// QEMU's prefix); the agent checks them against its other VMs.
-pub fn new_identity(hostname: &str) -> Identity {
-    let mut rng = rand::rng();
-    let b: [u8; 16] = rng.random();
-    let seed: [u8; 32] = rng.random();
-    let hex = |bytes: &[u8]| bytes.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    // RFC 4122 version 4 variant 1
-    let mut g = b;
-    g[6] = (g[6] & 0x0f) | 0x40;
-    g[8] = (g[8] & 0x3f) | 0x80;
-    let guid = hex(&g);
-    Identity {
-        hostname: hostname.to_owned(),
-        instance_id: format!("i-{}", hex(&b[..8])),
-        mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", b[9], b[10], b[11]),
-        vmgenid: format!(
-            "{}-{}-{}-{}-{}",
-            &guid[..8],
-            &guid[8..12],
-            &guid[12..16],
-            &guid[16..20],
-            &guid[20..]
-        ),
-        seed: hex(&seed),
-    }
-}
-
-/// How a VM's QEMU starts.
-#[derive(Debug, Clone)]
-pub enum Start {
-    /// Boot from the kernel/disk, with its own shared RAM file.
-    Boot,
-    /// Resume a template: map its RAM file private, load its device state,
-    /// then grow to the record's memory and CPUs.
-    Resume {
-        template: String,
-        ram: PathBuf,
-        /// The RAM file is a FUSE file whose working set is being read in:
-        /// wait at this gate before `cont`.
-        warm: Option<Arc<crate::templates::WarmGate>>,
-        /// Stop after loading the state (a standby): no hot-plug, no
-        /// `cont`, no identity.
-        hold: bool,
-        state: PathBuf,
-        memory_mib: u64,
-        /// The template's boot RAM exactly.
-        ram_kib: u64,
-        cpus: u32,
-    },
-    /// The destination of a live migration: its own shared RAM file, the
-    /// source's memory layout recreated, QEMU listening on `listen` and
-    /// running the guest as soon as the stream has arrived.
-    Incoming {
-        layout: spore_qemu::MemoryLayout,
-        postcopy: bool,
-        /// `postcopy-preempt` as well (both sides must agree).
-        preempt: bool,
-        listen: String,
-    },
-}
-
-/// A running QEMU: pid, exit signal, and the VM's current name (a standby
-/// is renamed when it is handed out; its monitor thread follows the name).
-type Running = (u32, Arc<Exit>, Arc<Mutex<String>>);
-
-type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Exit of one QEMU process, signalled by its monitor thread.
-#[derive(Debug, Default)]
-pub(crate) struct Exit {
-    status: Mutex<Option<ExitStatus>>,
-    done: Condvar,
-}
-
-impl Exit {
-    pub(crate) fn wait(&self, timeout: Duration) -> bool {
-        let mut s = self.status.lock();
-        if s.is_none() {
-            self.done.wait_for(&mut s, timeout);
-        }
-        s.is_some()
-    }
-}
-
-#[derive(Debug)]
-pub struct VmManager {
-    root: PathBuf,
-    ram_dir: PathBuf,
-    /// The agent's end of each running VM's guest channel.
-    channels: Mutex<HashMap<String, GuestChannel>>,
-    /// How the last start of each VM went (not persisted).
-    start_times: Mutex<HashMap<String, StartTimes>>,
-    spawner: Mutex<mpsc::Sender<SpawnRequest>>,
-    running: Mutex<HashMap<String, Running>>,
-    /// Serialises state changes of VM records.
-    transitions: Mutex<()>,
-}
-
-impl VmManager {
-    /// The RAM directory is made when a VM first needs it, so that agents
-    /// that never run one leave nothing in /dev/shm.
-    pub fn new(root: PathBuf, ram_dir: PathBuf) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        // PR_SET_PDEATHSIG fires when the thread that forked the child
-        // exits, so children must come from a thread that lives as long as
-        // the agent.
-        std::thread::Builder::new()
-            .name("qemu-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawning the QEMU spawner thread");
-        Ok(VmManager {
-            root,
-            ram_dir,
-            channels: Mutex::default(),
-            start_times: Mutex::default(),
-            spawner: Mutex::new(tx),
-            running: Mutex::default(),
-            transitions: Mutex::new(()),
-        })
-    }
-
-    pub fn ram_dir(&self) -> &Path {
-        &self.ram_dir
-    }
-
-    /// The shared RAM file of a booted VM.
-    pub fn ram_file(&self, name: &str) -> PathBuf {
-        self.ram_dir.join(format!("vm-{name}.ram"))
-    }
-
-    /// Starts a stall probe on a running VM's guest channel.
-    pub fn probe(&self, name: &str) -> Option<spore_qemu::StallProbe> {
-        let channels = self.channels.lock();
-        let ch = channels.get(name)?;
-        ch.probe(
-            &self.dir(name).join("serial.log"),
-            Duration::from_millis(10),
-        )
-        .map_err(|e| tracing::warn!(vm = name, error = %e, "no stall probe"))
-        .ok()
-    }
-
-    /// Sends a message on a running VM's guest channel.
-    pub fn send(&self, name: &str, msg: &Message) -> Result<()> {
-        let mut channels = self.channels.lock();
-        let ch = channels.get_mut(name).ok_or_else(|| {
-            AgentError::State(format!("vm {name} has no guest channel (is it running?)"))
-        })?;
-        ch.send(msg)
-            .map_err(|e| AgentError::State(format!("guest channel of {name}: {e}")))
-    }
-
-    fn spawn(&self, cmd: Command) -> std::io::Result<Child> {
-        let (tx, rx) = mpsc::channel();
-        self.spawner
-            .lock()
-            .send((cmd, tx))
-            .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
-        rx.recv()
-            .map_err(|_| std::io::Error::other("spawner thread is gone"))?
-    }
-
-    pub fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
-    /// Settles VMs that a previous agent left in a live state and removes
-    /// their RAM files and FUSE mounts; returns what it did, one line each.
-    pub fn recover(&self, meta: &Meta) -> Result<Vec<String>> {
-        let mut report = Vec::new();
-        for (name, mut rec) in meta.list::<VmRecord>(Table::Vms)? {
-            if matches!(rec.state, VmState::Stopped | VmState::Failed) {
-                continue;
-            }
-            let mut reason = "the agent exited while the VM ran".to_owned();
-            if let Some(pid) = rec.pid {
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&format!("spore-{name},")) {
-                    // Its disk connection and monitor belonged to the old
-                    // agent; stop it rather than leave it unmanaged.
-                    // SAFETY: kill sends a signal; no memory is involved.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    reason =
-                        "the agent restarted; its QEMU process was still running and was stopped"
-                            .into();
-                }
-            }
-            tracing::warn!(vm = %name, %reason, "settling VM left by a previous agent");
-            report.push(format!("vm {name}: stopped ({reason})"));
-            rec.state = VmState::Stopped;
-            rec.pid = None;
-            rec.reason = Some(reason);
-            meta.put(Table::Vms, &name, &rec)?;
-        }
-        // No VM runs now: their own RAM files are debris.
-        if let Ok(entries) = fs::read_dir(&self.ram_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("vm-") {
-                    let _ = fs::remove_file(e.path());
-                    report.push(format!(
-                        "RAM file {}: its VM is not running; removed",
-                        e.path().display()
-                    ));
-                } else if name.starts_with("mem-") {
-                    // A FUSE mount whose server (a previous agent) is gone.
-                    spore_memfs::detach_stale(&e.path());
-                    let _ = fs::remove_dir(e.path());
-                    report.push(format!(
-                        "FUSE mount {}: its server (the previous agent) is gone; detached",
-                        e.path().display()
-                    ));
-                }
-            }
-        }
-        Ok(report)
-    }
-}
+use processes::Exit;
+pub(crate) use processes::{check_growth, check_ram_room, free_bytes};
+pub use processes::{
+    hotplug_bounds, new_identity, Start, VmManager, VmRecord, WarmGate, MEMORY_STEP_MIB,
+};
 
 /// How often `vm stop` presses the power button of a guest that has not
 /// powered off yet.
@@ -314,58 +47,6 @@ const POWERDOWN_AGAIN: Duration = Duration::from_secs(3);
 
 /// How often the agent looks for disks whose requests failed.
 const IO_ERROR_POLL: Duration = Duration::from_secs(1);
-
-/// Headroom left in the RAM file system besides a new VM's RAM.
-const RAM_HEADROOM: u64 = 64 << 20;
-
-/// Fails unless the file system of `dir` has room for `ram_kib` of guest
-/// RAM (plus headroom). RAM files are sparse, so the space is promised
-/// to nothing: this counts what is free now, against what this VM needs.
-pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64) -> Result<()> {
-    let free = free_bytes(dir)?;
-    let need = ram_kib * 1024 + RAM_HEADROOM;
-    if free < need {
-        return Err(AgentError::State(format!(
-            "not enough room for the VM's RAM in {}: {} MiB free, {} MiB needed \
-             (guest RAM plus {} MiB headroom); stop other VMs or give the agent a \
-             larger --ram-dir",
-            dir.display(),
-            free >> 20,
-            need >> 20,
-            RAM_HEADROOM >> 20
-        )));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_growth(rec: &VmRecord, memory_mib: u64, cpus: u32) -> Result<()> {
-    if memory_mib < rec.memory_mib || cpus < rec.cpus {
-        return Err(AgentError::Invalid(format!(
-            "memory and CPUs can only grow (now {} MiB, {} CPUs)",
-            rec.memory_mib, rec.cpus
-        )));
-    }
-    if !(memory_mib - rec.memory_mib).is_multiple_of(MEMORY_STEP_MIB) {
-        return Err(AgentError::Invalid(format!(
-            "memory can grow in steps of {MEMORY_STEP_MIB} MiB (the guest's memory block size); \
-             {memory_mib} MiB is {} MiB more than {} MiB",
-            memory_mib - rec.memory_mib,
-            rec.memory_mib
-        )));
-    }
-    if memory_mib > rec.max_memory_mib || cpus > rec.max_cpus {
-        return Err(AgentError::Invalid(format!(
-            "at most {} MiB and {} CPUs: the bounds are fixed when the VM (or its template) boots",
-            rec.max_memory_mib, rec.max_cpus
-        )));
-    }
-    if memory_mib > rec.memory_mib && rec.dimms >= MEMORY_SLOTS {
-        return Err(AgentError::Invalid(format!(
-            "all {MEMORY_SLOTS} memory slots are used"
-        )));
-    }
-    Ok(())
-}
 
 fn tail(path: &Path, max: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -1177,21 +858,4 @@ impl Agent {
         // Nothing left in it (no templates): leave no empty directory.
         let _ = fs::remove_dir(self.vms.ram_dir());
     }
-}
-
-/// Bytes an unprivileged writer may still write to the file system of
-/// `dir`.
-pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| AgentError::Invalid(format!("directory {}", dir.display())))?;
-    // SAFETY: statvfs writes into the struct we pass; the path is a valid
-    // C string that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(AgentError::Io {
-            context: format!("checking free space in {}", dir.display()),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
