@@ -1,4 +1,8 @@
 //! Disk operations: create, list, commit, remove.
+//!
+//! Owns: the `Disks` table of the metadata store (name -> image, manifest,
+//! VM), each disk's overlay in `DATA/disks/NAME/`, and its export
+//! `disk/NAME` in the registry (exports.rs).
 
 use std::fs;
 use std::sync::Arc;

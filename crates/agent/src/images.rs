@@ -1,4 +1,9 @@
-//! Image operations: import, list, inspect, export, remove.
+//! Image operations: import, list, inspect, export, remove, push, pull,
+//! resolve from the origin, background completion, garbage collection.
+//!
+//! Owns: the `Images` table of the metadata store (name -> manifest,
+//! policy, boot profile), the chunks in `DATA/chunks/` that names reach,
+//! and pushes into the origin store.
 
 use std::collections::HashMap;
 use std::collections::HashSet;

@@ -22,6 +22,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::Method;
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::{stream, StreamExt};
@@ -37,35 +38,95 @@ use crate::records::ImageRecord;
 
 type S = State<Arc<Agent>>;
 
-/// Every route other hosts may call; [`router`] is built from this table.
-fn table() -> Vec<Route<Arc<Agent>>> {
+/// Who may call a peer route. Today any host that reaches the listener is
+/// every kind of caller the agent's flags allow; the fleet's mutual TLS
+/// (roles in the caller's certificate) is checked against this column, in
+/// [`admit`], the one place every peer request passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// Any host of the fleet: resolving names, fetching chunks.
+    Peer,
+    /// A host pushing images to this origin (`--accept-push`).
+    Pusher,
+    /// A host moving a VM here (`--accept-migrations`).
+    MigrationSource,
+}
+
+/// Every route other hosts may call and who may call it; [`router`] is
+/// built from this table.
+fn table() -> Vec<(Caller, Route<Arc<Agent>>)> {
+    use Caller::{MigrationSource as Mig, Peer, Pusher};
     use Method as M;
     vec![
-        route(M::GET, "/v1/images/{name}", resolve),
-        route(M::PUT, "/v1/images/{name}", bind),
-        route(M::POST, "/v1/chunks/batch", batch),
-        route(M::POST, "/v1/chunks/missing", missing),
-        route(M::PUT, "/v1/chunks/{id}", upload),
-        route(M::POST, "/v1/migrations", incoming_prepare),
-        route(M::GET, "/v1/migrations/{vm}", incoming_status),
-        route(M::PUT, "/v1/migrations/{vm}/blocks", incoming_blocks),
-        route(M::POST, "/v1/migrations/{vm}/recover", incoming_recover),
-        route(M::POST, "/v1/migrations/{vm}/commit", incoming_commit),
-        route(M::POST, "/v1/migrations/{vm}/abort", incoming_abort),
+        (Peer, route(M::GET, "/v1/images/{name}", resolve)),
+        (Pusher, route(M::PUT, "/v1/images/{name}", bind)),
+        (Peer, route(M::POST, "/v1/chunks/batch", batch)),
+        (Pusher, route(M::POST, "/v1/chunks/missing", missing)),
+        (Pusher, route(M::PUT, "/v1/chunks/{id}", upload)),
+        (Mig, route(M::POST, "/v1/migrations", incoming_prepare)),
+        (Mig, route(M::GET, "/v1/migrations/{vm}", incoming_status)),
+        (
+            Mig,
+            route(M::PUT, "/v1/migrations/{vm}/blocks", incoming_blocks),
+        ),
+        (
+            Mig,
+            route(M::POST, "/v1/migrations/{vm}/recover", incoming_recover),
+        ),
+        (
+            Mig,
+            route(M::POST, "/v1/migrations/{vm}/commit", incoming_commit),
+        ),
+        (
+            Mig,
+            route(M::POST, "/v1/migrations/{vm}/abort", incoming_abort),
+        ),
     ]
 }
 
 /// The peer surface's routes as (method, path), from the table the router
 /// is built from.
 pub fn routes() -> Vec<(Method, &'static str)> {
-    table().into_iter().map(|(m, p, _)| (m, p)).collect()
+    table().into_iter().map(|(_, (m, p, _))| (m, p)).collect()
+}
+
+/// The peer surface's routes with who may call each.
+pub fn callers() -> Vec<(Method, &'static str, Caller)> {
+    table()
+        .into_iter()
+        .map(|(c, (m, p, _))| (m, p, c))
+        .collect()
+}
+
+/// Lets a request through to a route for `caller`, or refuses it: pushes
+/// and migrations only where the agent was started to accept them.
+fn admit(a: &Agent, caller: Caller) -> Result<()> {
+    match caller {
+        Caller::Peer => Ok(()),
+        Caller::Pusher if !a.config.accept_push => Err(AgentError::State(
+            "this agent does not accept pushes (start it with --accept-push)".into(),
+        )),
+        Caller::MigrationSource if !a.config.accept_migrations => Err(AgentError::State(
+            "this agent does not accept migrations (start it with --accept-migrations)".into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
     table()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| {
-            r.route(path, handler)
+        .fold(Router::new(), |r, (caller, (_, path, handler))| {
+            let gate = move |State(a): S, req: axum::extract::Request, next: Next| async move {
+                match admit(&a, caller) {
+                    Ok(()) => next.run(req).await,
+                    Err(e) => e.into_response(),
+                }
+            };
+            r.route(
+                path,
+                handler.route_layer(axum::middleware::from_fn_with_state(agent.clone(), gate)),
+            )
         })
         // A chunk (a layer of a large image, say) or a batch of a migrating
         // disk's blocks may exceed axum's 2 MB default.

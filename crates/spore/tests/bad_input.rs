@@ -451,3 +451,49 @@ fn every_peer_route_answers_bad_input_as_its_table_row_says() {
     });
     t.ok(&["image", "ls"]);
 }
+
+/// An agent listening for peers without `--accept-push` or
+/// `--accept-migrations` refuses every route of those callers (the peer
+/// table's caller column), whatever the request holds, and serves the
+/// routes open to every peer.
+#[test]
+fn peer_routes_refuse_callers_the_agent_does_not_accept() {
+    let (t, port) = TestAgent::start_listening(&[]);
+    let base = format!("http://127.0.0.1:{port}");
+    let mut refused = 0;
+    for (method, path, caller) in spore_agent::peer::callers() {
+        let p = path
+            .replace("{name}", "img")
+            .replace("{vm}", "web")
+            .replace("{id}", "00");
+        let (code, text) = request(None, &base, method.as_str(), &p, Some(b"{}"));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        match caller {
+            spore_agent::peer::Caller::Peer => assert_ne!(code, 409, "{method} {p}: {text}"),
+            spore_agent::peer::Caller::Pusher => {
+                assert_eq!(code, 409, "{method} {p}: {text}");
+                assert!(
+                    v["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("does not accept pushes"),
+                    "{method} {p}: {text}"
+                );
+                refused += 1;
+            }
+            spore_agent::peer::Caller::MigrationSource => {
+                assert_eq!(code, 409, "{method} {p}: {text}");
+                assert!(
+                    v["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("does not accept migrations"),
+                    "{method} {p}: {text}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 9, "pushes and migrations are 9 routes");
+    t.ok(&["image", "ls"]);
+}

@@ -1,6 +1,11 @@
 //! Templates and clones: a running VM captured in memory, and VMs that
 //! resume from it without booting.
 //!
+//! Owns: the `Templates` table of the metadata store, each template's
+//! images (`T.ram`, `T.disk`, `T.boot`), its directory `DATA/templates/T/`
+//! (device state), its RAM file `tmpl-T.ram` or FUSE mount `mem-T` in the
+//! RAM directory, and its standby pool ([`standbys::Standbys`]).
+//!
 //! ```text
 //!  VM (RAM file, share=on) ──stop, device state──► template T
 //!                                                   ├─ RAM file   tmpfs, read-only from now on

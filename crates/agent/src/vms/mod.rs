@@ -1,5 +1,10 @@
 //! VMs: QEMU processes whose disk is one of the agent's NBD exports.
 //!
+//! Owns: the `Vms` table of the metadata store, `DATA/vms/NAME/` (console
+//! log, QMP socket, QEMU's log) and each booted VM's RAM file
+//! `vm-NAME.ram` in the RAM directory; the processes themselves are in
+//! [`processes::VmManager`].
+//!
 //! Lifecycle (an explicit state machine; other transitions are errors):
 //!
 //! ```text
