@@ -583,6 +583,13 @@ fn agents_restart_under_templates_standbys_and_a_fuse_clone() {
             assert!(reason.contains("agent"), "{vm}: {v}");
         }
     }
+    // B's start (after a SIGKILL) says what it settled and collected: the
+    // clone left running and the FUSE mount of its template (a clone has
+    // no RAM file of its own).
+    let recovered = b.json(&["status", "--json"])["recovered"].to_string();
+    for what in ["vm far-1: stopped", "FUSE mount"] {
+        assert!(recovered.contains(what), "{what} not reported: {recovered}");
+    }
     println!("XFAIL (agent restarts keep VMs running): the restarts stopped src, c-1 and far-1");
     // The old standby is gone and the pool refills with a new one.
     let list = a.json(&["vm", "ls", "--json"]);

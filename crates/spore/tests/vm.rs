@@ -152,6 +152,13 @@ fn stopping_the_agent_stops_its_vms_and_says_why() {
         vms[0]["reason"].as_str().unwrap().contains("agent"),
         "{vms}"
     );
+    // The start collected the VM's RAM file, and says so.
+    assert!(!t.ram.path().join("vm-v.ram").exists());
+    let recovered = t.json(&["status", "--json"])["recovered"].to_string();
+    assert!(
+        recovered.contains("vm v: stopped") && recovered.contains("vm-v.ram"),
+        "{recovered}"
+    );
 }
 
 /// True while `pid` exists and is not a zombie.
