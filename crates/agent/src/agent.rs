@@ -27,13 +27,14 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use spore_blockdev::{ChunkCache, Disk};
-use spore_chunks::{ChunkId, ChunkStore, Compression};
+use spore_chunks::{ChunkStore, Compression};
 use spore_origin::OriginStore;
 use spore_qemu::Accel;
 use spore_transfer::{Fetcher, Remote};
 
 use crate::error::{AgentError, Result};
 use crate::exports::Registry;
+use crate::images::{Images, ImagesConfig};
 use crate::meta::{Meta, Table};
 use crate::records::{DiskRecord, ImageRecord, PeerStats, REMOTE_TIMEOUT};
 use crate::vms::processes::VmManager;
@@ -173,13 +174,10 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// How long background completion keeps retrying after failures.
-const COMPLETE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
-
 #[derive(Debug)]
 pub struct Agent {
     pub config: AgentConfig,
-    pub meta: Meta,
+    pub meta: Arc<Meta>,
     pub store: Arc<ChunkStore>,
     pub exports: Arc<Registry>,
     pub accel: Accel,
@@ -195,7 +193,9 @@ pub struct Agent {
     pub popularity: spore_transfer::Popularity,
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
-    pub gc_lock: RwLock<()>,
+    pub gc_lock: Arc<RwLock<()>>,
+    /// The image service (names, chunks, profiles, garbage collection).
+    pub images: Arc<Images>,
     /// Serialises creating and removing disks, so that two requests for
     /// one name cannot clean up each other's directory.
     pub disk_names: parking_lot::Mutex<()>,
@@ -241,7 +241,7 @@ impl Agent {
         for sub in ["disks", "vms", "templates"] {
             fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
         }
-        let meta = Meta::open(&dir.join("meta.redb"))?;
+        let meta = Arc::new(Meta::open(&dir.join("meta.redb"))?);
         let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
         let cache = Arc::new(ChunkCache::new(config.cache_bytes));
         let remotes: Vec<Remote> = config
@@ -273,8 +273,22 @@ impl Agent {
         if config.huge_pages {
             mount_huge_ram_dir(&config.ram_dir())?;
         }
+        let gc_lock = Arc::new(RwLock::new(()));
+        let images = Arc::new(Images::new(
+            meta.clone(),
+            store.clone(),
+            exports.clone(),
+            fetcher.clone(),
+            gc_lock.clone(),
+            ImagesConfig {
+                origin: config.origin.clone(),
+                complete_images: config.complete_images,
+                profile_seconds: config.profile_seconds,
+            },
+        ));
         let agent = Arc::new(Agent {
             vms: VmManager::new(dir.join("vms"), config.ram_dir())?,
+            images,
             config,
             meta,
             store,
@@ -284,7 +298,7 @@ impl Agent {
             peer_stats: PeerStats::default(),
             popularity: Default::default(),
             accel,
-            gc_lock: RwLock::new(()),
+            gc_lock,
             disk_names: parking_lot::Mutex::new(()),
             template_names: parking_lot::Mutex::new(()),
             memfs: Default::default(),
@@ -361,7 +375,9 @@ impl Agent {
         for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
             if rec.complete {
                 match self.exports.open_image(&rec.manifest) {
-                    Ok(dev) => self.complete_in_background(&name, dev.image().flat.chunks()),
+                    Ok(dev) => self
+                        .images
+                        .complete_in_background(&name, dev.image().flat.chunks()),
                     Err(e) => {
                         tracing::error!(image = %name, error = %AgentError::from(e).chain(), "image cannot be opened; not completed")
                     }
@@ -369,163 +385,6 @@ impl Agent {
             }
         }
         Ok(())
-    }
-
-    /// Fetches the chunks of `chunks` that are not here, at low priority,
-    /// on a thread of its own.
-    pub fn complete_in_background(&self, name: &str, chunks: &[ChunkId]) {
-        let missing: Vec<ChunkId> = chunks
-            .iter()
-            .filter(|id| !self.store.contains(id))
-            .copied()
-            .collect();
-        let Some(fetcher) = self.fetcher.clone() else {
-            return;
-        };
-        if missing.is_empty() {
-            return;
-        }
-        let store = self.store.clone();
-        let name = name.to_owned();
-        tracing::info!(image = %name, chunks = missing.len(), "completing image in the background");
-        let spawned = std::thread::Builder::new().name(format!("complete-{name}")).spawn(move || {
-            // A source that is down for a while only delays completion: the
-            // missing chunks are asked for again, with a growing pause,
-            // for up to COMPLETE_RETRY_FOR (then at the next agent start).
-            let started = std::time::Instant::now();
-            let mut pause = std::time::Duration::from_secs(1);
-            let mut missing = missing;
-            loop {
-                let result = fetcher
-                    .fetch_background(&store, &missing, &|_, _| {})
-                    .and_then(|()| Ok(store.sync()?));
-                let e = match result {
-                    Ok(()) => {
-                        tracing::info!(image = %name, "image complete: every chunk is local");
-                        return;
-                    }
-                    Err(e) => e,
-                };
-                missing.retain(|id| !store.contains(id));
-                if started.elapsed() > COMPLETE_RETRY_FOR {
-                    tracing::warn!(image = %name, error = %e, left = missing.len(), "completing image failed; it resumes when the agent restarts");
-                    return;
-                }
-                tracing::warn!(image = %name, error = %e, left = missing.len(), retry_in = ?pause, "completing image: a fetch failed; trying again");
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_secs(60));
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start background completion");
-        }
-    }
-
-    /// On an image's first use here, records which blocks the boot reads,
-    /// in order, for `profile_seconds`, then stores the profile and binds
-    /// it to the image (unless it has one by then). An image that has a
-    /// profile already reads ahead along it instead.
-    pub fn record_profile(
-        self: &Arc<Self>,
-        name: &str,
-        rec: &ImageRecord,
-        dev: &Arc<spore_blockdev::ImageDevice>,
-    ) {
-        if let Some(p) = &rec.profile {
-            match self.profile_blocks(p) {
-                Ok(blocks) => dev.follow_profile(blocks),
-                Err(e) => tracing::warn!(image = name, error = %e, "boot profile unreadable"),
-            }
-            return;
-        }
-        let Some(profiler) = dev.start_profile() else {
-            return;
-        };
-        let agent = self.clone();
-        let (name, manifest) = (name.to_owned(), rec.manifest);
-        let block_size = dev.image().manifest.block_size;
-        tracing::info!(image = %name, seconds = self.config.profile_seconds, "recording the boot profile");
-        let spawned = std::thread::Builder::new().name(format!("profile-{name}")).spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs(agent.config.profile_seconds));
-            let blocks = profiler.finish();
-            if blocks.is_empty() {
-                return;
-            }
-            let result = (|| -> Result<()> {
-                let _shared = agent.gc_lock.read();
-                let count = blocks.len();
-                let put = agent.store.put(&spore_image::Profile { block_size, blocks }.encode())?;
-                agent.store.sync()?;
-                let mut rec: ImageRecord = match agent.meta.get(Table::Images, &name)? {
-                    Some(r) => r,
-                    None => return Ok(()),
-                };
-                if rec.manifest == manifest && rec.profile.is_none() {
-                    rec.profile = Some(put.id);
-                    agent.meta.put(Table::Images, &name, &rec)?;
-                    tracing::info!(image = %name, blocks = count, "boot profile recorded");
-                }
-                Ok(())
-            })();
-            if let Err(e) = result {
-                tracing::warn!(image = %name, error = %e.chain(), "saving the boot profile failed");
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start profile recording");
-        }
-    }
-
-    /// Every manifest some name or disk still needs.
-    pub fn live_manifests(&self) -> Result<HashSet<ChunkId>> {
-        let mut keep: HashSet<ChunkId> = self
-            .meta
-            .list::<ImageRecord>(Table::Images)?
-            .into_iter()
-            .map(|(_, r)| r.manifest)
-            .collect();
-        keep.extend(
-            self.meta
-                .list::<DiskRecord>(Table::Disks)?
-                .into_iter()
-                .map(|(_, r)| r.manifest),
-        );
-        Ok(keep)
-    }
-
-    /// Collects garbage after `manifest` lost a reference, unless another
-    /// name or disk still holds it (then nothing can have become garbage).
-    pub fn release_manifest(&self, manifest: &ChunkId) -> Result<(u64, u64)> {
-        if self.live_manifests()?.contains(manifest) {
-            return Ok((0, 0));
-        }
-        self.collect_garbage()
-    }
-
-    /// Deletes chunks that no image or disk refers to; returns (chunks, bytes).
-    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
-        let _exclusive = self.gc_lock.write();
-        let manifests = self.live_manifests()?;
-        let mut live = spore_image::image::reachable_chunks(&self.store, &manifests)?;
-        live.extend(
-            self.meta
-                .list::<ImageRecord>(Table::Images)?
-                .into_iter()
-                .filter_map(|(_, r)| r.profile),
-        );
-        let (mut chunks, mut bytes) = (0, 0);
-        for id in self.store.list()? {
-            if !live.contains(&id) {
-                bytes += self.store.stored_len(&id).unwrap_or(0);
-                self.store.remove(&id)?;
-                chunks += 1;
-            }
-        }
-        self.exports.retain_images(&manifests);
-        if chunks > 0 {
-            tracing::info!(chunks, bytes, "garbage collected");
-        }
-        Ok((chunks, bytes))
     }
 
     /// Flushes every disk; called on shutdown.

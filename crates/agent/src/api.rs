@@ -222,7 +222,7 @@ async fn status(State(a): S) -> Response {
             nbd_socket: a.nbd_socket(),
             nbd_tcp: a.config.nbd_tcp.clone(),
             accel: a.accel.to_string(),
-            images: a.list_images()?.len(),
+            images: a.images.list_images()?.len(),
             disks: a.list_disks()?.len(),
             vms: a.list_vms()?.len(),
             cache_bytes: a.exports.cache().bytes() as u64,
@@ -248,12 +248,12 @@ async fn status(State(a): S) -> Response {
 }
 
 async fn list_images(State(a): S) -> Response {
-    blocking(move || a.list_images()).await
+    blocking(move || a.images.list_images()).await
 }
 
 async fn import_image(State(a): S, body: Bytes) -> Response {
     match parse::<ImportRequest>(&body) {
-        Ok(req) => streaming(move |p| a.import_image(&req, p)),
+        Ok(req) => streaming(move |p| a.images.import_image(&req, p)),
         Err(e) => e.into_response(),
     }
 }
@@ -266,23 +266,23 @@ struct InspectQuery {
 }
 
 async fn inspect_image(State(a): S, Name(name): Name, Query(q): Query<InspectQuery>) -> Response {
-    blocking(move || a.inspect_image(&name, q.profile)).await
+    blocking(move || a.images.inspect_image(&name, q.profile)).await
 }
 
 async fn remove_image(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.remove_image(&name)).await
+    blocking(move || a.images.remove_image(&name)).await
 }
 
 async fn export_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<ExportRequest>(&body) {
-        Ok(req) => streaming(move |p| a.export_image(&name, &req.path, &req.format, p)),
+        Ok(req) => streaming(move |p| a.images.export_image(&name, &req.path, &req.format, p)),
         Err(e) => e.into_response(),
     }
 }
 
 async fn push_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
-        Ok(req) => streaming(move |p| a.push_image(&name, &req.to, p)),
+        Ok(req) => streaming(move |p| a.images.push_image(&name, &req.to, p)),
         Err(e) => e.into_response(),
     }
 }
@@ -294,7 +294,7 @@ async fn pull_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
         parse::<PullRequest>(&body)
     };
     match req {
-        Ok(req) => streaming(move |p| a.pull_image(&name, req.background, p)),
+        Ok(req) => streaming(move |p| a.images.pull_image(&name, req.background, p)),
         Err(e) => e.into_response(),
     }
 }

@@ -145,7 +145,7 @@ impl Agent {
                 complete: false,
                 profile: None,
             },
-            None => self.resolve_image(image)?,
+            None => self.images.resolve_image(image)?,
         };
         if self.meta.get::<DiskRecord>(Table::Disks, name)?.is_some() {
             return Err(AgentError::Exists {
@@ -177,7 +177,7 @@ impl Agent {
         self.exports.add_disk(name, Arc::new(disk));
         if pinned.is_none() {
             let base = self.exports.open_image(&image_rec.manifest)?;
-            self.record_profile(image, &image_rec, &base);
+            self.images.record_profile(image, &image_rec, &base);
         }
         Ok(self.disk_info(name, &rec))
     }
@@ -273,7 +273,7 @@ impl Agent {
             blocks = published.stats.changed_blocks,
             "committed"
         );
-        self.image_summary(new_image, &rec)
+        self.images.image_summary(new_image, &rec)
     }
 
     pub fn remove_disk(&self, name: &str, allow_vm: bool) -> Result<RemoveResult> {
@@ -300,7 +300,7 @@ impl Agent {
         let dir = self.disk_dir(name);
         fs::remove_dir_all(&dir).map_err(AgentError::io(format!("removing {}", dir.display())))?;
         drop(_names);
-        let (freed_chunks, freed_bytes) = self.release_manifest(&rec.manifest)?;
+        let (freed_chunks, freed_bytes) = self.images.release_manifest(&rec.manifest)?;
         Ok(RemoveResult {
             removed: name.into(),
             freed_chunks,

@@ -1,9 +1,13 @@
-//! Image operations: import, list, inspect, export, remove, push, pull,
-//! resolve from the origin, background completion, garbage collection.
+//! The image service: import, list, inspect, export, remove, push, pull,
+//! resolve from the origin, boot profiles, background completion, garbage
+//! collection.
 //!
 //! Owns: the `Images` table of the metadata store (name -> manifest,
-//! policy, boot profile), the chunks in `DATA/chunks/` that names reach,
-//! and pushes into the origin store.
+//! policy, boot profile) and the chunks in `DATA/chunks/` that names and
+//! disks reach. It is given narrow handles (the metadata store, the chunk
+//! store, the export registry, the fetcher, the GC lock), never the
+//! agent; the services above it (disks, VMs, templates, the surfaces) call
+//! it.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -17,16 +21,78 @@ use spore_chunks::ChunkId;
 use spore_image::image::reachable_chunks;
 use spore_image::{Format, DEFAULT_BLOCK_SIZE};
 
-use crate::agent::Agent;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use spore_chunks::ChunkStore;
+use spore_transfer::Fetcher;
+
 use crate::error::{check_name, AgentError, Result};
-use crate::exports::IMAGE_PREFIX;
-use crate::meta::Table;
-use crate::records::{now, DiskRecord, ImageRecord};
+use crate::exports::{Registry, IMAGE_PREFIX};
+use crate::meta::{Meta, Table};
+use crate::records::{now, DiskRecord, ImageRecord, TemplateRecord};
 
 /// Reports (phase, done, total) of a long operation.
 pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
-impl Agent {
+/// How long background completion keeps retrying after failures.
+const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(3600);
+
+/// The image service and the handles it works with.
+#[derive(Debug)]
+pub struct Images {
+    meta: Arc<Meta>,
+    store: Arc<ChunkStore>,
+    exports: Arc<Registry>,
+    /// Peers then origin, when any is configured.
+    fetcher: Option<Arc<Fetcher>>,
+    /// Held shared by operations that write chunks not yet referenced by
+    /// any name (import, commit, capture, resolve), exclusively by garbage
+    /// collection.
+    gc_lock: Arc<RwLock<()>>,
+    /// The origin's URL, where names not known here are looked up.
+    origin: Option<String>,
+    /// Complete every image found at the origin in the background.
+    complete_images: bool,
+    /// How long after an image's first use its boot profile is recorded.
+    profile_seconds: u64,
+}
+
+/// What the image service is configured with.
+#[derive(Debug, Clone)]
+pub struct ImagesConfig {
+    pub origin: Option<String>,
+    pub complete_images: bool,
+    pub profile_seconds: u64,
+}
+
+impl Images {
+    pub fn new(
+        meta: Arc<Meta>,
+        store: Arc<ChunkStore>,
+        exports: Arc<Registry>,
+        fetcher: Option<Arc<Fetcher>>,
+        gc_lock: Arc<RwLock<()>>,
+        config: ImagesConfig,
+    ) -> Self {
+        Images {
+            meta,
+            store,
+            exports,
+            fetcher,
+            gc_lock,
+            origin: config.origin,
+            complete_images: config.complete_images,
+            profile_seconds: config.profile_seconds,
+        }
+    }
+
+    /// The lock that keeps garbage collection away from chunks no name
+    /// holds yet (taken shared by whoever writes such chunks).
+    pub fn gc_lock(&self) -> &RwLock<()> {
+        &self.gc_lock
+    }
+
     pub fn image_record(&self, name: &str) -> Result<ImageRecord> {
         self.meta
             .get(Table::Images, name)?
@@ -43,7 +109,7 @@ impl Agent {
         if let Some(rec) = self.meta.get(Table::Images, name)? {
             return Ok(rec);
         }
-        let (Some(origin), Some(fetcher)) = (&self.config.origin, &self.fetcher) else {
+        let (Some(origin), Some(fetcher)) = (&self.origin, &self.fetcher) else {
             return Err(AgentError::NotFound {
                 kind: "image",
                 name: name.into(),
@@ -99,7 +165,7 @@ impl Agent {
         let rec = ImageRecord {
             manifest,
             created: now(),
-            complete: self.config.complete_images,
+            complete: self.complete_images,
             profile,
         };
         if !self.meta.insert_new(Table::Images, name, &rec)? {
@@ -484,7 +550,7 @@ impl Agent {
 
     pub fn remove_image(&self, name: &str) -> Result<RemoveResult> {
         let rec = self.image_record(name)?;
-        if let Some(t) = self.image_template(name)? {
+        if let Some(t) = self.template_owning(name)? {
             return Err(AgentError::InUse {
                 kind: "image",
                 name: name.into(),
@@ -525,5 +591,176 @@ impl Agent {
             out.entry(rec.manifest).or_default().push(name);
         }
         Ok(out)
+    }
+
+    /// The template that owns an image (its RAM, disk or bundle), unless
+    /// that template is being removed.
+    fn template_owning(&self, image: &str) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .list::<TemplateRecord>(Table::Templates)?
+            .into_iter()
+            .find(|(_, t)| {
+                !t.removing
+                    && (t.ram_image == image || t.disk_image == image || t.boot_image == image)
+            })
+            .map(|(n, _)| n))
+    }
+
+    /// Fetches the chunks of `chunks` that are not here, at low priority,
+    /// on a thread of its own.
+    pub fn complete_in_background(&self, name: &str, chunks: &[ChunkId]) {
+        let missing: Vec<ChunkId> = chunks
+            .iter()
+            .filter(|id| !self.store.contains(id))
+            .copied()
+            .collect();
+        let Some(fetcher) = self.fetcher.clone() else {
+            return;
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let name = name.to_owned();
+        tracing::info!(image = %name, chunks = missing.len(), "completing image in the background");
+        let spawned = std::thread::Builder::new().name(format!("complete-{name}")).spawn(move || {
+            // A source that is down for a while only delays completion: the
+            // missing chunks are asked for again, with a growing pause,
+            // for up to COMPLETE_RETRY_FOR (then at the next agent start).
+            let started = std::time::Instant::now();
+            let mut pause = std::time::Duration::from_secs(1);
+            let mut missing = missing;
+            loop {
+                let result = fetcher
+                    .fetch_background(&store, &missing, &|_, _| {})
+                    .and_then(|()| Ok(store.sync()?));
+                let e = match result {
+                    Ok(()) => {
+                        tracing::info!(image = %name, "image complete: every chunk is local");
+                        return;
+                    }
+                    Err(e) => e,
+                };
+                missing.retain(|id| !store.contains(id));
+                if started.elapsed() > COMPLETE_RETRY_FOR {
+                    tracing::warn!(image = %name, error = %e, left = missing.len(), "completing image failed; it resumes when the agent restarts");
+                    return;
+                }
+                tracing::warn!(image = %name, error = %e, left = missing.len(), retry_in = ?pause, "completing image: a fetch failed; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start background completion");
+        }
+    }
+
+    /// On an image's first use here, records which blocks the boot reads,
+    /// in order, for `profile_seconds`, then stores the profile and binds
+    /// it to the image (unless it has one by then). An image that has a
+    /// profile already reads ahead along it instead.
+    pub fn record_profile(
+        self: &Arc<Self>,
+        name: &str,
+        rec: &ImageRecord,
+        dev: &Arc<spore_blockdev::ImageDevice>,
+    ) {
+        if let Some(p) = &rec.profile {
+            match self.profile_blocks(p) {
+                Ok(blocks) => dev.follow_profile(blocks),
+                Err(e) => tracing::warn!(image = name, error = %e, "boot profile unreadable"),
+            }
+            return;
+        }
+        let Some(profiler) = dev.start_profile() else {
+            return;
+        };
+        let agent = self.clone();
+        let (name, manifest) = (name.to_owned(), rec.manifest);
+        let block_size = dev.image().manifest.block_size;
+        tracing::info!(image = %name, seconds = self.profile_seconds, "recording the boot profile");
+        let spawned = std::thread::Builder::new().name(format!("profile-{name}")).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(agent.profile_seconds));
+            let blocks = profiler.finish();
+            if blocks.is_empty() {
+                return;
+            }
+            let result = (|| -> Result<()> {
+                let _shared = agent.gc_lock.read();
+                let count = blocks.len();
+                let put = agent.store.put(&spore_image::Profile { block_size, blocks }.encode())?;
+                agent.store.sync()?;
+                let mut rec: ImageRecord = match agent.meta.get(Table::Images, &name)? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                };
+                if rec.manifest == manifest && rec.profile.is_none() {
+                    rec.profile = Some(put.id);
+                    agent.meta.put(Table::Images, &name, &rec)?;
+                    tracing::info!(image = %name, blocks = count, "boot profile recorded");
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                tracing::warn!(image = %name, error = %e.chain(), "saving the boot profile failed");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start profile recording");
+        }
+    }
+
+    /// Every manifest some name or disk still needs.
+    pub fn live_manifests(&self) -> Result<HashSet<ChunkId>> {
+        let mut keep: HashSet<ChunkId> = self
+            .meta
+            .list::<ImageRecord>(Table::Images)?
+            .into_iter()
+            .map(|(_, r)| r.manifest)
+            .collect();
+        keep.extend(
+            self.meta
+                .list::<DiskRecord>(Table::Disks)?
+                .into_iter()
+                .map(|(_, r)| r.manifest),
+        );
+        Ok(keep)
+    }
+
+    /// Collects garbage after `manifest` lost a reference, unless another
+    /// name or disk still holds it (then nothing can have become garbage).
+    pub fn release_manifest(&self, manifest: &ChunkId) -> Result<(u64, u64)> {
+        if self.live_manifests()?.contains(manifest) {
+            return Ok((0, 0));
+        }
+        self.collect_garbage()
+    }
+
+    /// Deletes chunks that no image or disk refers to; returns (chunks, bytes).
+    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+        let _exclusive = self.gc_lock.write();
+        let manifests = self.live_manifests()?;
+        let mut live = spore_image::image::reachable_chunks(&self.store, &manifests)?;
+        live.extend(
+            self.meta
+                .list::<ImageRecord>(Table::Images)?
+                .into_iter()
+                .filter_map(|(_, r)| r.profile),
+        );
+        let (mut chunks, mut bytes) = (0, 0);
+        for id in self.store.list()? {
+            if !live.contains(&id) {
+                bytes += self.store.stored_len(&id).unwrap_or(0);
+                self.store.remove(&id)?;
+                chunks += 1;
+            }
+        }
+        self.exports.retain_images(&manifests);
+        if chunks > 0 {
+            tracing::info!(chunks, bytes, "garbage collected");
+        }
+        Ok((chunks, bytes))
     }
 }

@@ -185,7 +185,7 @@ async fn resolve(State(a): S, Name(name): Name) -> Response {
                 Some(f) => f,
                 None if a.config.relay => {
                     let a = a.clone();
-                    let rec = off_thread(move || a.resolve_image(&name)).await?;
+                    let rec = off_thread(move || a.images.resolve_image(&name)).await?;
                     (rec.manifest, rec.profile)
                 }
                 None => {

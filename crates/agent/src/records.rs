@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use spore_chunks::ChunkId;
 
+use crate::error::{AgentError, Result};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub manifest: ChunkId,
@@ -55,4 +57,64 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A template, as the `Templates` table holds it (templates/mod.rs makes
+/// and removes them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub source_vm: String,
+    pub source_image: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub max_memory_mib: u64,
+    pub max_cpus: u32,
+    pub accel: String,
+    pub ram_image: String,
+    pub disk_image: String,
+    pub ram_stored_bytes: u64,
+    pub ram_chunks: u64,
+    pub ram_chunks_deduped: u64,
+    pub state_bytes: u64,
+    pub pause_ms: f64,
+    pub created: u64,
+    pub source_after: String,
+    /// The image holding the template's bundle (description and state).
+    #[serde(default)]
+    pub boot_image: String,
+    /// Found at the origin (not captured here).
+    #[serde(default)]
+    pub remote: bool,
+    /// Boot RAM exactly as the template's QEMU had it (KiB); absent from
+    /// templates made before it was recorded (see [`TemplateRecord::boot_ram_kib`]).
+    #[serde(default)]
+    pub ram_kib: Option<u64>,
+    /// Set (durably) before a removal starts: from then on nothing starts
+    /// from the template, and a removal that stopped half-way (an error, a
+    /// crash) is finished by the next `template rm` or agent start.
+    #[serde(default)]
+    pub removing: bool,
+}
+
+impl TemplateRecord {
+    /// Fails for a template being removed: nothing may start from it.
+    pub fn usable(&self, name: &str) -> Result<()> {
+        if self.removing {
+            return Err(AgentError::State(format!(
+                "template {name} is being removed (a removal stopped half-way; \
+                 `spore template rm {name}` finishes it)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The boot RAM a clone's QEMU must have to load the template's state.
+    /// Templates that did not record it were made when TCG boot RAM was
+    /// always 8 KiB short (`spore_qemu::cmdline::ram_kib_for`).
+    pub fn boot_ram_kib(&self) -> u64 {
+        self.ram_kib.unwrap_or_else(|| {
+            let accel = self.accel.parse().unwrap_or(spore_qemu::Accel::Tcg);
+            spore_qemu::cmdline::ram_kib_for(self.memory_mib, accel, None)
+        })
+    }
 }

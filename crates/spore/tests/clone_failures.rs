@@ -47,15 +47,7 @@ fn failed_clones_and_standbys_leave_nothing_behind() {
         assert!(vm_disks.contains(d), "disk {d} belongs to no VM: {disks}");
     }
     // Only the source's QEMU runs.
-    let qemus = std::process::Command::new("pgrep")
-        .args([
-            "-c",
-            "-f",
-            &format!("qemu-system.*{}", t.data_dir().display()),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&qemus.stdout).trim(), "1");
+    assert_eq!(t.qemu_count(), 1);
     // Failed clones go with vm rm; the template is whole.
     t.ok(&["vm", "rm", "--group", "c"]);
     assert_eq!(t.json(&["template", "inspect", "t", "--json"])["name"], "t");

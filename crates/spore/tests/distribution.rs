@@ -20,6 +20,21 @@ fn start_origin() -> (TestAgent, u16) {
     (agent, port)
 }
 
+/// An origin holding the demo guest's disk as image `guest`, its port,
+/// and a cold host that names it as its origin.
+fn origin_with_guest_and_cold_host() -> (TestAgent, u16, TestAgent) {
+    let (origin, origin_port) = start_origin();
+    origin.ok(&[
+        "image",
+        "import",
+        common::guest().rootfs.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    (origin, origin_port, cold)
+}
+
 #[test]
 fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
     let (origin, origin_port) = start_origin();
@@ -195,15 +210,7 @@ fn a_read_no_source_can_serve_fails_with_an_io_error_and_a_reason() {
 #[test]
 fn a_guest_write_needing_an_unfetched_block_pauses_the_vm_until_the_block_arrives() {
     let g = common::guest();
-    let (mut origin, origin_port) = start_origin();
-    origin.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "guest",
-    ]);
-    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let (mut origin, _, cold) = origin_with_guest_and_cold_host();
     let args = common::vm_run_args(g, "v", "guest", "");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     cold.ok(&args);
@@ -289,15 +296,7 @@ fn a_guest_write_needing_an_unfetched_block_pauses_the_vm_until_the_block_arrive
 #[test]
 fn a_guest_boots_on_a_host_without_the_image_fetching_only_what_it_reads() {
     let g = common::guest();
-    let (origin, origin_port) = start_origin();
-    origin.ok(&[
-        "image",
-        "import",
-        g.rootfs.to_str().unwrap(),
-        "--name",
-        "guest",
-    ]);
-    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    let (_origin, _, cold) = origin_with_guest_and_cold_host();
     let args = common::vm_run_args(g, "v", "guest", "spore.poweroff");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let out = cold.ok(&args);

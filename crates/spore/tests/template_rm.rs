@@ -32,22 +32,6 @@ fn wait_standby(t: &TestAgent) {
     }
 }
 
-/// QEMU processes of the agent's data directory.
-fn qemus(t: &TestAgent) -> usize {
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-c",
-            "-f",
-            &format!("qemu-system.*{}", t.data_dir().display()),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
 /// The names in `image ls` that belong to template `name`.
 fn images_of(t: &TestAgent, name: &str) -> Vec<String> {
     t.json(&["image", "ls", "--json"])
@@ -74,7 +58,7 @@ fn all_gone(t: &TestAgent, ram: &Path, name: &str) {
     assert!(!ram.join(format!("tmpl-{name}.ram")).exists());
     assert!(!t.data_dir().join("templates").join(name).exists());
     assert_eq!(standbys(t), 0);
-    assert_eq!(qemus(t), 0, "a QEMU is left");
+    assert_eq!(t.qemu_count(), 0, "a QEMU is left");
 }
 
 #[test]
@@ -113,7 +97,7 @@ fn a_template_rm_stopped_half_way_is_finished_by_the_next_rm_or_the_next_start()
     assert_eq!(images_of(&t, "t").len(), 3);
     let err = t.fails(&["vm", "clone", "t", "--name", "d"]);
     assert!(err.contains("being removed"), "{err}");
-    assert_eq!(qemus(&t), 0, "the standby's QEMU is left");
+    assert_eq!(t.qemu_count(), 0, "the standby's QEMU is left");
     // No standby comes back for a template being removed.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(standbys(&t), 0);

@@ -46,7 +46,7 @@ use spore_qemu::Qmp;
 use crate::agent::Agent;
 use crate::error::{check_name, AgentError, Result};
 use crate::meta::Table;
-use crate::records::{now, ImageRecord};
+use crate::records::{now, ImageRecord, TemplateRecord};
 use crate::vms::{check_growth, Start, VmRecord, WarmGate};
 
 /// Block size of RAM images: 64 KiB, like disk images.
@@ -68,64 +68,6 @@ const WARM_BUDGET: Duration = Duration::from_millis(300);
 /// its disk's written blocks (each copied into chunks): the device state
 /// and the store's own files.
 const CAPTURE_HEADROOM: u64 = 64 << 20;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TemplateRecord {
-    pub source_vm: String,
-    pub source_image: String,
-    pub memory_mib: u64,
-    pub cpus: u32,
-    pub max_memory_mib: u64,
-    pub max_cpus: u32,
-    pub accel: String,
-    pub ram_image: String,
-    pub disk_image: String,
-    pub ram_stored_bytes: u64,
-    pub ram_chunks: u64,
-    pub ram_chunks_deduped: u64,
-    pub state_bytes: u64,
-    pub pause_ms: f64,
-    pub created: u64,
-    pub source_after: String,
-    /// The image holding the template's bundle (description and state).
-    #[serde(default)]
-    pub boot_image: String,
-    /// Found at the origin (not captured here).
-    #[serde(default)]
-    pub remote: bool,
-    /// Boot RAM exactly as the template's QEMU had it (KiB); absent from
-    /// templates made before it was recorded (see [`TemplateRecord::boot_ram_kib`]).
-    #[serde(default)]
-    pub ram_kib: Option<u64>,
-    /// Set (durably) before a removal starts: from then on nothing starts
-    /// from the template, and a removal that stopped half-way (an error, a
-    /// crash) is finished by the next `template rm` or agent start.
-    #[serde(default)]
-    pub removing: bool,
-}
-
-impl TemplateRecord {
-    /// Fails for a template being removed: nothing may start from it.
-    pub fn usable(&self, name: &str) -> Result<()> {
-        if self.removing {
-            return Err(AgentError::State(format!(
-                "template {name} is being removed (a removal stopped half-way; \
-                 `spore template rm {name}` finishes it)"
-            )));
-        }
-        Ok(())
-    }
-
-    /// The boot RAM a clone's QEMU must have to load the template's state.
-    /// Templates that did not record it were made when TCG boot RAM was
-    /// always 8 KiB short (`spore_qemu::cmdline::ram_kib_for`).
-    pub fn boot_ram_kib(&self) -> u64 {
-        self.ram_kib.unwrap_or_else(|| {
-            let accel = self.accel.parse().unwrap_or(spore_qemu::Accel::Tcg);
-            spore_qemu::cmdline::ram_kib_for(self.memory_mib, accel, None)
-        })
-    }
-}
 
 /// Version of the description in a template's bundle (2 added `ram_kib`;
 /// 1 is still read).
@@ -207,19 +149,6 @@ impl Agent {
                 kind: "template",
                 name: name.into(),
             })
-    }
-
-    /// The template that owns an image (its RAM or disk), if any.
-    pub fn image_template(&self, image: &str) -> Result<Option<String>> {
-        Ok(self
-            .meta
-            .list::<TemplateRecord>(Table::Templates)?
-            .into_iter()
-            .find(|(_, t)| {
-                !t.removing
-                    && (t.ram_image == image || t.disk_image == image || t.boot_image == image)
-            })
-            .map(|(n, _)| n))
     }
 
     fn template_info(&self, name: &str, t: &TemplateRecord) -> Result<TemplateInfo> {
@@ -382,7 +311,7 @@ impl Agent {
         // the disk's layer.
         let give_back = |qmp: &mut Qmp, e: AgentError| {
             let _ = qmp.execute("cont", None);
-            if let Err(e) = self.remove_image(&disk_image) {
+            if let Err(e) = self.images.remove_image(&disk_image) {
                 if !matches!(e, AgentError::NotFound { .. }) {
                     tracing::error!(image = %disk_image, error = %e.chain(), "undoing a capture: removing the disk layer failed");
                 }
@@ -511,7 +440,7 @@ impl Agent {
 
             // 7. The bundle: what a host that lacks the template needs besides
             //    the RAM and disk images.
-            let disk_manifest = self.image_record(&disk_image)?.manifest;
+            let disk_manifest = self.images.image_record(&disk_image)?.manifest;
             let meta = TemplateMeta {
                 format: TEMPLATE_FORMAT,
                 name: name.clone(),
@@ -568,7 +497,7 @@ impl Agent {
         tracing::error!(template = name, vm, error = %why.chain(), "capture failed after the pause; undoing it");
         let _ = self.meta.remove(Table::Templates, name);
         for image in [&t.ram_image, &t.disk_image, &t.boot_image] {
-            match self.remove_image(image) {
+            match self.images.remove_image(image) {
                 Ok(_) | Err(AgentError::NotFound { .. }) => {}
                 Err(e) => {
                     tracing::error!(image = %image, error = %e.chain(), "undoing a capture: removing an image failed")
@@ -672,7 +601,7 @@ impl Agent {
             return Ok(t);
         }
         let boot_image = format!("{name}.boot");
-        let boot = match self.resolve_image(&boot_image) {
+        let boot = match self.images.resolve_image(&boot_image) {
             Err(AgentError::NotFound { .. }) => return Err(not_found()),
             r => r?,
         };
@@ -703,7 +632,7 @@ impl Agent {
             (&meta.disk_image, &meta.disk_manifest),
         ] {
             check_name("image", image)?;
-            let rec = self.resolve_image(image)?;
+            let rec = self.images.resolve_image(image)?;
             if rec.manifest.to_hex() != *manifest {
                 return Err(bad(format!(
                     "image {image} is {} here, the template was made with {manifest}",
@@ -760,7 +689,7 @@ impl Agent {
             sent_bytes: 0,
         };
         for image in [&t.disk_image, &t.ram_image, &t.boot_image] {
-            let r = self.push_image(image, to, progress)?;
+            let r = self.images.push_image(image, to, progress)?;
             total.chunks += r.chunks;
             total.sent_chunks += r.sent_chunks;
             total.sent_bytes += r.sent_bytes;
@@ -772,7 +701,7 @@ impl Agent {
     pub fn pull_template(self: &Arc<Self>, name: &str) -> Result<TemplateInfo> {
         let t = self.resolve_template(name)?;
         for image in [&t.disk_image, &t.ram_image] {
-            self.pull_image(image, false, &|_, _, _| {})?;
+            self.images.pull_image(image, false, &|_, _, _| {})?;
         }
         self.template_info(name, &t)
     }
@@ -833,7 +762,7 @@ impl Agent {
             .store
             .put(&spore_image::Profile { block_size, blocks }.encode())?;
         self.store.sync()?;
-        let mut rec = self.image_record(image)?;
+        let mut rec = self.images.image_record(image)?;
         if rec.profile.is_none() {
             rec.profile = Some(put.id);
             self.meta.put(Table::Images, image, &rec)?;
@@ -856,7 +785,7 @@ impl Agent {
         if path.is_file() {
             return Ok((path, None));
         }
-        let rec = self.image_record(&t.ram_image)?;
+        let rec = self.images.image_record(&t.ram_image)?;
         let img = self.exports.open_image(&rec.manifest)?;
         let size = t.memory_mib << 20;
         let complete = img
@@ -879,7 +808,7 @@ impl Agent {
             // neither a fetch nor a FUSE round trip.
             let mut gate = None;
             if let Some(p) = rec.profile {
-                match self.profile_blocks(&p) {
+                match self.images.profile_blocks(&p) {
                     Ok(blocks) => {
                         let warmed = m.warm(
                             blocks
@@ -1164,7 +1093,7 @@ impl Agent {
             if i == 1 && crate::failpoint::hit("template-rm-images") {
                 return Err(AgentError::State("fail-point template-rm-images".into()));
             }
-            match self.remove_image(image) {
+            match self.images.remove_image(image) {
                 Ok(r) => {
                     freed_chunks += r.freed_chunks;
                     freed_bytes += r.freed_bytes;

@@ -152,7 +152,7 @@ impl Agent {
                 }
             }
         }
-        self.resolve_image(&req.image)?;
+        self.images.resolve_image(&req.image)?;
         let (max_memory_mib, max_cpus) = hotplug_bounds(req.memory_mib, req.cpus);
         let rec = VmRecord {
             image: req.image.clone(),

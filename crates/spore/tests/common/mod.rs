@@ -144,6 +144,22 @@ impl TestAgent {
         )
     }
 
+    /// QEMU processes running on this agent's data directory.
+    pub fn qemu_count(&self) -> usize {
+        let out = Command::new("pgrep")
+            .args([
+                "-c",
+                "-f",
+                &format!("qemu-system.*{}", self.data_dir().display()),
+            ])
+            .output()
+            .expect("pgrep runs");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
     /// Imports the demo guest's root disk as image `name`.
     pub fn import_guest(&self, name: &str) -> String {
         let rootfs = guest().rootfs.to_str().unwrap();
