@@ -18,7 +18,6 @@
 //!
 //! The directory is 0700: it holds guest data.
 
-use std::collections::HashSet;
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -26,17 +25,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use spore_blockdev::{ChunkCache, Disk};
+use spore_blockdev::ChunkCache;
 use spore_chunks::{ChunkStore, Compression};
 use spore_origin::OriginStore;
 use spore_qemu::Accel;
 use spore_transfer::{Fetcher, Remote};
 
+use crate::disks::Disks;
 use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::images::{Images, ImagesConfig};
-use crate::meta::{Meta, Table};
-use crate::records::{DiskRecord, ImageRecord, PeerStats, REMOTE_TIMEOUT};
+use crate::meta::Meta;
+use crate::records::{PeerStats, REMOTE_TIMEOUT};
 use crate::vms::processes::VmManager;
 
 /// How an agent is run.
@@ -196,9 +196,8 @@ pub struct Agent {
     pub gc_lock: Arc<RwLock<()>>,
     /// The image service (names, chunks, profiles, garbage collection).
     pub images: Arc<Images>,
-    /// Serialises creating and removing disks, so that two requests for
-    /// one name cannot clean up each other's directory.
-    pub disk_names: parking_lot::Mutex<()>,
+    /// The disk service (overlays, their exports, commits).
+    pub disks: Arc<Disks>,
     /// Serialises template captures and removals.
     pub template_names: parking_lot::Mutex<()>,
     /// Standby clones by template (VM names), and templates being refilled.
@@ -212,8 +211,6 @@ pub struct Agent {
     pub peer_addr: std::sync::OnceLock<String>,
     /// Held while a template's RAM file is rebuilt from its image.
     pub template_ram_rebuild: parking_lot::Mutex<()>,
-    /// Disks whose overlay could not be opened at start, and why.
-    pub broken_disks: parking_lot::Mutex<std::collections::HashMap<String, String>>,
     /// What the start found left by a previous run and settled or removed.
     pub recovered: parking_lot::Mutex<Vec<String>>,
     _lock: File,
@@ -286,9 +283,19 @@ impl Agent {
                 profile_seconds: config.profile_seconds,
             },
         ));
+        let disks = Arc::new(Disks::new(
+            dir.join("disks"),
+            meta.clone(),
+            store.clone(),
+            exports.clone(),
+            fetcher.clone(),
+            gc_lock.clone(),
+            images.clone(),
+        ));
         let agent = Arc::new(Agent {
             vms: VmManager::new(dir.join("vms"), config.ram_dir())?,
             images,
+            disks,
             config,
             meta,
             store,
@@ -299,12 +306,10 @@ impl Agent {
             popularity: Default::default(),
             accel,
             gc_lock,
-            disk_names: parking_lot::Mutex::new(()),
             template_names: parking_lot::Mutex::new(()),
             memfs: Default::default(),
             standbys: Default::default(),
             migrations: Default::default(),
-            broken_disks: Default::default(),
             recovered: Default::default(),
             template_ram_rebuild: Default::default(),
             peer_addr: Default::default(),
@@ -319,10 +324,6 @@ impl Agent {
         &self.config.data_dir
     }
 
-    pub fn disk_dir(&self, name: &str) -> PathBuf {
-        self.data_dir().join("disks").join(name)
-    }
-
     pub fn nbd_socket(&self) -> PathBuf {
         self.data_dir().join(spore_api::NBD_SOCKET)
     }
@@ -333,57 +334,14 @@ impl Agent {
     /// collects what they left; what it did is kept for `spore status`.
     fn recover(self: &Arc<Self>) -> Result<()> {
         let mut report = Vec::new();
-        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
-            self.exports.bind_image(&name, rec.manifest);
-        }
-        let disks = self.meta.list::<DiskRecord>(Table::Disks)?;
-        let known: HashSet<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
-        let disk_root = self.data_dir().join("disks");
-        for entry in fs::read_dir(&disk_root).map_err(AgentError::io("listing disks"))? {
-            let entry = entry.map_err(AgentError::io("listing disks"))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !known.contains(name.as_str()) {
-                tracing::warn!(disk = %name, "removing a disk directory without a record (left by a crash)");
-                let _ = fs::remove_dir_all(entry.path());
-                report.push(format!(
-                    "disk directory {}: no record owns it; removed",
-                    entry.path().display()
-                ));
-            }
-        }
-        for (name, rec) in disks {
-            // A disk that cannot be opened is reported and left as it is
-            // on disk for repair; every other disk and VM still starts.
-            let opened = (|| -> Result<Disk> {
-                let base = self.exports.open_image(&rec.manifest)?;
-                Ok(Disk::open(&self.disk_dir(&name), base)?)
-            })();
-            match opened {
-                Ok(disk) => self.exports.add_disk(&name, Arc::new(disk)),
-                Err(e) => {
-                    tracing::error!(disk = %name, error = %e.chain(), "disk cannot be opened; not served (its files are kept for repair)");
-                    self.broken_disks.lock().insert(name, e.chain());
-                }
-            }
-        }
+        self.images.bind_all()?;
+        report.extend(self.disks.recover()?);
         report.extend(self.vms.recover(&self.meta)?);
         report.extend(self.drop_standbys());
         report.extend(self.finish_template_removals());
         report.extend(self.collect_template_debris());
         *self.recovered.lock() = report;
-        // Resume completing images whose policy says so.
-        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
-            if rec.complete {
-                match self.exports.open_image(&rec.manifest) {
-                    Ok(dev) => self
-                        .images
-                        .complete_in_background(&name, dev.image().flat.chunks()),
-                    Err(e) => {
-                        tracing::error!(image = %name, error = %AgentError::from(e).chain(), "image cannot be opened; not completed")
-                    }
-                }
-            }
-        }
+        self.images.resume_completion()?;
         Ok(())
     }
 

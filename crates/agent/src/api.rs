@@ -223,7 +223,7 @@ async fn status(State(a): S) -> Response {
             nbd_tcp: a.config.nbd_tcp.clone(),
             accel: a.accel.to_string(),
             images: a.images.list_images()?.len(),
-            disks: a.list_disks()?.len(),
+            disks: a.disks.list_disks()?.len(),
             vms: a.list_vms()?.len(),
             cache_bytes: a.exports.cache().bytes() as u64,
             cache_budget: a.config.cache_bytes as u64,
@@ -300,22 +300,22 @@ async fn pull_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
 }
 
 async fn list_disks(State(a): S) -> Response {
-    blocking(move || a.list_disks()).await
+    blocking(move || a.disks.list_disks()).await
 }
 
 async fn create_disk(State(a): S, body: Bytes) -> Response {
     match parse::<DiskCreate>(&body) {
-        Ok(req) => blocking(move || a.create_disk(&req.name, &req.image, None)).await,
+        Ok(req) => blocking(move || a.disks.create_disk(&req.name, &req.image, None)).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn get_disk(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.get_disk(&name)).await
+    blocking(move || a.disks.get_disk(&name)).await
 }
 
 async fn remove_disk(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.remove_disk(&name, false)).await
+    blocking(move || a.disks.remove_disk(&name, false)).await
 }
 
 async fn commit_disk(State(a): S, Name(name): Name, body: Bytes) -> Response {

@@ -1,23 +1,117 @@
-//! Disk operations: create, list, commit, remove.
+//! The disk service: create, list, commit, remove.
 //!
 //! Owns: the `Disks` table of the metadata store (name -> image, manifest,
-//! VM), each disk's overlay in `DATA/disks/NAME/`, and its export
-//! `disk/NAME` in the registry (exports.rs).
+//! VM), each disk's overlay in `DATA/disks/NAME/`, its export `disk/NAME`
+//! in the registry (exports.rs), and which disks could not be opened. It
+//! is given narrow handles (the metadata store, the chunk store, the
+//! export registry, the fetcher, the GC lock and the image service), never
+//! the agent; committing a running VM's disk, which pauses the VM, is the
+//! VM service's (vms/mod.rs).
 
+use std::collections::HashMap;
 use std::fs;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use spore_chunks::ChunkStore;
+use spore_transfer::Fetcher;
 
 use spore_api::{DiskInfo, ImageSummary, RemoveResult};
 use spore_blockdev::Disk;
 use spore_chunks::ChunkId;
 
-use crate::agent::Agent;
 use crate::error::{check_name, AgentError, Result};
-use crate::exports::DISK_PREFIX;
-use crate::meta::Table;
+use crate::exports::{Registry, DISK_PREFIX};
+use crate::images::Images;
+use crate::meta::{Meta, Table};
 use crate::records::{now, DiskRecord, ImageRecord};
+use crate::vms::processes::VmRecord;
 
-impl Agent {
+/// The disk service and the handles it works with.
+#[derive(Debug)]
+pub struct Disks {
+    root: PathBuf,
+    meta: Arc<Meta>,
+    store: Arc<ChunkStore>,
+    exports: Arc<Registry>,
+    fetcher: Option<Arc<Fetcher>>,
+    gc_lock: Arc<RwLock<()>>,
+    images: Arc<Images>,
+    /// Serialises creating and removing disks, so that two requests for
+    /// one name cannot clean up each other's directory.
+    names: Mutex<()>,
+    /// Disks whose overlay could not be opened at start, and why.
+    broken: Mutex<HashMap<String, String>>,
+}
+
+impl Disks {
+    /// The disk service over `root` (`DATA/disks`).
+    pub fn new(
+        root: PathBuf,
+        meta: Arc<Meta>,
+        store: Arc<ChunkStore>,
+        exports: Arc<Registry>,
+        fetcher: Option<Arc<Fetcher>>,
+        gc_lock: Arc<RwLock<()>>,
+        images: Arc<Images>,
+    ) -> Self {
+        Disks {
+            root,
+            meta,
+            store,
+            exports,
+            fetcher,
+            gc_lock,
+            images,
+            names: Mutex::new(()),
+            broken: Mutex::default(),
+        }
+    }
+
+    /// The directory of disk `name`'s overlay.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Opens every recorded disk and serves it; one that cannot be opened
+    /// is reported and left as it is on disk for repair, and every other
+    /// disk still starts. Removes disk directories that no record owns (a
+    /// crash between creating one and recording it); returns what it
+    /// removed, one line each.
+    pub fn recover(&self) -> Result<Vec<String>> {
+        let mut report = Vec::new();
+        let disks = self.meta.list::<DiskRecord>(Table::Disks)?;
+        let known: std::collections::HashSet<&str> =
+            disks.iter().map(|(n, _)| n.as_str()).collect();
+        for entry in fs::read_dir(&self.root).map_err(AgentError::io("listing disks"))? {
+            let entry = entry.map_err(AgentError::io("listing disks"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(name.as_str()) {
+                tracing::warn!(disk = %name, "removing a disk directory without a record (left by a crash)");
+                let _ = fs::remove_dir_all(entry.path());
+                report.push(format!(
+                    "disk directory {}: no record owns it; removed",
+                    entry.path().display()
+                ));
+            }
+        }
+        for (name, rec) in disks {
+            let opened = (|| -> Result<Disk> {
+                let base = self.exports.open_image(&rec.manifest)?;
+                Ok(Disk::open(&self.dir(&name), base)?)
+            })();
+            match opened {
+                Ok(disk) => self.exports.add_disk(&name, Arc::new(disk)),
+                Err(e) => {
+                    tracing::error!(disk = %name, error = %e.chain(), "disk cannot be opened; not served (its files are kept for repair)");
+                    self.broken.lock().insert(name, e.chain());
+                }
+            }
+        }
+        Ok(report)
+    }
+
     pub fn disk_record(&self, name: &str) -> Result<DiskRecord> {
         self.meta
             .get(Table::Disks, name)?
@@ -49,16 +143,11 @@ impl Agent {
             export: format!("{DISK_PREFIX}{name}"),
             vm: rec.vm.clone(),
             created: rec.created,
-            broken: self.broken_disks.lock().get(name).cloned(),
+            broken: self.broken.lock().get(name).cloned(),
         }
     }
 
-    pub fn create_disk(
-        self: &Arc<Self>,
-        name: &str,
-        image: &str,
-        vm: Option<&str>,
-    ) -> Result<DiskInfo> {
+    pub fn create_disk(&self, name: &str, image: &str, vm: Option<&str>) -> Result<DiskInfo> {
         self.create_disk_on(name, image, None, vm)
     }
 
@@ -68,7 +157,7 @@ impl Agent {
     /// origin or else from `source` (the sending host's peer URL); what
     /// `image` names here does not matter.
     pub fn create_disk_pinned(
-        self: &Arc<Self>,
+        &self,
         name: &str,
         image: &str,
         manifest: ChunkId,
@@ -130,14 +219,14 @@ impl Agent {
     }
 
     fn create_disk_on(
-        self: &Arc<Self>,
+        &self,
         name: &str,
         image: &str,
         pinned: Option<ChunkId>,
         vm: Option<&str>,
     ) -> Result<DiskInfo> {
         check_name("disk", name)?;
-        let _names = self.disk_names.lock();
+        let _names = self.names.lock();
         let image_rec = match pinned {
             Some(manifest) => ImageRecord {
                 manifest,
@@ -154,7 +243,7 @@ impl Agent {
             });
         }
         let base = self.exports.open_image(&image_rec.manifest)?;
-        let dir = self.disk_dir(name);
+        let dir = self.dir(name);
         // A directory without a record is debris from a crash.
         if dir.exists() {
             fs::remove_dir_all(&dir)
@@ -194,36 +283,6 @@ impl Agent {
     pub fn get_disk(&self, name: &str) -> Result<DiskInfo> {
         let rec = self.disk_record(name)?;
         Ok(self.disk_info(name, &rec))
-    }
-
-    /// `disk commit` as users call it: a disk whose VM is running is
-    /// committed with the VM paused (QEMU drains and flushes its requests
-    /// when it stops), so the layer is the crash-consistent state of one
-    /// moment, and resumed afterwards.
-    pub fn commit_disk_of_vm(&self, name: &str, new_image: &str) -> Result<ImageSummary> {
-        let rec = self.disk_record(name)?;
-        let Some(vm) = rec.vm.filter(|vm| self.running_vm(vm).is_some()) else {
-            return self.commit_disk(name, new_image);
-        };
-        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
-        let mut qmp = spore_qemu::Qmp::connect(
-            &self.vms.dir(&vm).join("qmp.sock"),
-            std::time::Duration::from_secs(5),
-        )
-        .map_err(qmp_err)?;
-        let was_running = qmp.status().map_err(qmp_err)? == "running";
-        if was_running {
-            qmp.execute("stop", None).map_err(qmp_err)?;
-            tracing::info!(disk = name, vm = %vm, "vm paused for the commit of its disk");
-        }
-        let result = self.commit_disk(name, new_image);
-        if was_running {
-            if let Err(e) = qmp.execute("cont", None) {
-                tracing::error!(vm = %vm, error = %e, "resuming the vm after committing its disk failed");
-                return Err(qmp_err(e));
-            }
-        }
-        result
     }
 
     /// Makes the disk's writes a new layer on its image, named `new_image`.
@@ -277,13 +336,13 @@ impl Agent {
     }
 
     pub fn remove_disk(&self, name: &str, allow_vm: bool) -> Result<RemoveResult> {
-        let _names = self.disk_names.lock();
+        let _names = self.names.lock();
         let rec = self.disk_record(name)?;
         // A disk whose VM record is gone (a standby that died, a crash
         // between two records) belongs to nobody: it can go.
         let owner = rec.vm.as_ref().filter(|vm| {
             self.meta
-                .get::<crate::vms::VmRecord>(Table::Vms, vm)
+                .get::<VmRecord>(Table::Vms, vm)
                 .ok()
                 .flatten()
                 .is_some()
@@ -297,7 +356,7 @@ impl Agent {
         }
         self.exports.remove_disk(name);
         self.meta.remove(Table::Disks, name)?;
-        let dir = self.disk_dir(name);
+        let dir = self.dir(name);
         fs::remove_dir_all(&dir).map_err(AgentError::io(format!("removing {}", dir.display())))?;
         drop(_names);
         let (freed_chunks, freed_bytes) = self.images.release_manifest(&rec.manifest)?;

@@ -87,6 +87,29 @@ impl Images {
         }
     }
 
+    /// Serves every recorded image name as an export (at start).
+    pub fn bind_all(&self) -> Result<()> {
+        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
+            self.exports.bind_image(&name, rec.manifest);
+        }
+        Ok(())
+    }
+
+    /// Resumes completing the images whose policy says so (at start).
+    pub fn resume_completion(&self) -> Result<()> {
+        for (name, rec) in self.meta.list::<ImageRecord>(Table::Images)? {
+            if rec.complete {
+                match self.exports.open_image(&rec.manifest) {
+                    Ok(dev) => self.complete_in_background(&name, dev.image().flat.chunks()),
+                    Err(e) => {
+                        tracing::error!(image = %name, error = %AgentError::from(e).chain(), "image cannot be opened; not completed")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The lock that keeps garbage collection away from chunks no name
     /// holds yet (taken shared by whoever writes such chunks).
     pub fn gc_lock(&self) -> &RwLock<()> {

@@ -144,7 +144,7 @@ impl Agent {
             dimms: req.dimms.len() as u32,
             standby: false,
         };
-        if self.disk_record(&req.vm).is_ok() {
+        if self.disks.disk_record(&req.vm).is_ok() {
             return Err(AgentError::Exists {
                 kind: "disk",
                 name: req.vm.clone(),
@@ -184,7 +184,7 @@ impl Agent {
                 Some(manifest) => {
                     let source = (req.from.contains(':') && !req.from.contains('/'))
                         .then(|| format!("http://{}", req.from));
-                    self.create_disk_pinned(
+                    self.disks.create_disk_pinned(
                         &req.vm,
                         &req.image,
                         manifest,
@@ -193,7 +193,7 @@ impl Agent {
                     )?
                 }
                 // An older source sends only the name.
-                None => self.create_disk(&req.vm, &req.image, Some(&req.vm))?,
+                None => self.disks.create_disk(&req.vm, &req.image, Some(&req.vm))?,
             };
             let start = Start::Incoming {
                 layout: MemoryLayout {

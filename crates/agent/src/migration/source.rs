@@ -415,7 +415,7 @@ impl Agent {
                     .or_else(|| self.config.listen.clone())
                     .unwrap_or_else(|| "a host".into()),
                 image: rec.image.clone(),
-                manifest: Some(self.disk_record(&rec.disk)?.manifest.to_hex()),
+                manifest: Some(self.disks.disk_record(&rec.disk)?.manifest.to_hex()),
                 accel: rec.accel.clone(),
                 memory_mib: rec.memory_mib,
                 cpus: rec.cpus,

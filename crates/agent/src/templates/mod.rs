@@ -267,7 +267,7 @@ impl Agent {
         let allocated =
             |p: &std::path::Path| fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
         let touched = allocated(&vm_ram);
-        let written: u64 = fs::read_dir(self.disk_dir(&rec.disk))
+        let written: u64 = fs::read_dir(self.disks.dir(&rec.disk))
             .map(|d| d.flatten().map(|e| allocated(&e.path())).sum())
             .unwrap_or(0);
         let need = touched + written + CAPTURE_HEADROOM;
@@ -333,7 +333,7 @@ impl Agent {
         let committed = if crate::failpoint::hit("capture-commit") {
             Err(AgentError::State("fail-point capture-commit".into()))
         } else {
-            self.commit_disk(&rec.disk, &disk_image)
+            self.disks.commit_disk(&rec.disk, &disk_image)
         };
         let disk = match committed {
             Ok(d) => d,
@@ -920,7 +920,8 @@ impl Agent {
                                 ram_kib: t.boot_ram_kib(),
                                 cpus: t.cpus,
                             };
-                            self.create_disk(&vm, &t.disk_image, Some(&vm))
+                            self.disks
+                                .create_disk(&vm, &t.disk_image, Some(&vm))
                                 .and_then(|_| {
                                     if crate::failpoint::hit("clone-start") {
                                         return Err(AgentError::State(
@@ -1297,6 +1298,7 @@ impl Agent {
             cpus: t.cpus,
         };
         let r = self
+            .disks
             .create_disk(&vm, &t.disk_image, Some(&vm))
             .and_then(|_| {
                 if crate::failpoint::hit("standby-refill") {
@@ -1342,7 +1344,7 @@ impl Agent {
             self.meta.put(Table::Vms, vm, &rec)?;
             self.meta.remove(Table::Vms, sb)?;
             self.rename_running(sb, vm)?;
-            let mut disk = self.disk_record(&rec.disk)?;
+            let mut disk = self.disks.disk_record(&rec.disk)?;
             disk.vm = Some(vm.to_owned());
             self.meta.put(Table::Disks, &rec.disk, &disk)?;
             let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))

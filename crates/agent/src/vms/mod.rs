@@ -68,6 +68,40 @@ fn describe_exit(status: ExitStatus) -> String {
 }
 
 impl Agent {
+    /// `disk commit` as users call it: a disk whose VM is running is
+    /// committed with the VM paused (QEMU drains and flushes its requests
+    /// when it stops), so the layer is the crash-consistent state of one
+    /// moment, and resumed afterwards.
+    pub fn commit_disk_of_vm(
+        &self,
+        name: &str,
+        new_image: &str,
+    ) -> Result<spore_api::ImageSummary> {
+        let rec = self.disks.disk_record(name)?;
+        let Some(vm) = rec.vm.filter(|vm| self.running_vm(vm).is_some()) else {
+            return self.disks.commit_disk(name, new_image);
+        };
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
+        let mut qmp = spore_qemu::Qmp::connect(
+            &self.vms.dir(&vm).join("qmp.sock"),
+            std::time::Duration::from_secs(5),
+        )
+        .map_err(qmp_err)?;
+        let was_running = qmp.status().map_err(qmp_err)? == "running";
+        if was_running {
+            qmp.execute("stop", None).map_err(qmp_err)?;
+            tracing::info!(disk = name, vm = %vm, "vm paused for the commit of its disk");
+        }
+        let result = self.disks.commit_disk(name, new_image);
+        if was_running {
+            if let Err(e) = qmp.execute("cont", None) {
+                tracing::error!(vm = %vm, error = %e, "resuming the vm after committing its disk failed");
+                return Err(qmp_err(e));
+            }
+        }
+        result
+    }
+
     pub fn vm_record(&self, name: &str) -> Result<VmRecord> {
         self.meta
             .get(Table::Vms, name)?
@@ -182,6 +216,7 @@ impl Agent {
             });
         }
         let result = self
+            .disks
             .create_disk(&req.name, &req.image, Some(&req.name))
             .and_then(|_| self.start_vm(&req.name, rec, Start::Boot, t0));
         if let Err(e) = &result {
@@ -681,7 +716,7 @@ impl Agent {
                 tracing::debug!(disk = %disk_name, error = %e, "image data a request needs is still unavailable");
                 continue;
             }
-            let Some(vm) = self.disk_record(&disk_name).ok().and_then(|r| r.vm) else {
+            let Some(vm) = self.disks.disk_record(&disk_name).ok().and_then(|r| r.vm) else {
                 continue;
             };
             if self.running_vm(&vm).is_none() {
@@ -817,7 +852,7 @@ impl Agent {
             .get::<crate::records::DiskRecord>(Table::Disks, &rec.disk)?
             .is_some()
         {
-            self.remove_disk(&rec.disk, true)?;
+            self.disks.remove_disk(&rec.disk, true)?;
         }
         self.meta.remove(Table::Vms, name)?;
         let _ = fs::remove_dir_all(self.vms.dir(name));
