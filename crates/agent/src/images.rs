@@ -110,12 +110,6 @@ impl Images {
         Ok(())
     }
 
-    /// The lock that keeps garbage collection away from chunks no name
-    /// holds yet (taken shared by whoever writes such chunks).
-    pub fn gc_lock(&self) -> &RwLock<()> {
-        &self.gc_lock
-    }
-
     pub fn image_record(&self, name: &str) -> Result<ImageRecord> {
         self.meta
             .get(Table::Images, name)?

@@ -151,13 +151,9 @@ async fn off_thread<T: Send + 'static>(
     }
 }
 
-/// The store pushes go to, on an agent that accepts them.
+/// The store pushes go to (the pusher routes' gate, [`admit`], already
+/// checked that this agent accepts pushes).
 fn push_store(a: &Agent) -> Result<Arc<OriginStore>> {
-    if !a.config.accept_push {
-        return Err(AgentError::State(
-            "this agent does not accept pushes (start it with --accept-push)".into(),
-        ));
-    }
     a.origin_store
         .clone()
         .ok_or_else(|| AgentError::State("this agent has no origin store".into()))

@@ -75,12 +75,9 @@ impl Agent {
             })
     }
 
+    /// Prepares an incoming migration (the peer gate, `peer::admit`, has
+    /// checked that this agent accepts migrations).
     pub fn incoming_prepare(self: &Arc<Self>, req: IncomingRequest) -> Result<IncomingReady> {
-        if !self.config.accept_migrations {
-            return Err(AgentError::State(
-                "this agent does not accept migrations (start it with --accept-migrations)".into(),
-            ));
-        }
         check_name("vm", &req.vm)?;
         check_name("image", &req.image)?;
         // Everything below may reach QEMU's command line: only well-formed
