@@ -91,8 +91,11 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let log = self.log(host, vm);
-            if log.matches(marker).count() > before {
-                let line = log.rsplit(marker).next().unwrap().lines().next().unwrap();
+            // Only a whole line: the console may be read while the guest
+            // is still writing it.
+            let rest = log.rsplit(marker).next().unwrap();
+            if log.matches(marker).count() > before && rest.contains('\n') {
+                let line = rest.lines().next().unwrap();
                 let field = |k: &str| {
                     line.split_whitespace()
                         .find_map(|w| w.strip_prefix(k))

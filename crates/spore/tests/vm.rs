@@ -290,7 +290,10 @@ fn wait_for(t: &TestAgent, vm: &str, marker: &str, before: usize) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
         let log = t.ok(&["vm", "log", vm]);
-        if log.matches(marker).count() > before {
+        // Only a whole line: the console may be read while the guest is
+        // still writing it.
+        let whole = log.rsplit(marker).next().is_some_and(|r| r.contains('\n'));
+        if log.matches(marker).count() > before && whole {
             return log;
         }
         assert!(
