@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 use spore_blockdev::ChunkCache;
@@ -36,8 +36,11 @@ use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::images::{Images, ImagesConfig};
 use crate::meta::Meta;
+use crate::migration::Migration;
 use crate::records::{PeerStats, REMOTE_TIMEOUT};
+use crate::templates::{TemplateDeps, Templates};
 use crate::vms::processes::VmManager;
+use crate::vms::Vms;
 
 /// How an agent is run.
 #[derive(Debug, Clone)]
@@ -180,8 +183,6 @@ pub struct Agent {
     pub meta: Arc<Meta>,
     pub store: Arc<ChunkStore>,
     pub exports: Arc<Registry>,
-    pub accel: Accel,
-    pub vms: VmManager,
     /// Peers then origin, when any is configured.
     pub fetcher: Option<Arc<Fetcher>>,
     /// Pushed images (an origin's store), when pushes are accepted or a
@@ -198,19 +199,15 @@ pub struct Agent {
     pub images: Arc<Images>,
     /// The disk service (overlays, their exports, commits).
     pub disks: Arc<Disks>,
-    /// Serialises template captures and removals.
-    pub template_names: parking_lot::Mutex<()>,
-    /// Standby clones by template (VM names), and templates being refilled.
-    pub standbys: parking_lot::Mutex<crate::templates::standbys::Standbys>,
-    /// FUSE files paging in templates captured elsewhere, by template.
-    pub memfs: parking_lot::Mutex<std::collections::HashMap<String, spore_memfs::MemFile>>,
-    /// Live migrations away from and to this host.
-    pub migrations: crate::migration::Migrations,
+    /// The VM service (QEMU processes and their records).
+    pub vms: Arc<Vms>,
+    /// The template service (captures, clones, standby pools).
+    pub templates: Arc<Templates>,
+    /// The migration service (live migrations away from and to this host).
+    pub migration: Arc<Migration>,
     /// The peer listener's address as bound (`--listen` with port 0 picks
     /// one), once it listens.
-    pub peer_addr: std::sync::OnceLock<String>,
-    /// Held while a template's RAM file is rebuilt from its image.
-    pub template_ram_rebuild: parking_lot::Mutex<()>,
+    pub peer_addr: Arc<OnceLock<String>>,
     /// What the start found left by a previous run and settled or removed.
     pub recovered: parking_lot::Mutex<Vec<String>>,
     _lock: File,
@@ -292,10 +289,44 @@ impl Agent {
             gc_lock.clone(),
             images.clone(),
         ));
+        let vms = Arc::new(Vms::new(
+            meta.clone(),
+            images.clone(),
+            disks.clone(),
+            exports.clone(),
+            accel,
+            dir.join(spore_api::NBD_SOCKET),
+            VmManager::new(dir.join("vms"), config.ram_dir())?,
+        ));
+        let templates = Arc::new(Templates::new(
+            TemplateDeps {
+                meta: meta.clone(),
+                store: store.clone(),
+                images: images.clone(),
+                disks: disks.clone(),
+                exports: exports.clone(),
+                vms: vms.clone(),
+                gc_lock: gc_lock.clone(),
+            },
+            dir.clone(),
+            config.origin.clone(),
+            config.clone_standby,
+        ));
+        let peer_addr = Arc::new(OnceLock::new());
+        let migration = Arc::new(Migration::new(
+            vms.clone(),
+            disks.clone(),
+            exports.clone(),
+            meta.clone(),
+            config.listen.clone(),
+            peer_addr.clone(),
+        ));
         let agent = Arc::new(Agent {
-            vms: VmManager::new(dir.join("vms"), config.ram_dir())?,
             images,
             disks,
+            vms,
+            templates,
+            migration,
             config,
             meta,
             store,
@@ -304,19 +335,13 @@ impl Agent {
             origin_store,
             peer_stats: PeerStats::default(),
             popularity: Default::default(),
-            accel,
             gc_lock,
-            template_names: parking_lot::Mutex::new(()),
-            memfs: Default::default(),
-            standbys: Default::default(),
-            migrations: Default::default(),
             recovered: Default::default(),
-            template_ram_rebuild: Default::default(),
-            peer_addr: Default::default(),
+            peer_addr,
             _lock: lock,
         });
         agent.recover()?;
-        agent.watch_io_errors();
+        agent.vms.watch_io_errors();
         Ok(agent)
     }
 
@@ -336,13 +361,23 @@ impl Agent {
         let mut report = Vec::new();
         self.images.bind_all()?;
         report.extend(self.disks.recover()?);
-        report.extend(self.vms.recover(&self.meta)?);
-        report.extend(self.drop_standbys());
-        report.extend(self.finish_template_removals());
-        report.extend(self.collect_template_debris());
+        report.extend(self.vms.recover()?);
+        report.extend(self.templates.drop_standbys());
+        report.extend(self.templates.finish_template_removals());
+        report.extend(self.templates.collect_template_debris());
         *self.recovered.lock() = report;
         self.images.resume_completion()?;
         Ok(())
+    }
+
+    /// The agent's shutdown, past its listeners: every VM stopped (and why
+    /// recorded), the standby pools emptied, remote templates unmounted,
+    /// the RAM directory removed when nothing is left in it. The disks
+    /// are flushed once the NBD server has stopped ([`Agent::flush_all`]).
+    pub fn shut_down(&self) {
+        self.vms.stop_all_vms();
+        self.templates.shut_down();
+        let _ = fs::remove_dir(self.vms.procs.ram_dir());
     }
 
     /// Flushes every disk; called on shutdown.

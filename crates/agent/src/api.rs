@@ -221,10 +221,10 @@ async fn status(State(a): S) -> Response {
             data_dir: a.data_dir().to_owned(),
             nbd_socket: a.nbd_socket(),
             nbd_tcp: a.config.nbd_tcp.clone(),
-            accel: a.accel.to_string(),
+            accel: a.vms.accel().to_string(),
             images: a.images.list_images()?.len(),
             disks: a.disks.list_disks()?.len(),
-            vms: a.list_vms()?.len(),
+            vms: a.vms.list_vms()?.len(),
             cache_bytes: a.exports.cache().bytes() as u64,
             cache_budget: a.config.cache_bytes as u64,
             recovered: a.recovered.lock().clone(),
@@ -320,24 +320,24 @@ async fn remove_disk(State(a): S, Name(name): Name) -> Response {
 
 async fn commit_disk(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<CommitRequest>(&body) {
-        Ok(req) => blocking(move || a.commit_disk_of_vm(&name, &req.name)).await,
+        Ok(req) => blocking(move || a.vms.commit_disk_of_vm(&name, &req.name)).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn list_vms(State(a): S) -> Response {
-    blocking(move || a.list_vms()).await
+    blocking(move || a.vms.list_vms()).await
 }
 
 async fn run_vm(State(a): S, body: Bytes) -> Response {
     match parse::<VmCreate>(&body) {
-        Ok(req) => blocking(move || a.run_vm(&req)).await,
+        Ok(req) => blocking(move || a.vms.run_vm(&req)).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn get_vm(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.get_vm(&name)).await
+    blocking(move || a.vms.get_vm(&name)).await
 }
 
 #[derive(Deserialize)]
@@ -348,8 +348,9 @@ struct RemoveQuery {
 
 async fn remove_vm(State(a): S, Name(name): Name, Query(q): Query<RemoveQuery>) -> Response {
     blocking(move || {
-        a.not_migrating(&name)?;
-        a.remove_vm(&name, q.force)
+        a.migration.not_migrating(&name)?;
+        a.vms
+            .remove_vm(&name, q.force)
             .map(|()| serde_json::json!({ "removed": name }))
     })
     .await
@@ -370,14 +371,15 @@ const MAX_SHUTDOWN_TIMEOUT_S: u64 = 3600;
 
 async fn stop_vm(State(a): S, Name(name): Name, Query(q): Query<StopQuery>) -> Response {
     blocking(move || {
-        a.not_migrating(&name)?;
+        a.migration.not_migrating(&name)?;
         let timeout = q.timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S);
         if timeout > MAX_SHUTDOWN_TIMEOUT_S {
             return Err(crate::error::AgentError::Invalid(format!(
                 "timeout_s {timeout} is over the limit of {MAX_SHUTDOWN_TIMEOUT_S}"
             )));
         }
-        a.shutdown_vm(&name, q.force, std::time::Duration::from_secs(timeout))
+        a.vms
+            .shutdown_vm(&name, q.force, std::time::Duration::from_secs(timeout))
     })
     .await
 }
@@ -389,15 +391,15 @@ struct LogQuery {
 }
 
 async fn vm_log(State(a): S, Name(name): Name, Query(q): Query<LogQuery>) -> Response {
-    blocking(move || a.vm_log(&name, q.offset)).await
+    blocking(move || a.vms.vm_log(&name, q.offset)).await
 }
 
 async fn template_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<TemplateCreate>(&body) {
         Ok(req) => {
             blocking(move || {
-                a.not_migrating(&name)?;
-                a.template_vm(&name, &req)
+                a.migration.not_migrating(&name)?;
+                a.templates.template_vm(&name, &req)
             })
             .await
         }
@@ -409,8 +411,8 @@ async fn resize_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<ResizeRequest>(&body) {
         Ok(req) => {
             blocking(move || {
-                a.not_migrating(&name)?;
-                a.resize_vm(&name, req.memory_mib, req.cpus)
+                a.migration.not_migrating(&name)?;
+                a.vms.resize_vm(&name, req.memory_mib, req.cpus)
             })
             .await
         }
@@ -434,51 +436,51 @@ async fn send_line(State(a): S, Name(name): Name, body: Bytes) -> Response {
 
 async fn migrate_vm(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<MigrateRequest>(&body) {
-        Ok(req) => blocking(move || a.migrate_vm(&name, req)).await,
+        Ok(req) => blocking(move || a.migration.migrate_vm(&name, req)).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn get_migration(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.migration(&name)).await
+    blocking(move || a.migration.migration(&name)).await
 }
 
 async fn cancel_migration(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.cancel_migration(&name)).await
+    blocking(move || a.migration.cancel_migration(&name)).await
 }
 
 async fn list_templates(State(a): S) -> Response {
-    blocking(move || a.list_templates()).await
+    blocking(move || a.templates.list_templates()).await
 }
 
 async fn get_template(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.get_template(&name)).await
+    blocking(move || a.templates.get_template(&name)).await
 }
 
 async fn remove_template(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.remove_template(&name)).await
+    blocking(move || a.templates.remove_template(&name)).await
 }
 
 async fn clone_template(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<CloneRequest>(&body) {
-        Ok(req) => blocking(move || a.clone_template(&name, &req)).await,
+        Ok(req) => blocking(move || a.templates.clone_template(&name, &req)).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn push_template(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
-        Ok(req) => streaming(move |p| a.push_template(&name, &req.to, p)),
+        Ok(req) => streaming(move |p| a.templates.push_template(&name, &req.to, p)),
         Err(e) => e.into_response(),
     }
 }
 
 async fn pull_template(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.pull_template(&name)).await
+    blocking(move || a.templates.pull_template(&name)).await
 }
 
 async fn remove_group(State(a): S, Name(name): Name) -> Response {
-    blocking(move || a.remove_group(&name)).await
+    blocking(move || a.templates.remove_group(&name)).await
 }
 
 async fn metrics(State(a): S) -> Response {

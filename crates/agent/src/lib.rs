@@ -72,7 +72,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
         }
         None => None,
     };
-    agent.fill_all_standbys();
+    agent.templates.fill_all_standbys();
 
     let api_path = dir.join(spore_api::API_SOCKET);
     let served = runtime.block_on(async {
@@ -98,7 +98,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
             });
             tracing::info!(%addr, accept_push = agent.config.accept_push, "serving peers");
         }
-        tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.accel, "spore agent ready");
+        tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.vms.accel(), "spore agent ready");
         eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());
         axum::serve(listener, api::router(agent.clone()))
             .with_graceful_shutdown(shutdown_signal())
@@ -107,7 +107,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
     });
     tracing::info!("shutting down");
     // Outside the runtime now: plain blocking calls.
-    agent.stop_all_vms();
+    agent.shut_down();
     nbd.shutdown();
     if let Some(t) = nbd_tcp {
         t.shutdown();

@@ -439,7 +439,7 @@ async fn incoming_prepare(State(a): S, body: Bytes) -> Response {
         async move {
             let req: spore_api::IncomingRequest = serde_json::from_slice(&body)
                 .map_err(|e| AgentError::Invalid(format!("bad migration request: {e}")))?;
-            let ready = off_thread(move || a.incoming_prepare(req)).await?;
+            let ready = off_thread(move || a.migration.incoming_prepare(req)).await?;
             Ok(axum::Json(ready).into_response())
         }
         .await,
@@ -448,7 +448,7 @@ async fn incoming_prepare(State(a): S, body: Bytes) -> Response {
 
 async fn incoming_blocks(State(a): S, Name(vm): Name, body: Bytes) -> Response {
     respond(
-        off_thread(move || a.incoming_blocks(&vm, &body))
+        off_thread(move || a.migration.incoming_blocks(&vm, &body))
             .await
             .map(|n| axum::Json(n).into_response()),
     )
@@ -456,7 +456,7 @@ async fn incoming_blocks(State(a): S, Name(vm): Name, body: Bytes) -> Response {
 
 async fn incoming_status(State(a): S, Name(vm): Name) -> Response {
     respond(
-        off_thread(move || a.incoming_status(&vm))
+        off_thread(move || a.migration.incoming_status(&vm))
             .await
             .map(|r| axum::Json(r).into_response()),
     )
@@ -464,7 +464,7 @@ async fn incoming_status(State(a): S, Name(vm): Name) -> Response {
 
 async fn incoming_recover(State(a): S, Name(vm): Name) -> Response {
     respond(
-        off_thread(move || a.incoming_recover(&vm))
+        off_thread(move || a.migration.incoming_recover(&vm))
             .await
             .map(|r| axum::Json(r).into_response()),
     )
@@ -472,7 +472,7 @@ async fn incoming_recover(State(a): S, Name(vm): Name) -> Response {
 
 async fn incoming_commit(State(a): S, Name(vm): Name) -> Response {
     respond(
-        off_thread(move || a.incoming_commit(&vm))
+        off_thread(move || a.migration.incoming_commit(&vm))
             .await
             .map(|r| axum::Json(r).into_response()),
     )
@@ -480,7 +480,7 @@ async fn incoming_commit(State(a): S, Name(vm): Name) -> Response {
 
 async fn incoming_abort(State(a): S, Name(vm): Name) -> Response {
     respond(
-        off_thread(move || a.incoming_abort(&vm))
+        off_thread(move || a.migration.incoming_abort(&vm))
             .await
             .map(|()| axum::Json(serde_json::json!({ "aborted": true })).into_response()),
     )

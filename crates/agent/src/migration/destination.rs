@@ -21,7 +21,7 @@ use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp};
 
 use super::Incoming;
-use crate::agent::Agent;
+use super::Migration;
 use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
 use crate::meta::Table;
 use crate::records::now;
@@ -41,12 +41,11 @@ fn listen_port(listen: &str) -> u16 {
         .unwrap_or(0)
 }
 
-impl Agent {
+impl Migration {
     /// The address QEMU listens on for migration streams: the peer
     /// listener's host, on a free port.
     fn migration_listen(&self) -> Result<String> {
         let listen = self
-            .config
             .listen
             .as_deref()
             .ok_or_else(|| AgentError::State("receiving migrations needs --listen".into()))?;
@@ -64,7 +63,7 @@ impl Agent {
     }
 
     fn incoming(&self, vm: &str) -> Result<Arc<Incoming>> {
-        self.migrations
+        self.jobs
             .incoming
             .lock()
             .get(vm)
@@ -106,10 +105,10 @@ impl Agent {
             })
             .transpose()?;
         let accel: Accel = req.accel.parse().map_err(AgentError::Invalid)?;
-        if accel != self.accel {
+        if accel != self.vms.accel() {
             return Err(AgentError::Invalid(format!(
                 "the VM runs with {accel}, this host with {}; a migration needs the same accelerator",
-                self.accel
+                self.vms.accel()
             )));
         }
         let listen = self.migration_listen()?;
@@ -148,7 +147,7 @@ impl Agent {
             });
         }
         {
-            let mut incoming = self.migrations.incoming.lock();
+            let mut incoming = self.jobs.incoming.lock();
             if incoming.contains_key(&req.vm) {
                 return Err(AgentError::Exists {
                     kind: "incoming migration",
@@ -208,13 +207,13 @@ impl Agent {
                 preempt: req.postcopy && req.postcopy_preempt,
                 listen: listen.clone(),
             };
-            self.start_vm(&req.vm, rec, start, Instant::now())?;
+            self.vms.start_vm(&req.vm, rec, start, Instant::now())?;
             // Out of band, so that a post-copy recovery can reach QEMU
             // while its main thread waits for a page (incoming_recover);
             // and a short wait for in-band answers, so that the watcher's
             // status poll, blocked the same way, lets go of the monitor.
             let mut qmp = Qmp::connect_oob(
-                &self.vms.dir(&req.vm).join("qmp.sock"),
+                &self.vms.procs.dir(&req.vm).join("qmp.sock"),
                 Duration::from_secs(5),
             )?;
             qmp.set_timeout(INCOMING_QMP_TIMEOUT)?;
@@ -229,14 +228,14 @@ impl Agent {
                 done: AtomicBool::new(false),
                 deadline: Instant::now() + Duration::from_secs(req.timeout_s + 30),
             });
-            self.migrations
+            self.jobs
                 .incoming
                 .lock()
                 .insert(req.vm.clone(), entry.clone());
-            let agent = self.clone();
+            let migration = self.clone();
             std::thread::Builder::new()
                 .name(format!("incoming-{}", req.vm))
-                .spawn(move || agent.watch_incoming(entry))
+                .spawn(move || migration.watch_incoming(entry))
                 .map_err(AgentError::io("starting the incoming migration watcher"))?;
             Ok(IncomingReady {
                 port: listen_port(&listen),
@@ -263,11 +262,12 @@ impl Agent {
         let mut next_tune = Instant::now();
         while !inc.done.load(Ordering::Acquire) {
             std::thread::sleep(POLL);
-            let Some((pid, _)) = self.running_vm(&inc.vm) else {
+            let Some((pid, _)) = self.vms.running_vm(&inc.vm) else {
                 if inc.done.load(Ordering::Acquire) {
                     return;
                 }
                 let why = self
+                    .vms
                     .vm_record(&inc.vm)
                     .ok()
                     .and_then(|r| r.reason)
@@ -284,7 +284,7 @@ impl Agent {
                 if let Some(Ok(status)) = inc.qmp.lock().as_mut().map(|q| q.status()) {
                     if status == "running" {
                         *inc.running_at.lock() = Some(epoch_us());
-                        *inc.probe.lock() = self.vms.probe(&inc.vm);
+                        *inc.probe.lock() = self.vms.procs.probe(&inc.vm);
                         tracing::info!(vm = %inc.vm, "migrated guest runs here");
                     }
                 }
@@ -315,7 +315,7 @@ impl Agent {
 
     /// Keeps a VM that runs here although the source never committed it.
     fn adopt_uncommitted(&self, inc: &Incoming) -> bool {
-        let Some(inc) = self.migrations.incoming.lock().remove(&inc.vm) else {
+        let Some(inc) = self.jobs.incoming.lock().remove(&inc.vm) else {
             return true;
         };
         inc.done.store(true, Ordering::Release);
@@ -326,7 +326,7 @@ impl Agent {
                 tracing::error!(vm = %inc.vm, error = %e, "flushing the disk of an adopted VM failed");
             }
         }
-        let adopted = self.set_vm_state(&inc.vm, |r| {
+        let adopted = self.vms.set_vm_state(&inc.vm, |r| {
             if r.state == VmState::Incoming {
                 r.state = VmState::Running;
             }
@@ -422,7 +422,7 @@ impl Agent {
             // repeated one): it is here and running, which is what the
             // source asks.
             Err(e) => {
-                return match self.vm_record(vm) {
+                return match self.vms.vm_record(vm) {
                     Ok(r) if r.state == VmState::Running => Ok(IncomingCommitted {
                         pongs: Vec::new(),
                         running_at: None,
@@ -449,7 +449,7 @@ impl Agent {
         }
         inc.done.store(true, Ordering::Release);
         // The watcher may not have seen the guest run yet.
-        let probe = inc.probe.lock().take().or_else(|| self.vms.probe(vm));
+        let probe = inc.probe.lock().take().or_else(|| self.vms.procs.probe(vm));
         // The guest's first answer here ends the stall being measured; it
         // may come a moment after the migration completed.
         let until = Instant::now() + Duration::from_secs(5);
@@ -460,8 +460,8 @@ impl Agent {
         let running_at = *inc.running_at.lock();
         // The monitor is free again for the agent's other uses.
         inc.qmp.lock().take();
-        self.migrations.incoming.lock().remove(vm);
-        self.set_vm_state(vm, |r| {
+        self.jobs.incoming.lock().remove(vm);
+        self.vms.set_vm_state(vm, |r| {
             if r.state == VmState::Incoming {
                 r.state = VmState::Running;
             }
@@ -481,7 +481,7 @@ impl Agent {
     fn discard_incoming(&self, vm: &str, why: &str) {
         // The source's abort and this host's watcher (QEMU exited) can
         // both get here: the one that takes the entry removes the VM.
-        let Some(inc) = self.migrations.incoming.lock().remove(vm) else {
+        let Some(inc) = self.jobs.incoming.lock().remove(vm) else {
             return;
         };
         inc.done.store(true, Ordering::Release);
@@ -495,7 +495,7 @@ impl Agent {
             .flatten()
             .is_some()
         {
-            if let Err(e) = self.remove_vm(vm, true) {
+            if let Err(e) = self.vms.remove_vm(vm, true) {
                 tracing::error!(vm, error = %e.chain(), "removing an incoming VM failed");
             }
         }

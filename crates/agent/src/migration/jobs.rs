@@ -18,12 +18,12 @@ const TIMELINE_MAX: usize = 6000;
 
 /// Live migrations away from and to this host, by VM.
 #[derive(Debug, Default)]
-pub struct Migrations {
+pub struct Jobs {
     pub(crate) outgoing: Mutex<HashMap<String, Arc<Job>>>,
     pub(crate) incoming: Mutex<HashMap<String, Arc<Incoming>>>,
 }
 
-impl Migrations {
+impl Jobs {
     /// The migration of `vm` in progress here, either way, if any.
     pub fn busy(&self, vm: &str) -> Option<&'static str> {
         if self

@@ -9,6 +9,10 @@
 //! the switch the source VM is the VM: any failure or a cancel leaves it
 //! running and removes what the destination made.
 //!
+//! Owns: the migrations in flight both ways ([`jobs::Jobs`]), kept in
+//! memory only; the VMs and disks it moves belong to the VM and disk
+//! services, which it calls.
+//!
 //! Between agents, on the destination's peer listener (only with
 //! `--accept-migrations`):
 //!
@@ -27,16 +31,60 @@ mod jobs;
 pub mod policy;
 pub mod source;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use spore_api::ErrorBody;
 
+use crate::disks::Disks;
 use crate::error::{AgentError, Result};
-pub use jobs::{Incoming, Job, Migrations};
+use crate::exports::Registry;
+use crate::meta::Meta;
+use crate::vms::Vms;
+pub use jobs::{Incoming, Job, Jobs};
 
-/// Migrations this agent runs or ran (as source) and receives (as
-/// destination).
+/// The migration service: migrations this agent runs or ran (as source)
+/// and receives (as destination). It owns the migrations in flight
+/// ([`Jobs`]); the VMs it moves belong to the VM service, which it calls
+/// to start the arriving QEMU and to stop or take back the leaving one,
+/// and their disks to the disk service.
+#[derive(Debug)]
+pub struct Migration {
+    vms: Arc<Vms>,
+    disks: Arc<Disks>,
+    exports: Arc<Registry>,
+    meta: Arc<Meta>,
+    /// The peer listener as configured (`--listen`): QEMU's incoming
+    /// streams listen on its host.
+    listen: Option<String>,
+    /// The peer listener as bound, once it listens: destinations are told
+    /// this address.
+    peer_addr: Arc<OnceLock<String>>,
+    jobs: Jobs,
+}
+
+impl Migration {
+    pub(crate) fn new(
+        vms: Arc<Vms>,
+        disks: Arc<Disks>,
+        exports: Arc<Registry>,
+        meta: Arc<Meta>,
+        listen: Option<String>,
+        peer_addr: Arc<OnceLock<String>>,
+    ) -> Self {
+        Migration {
+            vms,
+            disks,
+            exports,
+            meta,
+            listen,
+            peer_addr,
+            jobs: Jobs::default(),
+        }
+    }
+}
+
 /// The destination agent's peer listener, as the source talks to it.
 #[derive(Debug, Clone)]
 pub struct PeerClient {

@@ -30,8 +30,8 @@ use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
+use super::Migration;
 use super::{Job, PeerClient};
-use crate::agent::Agent;
 use crate::error::{AgentError, Result};
 use crate::records::now;
 
@@ -229,12 +229,12 @@ impl Drop for AbortGuard<'_> {
     }
 }
 
-impl Agent {
+impl Migration {
     /// Starts moving a running VM to another agent; returns at once (poll
     /// [`Agent::migration`]).
     pub fn migrate_vm(self: &Arc<Self>, name: &str, req: MigrateRequest) -> Result<MigrationInfo> {
-        let rec = self.vm_record(name)?;
-        if rec.state != VmState::Running || self.running_vm(name).is_none() {
+        let rec = self.vms.vm_record(name)?;
+        if rec.state != VmState::Running || self.vms.running_vm(name).is_none() {
             return Err(AgentError::State(format!(
                 "vm {name} is {}, not running",
                 rec.state
@@ -282,7 +282,7 @@ impl Agent {
             t0_us: epoch_us(),
         });
         {
-            let mut jobs = self.migrations.outgoing.lock();
+            let mut jobs = self.jobs.outgoing.lock();
             if jobs
                 .get(name)
                 .is_some_and(|j| !j.info.lock().phase.finished())
@@ -292,27 +292,25 @@ impl Agent {
             jobs.insert(name.to_owned(), job.clone());
         }
         let info = job.info.lock().clone();
-        let (agent, vm) = (self.clone(), name.to_owned());
+        let (migration, vm) = (self.clone(), name.to_owned());
         std::thread::Builder::new()
             .name(format!("migrate-{name}"))
-            .spawn(move || agent.run_migration(&vm, &req, &job))
+            .spawn(move || migration.run_migration(&vm, &req, &job))
             .map_err(AgentError::io("starting the migration"))?;
         Ok(info)
     }
 
     pub fn migration(&self, name: &str) -> Result<MigrationInfo> {
-        self.migrations
-            .info(name)
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "migration of vm",
-                name: name.into(),
-            })
+        self.jobs.info(name).ok_or_else(|| AgentError::NotFound {
+            kind: "migration of vm",
+            name: name.into(),
+        })
     }
 
     /// Cancels a migration before the switch; the VM keeps running here.
     pub fn cancel_migration(&self, name: &str) -> Result<MigrationInfo> {
         let job = self
-            .migrations
+            .jobs
             .outgoing
             .lock()
             .get(name)
@@ -370,7 +368,7 @@ impl Agent {
     fn migrate_inner(&self, name: &str, req: &MigrateRequest, job: &Arc<Job>) -> Result<()> {
         let peer = PeerClient::new(&req.to, Duration::from_secs(60));
         let host = peer.host()?;
-        let rec = self.vm_record(name)?;
+        let rec = self.vms.vm_record(name)?;
         let disk = self
             .exports
             .disk(&rec.disk)
@@ -378,7 +376,10 @@ impl Agent {
                 kind: "disk",
                 name: rec.disk.clone(),
             })?;
-        let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))?;
+        let mut qmp = Qmp::connect(
+            &self.vms.procs.dir(name).join("qmp.sock"),
+            Duration::from_secs(5),
+        )?;
         let layout = qmp.memory_layout()?;
         let version = qmp.version()?;
         if let Some(what) = untrackable_ram(&rec.accel, version, &layout) {
@@ -412,7 +413,7 @@ impl Agent {
                     .peer_addr
                     .get()
                     .cloned()
-                    .or_else(|| self.config.listen.clone())
+                    .or_else(|| self.listen.clone())
                     .unwrap_or_else(|| "a host".into()),
                 image: rec.image.clone(),
                 manifest: Some(self.disks.disk_record(&rec.disk)?.manifest.to_hex()),
@@ -512,9 +513,10 @@ impl Agent {
         // and travel with its state; the probe stops once QEMU is done
         // (stopping it at `pre-switchover` cost up to its 10 ms interval of
         // downtime).
-        let probe = self.vms.probe(name);
+        let probe = self.vms.procs.probe(name);
         let start_us = epoch_us();
         let mut conns = self
+            .vms
             .running_vm(name)
             .map(|(pid, _)| Connections::new(pid, &host, ready.port, req.bandwidth));
 
@@ -564,7 +566,7 @@ impl Agent {
                         }
                         Destination::Unknown(why) => {
                             let to = req.to.clone();
-                            let _ = self.set_vm_state(name, |r| {
+                            let _ = self.vms.set_vm_state(name, |r| {
                                 r.state = VmState::Failed;
                                 r.reason = Some(format!(
                                     "the switch to {to} broke off and {to} could not say whether \
@@ -611,7 +613,7 @@ impl Agent {
                     // The guest may run at the destination by now: this
                     // copy, paused after the switch, must never run again.
                     let to = req.to.clone();
-                    let _ = self.set_vm_state(name, |r| {
+                    let _ = self.vms.set_vm_state(name, |r| {
                         r.state = VmState::Failed;
                         r.reason = Some(format!(
                             "migrated to {to}, which did not confirm; the guest may run \
@@ -654,7 +656,7 @@ impl Agent {
         // This host's copy goes: QEMU (paused after the switch), its disk,
         // its record. The monitor must be free for the quit.
         drop(qmp);
-        if let Err(e) = self.remove_vm(name, true) {
+        if let Err(e) = self.vms.remove_vm(name, true) {
             job.decide(0, format!("removing the source copy failed: {}", e.chain()));
         }
         Ok(())
@@ -1037,7 +1039,7 @@ impl Agent {
             RECOVERY_BUDGET.as_secs(),
             peer_url(peer)
         );
-        let _ = self.set_vm_state(name, |r| {
+        let _ = self.vms.set_vm_state(name, |r| {
             r.state = VmState::Failed;
             r.reason = Some(msg.clone());
         });
@@ -1087,11 +1089,11 @@ impl Agent {
     }
 }
 
-impl Agent {
+impl Migration {
     /// Refuses to touch a VM that is moving (stop, remove, resize,
     /// template): cancel the migration first, or wait for it.
     pub fn not_migrating(&self, vm: &str) -> Result<()> {
-        match self.migrations.busy(vm) {
+        match self.jobs.busy(vm) {
             Some(what) => Err(AgentError::State(format!(
                 "vm {vm} is {what}; wait for it or cancel it (spore vm migrate --cancel {vm})"
             ))),

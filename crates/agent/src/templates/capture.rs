@@ -10,7 +10,7 @@ use super::*;
 /// and the store's own files.
 const CAPTURE_HEADROOM: u64 = 64 << 20;
 
-impl Agent {
+impl Templates {
     /// Captures a running VM as template `req.name`.
     pub fn template_vm(self: &Arc<Self>, vm: &str, req: &TemplateCreate) -> Result<TemplateInfo> {
         let name = &req.name;
@@ -44,7 +44,7 @@ impl Agent {
                 });
             }
         }
-        let rec = self.vm_record(vm)?;
+        let rec = self.vms.vm_record(vm)?;
         if rec.state != VmState::Running {
             return Err(AgentError::State(format!(
                 "vm {vm} is {}; only a running VM can become a template",
@@ -65,10 +65,10 @@ impl Agent {
                 rec.dimms
             )));
         }
-        let Some((_, exit)) = self.running_vm(vm) else {
+        let Some((_, exit)) = self.vms.running_vm(vm) else {
             return Err(AgentError::State(format!("vm {vm} has no QEMU process")));
         };
-        let vm_ram = self.vms.ram_file(vm);
+        let vm_ram = self.vms.procs.ram_file(vm);
         if !vm_ram.is_file() {
             return Err(AgentError::State(format!(
                 "vm {vm} has no RAM file at {} (was it started by an older agent?)",
@@ -87,13 +87,13 @@ impl Agent {
             .map(|d| d.flatten().map(|e| allocated(&e.path())).sum())
             .unwrap_or(0);
         let need = touched + written + CAPTURE_HEADROOM;
-        let free = crate::vms::free_bytes(self.data_dir())?;
+        let free = crate::vms::free_bytes(self.data_dir.as_path())?;
         if free < need {
             return Err(AgentError::State(format!(
                 "not enough room to capture vm {vm} in {}: {} MiB free, {} MiB needed (the \
                  {} MiB of RAM the guest touched, the {} MiB it wrote to its disk, and {} MiB \
                  for the state); nothing was paused",
-                self.data_dir().display(),
+                self.data_dir.as_path().display(),
                 free >> 20,
                 need >> 20,
                 touched >> 20,
@@ -110,8 +110,11 @@ impl Agent {
         // 1. Pause and save device state. From here until the source runs
         //    again, its guest is frozen.
         let paused = Instant::now();
-        let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
-            .map_err(qmp_err)?;
+        let mut qmp = Qmp::connect(
+            &self.vms.procs.dir(vm).join("qmp.sock"),
+            Duration::from_secs(5),
+        )
+        .map_err(qmp_err)?;
         // Clones must have exactly this boot RAM to load the state.
         let layout = qmp.memory_layout().map_err(qmp_err)?;
         if !layout.dimms.is_empty() {
@@ -169,7 +172,7 @@ impl Agent {
             return Err(give_back(&mut qmp, e));
         }
         let _ = fs::set_permissions(&tram, std::os::unix::fs::PermissionsExt::from_mode(0o400));
-        self.set_vm_state(vm, |r| r.state = VmState::Stopping)?;
+        self.vms.set_vm_state(vm, |r| r.state = VmState::Stopping)?;
         let _ = qmp.execute("quit", None);
         drop(qmp);
         exit.wait(Duration::from_secs(15));
@@ -201,13 +204,13 @@ impl Agent {
         // 5. The source: resumed from the template (same name, disk and
         //    identity), or left stopped.
         let resumed = if req.stop {
-            self.set_vm_state(vm, |r| {
+            self.vms.set_vm_state(vm, |r| {
                 r.reason = Some(format!("captured as template {name}"));
             })?;
             t.source_after = "stopped (its memory became the template)".into();
             None
         } else {
-            let mut again = self.vm_record(vm)?;
+            let mut again = self.vms.vm_record(vm)?;
             again.template = Some(name.clone());
             self.meta.put(Table::Vms, vm, &again)?;
             let start = Start::Resume {
@@ -220,7 +223,7 @@ impl Agent {
                 ram_kib: t.boot_ram_kib(),
                 cpus: t.cpus,
             };
-            Some(self.start_vm(vm, again, start, Instant::now()))
+            Some(self.vms.start_vm(vm, again, start, Instant::now()))
         };
         t.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
         match &resumed {
@@ -231,7 +234,7 @@ impl Agent {
                 )
             }
             Some(Err(e)) => {
-                self.settle_failed_start(vm, e);
+                self.vms.settle_failed_start(vm, e);
                 t.source_after = format!("failed to resume: {}", e.chain());
             }
             None => {}
@@ -324,7 +327,7 @@ impl Agent {
         // its memory, which is already its own.
         let _ = fs::remove_file(self.template_ram(name));
         let _ = fs::remove_dir_all(self.template_dir(name));
-        let _ = self.set_vm_state(vm, |r| {
+        let _ = self.vms.set_vm_state(vm, |r| {
             r.template = None;
             r.reason = Some(format!(
                 "capture as template {name} failed and was undone: {}",
@@ -400,17 +403,17 @@ impl Agent {
     /// the template's working set. They become the RAM image's profile, so
     /// hosts that page the template in prefetch them first.
     pub(super) fn record_ram_working_set(self: &Arc<Self>, name: &str) {
-        let agent = self.clone();
+        let templates = self.clone();
         let name = name.to_owned();
         let spawned = std::thread::Builder::new()
             .name(format!("working-set-{name}"))
             .spawn(move || {
-                let path = agent.template_ram(&name);
+                let path = templates.template_ram(&name);
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(500));
-                    let Ok(t) = agent.template_record(&name) else { return };
-                    let runner = agent.list_vms().ok().and_then(|vms| {
+                    let Ok(t) = templates.template_record(&name) else { return };
+                    let runner = templates.vms.list_vms().ok().and_then(|vms| {
                         vms.into_iter().find(|v| {
                             v.template.as_deref() == Some(name.as_str())
                                 && v.state == VmState::Running
@@ -424,7 +427,7 @@ impl Agent {
                     match touched_blocks(pid, &path, RAM_BLOCK_SIZE as u64) {
                         Ok(blocks) if !blocks.is_empty() => {
                             let n = blocks.len();
-                            let result = agent.set_profile(&t.ram_image, RAM_BLOCK_SIZE, blocks);
+                            let result = templates.set_profile(&t.ram_image, RAM_BLOCK_SIZE, blocks);
                             match result {
                                 Ok(()) => tracing::info!(template = %name, vm = %vm.name, blocks = n, "RAM working set recorded"),
                                 Err(e) => tracing::warn!(template = %name, error = %e.chain(), "saving the RAM working set failed"),

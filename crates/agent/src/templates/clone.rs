@@ -14,7 +14,7 @@ const WARM_BUDGET: Duration = Duration::from_millis(300);
 /// Clones started at once (QEMU start-up is CPU-bound).
 const CLONE_WORKERS: usize = 2;
 
-impl Agent {
+impl Templates {
     /// Makes sure clones can map the template's RAM: the local file (a
     /// template captured here); the file rebuilt from the RAM image when
     /// every chunk is here (tmpfs lost it in a reboot); or else a FUSE file
@@ -44,7 +44,7 @@ impl Agent {
             if let Some(m) = mounts.get(name) {
                 return Ok((m.path(), None));
             }
-            let dir = self.vms.ram_dir().join(format!("mem-{name}"));
+            let dir = self.vms.procs.ram_dir().join(format!("mem-{name}"));
             let block = img.image().manifest.block_size as u64;
             let m = spore_memfs::MemFile::mount(&dir, "ram", Arc::new(DeviceBacking(img, size)))
                 .map_err(AgentError::io(format!("paging in template {name}")))?;
@@ -84,9 +84,9 @@ impl Agent {
         if path.is_file() {
             return Ok((path, None));
         }
-        fs::create_dir_all(self.vms.ram_dir())
+        fs::create_dir_all(self.vms.procs.ram_dir())
             .map_err(AgentError::io("creating the RAM directory"))?;
-        crate::vms::check_ram_room(self.vms.ram_dir(), size >> 10)?;
+        crate::vms::check_ram_room(self.vms.procs.ram_dir(), size >> 10)?;
         let tmp = path.with_extension("tmp");
         let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
         file.set_len(size)
@@ -139,7 +139,7 @@ impl Agent {
             check_name("vm", &vm)?;
             let mut rec = base.clone();
             rec.disk = vm.clone();
-            rec.identity = Some(self.unique_identity(&vm)?);
+            rec.identity = Some(self.vms.unique_identity(&vm)?);
             if self.meta.insert_new(Table::Vms, &vm, &rec)? {
                 names.push((vm, rec));
             }
@@ -173,12 +173,12 @@ impl Agent {
                                             "fail-point clone-start".into(),
                                         ));
                                     }
-                                    self.start_vm(&vm, rec, start, Instant::now())
+                                    self.vms.start_vm(&vm, rec, start, Instant::now())
                                 })
                         }
                     };
                     if let Err(e) = &r {
-                        self.settle_failed_start(&vm, e);
+                        self.vms.settle_failed_start(&vm, e);
                     }
                     results.lock().push((vm, r));
                 });
@@ -227,7 +227,7 @@ impl Agent {
         }
         let mut removed = Vec::new();
         for vm in members {
-            self.remove_vm(&vm, true)?;
+            self.vms.remove_vm(&vm, true)?;
             removed.push(vm);
         }
         Ok(GroupRemoved {

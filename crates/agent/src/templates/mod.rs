@@ -40,6 +40,7 @@ mod pool;
 mod remove;
 pub mod standbys;
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,11 +53,13 @@ use spore_chunks::ChunkId;
 use spore_image::Bundle;
 use spore_qemu::Qmp;
 
-use crate::agent::Agent;
+use crate::disks::Disks;
 use crate::error::{check_name, AgentError, Result};
-use crate::meta::Table;
+use crate::exports::Registry;
+use crate::images::Images;
+use crate::meta::{Meta, Table};
 use crate::records::{now, ImageRecord, TemplateRecord};
-use crate::vms::{check_growth, Start, VmRecord, WarmGate};
+use crate::vms::{check_growth, Start, VmRecord, Vms, WarmGate};
 
 /// Block size of RAM images: 64 KiB, like disk images.
 const RAM_BLOCK_SIZE: u32 = 64 * 1024;
@@ -115,14 +118,96 @@ impl TemplateMeta {
     }
 }
 
-impl Agent {
+/// The template service: captures, clones, the standby pool, push, pull
+/// and removal of templates. It calls the VM service to pause, start and
+/// stop VMs, the image service for the template's images and the disk
+/// service for clones' disks; nothing below it calls it.
+#[derive(Debug)]
+pub struct Templates {
+    meta: Arc<Meta>,
+    store: Arc<spore_chunks::ChunkStore>,
+    images: Arc<Images>,
+    disks: Arc<Disks>,
+    exports: Arc<Registry>,
+    vms: Arc<Vms>,
+    /// The agent's data directory (templates live in `templates/` of it;
+    /// a capture checks its free space).
+    data_dir: PathBuf,
+    /// The origin templates not known here are resolved from.
+    origin: Option<String>,
+    /// Clones kept started and paused per template.
+    clone_standby: u32,
+    /// Held shared while chunks no name references yet are written.
+    gc_lock: Arc<parking_lot::RwLock<()>>,
+    /// Serialises template captures and removals.
+    template_names: parking_lot::Mutex<()>,
+    /// Standby clones by template (VM names), and templates being refilled.
+    standbys: parking_lot::Mutex<standbys::Standbys>,
+    /// FUSE files paging in templates captured elsewhere, by template.
+    memfs: parking_lot::Mutex<HashMap<String, spore_memfs::MemFile>>,
+    /// Held while a template's RAM file is rebuilt from its image.
+    template_ram_rebuild: parking_lot::Mutex<()>,
+}
+
+/// What the template service is built from.
+pub(crate) struct TemplateDeps {
+    pub meta: Arc<Meta>,
+    pub store: Arc<spore_chunks::ChunkStore>,
+    pub images: Arc<Images>,
+    pub disks: Arc<Disks>,
+    pub exports: Arc<Registry>,
+    pub vms: Arc<Vms>,
+    pub gc_lock: Arc<parking_lot::RwLock<()>>,
+}
+
+impl Templates {
+    pub(crate) fn new(
+        deps: TemplateDeps,
+        data_dir: PathBuf,
+        origin: Option<String>,
+        clone_standby: u32,
+    ) -> Self {
+        let TemplateDeps {
+            meta,
+            store,
+            images,
+            disks,
+            exports,
+            vms,
+            gc_lock,
+        } = deps;
+        Templates {
+            meta,
+            store,
+            images,
+            disks,
+            exports,
+            vms,
+            data_dir,
+            origin,
+            clone_standby,
+            gc_lock,
+            template_names: Default::default(),
+            standbys: Default::default(),
+            memfs: Default::default(),
+            template_ram_rebuild: Default::default(),
+        }
+    }
+
+    /// At the agent's shutdown, once every VM is stopped: the standby pool
+    /// emptied and the FUSE files of remote templates unmounted.
+    pub(crate) fn shut_down(&self) {
+        let _ = self.drop_standbys();
+        self.memfs.lock().clear();
+    }
+
     fn template_dir(&self, name: &str) -> PathBuf {
-        self.data_dir().join("templates").join(name)
+        self.data_dir.as_path().join("templates").join(name)
     }
 
     /// The template's RAM file, which clones map copy-on-write.
     pub fn template_ram(&self, name: &str) -> PathBuf {
-        self.vms.ram_dir().join(format!("tmpl-{name}.ram"))
+        self.vms.procs.ram_dir().join(format!("tmpl-{name}.ram"))
     }
 
     pub fn template_record(&self, name: &str) -> Result<TemplateRecord> {
@@ -191,7 +276,7 @@ impl Agent {
             kind: "template",
             name: name.into(),
         };
-        if self.config.origin.is_none() {
+        if self.origin.is_none() {
             return Err(not_found());
         }
         let _serial = self.template_names.lock();

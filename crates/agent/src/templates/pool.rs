@@ -6,22 +6,23 @@
 use super::clone::clone_record;
 use super::*;
 
-impl Agent {
+impl Templates {
     /// A live standby of the template, if any; dead ones (their QEMU gone,
     /// or not paused in standby) are removed on the way, so that a clone
     /// falls back to a fresh start and the pool is refilled.
     pub(super) fn take_standby(&self, template: &str) -> Option<String> {
         loop {
             let sb = self.standbys.lock().ready.get_mut(template)?.pop()?;
-            let alive = self.running_vm(&sb).is_some()
+            let alive = self.vms.running_vm(&sb).is_some()
                 && self
+                    .vms
                     .vm_record(&sb)
                     .is_ok_and(|r| r.state == VmState::Standby);
             if alive {
                 return Some(sb);
             }
             tracing::warn!(vm = %sb, template, "standby clone is gone; removing it");
-            if let Err(e) = self.remove_vm(&sb, true) {
+            if let Err(e) = self.vms.remove_vm(&sb, true) {
                 tracing::warn!(vm = %sb, error = %e.chain(), "removing a dead standby clone");
             }
         }
@@ -31,7 +32,7 @@ impl Agent {
     /// do not outlive the agent that started them, so a starting agent
     /// (once it serves NBD, which their disks need) makes new ones.
     pub fn fill_all_standbys(self: &Arc<Self>) {
-        if self.config.clone_standby == 0 {
+        if self.clone_standby == 0 {
             return;
         }
         match self.meta.list::<TemplateRecord>(Table::Templates) {
@@ -47,7 +48,7 @@ impl Agent {
     /// Tops the template's standby pool up to `--clone-standby`, in the
     /// background.
     pub(super) fn fill_standbys(self: &Arc<Self>, template: &str) {
-        let want = self.config.clone_standby as usize;
+        let want = self.clone_standby as usize;
         {
             let mut s = self.standbys.lock();
             if want == 0 || s.removing.contains(template) || !s.filling.insert(template.to_owned())
@@ -55,7 +56,7 @@ impl Agent {
                 return;
             }
         }
-        let agent = self.clone();
+        let templates = self.clone();
         let name = template.to_owned();
         let template = template.to_owned();
         let spawned = std::thread::Builder::new()
@@ -63,7 +64,7 @@ impl Agent {
             .spawn(move || {
                 loop {
                     let (have, removing) = {
-                        let s = agent.standbys.lock();
+                        let s = templates.standbys.lock();
                         (
                             s.ready.get(&template).map_or(0, Vec::len),
                             s.removing.contains(&template),
@@ -72,8 +73,8 @@ impl Agent {
                     if have >= want || removing {
                         break;
                     }
-                    match agent.make_standby(&template) {
-                        Ok(vm) => agent
+                    match templates.make_standby(&template) {
+                        Ok(vm) => templates
                             .standbys
                             .lock()
                             .ready
@@ -86,7 +87,7 @@ impl Agent {
                         }
                     }
                 }
-                agent.standbys.lock().filling.remove(&template);
+                templates.standbys.lock().filling.remove(&template);
             });
         if let Err(e) = spawned {
             self.standbys.lock().filling.remove(&name);
@@ -106,7 +107,7 @@ impl Agent {
             let b: [u8; 4] = rand::random();
             let vm = format!("standby-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3]);
             rec.disk = vm.clone();
-            rec.identity = Some(self.unique_identity(&vm)?);
+            rec.identity = Some(self.vms.unique_identity(&vm)?);
             if self.meta.insert_new(Table::Vms, &vm, &rec)? {
                 break vm;
             }
@@ -128,11 +129,11 @@ impl Agent {
                 if crate::failpoint::hit("standby-refill") {
                     return Err(AgentError::State("fail-point standby-refill".into()));
                 }
-                self.start_vm(&vm, rec, start, Instant::now())
+                self.vms.start_vm(&vm, rec, start, Instant::now())
             });
         if let Err(e) = r {
-            self.settle_failed_start(&vm, &e);
-            let _ = self.remove_vm(&vm, true);
+            self.vms.settle_failed_start(&vm, &e);
+            let _ = self.vms.remove_vm(&vm, true);
             return Err(e);
         }
         Ok(vm)
@@ -150,7 +151,7 @@ impl Agent {
     ) -> Result<spore_api::VmInfo> {
         let t0 = Instant::now();
         let result = (|| -> Result<spore_api::VmInfo> {
-            let standby = self.vm_record(sb)?;
+            let standby = self.vms.vm_record(sb)?;
             if standby.state != VmState::Standby {
                 return Err(AgentError::State(format!(
                     "standby {sb} is {}",
@@ -167,37 +168,41 @@ impl Agent {
             rec.identity = Some(id);
             self.meta.put(Table::Vms, vm, &rec)?;
             self.meta.remove(Table::Vms, sb)?;
-            self.rename_running(sb, vm)?;
+            self.vms.rename_running(sb, vm)?;
             let mut disk = self.disks.disk_record(&rec.disk)?;
             disk.vm = Some(vm.to_owned());
             self.meta.put(Table::Disks, &rec.disk, &disk)?;
-            let mut qmp = Qmp::connect(&self.vms.dir(vm).join("qmp.sock"), Duration::from_secs(5))
-                .map_err(|e| AgentError::State(e.to_string()))?;
+            let mut qmp = Qmp::connect(
+                &self.vms.procs.dir(vm).join("qmp.sock"),
+                Duration::from_secs(5),
+            )
+            .map_err(|e| AgentError::State(e.to_string()))?;
             let mut times = spore_api::StartTimes {
                 standby: true,
                 ..Default::default()
             };
-            self.finish_resume(vm, &rec, &mut qmp, t.memory_mib, t.cpus, &mut times)?;
+            self.vms
+                .finish_resume(vm, &rec, &mut qmp, t.memory_mib, t.cpus, &mut times)?;
             times.total = t0.elapsed().as_secs_f64() * 1e3;
-            self.set_start_times(vm, times);
-            self.set_vm_state(vm, |r| r.state = VmState::Running)?;
+            self.vms.set_start_times(vm, times);
+            self.vms.set_vm_state(vm, |r| r.state = VmState::Running)?;
             tracing::info!(
                 vm,
                 standby = sb,
                 ms = t0.elapsed().as_secs_f64() * 1e3,
                 "standby clone handed out"
             );
-            self.get_vm(vm)
+            self.vms.get_vm(vm)
         })();
         if let Err(e) = &result {
             for name in [sb, vm] {
-                if let Some((pid, _)) = self.running_vm(name) {
+                if let Some((pid, _)) = self.vms.running_vm(name) {
                     // SAFETY: kill sends a signal; no memory is involved.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
             }
             let _ = self.meta.remove(Table::Vms, sb);
-            self.settle_failed_start(vm, e);
+            self.vms.settle_failed_start(vm, e);
         }
         result
     }
@@ -211,7 +216,7 @@ impl Agent {
         let mut report = Vec::new();
         for (name, r) in list {
             if r.standby {
-                match self.remove_vm(&name, true) {
+                match self.vms.remove_vm(&name, true) {
                     Ok(()) => report.push(format!("standby clone {name}: removed")),
                     Err(e) => {
                         tracing::warn!(vm = %name, error = %e.chain(), "removing a standby clone");

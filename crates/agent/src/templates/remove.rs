@@ -6,7 +6,7 @@
 
 use super::*;
 
-impl Agent {
+impl Templates {
     /// Removes a template that no VM runs from: its RAM file, state, and its
     /// RAM and disk images.
     /// Removes a template with its images, RAM file and standbys: every
@@ -94,7 +94,7 @@ impl Agent {
         self.standbys.lock().ready.remove(name);
         for (sb, v) in self.meta.list::<VmRecord>(Table::Vms)? {
             if v.standby && v.template.as_deref() == Some(name) {
-                self.remove_vm(&sb, true)?;
+                self.vms.remove_vm(&sb, true)?;
             }
         }
         if crate::failpoint::hit("template-rm-standbys") {
@@ -180,7 +180,7 @@ impl Agent {
             .list::<TemplateRecord>(Table::Templates)
             .map(|l| l.into_iter().map(|(n, _)| n).collect())
             .unwrap_or_default();
-        if let Ok(entries) = fs::read_dir(self.vms.ram_dir()) {
+        if let Ok(entries) = fs::read_dir(self.vms.procs.ram_dir()) {
             for e in entries.flatten() {
                 let file = e.file_name().to_string_lossy().into_owned();
                 let Some(name) = file
@@ -199,7 +199,7 @@ impl Agent {
                 }
             }
         }
-        if let Ok(entries) = fs::read_dir(self.data_dir().join("templates")) {
+        if let Ok(entries) = fs::read_dir(self.data_dir.as_path().join("templates")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {

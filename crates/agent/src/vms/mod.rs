@@ -23,7 +23,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,10 +32,11 @@ use parking_lot::Mutex;
 use spore_api::{StartTimes, VmCreate, VmInfo, VmLog, VmState};
 use spore_qemu::{Accel, GuestChannel, Identity, Message, Qmp, RamFile, VmSpec, QEMU_BINARY};
 
-use crate::agent::Agent;
+use crate::disks::Disks;
 use crate::error::{check_name, AgentError, Result};
-use crate::exports::DISK_PREFIX;
-use crate::meta::Table;
+use crate::exports::{Registry, DISK_PREFIX};
+use crate::images::Images;
+use crate::meta::{Meta, Table};
 use crate::records::now;
 
 pub mod processes;
@@ -67,7 +68,58 @@ fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
-impl Agent {
+/// The VM service: starts, watches, resizes, stops and removes VMs. It
+/// calls the image service (a VM's image is resolved before its disk is
+/// made) and the disk service (each VM's disk); templates and migration
+/// call it to start and stop the VMs they make.
+#[derive(Debug)]
+pub struct Vms {
+    meta: Arc<Meta>,
+    images: Arc<Images>,
+    disks: Arc<Disks>,
+    exports: Arc<Registry>,
+    accel: Accel,
+    nbd_socket: PathBuf,
+    /// The QEMU processes, their guest channels and directories.
+    pub(crate) procs: VmManager,
+}
+
+impl Vms {
+    pub(crate) fn new(
+        meta: Arc<Meta>,
+        images: Arc<Images>,
+        disks: Arc<Disks>,
+        exports: Arc<Registry>,
+        accel: Accel,
+        nbd_socket: PathBuf,
+        procs: VmManager,
+    ) -> Self {
+        Vms {
+            meta,
+            images,
+            disks,
+            exports,
+            accel,
+            nbd_socket,
+            procs,
+        }
+    }
+
+    /// The accelerator VMs get unless they ask for another.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Sends a message to a running VM over its guest channel.
+    pub fn send(&self, name: &str, msg: &Message) -> Result<()> {
+        self.procs.send(name, msg)
+    }
+
+    /// Settles the VMs a previous agent left (see [`VmManager::recover`]).
+    pub(crate) fn recover(&self) -> Result<Vec<String>> {
+        self.procs.recover(&self.meta)
+    }
+
     /// `disk commit` as users call it: a disk whose VM is running is
     /// committed with the VM paused (QEMU drains and flushes its requests
     /// when it stops), so the layer is the crash-consistent state of one
@@ -83,7 +135,7 @@ impl Agent {
         };
         let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
         let mut qmp = spore_qemu::Qmp::connect(
-            &self.vms.dir(&vm).join("qmp.sock"),
+            &self.procs.dir(&vm).join("qmp.sock"),
             std::time::Duration::from_secs(5),
         )
         .map_err(qmp_err)?;
@@ -111,8 +163,8 @@ impl Agent {
             })
     }
 
-    fn vm_info(&self, name: &str, rec: &VmRecord) -> VmInfo {
-        let dir = self.vms.dir(name);
+    pub(crate) fn vm_info(&self, name: &str, rec: &VmRecord) -> VmInfo {
+        let dir = self.procs.dir(name);
         VmInfo {
             name: name.to_owned(),
             image: rec.image.clone(),
@@ -132,7 +184,7 @@ impl Agent {
             instance_id: rec.identity.as_ref().map(|i| i.instance_id.clone()),
             mac: rec.identity.as_ref().map(|i| i.mac.clone()),
             vmgenid: rec.identity.as_ref().map(|i| i.vmgenid.clone()),
-            start_ms: self.vms.start_times.lock().get(name).cloned(),
+            start_ms: self.procs.start_times.lock().get(name).cloned(),
         }
     }
 
@@ -157,7 +209,7 @@ impl Agent {
         name: &str,
         f: impl FnOnce(&mut VmRecord),
     ) -> Result<VmRecord> {
-        let _serial = self.vms.transitions.lock();
+        let _serial = self.procs.transitions.lock();
         let mut rec = self.vm_record(name)?;
         f(&mut rec);
         self.meta.put(Table::Vms, name, &rec)?;
@@ -231,7 +283,7 @@ impl Agent {
         tracing::error!(vm = %name, error = %e.chain(), "VM failed to start");
         if self.exports.disk(name).is_none() {
             let _ = self.meta.remove(Table::Vms, name);
-        } else if !self.vms.running.lock().contains_key(name) {
+        } else if !self.procs.running.lock().contains_key(name) {
             let reason = e.chain();
             let _ = self.set_vm_state(name, |r| {
                 if matches!(r.state, VmState::Starting | VmState::Running) {
@@ -245,7 +297,7 @@ impl Agent {
 
     /// The QEMU process and exit signal of a running VM.
     pub(crate) fn running_vm(&self, name: &str) -> Option<(u32, Arc<Exit>)> {
-        self.vms
+        self.procs
             .running
             .lock()
             .get(name)
@@ -255,21 +307,21 @@ impl Agent {
     /// Moves a running VM's runtime state (process, channel, directory) to
     /// a new name. The records are the caller's business.
     pub(crate) fn rename_running(&self, from: &str, to: &str) -> Result<()> {
-        let dir = self.vms.dir(to);
+        let dir = self.procs.dir(to);
         if dir.exists() {
             let _ = fs::remove_dir_all(&dir);
         }
-        fs::rename(self.vms.dir(from), &dir).map_err(AgentError::io(format!(
+        fs::rename(self.procs.dir(from), &dir).map_err(AgentError::io(format!(
             "renaming the directory of vm {from}"
         )))?;
-        let mut running = self.vms.running.lock();
+        let mut running = self.procs.running.lock();
         let entry = running
             .remove(from)
             .ok_or_else(|| AgentError::State(format!("vm {from} is not running")))?;
         *entry.2.lock() = to.to_owned();
         running.insert(to.to_owned(), entry);
         drop(running);
-        let mut channels = self.vms.channels.lock();
+        let mut channels = self.procs.channels.lock();
         if let Some(ch) = channels.remove(from) {
             channels.insert(to.to_owned(), ch);
         }
@@ -289,7 +341,7 @@ impl Agent {
             disk: t0.elapsed().as_secs_f64() * 1e3,
             ..Default::default()
         };
-        let dir = self.vms.dir(name);
+        let dir = self.procs.dir(name);
         match &start {
             // A fresh VM: whatever is there is debris.
             Start::Boot | Start::Incoming { .. } => {
@@ -307,7 +359,7 @@ impl Agent {
         let (ram, memory_mib, ram_kib, cpus) = match &start {
             Start::Boot => (
                 RamFile {
-                    path: self.vms.ram_file(name),
+                    path: self.procs.ram_file(name),
                     shared: true,
                     readonly: false,
                 },
@@ -317,7 +369,7 @@ impl Agent {
             ),
             Start::Incoming { layout, .. } => (
                 RamFile {
-                    path: self.vms.ram_file(name),
+                    path: self.procs.ram_file(name),
                     shared: true,
                     readonly: false,
                 },
@@ -367,24 +419,24 @@ impl Agent {
             kernel: rec.kernel.clone(),
             initrd: rec.initrd.clone(),
             append: rec.append.clone(),
-            nbd_socket: self.nbd_socket(),
+            nbd_socket: self.nbd_socket.clone(),
             export: format!("{DISK_PREFIX}{}", rec.disk),
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
         };
-        fs::create_dir_all(self.vms.ram_dir()).map_err(AgentError::io(format!(
+        fs::create_dir_all(self.procs.ram_dir()).map_err(AgentError::io(format!(
             "creating RAM directory {}",
-            self.vms.ram_dir().display()
+            self.procs.ram_dir().display()
         )))?;
         // Guest memory is for root's eyes only.
         let _ = fs::set_permissions(
-            self.vms.ram_dir(),
+            self.procs.ram_dir(),
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         );
         if matches!(start, Start::Boot | Start::Incoming { .. }) {
             // A RAM file in a tmpfs that cannot hold it is a SIGBUS in the
             // guest the first time it touches the missing page: refuse now.
-            check_ram_room(self.vms.ram_dir(), ram_kib)?;
+            check_ram_room(self.procs.ram_dir(), ram_kib)?;
         }
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(AgentError::io("creating qemu.log"))?;
@@ -405,7 +457,7 @@ impl Agent {
                 Ok(())
             });
         }
-        let mut child = self.vms.spawn(cmd).map_err(|e| match e.kind() {
+        let mut child = self.procs.spawn(cmd).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => AgentError::State(format!(
                 "{QEMU_BINARY} is not installed (apt-get install qemu-system-x86 qemu-utils)"
             )),
@@ -417,7 +469,7 @@ impl Agent {
         let pid = child.id();
         let exit = Arc::new(Exit::default());
         let cell = Arc::new(Mutex::new(name.to_owned()));
-        self.vms
+        self.procs
             .running
             .lock()
             .insert(name.to_owned(), (pid, exit.clone(), cell.clone()));
@@ -426,24 +478,24 @@ impl Agent {
             r.state = VmState::Starting;
             r.reason = None;
         })?;
-        let agent = self.clone();
+        let vms = self.clone();
         let monitor_exit = exit.clone();
-        let own_ram =
-            matches!(start, Start::Boot | Start::Incoming { .. }).then(|| self.vms.ram_file(name));
+        let own_ram = matches!(start, Start::Boot | Start::Incoming { .. })
+            .then(|| self.procs.ram_file(name));
         std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || {
                 let status = child.wait();
                 let vm = cell.lock().clone();
-                agent.vms.running.lock().remove(&vm);
-                agent.vms.channels.lock().remove(&vm);
+                vms.procs.running.lock().remove(&vm);
+                vms.procs.channels.lock().remove(&vm);
                 // A booted VM's RAM dies with it (unless a template took
                 // the file over, in which case it is gone from here).
                 if let Some(ram) = own_ram {
                     let _ = fs::remove_file(ram);
                 }
-                let qemu_log = agent.vms.dir(&vm).join("qemu.log");
-                let outcome = agent.set_vm_state(&vm, |r| {
+                let qemu_log = vms.procs.dir(&vm).join("qemu.log");
+                let outcome = vms.set_vm_state(&vm, |r| {
                     r.pid = None;
                     let (state, reason) = match (&status, r.state) {
                         (_, VmState::Stopping) => {
@@ -485,7 +537,7 @@ impl Agent {
                     standby = hold,
                     "VM running"
                 );
-                self.vms.start_times.lock().insert(name.to_owned(), times);
+                self.procs.start_times.lock().insert(name.to_owned(), times);
                 let incoming = matches!(start, Start::Incoming { .. });
                 let rec = self.set_vm_state(name, |r| {
                     if r.state == VmState::Starting {
@@ -551,7 +603,7 @@ impl Agent {
             qmp.set_capabilities(&caps).map_err(qmp_err)?;
             qmp.migrate_incoming(listen).map_err(qmp_err)?;
             let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
-            self.vms.channels.lock().insert(name.to_owned(), channel);
+            self.procs.channels.lock().insert(name.to_owned(), channel);
             return Ok(());
         }
         if let Start::Resume {
@@ -568,7 +620,7 @@ impl Agent {
                 .map_err(qmp_err)?;
             times.load = t.elapsed().as_secs_f64() * 1e3;
             let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
-            self.vms.channels.lock().insert(name.to_owned(), channel);
+            self.procs.channels.lock().insert(name.to_owned(), channel);
             if *hold {
                 return Ok(());
             }
@@ -585,7 +637,7 @@ impl Agent {
                     .send(&Message::Identity(id.clone()))
                     .map_err(qmp_err)?;
             }
-            self.vms.channels.lock().insert(name.to_owned(), channel);
+            self.procs.channels.lock().insert(name.to_owned(), channel);
             Ok(())
         }
     }
@@ -621,10 +673,10 @@ impl Agent {
             self.set_vm_state(name, |r| r.dimms = dimm)?;
         }
         if let Some(id) = &rec.identity {
-            self.vms.send(name, &Message::Identity(id.clone()))?;
+            self.procs.send(name, &Message::Identity(id.clone()))?;
         }
         if rec.cpus > cpus {
-            self.vms
+            self.procs
                 .send(name, &Message::Resources { cpus: rec.cpus })?;
         }
         Ok(())
@@ -632,7 +684,7 @@ impl Agent {
 
     /// Records how a VM's start went (for `vm ls --json`).
     pub(crate) fn set_start_times(&self, name: &str, times: StartTimes) {
-        self.vms.start_times.lock().insert(name.to_owned(), times);
+        self.procs.start_times.lock().insert(name.to_owned(), times);
     }
 
     /// Grows a running VM: hot-plugs memory (a DIMM) and CPUs, then tells
@@ -654,8 +706,11 @@ impl Agent {
         let cpus = cpus.unwrap_or(rec.cpus);
         check_growth(&rec, memory, cpus)?;
         let qmp_err = |e: spore_qemu::QmpError| AgentError::State(e.to_string());
-        let mut qmp = Qmp::connect(&self.vms.dir(name).join("qmp.sock"), Duration::from_secs(5))
-            .map_err(qmp_err)?;
+        let mut qmp = Qmp::connect(
+            &self.procs.dir(name).join("qmp.sock"),
+            Duration::from_secs(5),
+        )
+        .map_err(qmp_err)?;
         let mut dimms = rec.dimms;
         if memory > rec.memory_mib {
             dimms += 1;
@@ -670,7 +725,7 @@ impl Agent {
             r.cpus = cpus;
             r.dimms = dimms;
         })?;
-        self.vms.send(name, &Message::Resources { cpus })?;
+        self.procs.send(name, &Message::Resources { cpus })?;
         tracing::info!(vm = name, memory_mib = memory, cpus, "resized");
         Ok(self.vm_info(name, &rec))
     }
@@ -699,8 +754,8 @@ impl Agent {
             .name("io-errors".into())
             .spawn(move || loop {
                 std::thread::sleep(IO_ERROR_POLL);
-                let Some(agent) = weak.upgrade() else { return };
-                agent.resume_after_io_errors();
+                let Some(vms) = weak.upgrade() else { return };
+                vms.resume_after_io_errors();
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the I/O error watcher");
@@ -722,7 +777,7 @@ impl Agent {
             if self.running_vm(&vm).is_none() {
                 continue;
             }
-            let qmp = self.vms.dir(&vm).join("qmp.sock");
+            let qmp = self.procs.dir(&vm).join("qmp.sock");
             let resumed = Qmp::connect(&qmp, Duration::from_secs(2)).and_then(|mut q| {
                 // QEMU pauses as the failure reaches it, which is before
                 // the data could have come; look a few times all the same.
@@ -759,7 +814,7 @@ impl Agent {
         let Some((_, exit)) = self.running_vm(name) else {
             return self.stop_vm(name);
         };
-        let qmp = self.vms.dir(name).join("qmp.sock");
+        let qmp = self.procs.dir(name).join("qmp.sock");
         let press = || {
             Qmp::connect(&qmp, Duration::from_secs(2))
                 .and_then(|mut q| q.execute("system_powerdown", None))
@@ -815,7 +870,7 @@ impl Agent {
             };
         };
         self.set_vm_state(name, |r| r.state = VmState::Stopping)?;
-        let qmp = self.vms.dir(name).join("qmp.sock");
+        let qmp = self.procs.dir(name).join("qmp.sock");
         if let Err(e) =
             Qmp::connect(&qmp, Duration::from_secs(2)).and_then(|mut q| q.execute("quit", None))
         {
@@ -832,7 +887,7 @@ impl Agent {
 
     pub fn remove_vm(&self, name: &str, force: bool) -> Result<()> {
         let rec = self.vm_record(name)?;
-        if self.vms.running.lock().contains_key(name) {
+        if self.procs.running.lock().contains_key(name) {
             if !force {
                 return Err(AgentError::State(format!(
                     "vm {name} is {}; stop it first or use --force",
@@ -855,14 +910,14 @@ impl Agent {
             self.disks.remove_disk(&rec.disk, true)?;
         }
         self.meta.remove(Table::Vms, name)?;
-        let _ = fs::remove_dir_all(self.vms.dir(name));
+        let _ = fs::remove_dir_all(self.procs.dir(name));
         Ok(())
     }
 
     /// Serial console output from `offset` (at most 1 MiB per call).
     pub fn vm_log(&self, name: &str, offset: u64) -> Result<VmLog> {
         let rec = self.vm_record(name)?;
-        let path = self.vms.dir(name).join("serial.log");
+        let path = self.procs.dir(name).join("serial.log");
         let mut text = Vec::new();
         let mut next = offset;
         if let Ok(mut f) = File::open(&path) {
@@ -882,7 +937,7 @@ impl Agent {
 
     /// Stops every running VM (agent shutdown).
     pub fn stop_all_vms(&self) {
-        let names: Vec<String> = self.vms.running.lock().keys().cloned().collect();
+        let names: Vec<String> = self.procs.running.lock().keys().cloned().collect();
         for name in names {
             tracing::info!(vm = %name, "stopping VM because the agent is shutting down");
             if let Err(e) = self.stop_vm(&name) {
@@ -892,10 +947,5 @@ impl Agent {
                 r.reason = Some("stopped because the agent shut down".into())
             });
         }
-        let _ = self.drop_standbys();
-        // No VM maps them now: unmount the FUSE files of remote templates.
-        self.memfs.lock().clear();
-        // Nothing left in it (no templates): leave no empty directory.
-        let _ = fs::remove_dir(self.vms.ram_dir());
     }
 }
