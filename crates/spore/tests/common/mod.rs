@@ -41,8 +41,9 @@ impl TestAgent {
         Self::start_in(tempfile::tempdir().expect("tempdir"), extra)
     }
 
-    /// [`TestAgent::start_with`] with its data directory `DIR/data`.
-    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+    /// [`TestAgent::start_with`] with its data directory `DIR/data`
+    /// (which may hold one already).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let ram = tempfile::Builder::new()
             .prefix("spore-test-ram")
             .tempdir_in(if Path::new("/dev/shm").is_dir() {
