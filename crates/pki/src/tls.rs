@@ -1,0 +1,266 @@
+//! rustls configurations from a TLS directory: the server side an agent's
+//! peer listener uses (client certificates required, checked against the
+//! fleet CA and its revocation list, which is reloaded when it changes) and
+//! the client side every connection to another host uses. TLS 1.3 only,
+//! aws-lc-rs.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::{hex, PeerIdentity, PkiError, Result};
+
+/// How often the revocation list's file is looked at (a stat).
+const CRL_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn missing(dir: &Path, file: &str) -> PkiError {
+    PkiError::Missing(format!(
+        "no {file} in {}: this host has no fleet certificate yet. Make one with \
+         `spore ca init` (once per fleet) and `spore ca issue NAME --role host --san ADDRESS --out {}`; \
+         or run without TLS with --insecure-listen (anyone who can reach the port is then trusted)",
+        dir.display(),
+        dir.display()
+    ))
+}
+
+fn read_pem<T>(dir: &Path, file: &str, parse: impl FnOnce(&Path) -> Option<T>) -> Result<T> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(missing(dir, file));
+    }
+    parse(&path).ok_or_else(|| PkiError::Invalid(format!("{} holds no valid PEM", path.display())))
+}
+
+fn certs(dir: &Path, file: &str) -> Result<Vec<CertificateDer<'static>>> {
+    read_pem(dir, file, |p| {
+        let certs: Vec<_> = CertificateDer::pem_file_iter(p)
+            .ok()?
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (!certs.is_empty()).then_some(certs)
+    })
+}
+
+fn key(dir: &Path) -> Result<PrivateKeyDer<'static>> {
+    read_pem(dir, "key.pem", |p| PrivateKeyDer::from_pem_file(p).ok())
+}
+
+fn roots(dir: &Path) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(dir, "ca.pem")? {
+        roots.add(c).map_err(|source| PkiError::Tls {
+            context: format!("{}/ca.pem", dir.display()),
+            source,
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn tls_err(context: &str) -> impl FnOnce(rustls::Error) -> PkiError + '_ {
+    move |source| PkiError::Tls {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// The client side: the fleet CA as the only root, this host's certificate
+/// presented to every server.
+pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("TLS 1.3"))?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(certs(dir, "cert.pem")?, key(dir)?)
+        .map_err(tls_err("this host's certificate and key"))?;
+    Ok(Arc::new(config))
+}
+
+/// The revocation list's file as last seen: changed when either differs.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+struct Loaded {
+    checked: Instant,
+    crl: Stamp,
+    config: Arc<ServerConfig>,
+    revoked: Arc<HashSet<String>>,
+}
+
+/// The server side, kept current: a new revocation list in the TLS
+/// directory (`crl.pem`) is in force within [`CRL_CHECK_EVERY`] for new
+/// handshakes, and [`ServerTls::is_revoked`] lets the listener refuse
+/// requests on connections opened before it.
+pub struct ServerTls {
+    dir: PathBuf,
+    own: PeerIdentity,
+    loaded: Mutex<Loaded>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("dir", &self.dir)
+            .field("own", &self.own)
+            .finish()
+    }
+}
+
+fn revoked_serials(crls: &[CertificateRevocationListDer<'_>]) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for crl in crls {
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+            .map_err(|e| PkiError::Invalid(format!("crl.pem: {e}")))?;
+        for r in parsed.iter_revoked_certificates() {
+            out.insert(hex(r.raw_serial()));
+        }
+    }
+    Ok(out)
+}
+
+fn build_server(dir: &Path) -> Result<(Arc<ServerConfig>, Arc<HashSet<String>>)> {
+    let crl_path = dir.join("crl.pem");
+    let crls: Vec<CertificateRevocationListDer<'static>> = if crl_path.exists() {
+        CertificateRevocationListDer::pem_file_iter(&crl_path)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| PkiError::Invalid(format!("{}: {e}", crl_path.display())))?
+    } else {
+        Vec::new()
+    };
+    let revoked = revoked_serials(&crls)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", dir.display())))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("TLS 1.3"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(dir, "cert.pem")?, key(dir)?)
+        .map_err(tls_err("this host's certificate and key"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(config), Arc::new(revoked)))
+}
+
+impl ServerTls {
+    /// Loads `dir` (ca.pem, cert.pem, key.pem, and crl.pem when present).
+    pub fn load(dir: &Path) -> Result<ServerTls> {
+        let own_cert = certs(dir, "cert.pem")?;
+        let own = PeerIdentity::of(own_cert[0].as_ref())?;
+        let crl = stamp(&dir.join("crl.pem"));
+        let (config, revoked) = build_server(dir)?;
+        Ok(ServerTls {
+            dir: dir.to_owned(),
+            own,
+            loaded: Mutex::new(Loaded {
+                checked: Instant::now(),
+                crl,
+                config,
+                revoked,
+            }),
+        })
+    }
+
+    /// Whom this host's own certificate names.
+    pub fn own(&self) -> &PeerIdentity {
+        &self.own
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.refresh().0
+    }
+
+    /// Whether the revocation list now in force names `serial`.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.refresh().1.contains(serial)
+    }
+
+    /// Reloads when the revocation list's file changed. A list that does
+    /// not load (half copied, damaged) leaves the previous one in force and
+    /// is tried again at the next look.
+    fn refresh(&self) -> (Arc<ServerConfig>, Arc<HashSet<String>>) {
+        let mut l = self.loaded.lock();
+        if l.checked.elapsed() >= CRL_CHECK_EVERY {
+            l.checked = Instant::now();
+            let now = stamp(&self.dir.join("crl.pem"));
+            if now != l.crl {
+                match build_server(&self.dir) {
+                    Ok((config, revoked)) => {
+                        tracing::info!(
+                            dir = %self.dir.display(),
+                            revoked = revoked.len(),
+                            "revocation list reloaded"
+                        );
+                        l.config = config;
+                        l.revoked = revoked;
+                        l.crl = now;
+                    }
+                    Err(e) => {
+                        tracing::error!(dir = %self.dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")
+                    }
+                }
+            }
+        }
+        (l.config.clone(), l.revoked.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Ca, Role};
+
+    #[test]
+    fn configs_load_and_a_revocation_is_in_force_without_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = Ca::init(&tmp.path().join("ca"), "test").unwrap();
+        let server = tmp.path().join("server");
+        let client = tmp.path().join("client");
+        ca.issue("server", &[Role::Host], &["127.0.0.1".into()], &server)
+            .unwrap();
+        let c = ca.issue("client", &[Role::Host], &[], &client).unwrap();
+        client_config(&client).unwrap();
+        let tls = ServerTls::load(&server).unwrap();
+        assert_eq!(tls.own().name, "server");
+        assert!(!tls.is_revoked(&c.serial));
+        let before = tls.config();
+        ca.revoke("client").unwrap();
+        std::thread::sleep(CRL_CHECK_EVERY + Duration::from_millis(50));
+        assert!(tls.is_revoked(&c.serial));
+        assert!(!Arc::ptr_eq(&before, &tls.config()));
+    }
+
+    #[test]
+    fn a_directory_without_a_certificate_says_how_to_make_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = ServerTls::load(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("spore ca issue"), "{e}");
+        assert!(e.contains("--insecure-listen"), "{e}");
+        fs::write(tmp.path().join("cert.pem"), "not pem").unwrap();
+        let e = ServerTls::load(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("no valid PEM"), "{e}");
+    }
+}
