@@ -49,6 +49,9 @@ pub enum Command {
     /// Templates: VMs captured in memory, for clones that start without booting
     #[command(subcommand)]
     Template(crate::templates::TemplateCmd),
+    /// The fleet's CA: certificates that let hosts, publishers and operators talk to agents
+    #[command(subcommand)]
+    Ca(crate::ca::CaCmd),
     /// Several hosts on this machine (network namespaces), each with an agent
     #[command(subcommand)]
     Cluster(crate::cluster::ClusterCmd),
@@ -359,6 +362,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ca(cmd) => {
+            crate::ca::run(cmd, &data_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cluster(cmd) => {
             crate::cluster::run(cmd)?;
             Ok(ExitCode::SUCCESS)
@@ -443,7 +450,7 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
         Command::Template(cmd) => crate::templates::template_command(cmd, &c).await?,
-        Command::Agent(_) | Command::Bench(_) | Command::Cluster(_) => {
+        Command::Agent(_) | Command::Bench(_) | Command::Cluster(_) | Command::Ca(_) => {
             unreachable!("handled without a client")
         }
     }

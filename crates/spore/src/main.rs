@@ -3,6 +3,7 @@
 //! `spore agent` runs the per-host agent; every other command talks to it
 //! over its API socket (`--data-dir` or `SPORE_HOME` tells where).
 
+mod ca;
 mod cli;
 mod cluster;
 mod format;
