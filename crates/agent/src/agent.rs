@@ -29,7 +29,7 @@ use spore_blockdev::ChunkCache;
 use spore_chunks::{ChunkStore, Compression};
 use spore_origin::OriginStore;
 use spore_qemu::Accel;
-use spore_transfer::{Fetcher, Remote};
+use spore_transfer::{Fetcher, Links, Remote};
 
 use crate::disks::Disks;
 use crate::error::{AgentError, Result};
@@ -87,6 +87,12 @@ pub struct AgentConfig {
     /// Accept live migrations from other agents on the peer listener (they
     /// start QEMU here; only for hosts that trust each other).
     pub accept_migrations: bool,
+    /// This host's fleet certificate, key, the CA and its revocation list
+    /// (spore-pki). None: `DATA_DIR/pki`.
+    pub tls_dir: Option<PathBuf>,
+    /// Serve peers in plaintext, and reach `http://` peers: anyone who can
+    /// reach the port is trusted with every route the flags open.
+    pub insecure_listen: bool,
 }
 
 impl AgentConfig {
@@ -109,7 +115,16 @@ impl AgentConfig {
             huge_pages: false,
             clone_standby: 0,
             accept_migrations: false,
+            tls_dir: None,
+            insecure_listen: false,
         }
+    }
+
+    /// The TLS directory to use.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tls_dir
+            .clone()
+            .unwrap_or_else(|| spore_pki::default_tls_dir(&self.data_dir))
     }
 
     /// The RAM directory to use: the configured one, or one under /dev/shm
@@ -177,6 +192,33 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How the agent talks to other hosts, from its configuration: the client
+/// side (the fleet certificate when there is one; `http://` only with
+/// `--insecure-listen`) and the peer listener's TLS (required with
+/// `--listen` unless `--insecure-listen`).
+fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTls>>)> {
+    let dir = config.tls_dir();
+    let pki = |e: spore_pki::PkiError| AgentError::Invalid(e.to_string());
+    let mut links = if dir.join("cert.pem").exists() {
+        Links::tls(spore_pki::client_config(&dir).map_err(pki)?)
+    } else {
+        Links::default()
+    };
+    if config.insecure_listen {
+        links = links.allow_plaintext();
+    }
+    let server = match (&config.listen, config.insecure_listen) {
+        (Some(_), false) => Some(Arc::new(spore_pki::ServerTls::load(&dir).map_err(pki)?)),
+        _ => None,
+    };
+    if config.nbd_tcp.is_some() && !config.insecure_listen {
+        return Err(AgentError::Invalid(
+            "--nbd-tcp serves disks in plaintext to anyone who reaches the port (NBD over TLS is not built yet): it needs --insecure-listen".into(),
+        ));
+    }
+    Ok((links, server))
+}
+
 #[derive(Debug)]
 pub struct Agent {
     pub config: AgentConfig,
@@ -210,6 +252,16 @@ pub struct Agent {
     pub peer_addr: Arc<OnceLock<String>>,
     /// What the start found left by a previous run and settled or removed.
     pub recovered: parking_lot::Mutex<Vec<String>>,
+    /// The peer listener's TLS (with `--listen`, unless
+    /// `--insecure-listen`): the fleet CA, this host's certificate, the
+    /// revocation list in force.
+    pub server_tls: Option<Arc<spore_pki::ServerTls>>,
+    /// How this host reaches others.
+    pub links: Links,
+    /// Peer requests refused (no role, revoked) and TLS handshakes that
+    /// failed, for the metrics.
+    pub peer_refused: std::sync::atomic::AtomicU64,
+    pub tls_failures: std::sync::atomic::AtomicU64,
     _lock: File,
 }
 
@@ -235,6 +287,7 @@ impl Agent {
         for sub in ["disks", "vms", "templates"] {
             fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
         }
+        let (links, server_tls) = tls_of(&config)?;
         let meta = Arc::new(Meta::open(&dir.join("meta.redb"))?);
         let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
         let cache = Arc::new(ChunkCache::new(config.cache_bytes));
@@ -242,8 +295,11 @@ impl Agent {
             .peers
             .iter()
             .chain(config.origin.iter())
-            .map(|url| Remote::new(url, REMOTE_TIMEOUT))
-            .collect();
+            .map(|url| {
+                Remote::new(url, REMOTE_TIMEOUT, &links)
+                    .map_err(|e| AgentError::Invalid(format!("--peer/--origin {e}")))
+            })
+            .collect::<Result<_>>()?;
         let fetcher = (!remotes.is_empty()).then(|| {
             // A fetched chunk is decoded and hashed on arrival: the cache
             // takes those bytes, so its first read is a hit.
@@ -276,6 +332,7 @@ impl Agent {
             gc_lock.clone(),
             ImagesConfig {
                 origin: config.origin.clone(),
+                links: links.clone(),
                 complete_images: config.complete_images,
                 profile_seconds: config.profile_seconds,
             },
@@ -288,6 +345,7 @@ impl Agent {
             fetcher.clone(),
             gc_lock.clone(),
             images.clone(),
+            links.clone(),
         ));
         let vms = Arc::new(Vms::new(
             meta.clone(),
@@ -320,6 +378,7 @@ impl Agent {
             meta.clone(),
             config.listen.clone(),
             peer_addr.clone(),
+            links.clone(),
         ));
         let agent = Arc::new(Agent {
             images,
@@ -338,6 +397,10 @@ impl Agent {
             gc_lock,
             recovered: Default::default(),
             peer_addr,
+            server_tls,
+            links,
+            peer_refused: Default::default(),
+            tls_failures: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

@@ -38,6 +38,8 @@ pub struct Disks {
     fetcher: Option<Arc<Fetcher>>,
     gc_lock: Arc<RwLock<()>>,
     images: Arc<Images>,
+    /// How a migration's source is reached for the manifest of its disk.
+    links: spore_transfer::Links,
     /// Serialises creating and removing disks, so that two requests for
     /// one name cannot clean up each other's directory.
     names: Mutex<()>,
@@ -55,8 +57,10 @@ impl Disks {
         fetcher: Option<Arc<Fetcher>>,
         gc_lock: Arc<RwLock<()>>,
         images: Arc<Images>,
+        links: spore_transfer::Links,
     ) -> Self {
         Disks {
+            links,
             root,
             meta,
             store,
@@ -182,12 +186,13 @@ impl Disks {
 
     /// Makes the manifest `id` and its layers local, fetched by content.
     fn fetch_manifest(&self, id: &ChunkId, source: Option<&str>) -> Result<()> {
-        let from_source = source.map(|url| {
-            spore_transfer::Fetcher::new(vec![spore_transfer::Remote::new(
-                url,
-                crate::records::REMOTE_TIMEOUT,
-            )])
-        });
+        let from_source = source
+            .map(|url| {
+                spore_transfer::Remote::new(url, crate::records::REMOTE_TIMEOUT, &self.links)
+                    .map(|r| spore_transfer::Fetcher::new(vec![r]))
+                    .map_err(|e| AgentError::Invalid(e.to_string()))
+            })
+            .transpose()?;
         let fetch = |ids: &[ChunkId]| -> Result<()> {
             let missing: Vec<ChunkId> = ids
                 .iter()

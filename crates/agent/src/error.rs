@@ -20,6 +20,10 @@ pub enum AgentError {
     Invalid(String),
     #[error("{0}")]
     State(String),
+    /// The caller's certificate does not allow this (a missing role, a
+    /// revoked certificate).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("metadata")]
     Meta(#[from] MetaError),
     #[error("image")]
@@ -58,6 +62,7 @@ impl AgentError {
             AgentError::Exists { .. } => (StatusCode::CONFLICT, "conflict"),
             AgentError::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             AgentError::State(_) => (StatusCode::CONFLICT, "state"),
+            AgentError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AgentError::Invalid(_) | AgentError::Source(_) => (StatusCode::BAD_REQUEST, "invalid"),
             AgentError::Transfer(spore_image::TransferError::Shrink { .. }) => {
                 (StatusCode::BAD_REQUEST, "invalid")

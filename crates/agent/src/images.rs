@@ -56,12 +56,16 @@ pub struct Images {
     complete_images: bool,
     /// How long after an image's first use its boot profile is recorded.
     profile_seconds: u64,
+    /// How other hosts are reached.
+    links: spore_transfer::Links,
 }
 
 /// What the image service is configured with.
 #[derive(Debug, Clone)]
 pub struct ImagesConfig {
     pub origin: Option<String>,
+    /// How other hosts (the origin, a push's destination) are reached.
+    pub links: spore_transfer::Links,
     pub complete_images: bool,
     pub profile_seconds: u64,
 }
@@ -84,6 +88,7 @@ impl Images {
             origin: config.origin,
             complete_images: config.complete_images,
             profile_seconds: config.profile_seconds,
+            links: config.links,
         }
     }
 
@@ -133,7 +138,9 @@ impl Images {
             });
         };
         check_name("image", name)?;
-        let remote = spore_transfer::Remote::new(origin, crate::records::REMOTE_TIMEOUT);
+        let remote =
+            spore_transfer::Remote::new(origin, crate::records::REMOTE_TIMEOUT, &self.links)
+                .map_err(|e| AgentError::Invalid(e.to_string()))?;
         // An origin that a storm of hosts asks at once may not accept in
         // time (or its answer is lost on a saturated link): ask again
         // before failing the VM or disk that needs the name.
@@ -337,7 +344,9 @@ impl Images {
         let rec = self.image_record(name)?;
         let dev = self.exports.open_image(&rec.manifest)?;
         self.make_local(name, &dev, progress)?;
-        let remote = spore_transfer::Remote::new(to, std::time::Duration::from_secs(60));
+        let remote =
+            spore_transfer::Remote::new(to, std::time::Duration::from_secs(60), &self.links)
+                .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let push_err = |e: spore_transfer::RemoteError| AgentError::State(format!("pushing: {e}"));
         let mut ids: Vec<spore_chunks::ChunkId> = reachable_chunks(&self.store, [&rec.manifest])?
             .into_iter()

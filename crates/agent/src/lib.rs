@@ -13,6 +13,7 @@ pub mod error;
 pub mod exports;
 pub mod failpoint;
 mod images;
+pub mod listener;
 pub mod meta;
 mod metrics;
 pub mod migration;
@@ -91,12 +92,21 @@ pub fn run(config: AgentConfig) -> Result<()> {
                 .map_err(AgentError::io(format!("writing {}", addr_file.display())))?;
             let addr = &bound.to_string();
             let router = peer::router(agent.clone());
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, router).await {
-                    tracing::error!(error = %e, "peer listener failed");
+            match agent.server_tls.clone() {
+                Some(tls) => {
+                    tracing::info!(%addr, identity = %tls.own(), tls_dir = %tls.dir().display(), accept_push = agent.config.accept_push, "serving peers over mutual TLS");
+                    tokio::spawn(listener::serve_tls(l, router, agent.clone(), tls, listener::Bounds::default()));
                 }
-            });
-            tracing::info!(%addr, accept_push = agent.config.accept_push, "serving peers");
+                None => {
+                    tracing::warn!(%addr, "serving peers in PLAINTEXT (--insecure-listen): anyone who reaches this port may use every peer route the flags open");
+                    eprintln!("WARNING: --insecure-listen: peers are served in plaintext on {addr}, without authentication");
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(l, router).await {
+                            tracing::error!(error = %e, "peer listener failed");
+                        }
+                    });
+                }
+            }
         }
         tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.vms.accel(), "spore agent ready");
         eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());

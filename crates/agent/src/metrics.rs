@@ -97,6 +97,18 @@ pub fn render(a: &Agent) -> String {
         "Bytes served to other hosts.",
         vec![(String::new(), a.peer_stats.bytes.load(Relaxed))],
     );
+    metric(
+        "spore_peer_refused_total",
+        "counter",
+        "Peer requests refused for the caller's certificate (a missing role, revoked).",
+        vec![(String::new(), a.peer_refused.load(Relaxed))],
+    );
+    metric(
+        "spore_peer_tls_failures_total",
+        "counter",
+        "Peer connections closed before a request: failed or slow TLS handshakes, too many connections.",
+        vec![(String::new(), a.tls_failures.load(Relaxed))],
+    );
     if let Some(o) = &a.origin_store {
         let st = o.stats();
         let label = format!("{{store=\"{}\"}}", escape_label(o.spec()));

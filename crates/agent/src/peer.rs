@@ -1,6 +1,11 @@
 //! The agent's peer listener (`spore agent --listen ADDR`): what other
 //! hosts may ask of this one over the network.
 //!
+//! Over mutual TLS (crate::listener): each route names the role the
+//! caller's certificate must carry ([`Caller::role`]); [`admit`] refuses
+//! the rest with 403. `--insecure-listen` serves the same routes in
+//! plaintext to anyone.
+//!
 //! Read-only for everyone: resolve an image name, fetch chunks in batches.
 //! Both are answered from this agent's own store and names first, then from
 //! its origin store (spore-origin) when it has one. With `--relay`, names
@@ -16,6 +21,7 @@
 //! stays on the unix socket.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -28,20 +34,21 @@ use axum::Router;
 use futures_util::{stream, StreamExt};
 use spore_chunks::{decode_chunk_file, ChunkId};
 use spore_origin::{OriginError, OriginStore};
+use spore_pki::Role;
 use spore_transfer::{wire, Class};
 
 use crate::agent::Agent;
 use crate::api::{route, Name, Route};
 use crate::error::{AgentError, Result};
+use crate::listener::Peer;
 use crate::meta::Table;
 use crate::records::ImageRecord;
 
 type S = State<Arc<Agent>>;
 
-/// Who may call a peer route. Today any host that reaches the listener is
-/// every kind of caller the agent's flags allow; the fleet's mutual TLS
-/// (roles in the caller's certificate) is checked against this column, in
-/// [`admit`], the one place every peer request passes.
+/// Who may call a peer route: the role its certificate must carry (over
+/// mutual TLS), and the flag the agent must run with. Checked in [`admit`],
+/// the one place every peer request passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
     /// Any host of the fleet: resolving names, fetching chunks.
@@ -50,6 +57,16 @@ pub enum Caller {
     Pusher,
     /// A host moving a VM here (`--accept-migrations`).
     MigrationSource,
+}
+
+impl Caller {
+    /// The role a caller's certificate must carry.
+    pub fn role(self) -> Role {
+        match self {
+            Caller::Peer | Caller::MigrationSource => Role::Host,
+            Caller::Pusher => Role::Publisher,
+        }
+    }
 }
 
 /// Every route other hosts may call and who may call it; [`router`] is
@@ -99,8 +116,45 @@ pub fn callers() -> Vec<(Method, &'static str, Caller)> {
 }
 
 /// Lets a request through to a route for `caller`, or refuses it: pushes
-/// and migrations only where the agent was started to accept them.
-fn admit(a: &Agent, caller: Caller) -> Result<()> {
+/// and migrations only where the agent was started to accept them (409),
+/// and over TLS only from a certificate that is not revoked and carries
+/// the route's role (403). Refusals and privileged requests (pushes,
+/// migrations in) are logged with the caller's identity.
+fn admit(a: &Agent, caller: Caller, peer: Option<&Peer>, what: &str) -> Result<()> {
+    accepts(a, caller)?;
+    let Some(tls) = &a.server_tls else {
+        // --insecure-listen: whoever reaches the port.
+        return Ok(());
+    };
+    let refuse = |message: String| {
+        a.peer_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(request = what, peer = ?peer.map(|p| p.addr), "refused: {message}");
+        Err(AgentError::Forbidden(message))
+    };
+    let Some(peer) = peer else {
+        return refuse("no client certificate".into());
+    };
+    if tls.is_revoked(&peer.identity.serial) {
+        return refuse(format!(
+            "the certificate of {} (serial {}) is revoked",
+            peer.identity.name, peer.identity.serial
+        ));
+    }
+    let role = caller.role();
+    if !peer.identity.has(role) {
+        return refuse(format!(
+            "{what} needs the {role} role; the certificate of {}",
+            peer.identity
+        ));
+    }
+    if caller != Caller::Peer {
+        tracing::info!(request = what, peer = %peer.addr, identity = %peer.identity, "privileged peer request");
+    }
+    Ok(())
+}
+
+/// Whether the agent was started to accept `caller`'s kind of request.
+fn accepts(a: &Agent, caller: Caller) -> Result<()> {
     match caller {
         Caller::Peer => Ok(()),
         Caller::Pusher if !a.config.accept_push => Err(AgentError::State(
@@ -118,7 +172,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .into_iter()
         .fold(Router::new(), |r, (caller, (_, path, handler))| {
             let gate = move |State(a): S, req: axum::extract::Request, next: Next| async move {
-                match admit(&a, caller) {
+                let what = format!("{} {}", req.method(), req.uri().path());
+                match admit(&a, caller, req.extensions().get::<Peer>(), &what) {
                     Ok(()) => next.run(req).await,
                     Err(e) => e.into_response(),
                 }

@@ -412,7 +412,7 @@ pub struct VmLog {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PushRequest {
-    /// The origin's peer URL, e.g. http://10.77.0.1:7070
+    /// The origin's peer URL, e.g. https://10.77.0.1:7070
     pub to: String,
 }
 
@@ -511,7 +511,7 @@ fn yes() -> bool {
 /// `POST /v1/vms/{name}/migrate`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateRequest {
-    /// The destination agent's peer URL, e.g. http://10.77.0.3:7070
+    /// The destination agent's peer URL, e.g. https://10.77.0.3:7070
     pub to: String,
     #[serde(default)]
     pub policy: MigrationPolicy,

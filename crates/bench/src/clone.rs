@@ -508,7 +508,7 @@ pub fn run(o: &Options) -> Result<()> {
             &spore,
             &o.workdir.join("b"),
             &shm.join("spore-bench-clone-b"),
-            &["--origin", &format!("http://127.0.0.1:{port}")],
+            &["--origin", &format!("https://127.0.0.1:{port}")],
         )?;
         let p = progress(&b, o, "cold", round, "cold");
         b.remove();

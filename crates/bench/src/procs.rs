@@ -14,10 +14,63 @@ pub struct AgentProcess {
     pub data_dir: PathBuf,
 }
 
+/// The fleet CA of the agents this process starts on this machine (tests
+/// and benchmarks): made on first use in a temporary directory that is
+/// removed when the process exits.
+pub fn local_ca() -> &'static parking_lot::Mutex<spore_pki::Ca> {
+    static CA: std::sync::OnceLock<parking_lot::Mutex<spore_pki::Ca>> = std::sync::OnceLock::new();
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove_ca_dir() {
+        if let Some(d) = DIR.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    CA.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "spore-local-ca-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let _ = DIR.set(dir.clone());
+        // SAFETY: registers a plain function with no captured state.
+        unsafe { libc::atexit(remove_ca_dir) };
+        let ca = spore_pki::Ca::init(&dir.join("ca"), "local").expect("making the local CA");
+        parking_lot::Mutex::new(ca)
+    })
+}
+
+/// Gives the agent on `data_dir` a certificate of [`local_ca`] (roles host
+/// and publisher, for 127.0.0.1 and localhost) in its default TLS
+/// directory, unless it has one there.
+pub fn ensure_certificate(data_dir: &Path) -> Result<()> {
+    let tls = spore_pki::default_tls_dir(data_dir);
+    if tls.join("cert.pem").exists() {
+        return Ok(());
+    }
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    local_ca().lock().issue(
+        &format!("agent-{}-{n}", std::process::id()),
+        &[spore_pki::Role::Host, spore_pki::Role::Publisher],
+        &["127.0.0.1".into(), "localhost".into()],
+        &tls,
+    )?;
+    Ok(())
+}
+
 impl AgentProcess {
-    /// Starts the agent of this very binary on `data_dir`.
+    /// Starts the agent of this very binary on `data_dir`. Unless told
+    /// otherwise (`--tls-dir`, `--insecure-listen`) it gets a certificate
+    /// of [`local_ca`], so that local agents talk to each other over TLS
+    /// as a fleet's do.
     pub fn start(spore: &Path, data_dir: &Path, extra: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
+        if !extra
+            .iter()
+            .any(|a| *a == "--tls-dir" || *a == "--insecure-listen")
+        {
+            ensure_certificate(data_dir)?;
+        }
         let log = std::fs::File::create(data_dir.with_extension("agent.log"))?;
         let child = Command::new(spore)
             .arg("--data-dir")

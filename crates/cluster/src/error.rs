@@ -32,6 +32,8 @@ pub enum ClusterError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the cluster's certificates: {0}")]
+    Pki(String),
     #[error("I/O on {path}")]
     Io {
         path: PathBuf,

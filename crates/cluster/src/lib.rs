@@ -225,6 +225,7 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
         fresh_dir(&h.data_dir)?;
         remove_if_exists(&h.log_file())?;
     }
+    issue_certificates(&cluster, &dir)?;
 
     let mut st = State {
         format: state::STATE_FORMAT.into(),
@@ -260,6 +261,27 @@ pub fn up(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
         "cluster up"
     );
     Ok(cluster)
+}
+
+/// The cluster's own fleet CA (`DIR/ca`, made anew by each `up`) and a
+/// certificate for every host, with its address in the SAN, in the TLS
+/// directory its agent reads by default (`DATA_DIR/pki`). Every host may
+/// fetch, migrate and push (roles host and publisher).
+fn issue_certificates(cluster: &Cluster, dir: &Path) -> Result<(), ClusterError> {
+    let pki = |e: spore_pki::PkiError| ClusterError::Pki(e.to_string());
+    let ca_dir = dir.join("ca");
+    fresh_dir(&ca_dir)?;
+    let mut ca = spore_pki::Ca::init(&ca_dir, &cluster.spec.name).map_err(pki)?;
+    for h in cluster.hosts() {
+        ca.issue(
+            &h.name,
+            &[spore_pki::Role::Host, spore_pki::Role::Publisher],
+            &[h.ip.to_string()],
+            &spore_pki::default_tls_dir(&h.data_dir),
+        )
+        .map_err(pki)?;
+    }
+    Ok(())
 }
 
 fn fresh_dir(path: &Path) -> Result<(), ClusterError> {

@@ -27,7 +27,7 @@ pub fn parent(node: usize, fanout: usize) -> usize {
 
 /// The peer listener's URL of `n`'s agent.
 pub fn peer_url(n: &Node) -> String {
-    format!("http://{}:{PEER_PORT}", n.ip)
+    format!("https://{}:{PEER_PORT}", n.ip)
 }
 
 /// Agent arguments of the origin: it listens for peers and takes pushes.

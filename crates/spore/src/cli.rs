@@ -74,13 +74,13 @@ pub struct AgentArgs {
     /// Compression of new chunks (zstd or none)
     #[arg(long, default_value = "zstd")]
     compression: spore_chunks::Compression,
-    /// Serve peers (chunks and image names) over HTTP here, e.g. 10.77.0.2:7070
+    /// Serve peers (chunks, image names, pushes, migrations) here over mutual TLS, e.g. 10.77.0.2:7070
     #[arg(long)]
     listen: Option<String>,
     /// Another agent to fetch missing chunks from (repeatable; asked before the origin)
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// The origin of images, e.g. http://10.77.0.1:7070: unknown image names are looked up there
+    /// The origin of images, e.g. https://10.77.0.1:7070: unknown image names are looked up there
     #[arg(long)]
     origin: Option<String>,
     /// Accept pushed images on the peer listener (run as an origin)
@@ -114,6 +114,14 @@ pub struct AgentArgs {
     /// start VMs here: only between hosts that trust each other)
     #[arg(long)]
     accept_migrations: bool,
+    /// Where this host's fleet certificate is (ca.pem, cert.pem, key.pem, crl.pem;
+    /// made by `spore ca issue`) [default: $SPORE_HOME/pki]
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Serve peers (and NBD over TCP) in PLAINTEXT without authentication, and
+    /// reach http:// peers: only on a network where every host is trusted
+    #[arg(long)]
+    insecure_listen: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,7 +171,7 @@ pub enum ImageCmd {
     /// Send an image to an origin (only the chunks it lacks)
     Push {
         name: String,
-        /// The origin's peer URL, e.g. http://10.77.0.1:7070
+        /// The origin's peer URL, e.g. https://10.77.0.1:7070
         #[arg(long)]
         to: String,
     },
@@ -359,6 +367,11 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.huge_pages = a.huge_pages;
             config.clone_standby = a.clone_standby;
             config.accept_migrations = a.accept_migrations;
+            config.tls_dir = a.tls_dir.as_deref().map(abs).transpose()?;
+            config.insecure_listen = a.insecure_listen;
+            if a.insecure_listen {
+                eprintln!("WARNING: --insecure-listen: this agent serves and reaches other hosts in plaintext, without authentication");
+            }
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }

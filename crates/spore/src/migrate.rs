@@ -17,7 +17,7 @@ use crate::output::print_json;
 pub struct MigrateArgs {
     /// The VM to move
     pub name: String,
-    /// Destination: an agent's peer URL (http://10.77.0.3:7070), HOST:PORT,
+    /// Destination: an agent's peer URL (https://10.77.0.3:7070), HOST:PORT,
     /// or the name of a host of a `spore cluster` (node2)
     #[arg(long, required_unless_present = "cancel")]
     pub to: Option<String>,
@@ -60,14 +60,13 @@ pub struct MigrateArgs {
 
 /// A destination as the agent needs it: a peer URL.
 fn destination(to: &str, cluster_dir: &std::path::Path, cluster: &str) -> Result<String> {
-    if to.starts_with("http://") {
+    // The agent checks the scheme against how it reaches other hosts
+    // (http:// only with --insecure-listen).
+    if to.starts_with("https://") || to.starts_with("http://") {
         return Ok(to.to_owned());
     }
-    if to.starts_with("https://") {
-        bail!("agents talk plain http on their peer listener; use http://");
-    }
     if to.contains(':') {
-        return Ok(format!("http://{to}"));
+        return Ok(format!("https://{to}"));
     }
     let c = spore_cluster::load(cluster_dir, cluster).with_context(|| {
         format!("{to:?} is not a URL or HOST:PORT, and no cluster {cluster} names hosts")

@@ -32,7 +32,7 @@ pub enum TemplateCmd {
     /// Push a template to an origin: its images NAME.disk, NAME.ram, NAME.boot
     Push {
         name: String,
-        /// The origin's peer URL, e.g. http://10.77.0.1:7070
+        /// The origin's peer URL, e.g. https://10.77.0.1:7070
         #[arg(long)]
         to: String,
     },

@@ -16,6 +16,7 @@ use common::TestAgent;
 /// (status, body) of one request, over the API socket or TCP.
 fn request(
     socket: Option<&Path>,
+    tls: Option<&Path>,
     base: &str,
     method: &str,
     path: &str,
@@ -35,6 +36,9 @@ fn request(
     ]);
     if let Some(s) = socket {
         c.arg("--unix-socket").arg(s);
+    }
+    if let Some(dir) = tls {
+        c.args(common::curl_tls(dir));
     }
     if let Some(b) = body {
         c.args(["-H", "content-type: application/json", "--data-binary"])
@@ -428,10 +432,17 @@ fn every_api_route_answers_bad_input_as_its_table_row_says() {
         .map(|(m, p)| (m.to_string(), p))
         .collect();
     check_routes("API", routes, api_table(), |m, p, b| {
-        request(Some(&socket), "http://spore", m, p, b)
+        request(Some(&socket), None, "http://spore", m, p, b)
     });
     // An unknown route is a 404 with a message too.
-    let (code, text) = request(Some(&socket), "http://spore", "GET", "/v1/nothing", None);
+    let (code, text) = request(
+        Some(&socket),
+        None,
+        "http://spore",
+        "GET",
+        "/v1/nothing",
+        None,
+    );
     assert_eq!(code, 404, "{text}");
     assert!(text.contains("no such API route"), "{text}");
     // Still serving.
@@ -441,13 +452,13 @@ fn every_api_route_answers_bad_input_as_its_table_row_says() {
 #[test]
 fn every_peer_route_answers_bad_input_as_its_table_row_says() {
     let (t, port) = TestAgent::start_listening(&["--accept-push", "--accept-migrations"]);
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("https://127.0.0.1:{port}");
     let routes = spore_agent::peer::routes()
         .into_iter()
         .map(|(m, p)| (m.to_string(), p))
         .collect();
     check_routes("peer", routes, peer_table(), |m, p, b| {
-        request(None, &base, m, p, b)
+        request(None, Some(&t.tls_dir()), &base, m, p, b)
     });
     t.ok(&["image", "ls"]);
 }
@@ -459,14 +470,21 @@ fn every_peer_route_answers_bad_input_as_its_table_row_says() {
 #[test]
 fn peer_routes_refuse_callers_the_agent_does_not_accept() {
     let (t, port) = TestAgent::start_listening(&[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("https://127.0.0.1:{port}");
     let mut refused = 0;
     for (method, path, caller) in spore_agent::peer::callers() {
         let p = path
             .replace("{name}", "img")
             .replace("{vm}", "web")
             .replace("{id}", "00");
-        let (code, text) = request(None, &base, method.as_str(), &p, Some(b"{}"));
+        let (code, text) = request(
+            None,
+            Some(&t.tls_dir()),
+            &base,
+            method.as_str(),
+            &p,
+            Some(b"{}"),
+        );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         match caller {
             spore_agent::peer::Caller::Peer => assert_ne!(code, 409, "{method} {p}: {text}"),

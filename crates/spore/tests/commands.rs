@@ -13,7 +13,7 @@ use common::{guest, sh, sparse_random_file, vm_run_args, TestAgent, SPORE};
 const MIB: u64 = 1 << 20;
 
 fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+    format!("https://127.0.0.1:{port}")
 }
 
 /// Waits until `marker` shows in the VM's console log.

@@ -11,7 +11,7 @@ use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent};
 const MIB: u64 = 1 << 20;
 
 fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+    format!("https://127.0.0.1:{port}")
 }
 
 /// An origin agent on a free loopback port.

@@ -9,12 +9,13 @@ use std::process::Command;
 use common::TestAgent;
 
 /// POSTs `body` to `path` on the agent's peer listener: (status, body).
-fn post(port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
+fn post(t: &TestAgent, port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
     let out = Command::new("curl")
+        .args(common::curl_tls(&t.tls_dir()))
         .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST"])
         .args(["-H", "content-type: application/json", "--data-binary"])
         .arg(body.to_string())
-        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .arg(format!("https://127.0.0.1:{port}{path}"))
         .output()
         .expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -58,7 +59,7 @@ fn values_that_would_reach_the_qemu_command_line_are_refused() {
     for (field, value) in cases {
         let mut body = incoming("victim");
         body[*field] = value.clone();
-        let (code, text) = post(port, "/v1/migrations", &body);
+        let (code, text) = post(&t, port, "/v1/migrations", &body);
         assert_eq!(code, 400, "{field}={value}: {code} {text}");
         assert!(!text.is_empty(), "{field}: no message");
         // Nothing was started or recorded for it.

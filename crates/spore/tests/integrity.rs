@@ -411,7 +411,7 @@ fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
     }
     let mut rng = Rng::new(test);
     let (origin, port) = TestAgent::start_listening(&["--accept-push"]);
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     // Small: the resolve fetches only manifest and layer, and every
     // iteration removes the image again (a few ms per chunk).
     let src = origin.path("r.raw");

@@ -795,7 +795,7 @@ fn clones_do_not_migrate_yet_and_stay_unharmed() {
         &std::fs::read_to_string(c.dir.path().join(&c.name).join("cluster.json")).unwrap(),
     )
     .unwrap();
-    let origin = format!("http://{}:7070", state["origin"]["ip"].as_str().unwrap());
+    let origin = format!("https://{}:7070", state["origin"]["ip"].as_str().unwrap());
     let args = vm_run_args(g, "web", "guest", "");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ok("node1", &refs);

@@ -22,7 +22,7 @@ const PREFIX: &str = "test/store";
 const KEY: &str = "spore-test";
 
 fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+    format!("https://127.0.0.1:{port}")
 }
 
 /// A Python with moto in it: the venv scripts/install-deps.sh makes, or

@@ -288,7 +288,7 @@ fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
     // Host A captures the template and serves it to peers; host B has
     // nothing and names A as its origin.
     let (a, port) = TestAgent::start_listening(&[]);
-    let b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
+    let b = TestAgent::start_with(&["--origin", &format!("https://127.0.0.1:{port}")]);
     a.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
@@ -524,7 +524,7 @@ fn fuse_mounts_under(dir: &std::path::Path) -> Vec<String> {
 fn agents_restart_under_templates_standbys_and_a_fuse_clone() {
     let g = guest();
     let (mut a, port) = TestAgent::start_listening(&["--clone-standby", "1"]);
-    let mut b = TestAgent::start_with(&["--origin", &format!("http://127.0.0.1:{port}")]);
+    let mut b = TestAgent::start_with(&["--origin", &format!("https://127.0.0.1:{port}")]);
     a.import_guest("base");
     let args = vm_run_args(g, "src", "base", "quiet spore.counter");
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();

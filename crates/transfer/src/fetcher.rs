@@ -488,7 +488,10 @@ mod tests {
         let put = sender.put(b"a chunk the only source has").unwrap();
         let raw = sender.get_raw(&put.id).unwrap().unwrap();
         let (url, peer) = flaky_peer(1, put.id, raw);
-        let f = Fetcher::new(vec![Remote::new(&url, Duration::from_secs(5))]);
+        let plain = crate::Links::default().allow_plaintext();
+        let f = Fetcher::new(vec![
+            Remote::new(&url, Duration::from_secs(5), &plain).unwrap()
+        ]);
         f.fetch(&store, &[put.id]).unwrap();
         assert_eq!(store.get(&put.id).unwrap(), b"a chunk the only source has");
         peer.join().unwrap();
@@ -504,10 +507,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
+        let plain = crate::Links::default().allow_plaintext();
         let f = Fetcher::new(vec![Remote::new(
             &format!("http://127.0.0.1:{port}"),
             Duration::from_secs(5),
-        )]);
+            &plain,
+        )
+        .unwrap()]);
         let started = std::time::Instant::now();
         let e = f.fetch(&store, &[ChunkId::of(b"x")]).unwrap_err();
         assert!(matches!(e, FetchError::Unavailable { .. }), "{e}");

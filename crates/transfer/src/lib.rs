@@ -7,10 +7,12 @@
 //! elsewhere, never a wrong byte. See docs/distribution.md.
 
 pub mod fetcher;
+pub mod links;
 pub mod popularity;
 pub mod remote;
 pub mod wire;
 
 pub use fetcher::{FetchError, Fetcher, OnArrival};
+pub use links::Links;
 pub use popularity::Popularity;
 pub use remote::{Class, Remote, RemoteError, Resolved, MAX_POPULAR};

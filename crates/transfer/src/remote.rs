@@ -87,18 +87,19 @@ fn describe(e: ureq::Error) -> String {
 const BACKOFF: Duration = Duration::from_secs(5);
 
 impl Remote {
-    /// `url` is the remote agent's peer address, e.g. `http://10.77.0.2:7070`.
-    pub fn new(url: &str, timeout: Duration) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(1).min(timeout))
-            .timeout(timeout)
-            .build();
-        Remote {
+    /// `url` is the remote agent's peer address, e.g.
+    /// `https://10.77.0.2:7070`, reached over `links`.
+    pub fn new(url: &str, timeout: Duration, links: &crate::Links) -> Result<Self, RemoteError> {
+        links.check(url).map_err(|message| RemoteError::Http {
+            url: url.to_owned(),
+            message,
+        })?;
+        Ok(Remote {
             url: url.trim_end_matches('/').to_owned(),
-            agent,
+            agent: links.http(Duration::from_secs(1).min(timeout), timeout),
             down_until: Mutex::new(None),
             stats: RemoteStats::default(),
-        }
+        })
     }
 
     pub fn url(&self) -> &str {

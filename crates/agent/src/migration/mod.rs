@@ -61,6 +61,8 @@ pub struct Migration {
     /// The peer listener as bound, once it listens: destinations are told
     /// this address.
     peer_addr: Arc<OnceLock<String>>,
+    /// How destinations are reached.
+    links: spore_transfer::Links,
     jobs: Jobs,
 }
 
@@ -72,8 +74,10 @@ impl Migration {
         meta: Arc<Meta>,
         listen: Option<String>,
         peer_addr: Arc<OnceLock<String>>,
+        links: spore_transfer::Links,
     ) -> Self {
         Migration {
+            links,
             vms,
             disks,
             exports,
@@ -89,17 +93,27 @@ impl Migration {
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     pub(crate) base: String,
+    links: spore_transfer::Links,
     http: ureq::Agent,
 }
 
 impl PeerClient {
-    pub fn new(base: &str, timeout: Duration) -> Self {
-        PeerClient {
+    /// The destination at `base`, reached over `links`.
+    pub fn new(base: &str, timeout: Duration, links: &spore_transfer::Links) -> Result<Self> {
+        links.check(base).map_err(AgentError::Invalid)?;
+        Ok(PeerClient {
             base: base.trim_end_matches('/').to_owned(),
-            http: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(5))
-                .timeout(timeout)
-                .build(),
+            links: links.clone(),
+            http: links.http(Duration::from_secs(5), timeout),
+        })
+    }
+
+    /// The same destination with another timeout per request.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        PeerClient {
+            base: self.base.clone(),
+            links: self.links.clone(),
+            http: self.links.http(Duration::from_secs(5), timeout),
         }
     }
 
@@ -107,8 +121,9 @@ impl PeerClient {
     pub fn host(&self) -> Result<String> {
         let rest = self
             .base
-            .strip_prefix("http://")
-            .ok_or_else(|| AgentError::Invalid(format!("{} is not an http:// URL", self.base)))?;
+            .strip_prefix("https://")
+            .or_else(|| self.base.strip_prefix("http://"))
+            .ok_or_else(|| AgentError::Invalid(format!("{} is not a peer URL", self.base)))?;
         let hostport = rest.split('/').next().unwrap_or("");
         let host = match hostport.rsplit_once(':') {
             Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,

@@ -245,7 +245,7 @@ impl Migration {
                 "the downtime limit and the timeout must be above zero".into(),
             ));
         }
-        PeerClient::new(&req.to, Duration::from_secs(1)).host()?;
+        PeerClient::new(&req.to, Duration::from_secs(1), &self.links)?.host()?;
         let job = Arc::new(Job {
             info: Mutex::new(MigrationInfo {
                 vm: name.to_owned(),
@@ -366,7 +366,7 @@ impl Migration {
     }
 
     fn migrate_inner(&self, name: &str, req: &MigrateRequest, job: &Arc<Job>) -> Result<()> {
-        let peer = PeerClient::new(&req.to, Duration::from_secs(60));
+        let peer = PeerClient::new(&req.to, Duration::from_secs(60), &self.links)?;
         let host = peer.host()?;
         let rec = self.vms.vm_record(name)?;
         let disk = self
@@ -985,7 +985,7 @@ impl Migration {
         let path = format!("/v1/migrations/{name}/recover");
         // Short attempts: a request sent while the link was down must not
         // use up the budget.
-        let peer = &PeerClient::new(&peer.base, Duration::from_secs(10));
+        let peer = &peer.with_timeout(Duration::from_secs(10));
         let mut attempt = 0;
         let mut last_error = String::new();
         while start.elapsed() < RECOVERY_BUDGET {
@@ -1110,7 +1110,7 @@ fn peer_url(p: &PeerClient) -> String {
 /// its QEMU runs the guest, and records when it does: only from then may a
 /// stalled post-copy be paused and recovered.
 fn watch_destination_runs(job: Arc<Job>, peer: PeerClient, vm: String) {
-    let peer = PeerClient::new(&peer.base, Duration::from_secs(2));
+    let peer = peer.with_timeout(Duration::from_secs(2));
     let path = format!("/v1/migrations/{vm}");
     let spawned = std::thread::Builder::new()
         .name(format!("runs-{vm}"))

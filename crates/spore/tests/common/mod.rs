@@ -129,6 +129,16 @@ impl TestAgent {
         }
     }
 
+    /// The agent's TLS directory (its certificate of the local test CA).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir().join("pki")
+    }
+
+    /// The agent's peer URL (with `start_listening`).
+    pub fn peer_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.listen_port())
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -234,6 +244,20 @@ impl TestAgent {
             AgentProcess::start(Path::new(SPORE), &self.data_dir(), &refs).expect("agent restarts"),
         );
     }
+}
+
+/// curl arguments that trust the local test CA and present the
+/// certificate in `tls_dir`.
+pub fn curl_tls(tls_dir: &Path) -> Vec<String> {
+    let f = |n: &str| tls_dir.join(n).display().to_string();
+    vec![
+        "--cacert".into(),
+        f("ca.pem"),
+        "--cert".into(),
+        f("cert.pem"),
+        "--key".into(),
+        f("key.pem"),
+    ]
 }
 
 /// Runs a command that must succeed; returns stdout.
