@@ -129,6 +129,17 @@ done
 echo >&2
 echo "Each host fetched only the boot's working set, from its parent in the tree (docs/distribution.md)." >&2
 
+say "an authenticated fleet: hosts talk mutual TLS with certificates of the cluster's CA (spore ca); strangers get nothing"
+read -r OIP N1NS < <(python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); print(s["origin"]["ip"], s["nodes"][0]["netns"])' "$C/cluster.json")
+probe() { # curl arguments -> the HTTP status the origin answered node1's namespace with
+    ip netns exec "$N1NS" curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@" || true
+}
+P=$C/node1/pki
+echo "  node1 with its certificate (role host):      HTTP $(probe --cacert "$P/ca.pem" --cert "$P/cert.pem" --key "$P/key.pem" "https://$OIP:7070/v1/images/base")" >&2
+echo "  the same namespace without a certificate:    HTTP $(probe --cacert "$P/ca.pem" "https://$OIP:7070/v1/images/base") (000: refused at the TLS handshake)" >&2
+echo "  plaintext to the same port:                  HTTP $(probe "http://$OIP:7070/v1/images/base")" >&2
+echo "Every fetch, push and migration request above went over such connections; QEMU's own migration stream does not yet (docs/security.md)." >&2
+
 say "live migration: storm1 moves from node1 to node2 while it runs (policy auto)"
 # guest_line HOST MARKER: the last console line of storm1 on HOST with MARKER
 # (waited for up to 30 s), without the marker.

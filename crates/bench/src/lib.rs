@@ -7,6 +7,7 @@ pub mod flush;
 pub mod migrate;
 pub mod procs;
 pub mod storm;
+pub mod tls;
 
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)

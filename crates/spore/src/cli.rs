@@ -341,6 +341,8 @@ pub enum BenchCmd {
     /// 4 KiB random write + flush latency on a small and a huge disk,
     /// against qemu-nbd over qcow2
     Flush(spore_bench::flush::Options),
+    /// Chunk transfer between two agents over mutual TLS vs plaintext, same run
+    Tls(spore_bench::tls::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -397,6 +399,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Migrate(opts)) => {
             spore_bench::migrate::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Tls(opts)) => {
+            spore_bench::tls::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCmd::Flush(opts)) => {

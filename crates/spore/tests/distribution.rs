@@ -47,6 +47,7 @@ fn a_cold_host_reads_an_image_from_the_origin_on_demand_and_verifies_it() {
     // Binding a name to a manifest the origin does not have is refused
     // clearly, and so is pushing to an agent that does not accept pushes.
     let bogus = sh(Command::new("curl")
+        .args(common::curl_tls(&origin.tls_dir()))
         .args([
             "-sS",
             "-X",
@@ -238,6 +239,18 @@ fn a_guest_write_needing_an_unfetched_block_pauses_the_vm_until_the_block_arrive
     let expect = expect.split_whitespace().next().unwrap().to_owned();
 
     let log_of = |t: &TestAgent| t.ok(&["vm", "log", "v"]);
+    // The guest's channel helper runs from the disk: once it has taken its
+    // identity, everything it needs to poke is read, and the only block
+    // left unfetched that matters is the one the write needs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !log_of(&cold).contains("SPORE-IDENTITY") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no identity: {}",
+            log_of(&cold)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     origin.agent.as_mut().unwrap().stop().expect("origin stops");
     origin.agent = None;
     cold.ok(&[

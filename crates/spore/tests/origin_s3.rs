@@ -21,6 +21,7 @@ const PREFIX: &str = "test/store";
 /// Access key id and secret alike: moto takes any.
 const KEY: &str = "spore-test";
 
+/// An agent's peer URL.
 fn url(port: u16) -> String {
     format!("https://127.0.0.1:{port}")
 }
@@ -93,8 +94,9 @@ impl Moto {
         moto
     }
 
+    /// The S3 endpoint (moto serves plain HTTP on loopback).
     fn url(&self) -> String {
-        url(self.port)
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     fn log_text(&self) -> String {
@@ -175,8 +177,15 @@ fn agent_fails_to_start(dir: &Path, args: &[&str]) -> String {
 }
 
 /// `curl` against a peer listener: (HTTP status, body).
-fn curl(method: &str, url: &str, data: Option<&Path>, body: Option<&str>) -> (u16, String) {
+fn curl(
+    tls: &Path,
+    method: &str,
+    url: &str,
+    data: Option<&Path>,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut c = Command::new("curl");
+    c.args(common::curl_tls(tls));
     c.args(["-sS", "-X", method, "-w", "\n%{http_code}"]);
     if let Some(f) = data {
         c.arg("--data-binary").arg(format!("@{}", f.display()));
@@ -257,7 +266,13 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
     // only partly pushed, a chunk that is not what its id says.
     let images = format!("{}/v1/images", url(origin_port));
     let bogus = format!("{{\"manifest\":\"{}\"}}", "ab".repeat(32));
-    let (code, body) = curl("PUT", &format!("{images}/bogus"), None, Some(&bogus));
+    let (code, body) = curl(
+        &origin.tls_dir(),
+        "PUT",
+        &format!("{images}/bogus"),
+        None,
+        Some(&bogus),
+    );
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("is not here"), "{body}");
     let src2 = builder.path("img2.raw");
@@ -274,6 +289,7 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
         .join(&manifest2);
     let chunks = format!("{}/v1/chunks", url(origin_port));
     let (code, body) = curl(
+        &origin.tls_dir(),
         "PUT",
         &format!("{chunks}/{manifest}"),
         Some(&manifest2_file),
@@ -282,6 +298,7 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("rejected upload"), "{body}");
     let (code, body) = curl(
+        &origin.tls_dir(),
         "PUT",
         &format!("{chunks}/{manifest2}"),
         Some(&manifest2_file),
@@ -289,10 +306,26 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
     );
     assert_eq!(code, 204, "{body}");
     let partial = format!("{{\"manifest\":\"{manifest2}\"}}");
-    let (code, body) = curl("PUT", &format!("{images}/img2"), None, Some(&partial));
+    let (code, body) = curl(
+        &origin.tls_dir(),
+        "PUT",
+        &format!("{images}/img2"),
+        None,
+        Some(&partial),
+    );
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("are missing; push them first"), "{body}");
-    assert_eq!(curl("GET", &format!("{images}/img2"), None, None).0, 404);
+    assert_eq!(
+        curl(
+            &origin.tls_dir(),
+            "GET",
+            &format!("{images}/img2"),
+            None,
+            None
+        )
+        .0,
+        404
+    );
     assert!(moto.keys(&format!("{PREFIX}/images/")) == [format!("{PREFIX}/images/img")]);
 
     // A cold host reads the image back through the origin, byte for byte.

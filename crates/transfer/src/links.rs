@@ -62,6 +62,13 @@ impl Links {
         ))
     }
 
+    /// The peer URL of an agent at `host_port`: `https://` when this host
+    /// has a fleet certificate, else `http://` (plaintext links).
+    pub fn peer_url(&self, host_port: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{host_port}")
+    }
+
     /// An HTTP client for these links. Connections are kept and reused, so
     /// a boot pays one handshake per peer, not one per chunk.
     pub fn http(&self, connect: Duration, timeout: Duration) -> ureq::Agent {

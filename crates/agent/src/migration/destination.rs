@@ -179,7 +179,7 @@ impl Migration {
             let disk = match manifest {
                 Some(manifest) => {
                     let source = (req.from.contains(':') && !req.from.contains('/'))
-                        .then(|| format!("http://{}", req.from));
+                        .then(|| self.links.peer_url(&req.from));
                     self.disks.create_disk_pinned(
                         &req.vm,
                         &req.image,
