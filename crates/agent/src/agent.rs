@@ -337,16 +337,18 @@ impl Agent {
                 profile_seconds: config.profile_seconds,
             },
         ));
-        let disks = Arc::new(Disks::new(
-            dir.join("disks"),
-            meta.clone(),
-            store.clone(),
-            exports.clone(),
-            fetcher.clone(),
-            gc_lock.clone(),
-            images.clone(),
-            links.clone(),
-        ));
+        let disks = Arc::new(
+            Disks::new(
+                dir.join("disks"),
+                meta.clone(),
+                store.clone(),
+                exports.clone(),
+                fetcher.clone(),
+                gc_lock.clone(),
+                images.clone(),
+            )
+            .with_links(links.clone()),
+        );
         let vms = Arc::new(Vms::new(
             meta.clone(),
             images.clone(),

@@ -57,10 +57,9 @@ impl Disks {
         fetcher: Option<Arc<Fetcher>>,
         gc_lock: Arc<RwLock<()>>,
         images: Arc<Images>,
-        links: spore_transfer::Links,
     ) -> Self {
         Disks {
-            links,
+            links: spore_transfer::Links::default(),
             root,
             meta,
             store,
@@ -71,6 +70,12 @@ impl Disks {
             names: Mutex::new(()),
             broken: Mutex::default(),
         }
+    }
+
+    /// Reaches other hosts (a migration's source) over `links`.
+    pub fn with_links(mut self, links: spore_transfer::Links) -> Self {
+        self.links = links;
+        self
     }
 
     /// The directory of disk `name`'s overlay.
