@@ -128,3 +128,16 @@ with tempfile.TemporaryDirectory() as tmp:
             seed("qcow2_open", name, f.read())
 seed("qcow2_open", "bad-version", b"QFI\xfb" + struct.pack(">I", 9) + b"\x00" * 96)
 seed("qcow2_open", "truncated", b"QFI\xfb\x00\x00\x00\x03")
+
+
+# Fleet certificates (spore-pki): what a peer presents in the TLS handshake,
+# and revocation lists an agent loads. Made with `spore ca issue host-a
+# --role host,publisher --san 127.0.0.1` and `spore ca revoke ops`.
+import base64
+CERT = base64.b64decode("MIIB0jCCAXegAwIBAgIQVKC6GBtC6ejgV0k5rFbnNzAKBggqhkjOPQQDAjAfMR0wGwYDVQQDDBRzcG9yZSBmbGVldCBDQSBzcG9yZTAeFw0yNjEyMDYxOTUwMTFaFw0yODAxMDcyMDUwMTFaMCoxDzANBgNVBAMMBmhvc3QtYTEXMBUGA1UECwwOaG9zdCxwdWJsaXNoZXIwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQ9kPC0+6Z7b/pR2gsH4DjmpqtMBlKVaEDoeQjm/EncYGbtcL8u1FvFoj4eIThwVEtPs6Y7VreeiMG8daUlBIWjo4GJMIGGMB8GA1UdIwQYMBaAFHIk5T20iL+sp13pSrTubzLNr+eeMBcGA1UdEQQQMA6CBmhvc3QtYYcEfwAAATAdBgNVHSUEFjAUBggrBgEFBQcDAQYIKwYBBQUHAwIwHQYDVR0OBBYEFKITlzWS6M77QE+3v0iXwAV4ZkaOMAwGA1UdEwEB/wQCMAAwCgYIKoZIzj0EAwIDSQAwRgIhAKtNOugonFMAQxT86Yuc33GyOREaEY5PXplwqPvzcn8RAiEAymy+OX93jqlbHFLPH+dtnN3KMvIpogiG0ZwaNIoEI+o=")
+CRL = base64.b64decode("MIH9MIGkAgEBMAoGCCqGSM49BAMCMB8xHTAbBgNVBAMMFHNwb3JlIGZsZWV0IENBIHNwb3JlFw0yNjEyMDYyMDQ1MTFaFw0zNjEyMDMyMDUwMTFaMCMwIQIQce/1COaCQsoVOaNHmXQ/gxcNMjYxMjA2MjA1MDExWqAvMC0wHwYDVR0jBBgwFoAUciTlPbSIv6ynXelKtO5vMs2v554wCgYDVR0UBAMCAQIwCgYIKoZIzj0EAwIDSAAwRQIge9L2hrzOQ5acGSnqbyz/nPfMeXFJs5pbEqaIe29R/CcCIQDPrwQtWdwz4wID2+6t3YOalL7pGYiYs5laAR2VqytbYA==")
+seed("peer_certificate", "cert", b"c" + CERT)
+seed("peer_certificate", "cert-truncated", b"c" + CERT[: len(CERT) // 2])
+seed("peer_certificate", "crl", b"r" + CRL)
+seed("peer_certificate", "crl-flipped", b"r" + CRL[:40] + bytes([CRL[40] ^ 0xFF]) + CRL[41:])
+seed("peer_certificate", "empty", b"")

@@ -146,6 +146,18 @@ impl fmt::Display for PeerIdentity {
     }
 }
 
+/// The serial numbers (hex) a DER revocation list names. Only the list's
+/// structure is read here; its signature is checked by rustls when the list
+/// is put in force.
+pub fn revoked_serials_der(der: &[u8]) -> Result<Vec<String>> {
+    let (_, crl) = x509_parser::parse_x509_crl(der)
+        .map_err(|e| PkiError::Invalid(format!("not a revocation list: {e}")))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| hex(r.raw_serial()))
+        .collect())
+}
+
 /// Lowercase hex of a serial number's bytes.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -225,6 +237,14 @@ mod tests {
         let e = parse_roles("host,admin").unwrap_err().to_string();
         assert!(e.contains("unknown role \"admin\""), "{e}");
         assert!(parse_roles("").is_err());
+    }
+
+    #[test]
+    fn malformed_certificates_and_lists_are_errors() {
+        for bad in [&b""[..], b"\x30", b"\x30\x82\xff\xff", &[0u8; 64]] {
+            assert!(PeerIdentity::of(bad).is_err(), "{bad:?}");
+            assert!(revoked_serials_der(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

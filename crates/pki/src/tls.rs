@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::{hex, PeerIdentity, PkiError, Result};
+use crate::{PeerIdentity, PkiError, Result};
 
 /// How often the revocation list's file is looked at (a stat).
 const CRL_CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -126,11 +126,7 @@ impl std::fmt::Debug for ServerTls {
 fn revoked_serials(crls: &[CertificateRevocationListDer<'_>]) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
     for crl in crls {
-        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
-            .map_err(|e| PkiError::Invalid(format!("crl.pem: {e}")))?;
-        for r in parsed.iter_revoked_certificates() {
-            out.insert(hex(r.raw_serial()));
-        }
+        out.extend(crate::revoked_serials_der(crl.as_ref())?);
     }
     Ok(out)
 }
