@@ -261,7 +261,7 @@ pub struct Agent {
     /// Peer requests refused (no role, revoked) and TLS handshakes that
     /// failed, for the metrics.
     pub peer_refused: std::sync::atomic::AtomicU64,
-    pub tls_failures: std::sync::atomic::AtomicU64,
+    pub tls_failures: Arc<std::sync::atomic::AtomicU64>,
     _lock: File,
 }
 

@@ -95,7 +95,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
             match agent.server_tls.clone() {
                 Some(tls) => {
                     tracing::info!(%addr, identity = %tls.own(), tls_dir = %tls.dir().display(), accept_push = agent.config.accept_push, "serving peers over mutual TLS");
-                    tokio::spawn(listener::serve_tls(l, router, agent.clone(), tls, listener::Bounds::default()));
+                    tokio::spawn(listener::serve_tls(l, router, agent.tls_failures.clone(), tls, listener::Bounds::default()));
                 }
                 None => {
                     tracing::warn!(%addr, "serving peers in PLAINTEXT (--insecure-listen): anyone who reaches this port may use every peer route the flags open");

@@ -11,7 +11,7 @@
 //! ([`Bounds::header`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +21,6 @@ use hyper_util::service::TowerToHyperService;
 use spore_pki::{PeerIdentity, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-
-use crate::agent::Agent;
 
 /// Who sent a peer request: the identity its connection's certificate
 /// proved, and where it came from.
@@ -54,11 +52,12 @@ impl Default for Bounds {
     }
 }
 
-/// Serves `router` over mutual TLS on `listener` until the runtime stops.
+/// Serves `router` over mutual TLS on `listener` until the runtime stops;
+/// counts connections closed before a request in `failures`.
 pub async fn serve_tls(
     listener: TcpListener,
     router: Router,
-    agent: Arc<Agent>,
+    failures: Arc<AtomicU64>,
     tls: Arc<ServerTls>,
     bounds: Bounds,
 ) {
@@ -74,24 +73,24 @@ pub async fn serve_tls(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            agent.tls_failures.fetch_add(1, Ordering::Relaxed);
+            failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %addr, limit = bounds.connections, "too many peer connections; closed");
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (router, agent, tls) = (router.clone(), agent.clone(), tls.clone());
+        let (router, failures, tls) = (router.clone(), failures.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let stream = match tokio::time::timeout(bounds.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    agent.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %addr, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    agent.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %addr, seconds = bounds.handshake.as_secs(), "TLS handshake not finished in time; closed");
                     return;
                 }
