@@ -120,15 +120,18 @@ pub fn callers() -> Vec<(Method, &'static str, Caller)> {
 /// and over TLS only from a certificate that is not revoked and carries
 /// the route's role (403). Refusals and privileged requests (pushes,
 /// migrations in) are logged with the caller's identity.
-fn admit(a: &Agent, caller: Caller, peer: Option<&Peer>, what: &str) -> Result<()> {
+fn admit(a: &Agent, caller: Caller, req: &axum::extract::Request) -> Result<()> {
     accepts(a, caller)?;
     let Some(tls) = &a.server_tls else {
         // --insecure-listen: whoever reaches the port.
         return Ok(());
     };
+    let peer = req.extensions().get::<Peer>();
+    // Named in logs and refusals only (not formatted for every batch).
+    let what = || format!("{} {}", req.method(), req.uri().path());
     let refuse = |message: String| {
         a.peer_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(request = what, peer = ?peer.map(|p| p.addr), "refused: {message}");
+        tracing::warn!(request = what(), peer = ?peer.map(|p| p.addr), "refused: {message}");
         Err(AgentError::Forbidden(message))
     };
     let Some(peer) = peer else {
@@ -143,12 +146,13 @@ fn admit(a: &Agent, caller: Caller, peer: Option<&Peer>, what: &str) -> Result<(
     let role = caller.role();
     if !peer.identity.has(role) {
         return refuse(format!(
-            "{what} needs the {role} role; the certificate of {}",
+            "{} needs the {role} role; the certificate of {}",
+            what(),
             peer.identity
         ));
     }
     if caller != Caller::Peer {
-        tracing::info!(request = what, peer = %peer.addr, identity = %peer.identity, "privileged peer request");
+        tracing::info!(request = what(), peer = %peer.addr, identity = %peer.identity, "privileged peer request");
     }
     Ok(())
 }
@@ -172,8 +176,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .into_iter()
         .fold(Router::new(), |r, (caller, (_, path, handler))| {
             let gate = move |State(a): S, req: axum::extract::Request, next: Next| async move {
-                let what = format!("{} {}", req.method(), req.uri().path());
-                match admit(&a, caller, req.extensions().get::<Peer>(), &what) {
+                match admit(&a, caller, &req) {
                     Ok(()) => next.run(req).await,
                     Err(e) => e.into_response(),
                 }

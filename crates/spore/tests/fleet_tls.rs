@@ -306,3 +306,94 @@ fn idle_strangers_hold_nothing_and_are_closed() {
         }
     }
 }
+
+/// `spore ca` as an operator runs it: init, issue, ls, revoke, and the
+/// mistakes they refuse with the reason.
+#[test]
+fn the_ca_commands_issue_list_and_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let spore = |args: &[&str]| {
+        Command::new(SPORE)
+            .arg("--data-dir")
+            .arg(&home)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = spore(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fails = |args: &[&str]| {
+        let out = spore(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(fails(&["ca", "issue", "h", "--role", "host"]).contains("spore ca init"));
+    ok(&["ca", "init"]);
+    assert!(fails(&["ca", "init"]).contains("already holds a CA"));
+    let out = ok(&[
+        "ca",
+        "issue",
+        "host-a",
+        "--role",
+        "host,publisher",
+        "--san",
+        "10.0.0.2",
+    ]);
+    assert!(out.contains("issued host-a"), "{out}");
+    // Default: where the agent looks.
+    for f in ["ca.pem", "cert.pem", "key.pem", "crl.pem"] {
+        assert!(home.join("pki").join(f).is_file(), "{f}");
+    }
+    let id = spore_pki::PeerIdentity::of(
+        &std::fs::read_to_string(home.join("pki/cert.pem"))
+            .map(|pem| {
+                use rustls::pki_types::{pem::PemObject, CertificateDer};
+                CertificateDer::from_pem_slice(pem.as_bytes())
+                    .unwrap()
+                    .to_vec()
+            })
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(id.roles, vec![Role::Host, Role::Publisher]);
+    assert!(fails(&["ca", "issue", "x", "--role", "admin"]).contains("unknown role"));
+    assert!(fails(&["ca", "issue", "../x", "--role", "host"]).contains("is not valid"));
+    let ops = tmp.path().join("ops");
+    ok(&[
+        "ca",
+        "issue",
+        "ops",
+        "--role",
+        "operator",
+        "--out",
+        ops.to_str().unwrap(),
+    ]);
+    let crl_before = std::fs::read(ops.join("crl.pem")).unwrap();
+    assert!(ok(&["ca", "revoke", "ops"]).contains("revoked ops"));
+    assert_ne!(std::fs::read(ops.join("crl.pem")).unwrap(), crl_before);
+    let list: serde_json::Value = serde_json::from_str(&ok(&["ca", "ls", "--json"])).unwrap();
+    let revoked: Vec<(String, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_owned(),
+                i["revoked"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        revoked,
+        vec![("host-a".into(), false), ("ops".into(), true)]
+    );
+    assert!(fails(&["ca", "revoke", "nobody"]).contains("issued no certificate"));
+}
