@@ -36,7 +36,7 @@ use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::images::{Images, ImagesConfig};
 use crate::meta::Meta;
-use crate::migration::Migration;
+use crate::migration::{Migration, StreamTls};
 use crate::records::{PeerStats, REMOTE_TIMEOUT};
 use crate::templates::{TemplateDeps, Templates};
 use crate::vms::processes::VmManager;
@@ -196,10 +196,16 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
 /// side (the fleet certificate when there is one; `http://` only with
 /// `--insecure-listen`) and the peer listener's TLS (required with
 /// `--listen` unless `--insecure-listen`).
-fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTls>>)> {
+fn tls_of(
+    config: &AgentConfig,
+) -> Result<(Links, Option<Arc<spore_pki::ServerTls>>, StreamTls)> {
     let dir = config.tls_dir();
     let pki = |e: spore_pki::PkiError| AgentError::Invalid(e.to_string());
+    let mut stream = StreamTls::default();
     let mut links = if dir.join("cert.pem").exists() {
+        let creds = config.data_dir.join("qemu-tls");
+        spore_pki::qemu_creds_dir(&dir, &creds).map_err(pki)?;
+        stream.creds = Some(creds);
         Links::tls(spore_pki::client_config(&dir).map_err(pki)?)
     } else {
         Links::default()
@@ -216,7 +222,8 @@ fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTl
             "--nbd-tcp serves disks in plaintext to anyone who reaches the port (NBD over TLS is not built yet): it needs --insecure-listen".into(),
         ));
     }
-    Ok((links, server))
+    stream.required = server.is_some();
+    Ok((links, server, stream))
 }
 
 #[derive(Debug)]
@@ -287,7 +294,7 @@ impl Agent {
         for sub in ["disks", "vms", "templates"] {
             fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
         }
-        let (links, server_tls) = tls_of(&config)?;
+        let (links, server_tls, stream_tls) = tls_of(&config)?;
         let meta = Arc::new(Meta::open(&dir.join("meta.redb"))?);
         let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
         let cache = Arc::new(ChunkCache::new(config.cache_bytes));
@@ -381,6 +388,7 @@ impl Agent {
             config.listen.clone(),
             peer_addr.clone(),
             links.clone(),
+            stream_tls,
         ));
         let agent = Arc::new(Agent {
             images,

@@ -620,6 +620,11 @@ pub struct MigrationInfo {
     /// (`postcopy-preempt`).
     #[serde(default)]
     pub postcopy_preempt: bool,
+    /// QEMU's memory stream was encrypted (its own TLS, the fleet's
+    /// certificates); block batches and control always travel over the
+    /// peer listener's TLS.
+    #[serde(default)]
+    pub stream_tls: bool,
     pub throughput: u64,
     pub postcopy_requests: u64,
     pub throttle_percent: u64,
@@ -696,6 +701,10 @@ pub struct IncomingReady {
     pub port: u16,
     /// Bytes of the disk (block batches must match it).
     pub disk_size: u64,
+    /// The stream must be TLS (QEMU's own, with the fleet's certificates):
+    /// the destination's peer listener is.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// `GET /v1/migrations/{vm}` on the destination's peer listener: how far

@@ -180,6 +180,37 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Lays out a TLS directory the way QEMU's `tls-creds-x509` object reads
+/// one (`ca-cert.pem`, `ca-crl.pem`, `server-cert.pem`, `server-key.pem`,
+/// `client-cert.pem`, `client-key.pem`), as symbolic links into `tls_dir`:
+/// QEMU moves a migration's bytes itself, encrypted with the host's own
+/// certificate, and reads the files each time such an object is made, so a
+/// new revocation list or a renewed certificate is used from the next
+/// migration on. A link to a list not written yet is skipped by QEMU.
+pub fn qemu_creds_dir(tls_dir: &Path, out: &Path) -> Result<()> {
+    let io = |what: String| move |source| PkiError::Io {
+        context: what,
+        source,
+    };
+    let tls_dir = std::path::absolute(tls_dir)
+        .map_err(io(format!("resolving {}", tls_dir.display())))?;
+    std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
+    for (link, target) in [
+        ("ca-cert.pem", "ca.pem"),
+        ("ca-crl.pem", "crl.pem"),
+        ("server-cert.pem", "cert.pem"),
+        ("server-key.pem", "key.pem"),
+        ("client-cert.pem", "cert.pem"),
+        ("client-key.pem", "key.pem"),
+    ] {
+        let link = out.join(link);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(tls_dir.join(target), &link)
+            .map_err(io(format!("linking {}", link.display())))?;
+    }
+    Ok(())
+}
+
 /// The TLS directory an agent or CLI uses when none is given:
 /// `DATA_DIR/pki`.
 pub fn default_tls_dir(data_dir: &Path) -> PathBuf {

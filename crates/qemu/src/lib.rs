@@ -15,5 +15,5 @@ pub mod state;
 pub use accel::Accel;
 pub use channel::{epoch_us, longest_gap, GuestChannel, Identity, Message, StallProbe};
 pub use cmdline::{Incoming, RamFile, VmSpec, MEMORY_SLOTS, QEMU_BINARY};
-pub use migration::{MemoryLayout, Progress};
+pub use migration::{MemoryLayout, MigrationTls, Progress};
 pub use qmp::{Qmp, QmpError};

@@ -11,6 +11,16 @@ use serde_json::{json, Value};
 
 use crate::{Qmp, QmpError};
 
+/// QEMU's own TLS for a migration stream ([`Qmp::set_migration_tls`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationTls<'a> {
+    /// QEMU's credential directory.
+    pub dir: &'a std::path::Path,
+    /// The source's view: the destination's host, which its certificate
+    /// must name. `None` on the destination (the server end).
+    pub hostname: Option<&'a str>,
+}
+
 /// One `query-migrate` answer, the parts the agent uses. Sizes in bytes,
 /// rates in bytes per second, times in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -149,6 +159,42 @@ impl Qmp {
     /// written per second, or `None` while it is still measuring.
     pub fn dirty_rate(&mut self) -> Result<Option<u64>, QmpError> {
         parse_dirty_rate(&self.execute("query-dirty-rate", None)?)
+    }
+
+    /// Encrypts this QEMU's migration streams with its own TLS (x509,
+    /// both sides verify the other against the CA), or sends them in the
+    /// clear with `None`. `dir` holds QEMU's credential files
+    /// (`spore_pki::qemu_creds_dir` lays them out); a source checks that the
+    /// destination's certificate names `hostname`. Called before
+    /// `migrate` or `migrate-incoming`; a post-copy recovery reuses it.
+    pub fn set_migration_tls(&mut self, tls: Option<MigrationTls<'_>>) -> Result<(), QmpError> {
+        const ID: &str = "spore-migration-tls";
+        let Some(tls) = tls else {
+            return self.set_parameters(json!({ "tls-creds": "" }));
+        };
+        // A fresh object each time: QEMU reads the files when it is made
+        // (a new revocation list, a renewed certificate).
+        let _ = self.execute("object-del", Some(json!({ "id": ID })));
+        let endpoint = if tls.hostname.is_some() {
+            "client"
+        } else {
+            "server"
+        };
+        self.execute(
+            "object-add",
+            Some(json!({
+                "qom-type": "tls-creds-x509",
+                "id": ID,
+                "dir": tls.dir,
+                "endpoint": endpoint,
+                "verify-peer": true,
+            })),
+        )?;
+        let mut params = json!({ "tls-creds": ID });
+        if let Some(host) = tls.hostname {
+            params["tls-hostname"] = json!(host);
+        }
+        self.set_parameters(params)
     }
 
     /// Starts an outgoing migration to `uri` (e.g. `tcp:10.0.0.2:4444`).

@@ -62,6 +62,16 @@ impl Migration {
         Ok(format!("tcp:{host}:{port}"))
     }
 
+    /// QEMU's credentials when incoming streams must be TLS.
+    fn stream_tls_dir(&self) -> Result<Option<std::path::PathBuf>> {
+        if !self.stream_tls.required {
+            return Ok(None);
+        }
+        self.stream_tls.creds.clone().map(Some).ok_or_else(|| {
+            AgentError::State("the peer listener is TLS but this host has no certificate for QEMU's stream".into())
+        })
+    }
+
     fn incoming(&self, vm: &str) -> Result<Arc<Incoming>> {
         self.jobs
             .incoming
@@ -206,6 +216,7 @@ impl Migration {
                 postcopy: req.postcopy,
                 preempt: req.postcopy && req.postcopy_preempt,
                 listen: listen.clone(),
+                tls: self.stream_tls_dir()?,
             };
             self.vms.start_vm(&req.vm, rec, start, Instant::now())?;
             // Out of band, so that a post-copy recovery can reach QEMU
@@ -240,6 +251,7 @@ impl Migration {
             Ok(IncomingReady {
                 port: listen_port(&listen),
                 disk_size: disk.virtual_size,
+                tls: self.stream_tls.required,
             })
         })();
         match started {
@@ -411,6 +423,7 @@ impl Migration {
         Ok(IncomingReady {
             port: listen_port(&listen),
             disk_size: inc.disk_size,
+            tls: self.stream_tls.required,
         })
     }
 

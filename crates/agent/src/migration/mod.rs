@@ -31,6 +31,7 @@ mod jobs;
 pub mod policy;
 pub mod source;
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -63,7 +64,22 @@ pub struct Migration {
     peer_addr: Arc<OnceLock<String>>,
     /// How destinations are reached.
     links: spore_transfer::Links,
+    /// QEMU's own TLS for the memory stream.
+    stream_tls: StreamTls,
     jobs: Jobs,
+}
+
+/// QEMU moves a migration's memory itself, host to host; with TLS it
+/// encrypts it with its own `tls-creds-x509` and this host's fleet
+/// certificate (measured against carrying it inside spore's TLS in
+/// docs/migration.md, "Over TLS"). The destination says in its
+/// `IncomingReady` whether the stream must be TLS.
+#[derive(Debug, Clone, Default)]
+pub struct StreamTls {
+    /// This host's certificate laid out for QEMU, when it has one.
+    pub creds: Option<PathBuf>,
+    /// Incoming streams must be TLS: the peer listener is.
+    pub required: bool,
 }
 
 impl Migration {
@@ -75,9 +91,11 @@ impl Migration {
         listen: Option<String>,
         peer_addr: Arc<OnceLock<String>>,
         links: spore_transfer::Links,
+        stream_tls: StreamTls,
     ) -> Self {
         Migration {
             links,
+            stream_tls,
             vms,
             disks,
             exports,

@@ -262,6 +262,7 @@ impl Migration {
                 dirty_rate: 0,
                 sampled_dirty_rate: None,
                 postcopy_preempt: false,
+                stream_tls: false,
                 throughput: 0,
                 postcopy_requests: 0,
                 throttle_percent: 0,
@@ -484,6 +485,7 @@ impl Migration {
         };
         let written = disk.overlay().start_tracking();
         let result = (|| -> Result<()> {
+            let tls = self.stream_tls_for(&ready, &host, job)?;
             send_pass(written, DiskPass::First)?;
             self.start_qemu_migration(
                 &mut qmp,
@@ -491,6 +493,7 @@ impl Migration {
                 &policy,
                 has_preempt.then_some(preempt),
                 &format!("tcp:{host}:{}", ready.port),
+                tls,
             )
         })();
         if let Err(e) = result {
@@ -662,6 +665,38 @@ impl Migration {
         Ok(())
     }
 
+    /// QEMU's TLS for the stream, when the destination requires it: this
+    /// host's certificate, and the destination's host as the name its
+    /// certificate must carry.
+    fn stream_tls_for<'a>(
+        &'a self,
+        ready: &IncomingReady,
+        host: &'a str,
+        job: &Job,
+    ) -> Result<Option<spore_qemu::MigrationTls<'a>>> {
+        job.info.lock().stream_tls = ready.tls;
+        if !ready.tls {
+            job.decide(
+                0,
+                "memory stream in plaintext: the destination listens with --insecure-listen".into(),
+            );
+            return Ok(None);
+        }
+        let dir = self.stream_tls.creds.as_deref().ok_or_else(|| {
+            AgentError::State(
+                "the destination requires TLS for the memory stream and this host has no certificate (spore ca issue HOST --role host)".into(),
+            )
+        })?;
+        job.decide(
+            0,
+            format!("memory stream over QEMU's TLS, the destination's certificate must name {host}"),
+        );
+        Ok(Some(spore_qemu::MigrationTls {
+            dir,
+            hostname: Some(host.trim_matches(|c| c == '[' || c == ']')),
+        }))
+    }
+
     fn start_qemu_migration(
         &self,
         qmp: &mut Qmp,
@@ -669,6 +704,7 @@ impl Migration {
         policy: &Policy,
         preempt: Option<bool>,
         uri: &str,
+        tls: Option<spore_qemu::MigrationTls<'_>>,
     ) -> Result<()> {
         let throttle_fallback = req.policy == MigrationPolicy::Auto && !req.allow_postcopy;
         let mut caps = vec![
@@ -699,6 +735,7 @@ impl Migration {
             params["cpu-throttle-increment"] = json!(1);
         }
         qmp.set_parameters(params)?;
+        qmp.set_migration_tls(tls)?;
         qmp.migrate(uri)?;
         Ok(())
     }

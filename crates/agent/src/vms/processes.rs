@@ -126,6 +126,8 @@ pub enum Start {
         /// `postcopy-preempt` as well (both sides must agree).
         preempt: bool,
         listen: String,
+        /// QEMU's TLS credentials when the stream must be TLS.
+        tls: Option<std::path::PathBuf>,
     },
 }
 
