@@ -7,7 +7,10 @@
 //!
 //! If the first byte is odd, a well-formed handshake (structured replies,
 //! `base:allocation`, GO "disk") is put before the rest of the input, so
-//! that the fuzzer spends its time on transmission requests.
+//! that the fuzzer spends its time on transmission requests. If its second
+//! bit is set, the server requires TLS (`NBD_OPT_STARTTLS`, a fleet
+//! certificate): options before TLS are refused, and the bytes after
+//! STARTTLS go to the TLS handshake.
 
 #![no_main]
 
@@ -16,7 +19,7 @@ use std::net::Shutdown;
 use std::sync::{Arc, Mutex, RwLock};
 
 use libfuzzer_sys::fuzz_target;
-use spore_nbd::{Export, Exports, Extent, ServerConfig, Transport};
+use spore_nbd::{Export, Exports, Extent, ServerConfig, TlsPolicy, Transport};
 
 const SIZE: usize = 64 * 1024;
 
@@ -159,7 +162,9 @@ fuzz_target!(|data: &[u8]| {
         disk: Arc::new(Disk { data: RwLock::new(vec![0; SIZE]), read_only: false }),
         ro: Arc::new(Disk { data: RwLock::new(vec![7; SIZE]), read_only: true }),
     };
+    let tls = (mode & 2 == 2).then(|| fleet_tls() as Arc<dyn TlsPolicy>);
     let config = ServerConfig {
+        tls,
         // Requests run on the session's thread: deterministic, and free of
         // the thread-exit races that LeakSanitizer reports as leaks. The
         // threaded path is covered by crates/nbd/tests/garbage.rs.
@@ -171,3 +176,38 @@ fuzz_target!(|data: &[u8]| {
     let transport = Replay { input: Mutex::new((input, 0)) };
     let _ = spore_nbd::serve_connection(&transport, &exports, &config);
 });
+
+/// Admits any certificate of the fleet (a CA made once per run).
+#[derive(Debug)]
+struct Fleet(spore_pki::ServerTls);
+
+impl TlsPolicy for Fleet {
+    fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.0.config()
+    }
+    fn admit(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<String, String> {
+        let cert = chain.first().ok_or("no certificate")?;
+        spore_pki::PeerIdentity::of(cert.as_ref())
+            .map(|id| id.to_string())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn fleet_tls() -> Arc<Fleet> {
+    static FLEET: std::sync::OnceLock<Arc<Fleet>> = std::sync::OnceLock::new();
+    FLEET
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("spore-fuzz-nbd-tls-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut ca = spore_pki::Ca::init(&dir.join("ca"), "fuzz").expect("a CA");
+            ca.issue("server", &[spore_pki::Role::Host], &[], &dir.join("server"))
+                .expect("a certificate");
+            Arc::new(Fleet(
+                spore_pki::ServerTls::load(&dir.join("server")).expect("the server's TLS"),
+            ))
+        })
+        .clone()
+}

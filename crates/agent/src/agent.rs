@@ -196,9 +196,7 @@ fn mount_huge_ram_dir(dir: &Path) -> Result<()> {
 /// side (the fleet certificate when there is one; `http://` only with
 /// `--insecure-listen`) and the peer listener's TLS (required with
 /// `--listen` unless `--insecure-listen`).
-fn tls_of(
-    config: &AgentConfig,
-) -> Result<(Links, Option<Arc<spore_pki::ServerTls>>, StreamTls)> {
+fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTls>>, StreamTls)> {
     let dir = config.tls_dir();
     let pki = |e: spore_pki::PkiError| AgentError::Invalid(e.to_string());
     let mut stream = StreamTls::default();
@@ -213,16 +211,15 @@ fn tls_of(
     if config.insecure_listen {
         links = links.allow_plaintext();
     }
-    let server = match (&config.listen, config.insecure_listen) {
-        (Some(_), false) => Some(Arc::new(spore_pki::ServerTls::load(&dir).map_err(pki)?)),
-        _ => None,
+    // The peer listener and NBD over TCP both serve other hosts: TLS with
+    // the host's certificate unless --insecure-listen.
+    let serves_hosts = config.listen.is_some() || config.nbd_tcp.is_some();
+    let server = if serves_hosts && !config.insecure_listen {
+        Some(Arc::new(spore_pki::ServerTls::load(&dir).map_err(pki)?))
+    } else {
+        None
     };
-    if config.nbd_tcp.is_some() && !config.insecure_listen {
-        return Err(AgentError::Invalid(
-            "--nbd-tcp serves disks in plaintext to anyone who reaches the port (NBD over TLS is not built yet): it needs --insecure-listen".into(),
-        ));
-    }
-    stream.required = server.is_some();
+    stream.required = server.is_some() && config.listen.is_some();
     Ok((links, server, stream))
 }
 
@@ -269,6 +266,8 @@ pub struct Agent {
     /// failed, for the metrics.
     pub peer_refused: std::sync::atomic::AtomicU64,
     pub tls_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// API connections refused for the caller's credentials.
+    pub api_refused: Arc<std::sync::atomic::AtomicU64>,
     _lock: File,
 }
 
@@ -411,6 +410,7 @@ impl Agent {
             links,
             peer_refused: Default::default(),
             tls_failures: Default::default(),
+            api_refused: Default::default(),
             _lock: lock,
         });
         agent.recover()?;

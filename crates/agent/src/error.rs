@@ -93,21 +93,10 @@ impl AgentError {
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
-/// Names of images, disks and VMs: short, and safe as file and export names.
+/// Names of images, disks, VMs, templates and groups: spore's one rule
+/// ([`spore_api::NAME_RULE`]).
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(AgentError::Invalid(format!(
-            "{kind} name {name:?} is invalid: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
-        )))
-    }
+    spore_api::check_name(kind, name).map_err(AgentError::Invalid)
 }
 
 /// Checks values that reach QEMU's command line from another host or a

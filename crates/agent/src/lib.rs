@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_socket;
 mod disks;
 pub mod error;
 pub mod exports;
@@ -66,8 +67,25 @@ pub fn run(config: AgentConfig) -> Result<()> {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
                 .map_err(AgentError::io(format!("binding NBD TCP {addr}")))?;
+            let tls = agent
+                .server_tls
+                .clone()
+                .map(|t| Arc::new(listener::NbdTls(t)) as Arc<dyn spore_nbd::TlsPolicy>);
+            match &tls {
+                Some(_) => {
+                    tracing::info!(%addr, "serving NBD over TCP, TLS required (NBD_OPT_STARTTLS)")
+                }
+                None => {
+                    tracing::warn!(%addr, "serving NBD over TCP in PLAINTEXT (--insecure-listen)");
+                    eprintln!("WARNING: --insecure-listen: disks are served over NBD in plaintext on {addr}, without authentication");
+                }
+            }
+            let config = spore_nbd::ServerConfig {
+                tls,
+                ..Default::default()
+            };
             Some(
-                spore_nbd::serve_tcp(l, exports, spore_nbd::ServerConfig::default())
+                spore_nbd::serve_tcp(l, exports, config)
                     .map_err(AgentError::io("starting NBD over TCP"))?,
             )
         }
@@ -77,8 +95,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
 
     let api_path = dir.join(spore_api::API_SOCKET);
     let served = runtime.block_on(async {
-        let _ = std::fs::remove_file(&api_path);
-        let listener = tokio::net::UnixListener::bind(&api_path).map_err(AgentError::io(format!("binding {}", api_path.display())))?;
+        let listener = api_socket::ApiListener::bind(&api_path, agent.api_refused.clone())?;
         if let Some(addr) = &agent.config.listen {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(AgentError::io(format!("binding peer listener {addr}")))?;
             // The address as bound (port 0 picks a free one): other hosts

@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use spore_pki::{PeerIdentity, ServerTls};
+use spore_pki::{PeerIdentity, Role, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -118,5 +118,33 @@ pub async fn serve_tls(
                 tracing::debug!(peer = %addr, error = %e, "peer connection ended");
             }
         });
+    }
+}
+
+/// NBD over TCP (`--nbd-tcp`): TLS with the host's certificate, required
+/// before any export is named (`NBD_OPT_STARTTLS`), and only for clients
+/// of the fleet CA with the `host` or `operator` role whose certificate is
+/// not revoked.
+#[derive(Debug)]
+pub struct NbdTls(pub Arc<ServerTls>);
+
+impl spore_nbd::TlsPolicy for NbdTls {
+    fn config(&self) -> Arc<tokio_rustls::rustls::ServerConfig> {
+        self.0.config()
+    }
+
+    fn admit(
+        &self,
+        chain: &[tokio_rustls::rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<String, String> {
+        let cert = chain.first().ok_or("no client certificate")?;
+        let id = PeerIdentity::of(cert.as_ref()).map_err(|e| e.to_string())?;
+        if self.0.is_revoked(&id.serial) {
+            return Err(format!("{id}: its certificate is revoked"));
+        }
+        if !(id.has(Role::Host) || id.has(Role::Operator)) {
+            return Err(format!("{id}: NBD needs the host or operator role"));
+        }
+        Ok(id.to_string())
     }
 }

@@ -109,6 +109,12 @@ pub fn render(a: &Agent) -> String {
         "Peer connections closed before a request: failed or slow TLS handshakes, too many connections.",
         vec![(String::new(), a.tls_failures.load(Relaxed))],
     );
+    metric(
+        "spore_api_refused_total",
+        "counter",
+        "API connections refused for the caller's credentials (SO_PEERCRED).",
+        vec![(String::new(), a.api_refused.load(Relaxed))],
+    );
     if let Some(o) = &a.origin_store {
         let st = o.stats();
         let label = format!("{{store=\"{}\"}}", escape_label(o.spec()));

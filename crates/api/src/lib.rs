@@ -7,9 +7,11 @@
 //! router.
 
 pub mod client;
+pub mod names;
 pub mod types;
 
 pub use client::{Client, ClientError};
+pub use names::{check_name, is_valid_name, NAME_RULE};
 pub use types::*;
 
 /// Name of the API socket inside the data directory.

@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod procs;
 pub mod storm;
 pub mod tls;
+pub mod tls_stream;
 
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)

@@ -10,6 +10,9 @@
 //! median over rounds of each round's time ratio (TLS / plaintext): pairs
 //! run next to each other, so the machine's other load disturbs a ratio
 //! less than it disturbs either time.
+//!
+//! The second part ([`crate::tls_stream`]) does the same for QEMU's
+//! migration stream, with QEMU's own TLS and with spore's TLS carrying it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +33,17 @@ pub struct Options {
     /// Rounds (each pulls the image once over TLS and once in plaintext)
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
+    /// RAM of the QEMU migrated in the stream part (MiB of random data;
+    /// 0 skips the part)
+    #[arg(long, default_value_t = 512)]
+    pub stream_mib: u64,
+    /// Rounds of the stream part (each migrates once per mode and cap)
+    #[arg(long, default_value_t = 3)]
+    pub stream_rounds: u32,
+    /// The stream part's rate cap besides unlimited (MB/s; a fleet's
+    /// link is slower than loopback)
+    #[arg(long, default_value_t = 125)]
+    pub stream_cap_mb_s: u64,
     /// Where to write the JSON results
     #[arg(long, default_value = "bench-results/tls.json")]
     pub out: PathBuf,
@@ -71,6 +85,8 @@ struct Report {
     tls_cost_ratio: f64,
     goal_ratio: f64,
     met: bool,
+    /// QEMU's migration stream: plaintext, QEMU's TLS, spore's TLS relay.
+    stream: Vec<crate::tls_stream::StreamCase>,
 }
 
 fn spore_cmd(spore: &Path, data_dir: &Path, args: &[&str]) -> Result<String> {
@@ -183,6 +199,41 @@ pub fn run(o: &Options) -> Result<()> {
         "TLS / plaintext time, median of paired rounds: {ratio:.3} (goal <= {goal}: {})",
         if ratio <= goal { "met" } else { "not met" }
     );
+    let stream = if o.stream_mib > 0 {
+        crate::tls_stream::run(
+            &work,
+            o.stream_mib,
+            o.stream_rounds,
+            &[None, Some(o.stream_cap_mb_s * 1_000_000)],
+        )?
+    } else {
+        Vec::new()
+    };
+    if !stream.is_empty() {
+        println!(
+            "\nQEMU's migration stream, {} MiB of RAM on loopback, {} rounds",
+            o.stream_mib, o.stream_rounds
+        );
+        println!(
+            "{:<14} {:<12} {:>8} {:>18}",
+            "cap", "mode", "MB/s", "time / plaintext"
+        );
+        for case in &stream {
+            let cap = case
+                .cap
+                .map_or("none".into(), |c| format!("{} MB/s", c / 1_000_000));
+            for ((mode, mb_s), (_, ratio)) in case.mb_s.iter().zip(&case.ratio) {
+                let mode = serde_json::to_value(mode)?;
+                println!(
+                    "{:<14} {:<12} {:>8.1} {:>18.3}",
+                    cap,
+                    mode.as_str().unwrap_or_default(),
+                    mb_s,
+                    ratio
+                );
+            }
+        }
+    }
     let report = Report {
         mib: o.mib,
         rounds,
@@ -191,6 +242,7 @@ pub fn run(o: &Options) -> Result<()> {
         tls_cost_ratio: ratio,
         goal_ratio: goal,
         met: ratio <= goal,
+        stream,
     };
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir)?;

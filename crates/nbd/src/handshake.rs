@@ -31,6 +31,11 @@ pub(crate) enum HandshakeEnd {
     Aborted,
     /// The client closed the connection between options.
     Closed,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the client's TLS hello comes
+    /// next.
+    StartTls {
+        no_zeroes: bool,
+    },
 }
 
 /// The transmission flags for `export`.
@@ -76,15 +81,21 @@ struct Haggler<'a, T: ?Sized, R> {
     /// The export for which `base:allocation` was selected.
     meta_context_export: Option<String>,
     no_zeroes: bool,
+    /// TLS is required and not negotiated yet.
+    needs_tls: bool,
+    /// TLS is offered (and required).
+    tls_offered: bool,
     data: Vec<u8>,
     out: Vec<u8>,
 }
 
-/// Run the handshake and option haggling on a fresh connection.
+/// Run the handshake and option haggling on a fresh connection. With
+/// `tls`, the client must upgrade with `NBD_OPT_STARTTLS` first.
 pub(crate) fn negotiate<T: Transport + ?Sized, R: BufRead>(
     transport: &T,
     reader: &mut R,
     exports: &dyn Exports,
+    tls: Option<&dyn crate::TlsPolicy>,
 ) -> Result<HandshakeEnd, ConnectionError> {
     let mut greeting = [0u8; 18];
     greeting[0..8].copy_from_slice(&proto::NBD_MAGIC.to_be_bytes());
@@ -103,13 +114,43 @@ pub(crate) fn negotiate<T: Transport + ?Sized, R: BufRead>(
         warn!(flags, "client sent unknown handshake flags");
         return Err(ProtocolError::UnknownClientFlags(flags).into());
     }
+    haggle(
+        transport,
+        reader,
+        exports,
+        flags & client_flags::NO_ZEROES != 0,
+        tls.is_some(),
+        tls.is_some(),
+    )
+}
+
+/// Option haggling anew inside TLS, after `NBD_OPT_STARTTLS`.
+pub(crate) fn negotiate_in_tls<T: Transport + ?Sized, R: BufRead>(
+    transport: &T,
+    reader: &mut R,
+    exports: &dyn Exports,
+    no_zeroes: bool,
+) -> Result<HandshakeEnd, ConnectionError> {
+    haggle(transport, reader, exports, no_zeroes, false, true)
+}
+
+fn haggle<T: Transport + ?Sized, R: BufRead>(
+    transport: &T,
+    reader: &mut R,
+    exports: &dyn Exports,
+    no_zeroes: bool,
+    needs_tls: bool,
+    tls_offered: bool,
+) -> Result<HandshakeEnd, ConnectionError> {
     let mut h = Haggler {
         transport,
         reader,
         exports,
         structured_replies: false,
         meta_context_export: None,
-        no_zeroes: flags & client_flags::NO_ZEROES != 0,
+        no_zeroes,
+        needs_tls,
+        tls_offered,
         data: Vec::new(),
         out: Vec::new(),
     };
@@ -187,6 +228,9 @@ impl<T: Transport + ?Sized, R: BufRead> Haggler<'_, T, R> {
             }
         };
         debug!(option, "option");
+        if self.needs_tls {
+            return self.before_tls(option, request);
+        }
         match request {
             OptionRequest::ExportName { name } => self.export_name(name).map(Some),
             OptionRequest::Abort => {
@@ -225,6 +269,15 @@ impl<T: Transport + ?Sized, R: BufRead> Haggler<'_, T, R> {
                 self.meta_context(option, export, &queries, false)?;
                 Ok(None)
             }
+            OptionRequest::StartTls => {
+                let (code, message) = if self.tls_offered {
+                    (rep::ERR_INVALID, "TLS is already negotiated")
+                } else {
+                    (rep::ERR_UNSUP, "this server does not offer TLS")
+                };
+                self.reply(option, &[OptionReply::Error { code, message }])?;
+                Ok(None)
+            }
             OptionRequest::Unsupported(code) => {
                 debug!(option = code, "unsupported option");
                 self.reply(
@@ -232,6 +285,41 @@ impl<T: Transport + ?Sized, R: BufRead> Haggler<'_, T, R> {
                     &[OptionReply::Error {
                         code: rep::ERR_UNSUP,
                         message: "option not supported",
+                    }],
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// TLS-required mode, before TLS: only STARTTLS and ABORT are served.
+    fn before_tls(
+        &mut self,
+        option: u32,
+        request: OptionRequest<'_>,
+    ) -> Result<Option<HandshakeEnd>, ConnectionError> {
+        match request {
+            OptionRequest::StartTls => {
+                self.reply(option, &[OptionReply::Ack])?;
+                Ok(Some(HandshakeEnd::StartTls {
+                    no_zeroes: self.no_zeroes,
+                }))
+            }
+            OptionRequest::Abort => {
+                let _ = self.reply(option, &[OptionReply::Ack]);
+                Ok(Some(HandshakeEnd::Aborted))
+            }
+            OptionRequest::ExportName { .. } => {
+                warn!("NBD_OPT_EXPORT_NAME before TLS, closing");
+                Err(ProtocolError::TlsRequired.into())
+            }
+            _ => {
+                debug!(option, "option before TLS refused");
+                self.reply(
+                    option,
+                    &[OptionReply::Error {
+                        code: rep::ERR_TLS_REQD,
+                        message: "this server requires TLS: send NBD_OPT_STARTTLS first",
                     }],
                 )?;
                 Ok(None)

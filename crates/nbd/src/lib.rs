@@ -50,6 +50,7 @@ pub mod export;
 mod handshake;
 pub mod proto;
 mod server;
+mod tls;
 mod transmission;
 mod transport;
 
@@ -59,4 +60,5 @@ pub use server::{
     serve_connection, serve_tcp, serve_unix, ConnectionError, Listener, Server, ServerConfig,
     ServerHandle, SessionEnd,
 };
+pub use tls::TlsPolicy;
 pub use transport::Transport;

@@ -114,6 +114,8 @@ pub mod rep {
     pub const ERR_UNSUP: u32 = ERR + 1;
     pub const ERR_POLICY: u32 = ERR + 2;
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// TLS must be negotiated (`NBD_OPT_STARTTLS`) before this option.
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     pub const ERR_SHUTDOWN: u32 = ERR + 7;
     pub const ERR_TOO_BIG: u32 = ERR + 9;
@@ -236,6 +238,10 @@ pub enum ProtocolError {
     },
     #[error("write of {length} bytes exceeds the {limit}-byte maximum")]
     PayloadTooLarge { length: u32, limit: u32 },
+    #[error("bytes sent after NBD_OPT_STARTTLS before its reply")]
+    BytesAfterStartTls,
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
 }
 
 /// Why an option's data could not be parsed (answered with
@@ -334,7 +340,9 @@ pub enum OptionRequest<'a> {
         export: &'a str,
         queries: Vec<&'a str>,
     },
-    /// Any option this server does not implement (including STARTTLS).
+    /// `NBD_OPT_STARTTLS`: go on inside TLS.
+    StartTls,
+    /// Any option this server does not implement.
     Unsupported(u32),
 }
 
@@ -396,6 +404,7 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<OptionRequest<'_>, Optio
         }
         opt::ABORT => OptionRequest::Abort,
         opt::LIST => OptionRequest::List,
+        opt::STARTTLS => OptionRequest::StartTls,
         opt::STRUCTURED_REPLY => OptionRequest::StructuredReply,
         opt::INFO | opt::GO => {
             let name = f.string()?;
@@ -1231,7 +1240,11 @@ mod tests {
         );
         assert_eq!(
             parse_option(opt::STARTTLS, &[]),
-            Ok(OptionRequest::Unsupported(opt::STARTTLS))
+            Ok(OptionRequest::StartTls)
+        );
+        assert_eq!(
+            parse_option(opt::STARTTLS, &[0]),
+            Err(OptionError::UnexpectedData)
         );
     }
 

@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 
 use crate::handshake::{self, HandshakeEnd};
 use crate::proto::ProtocolError;
+use crate::tls::TlsTransport;
 use crate::transport::{Recv, Transport};
+use crate::TlsPolicy;
 use crate::{transmission, Exports};
 
 /// Tunables of the server.
@@ -46,6 +48,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
+    /// TLS required: a client must upgrade with `NBD_OPT_STARTTLS` and
+    /// present a certificate the policy admits before anything else
+    /// (`None`: plaintext, STARTTLS unsupported).
+    pub tls: Option<Arc<dyn TlsPolicy>>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +62,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(30)),
             max_connections: 256,
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -82,6 +89,10 @@ pub enum ConnectionError {
     UnknownExport(String),
     #[error("connection closed in the middle of a message")]
     Truncated,
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
+    #[error("client refused: {0}")]
+    Refused(String),
 }
 
 /// Serve one already-accepted connection on the calling thread, from the
@@ -109,10 +120,19 @@ fn serve_connection_inner<T: Transport + ?Sized>(
         .get_mut()
         .set_deadline(deadline)
         .map_err(ConnectionError::Io)?;
-    let negotiated = match handshake::negotiate(transport, &mut reader, exports)? {
+    let tls = config.tls.as_deref();
+    let negotiated = match handshake::negotiate(transport, &mut reader, exports, tls)? {
         HandshakeEnd::Transmission(n) => n,
         HandshakeEnd::Aborted => return Ok(SessionEnd::Aborted),
         HandshakeEnd::Closed => return Ok(SessionEnd::Closed),
+        HandshakeEnd::StartTls { no_zeroes } => {
+            let policy = tls.expect("STARTTLS is accepted only when TLS is offered");
+            if !reader.buffer().is_empty() {
+                // The client must wait for the ACK before its TLS hello.
+                return Err(ProtocolError::BytesAfterStartTls.into());
+            }
+            return serve_in_tls(transport, exports, config, policy, no_zeroes, deadline);
+        }
     };
     reader
         .get_mut()
@@ -121,9 +141,48 @@ fn serve_connection_inner<T: Transport + ?Sized>(
     transmission::run(transport, &mut reader, negotiated, config)
 }
 
+/// The rest of a connection upgraded by `NBD_OPT_STARTTLS`: the handshake,
+/// the client's certificate checked, option haggling anew (nothing agreed
+/// before TLS counts), then transmission, all inside TLS.
+fn serve_in_tls<T: Transport + ?Sized>(
+    transport: &T,
+    exports: &dyn Exports,
+    config: &ServerConfig,
+    policy: &dyn TlsPolicy,
+    no_zeroes: bool,
+    deadline: Option<Instant>,
+) -> Result<SessionEnd, ConnectionError> {
+    let tls = TlsTransport::accept(transport, policy.config(), deadline).map_err(|e| {
+        warn!(error = %e, "NBD client's TLS handshake failed");
+        ConnectionError::Tls(e)
+    })?;
+    let client = policy.admit(&tls.peer_certificates()).map_err(|why| {
+        warn!(%why, "NBD client refused");
+        ConnectionError::Refused(why)
+    })?;
+    info!(%client, "NBD client over TLS");
+    let mut reader = BufReader::with_capacity(64 * 1024, Recv::new(&tls));
+    reader
+        .get_mut()
+        .set_deadline(deadline)
+        .map_err(ConnectionError::Io)?;
+    let negotiated = match handshake::negotiate_in_tls(&tls, &mut reader, exports, no_zeroes)? {
+        HandshakeEnd::Transmission(n) => n,
+        HandshakeEnd::Aborted => return Ok(SessionEnd::Aborted),
+        HandshakeEnd::Closed | HandshakeEnd::StartTls { .. } => return Ok(SessionEnd::Closed),
+    };
+    reader
+        .get_mut()
+        .set_deadline(None)
+        .map_err(ConnectionError::Io)?;
+    let end = transmission::run(&tls, &mut reader, negotiated, config);
+    let _ = tls.shutdown(Shutdown::Write);
+    end
+}
+
 /// A listening socket the server can accept NBD clients on.
 pub trait Listener: AsRawFd + Send + 'static {
-    type Stream: Transport;
+    type Stream: Transport + 'static;
     /// Accept one connection, ready for blocking I/O.
     fn accept_stream(&self) -> io::Result<Self::Stream>;
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
@@ -328,7 +387,7 @@ fn accept_loop<L: Listener>(listener: L, wake: OwnedFd, server: Server, shared: 
     debug!("NBD accept loop stopped");
 }
 
-fn spawn_connection<T: Transport>(stream: T, server: &Arc<Server>, shared: &Arc<Shared>) {
+fn spawn_connection<T: Transport + 'static>(stream: T, server: &Arc<Server>, shared: &Arc<Shared>) {
     let mut connections = shared.connections.lock();
     if connections.len() >= server.config.max_connections {
         warn!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// A connected, bidirectional byte stream that can be used from several
 /// threads at once.
-pub trait Transport: Send + Sync + 'static {
+pub trait Transport: Send + Sync {
     /// Read some bytes; `Ok(0)` is the end of the stream.
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Write some of `bufs`, returning how many bytes went out.

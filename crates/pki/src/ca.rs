@@ -419,7 +419,7 @@ mod tests {
         let mut ca = Ca::init(&tmp.path().join("ca"), "test").unwrap();
         let out = tmp.path().join("o");
         let e = ca.issue("../x", &[Role::Host], &[], &out).unwrap_err();
-        assert!(e.to_string().contains("is not valid"), "{e}");
+        assert!(e.to_string().contains(spore_api::NAME_RULE), "{e}");
         let e = ca.issue("x", &[], &[], &out).unwrap_err();
         assert!(e.to_string().contains("at least one role"), "{e}");
         let e = ca

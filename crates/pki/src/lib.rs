@@ -163,21 +163,9 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The same rule as every other name in spore: `[A-Za-z0-9._-]`, 1 to 128
-/// characters, not starting with `.` or `-`.
+/// The same rule as every other name in spore ([`spore_api::NAME_RULE`]).
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = (1..=128).contains(&name.len())
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PkiError::Invalid(format!(
-            "name {name:?} is not valid: names are 1 to 128 of A-Z a-z 0-9 . _ - and do not start with . or -"
-        )))
-    }
+    spore_api::check_name("certificate", name).map_err(PkiError::Invalid)
 }
 
 /// Lays out a TLS directory the way QEMU's `tls-creds-x509` object reads
@@ -188,12 +176,14 @@ pub fn check_name(name: &str) -> Result<()> {
 /// new revocation list or a renewed certificate is used from the next
 /// migration on. A link to a list not written yet is skipped by QEMU.
 pub fn qemu_creds_dir(tls_dir: &Path, out: &Path) -> Result<()> {
-    let io = |what: String| move |source| PkiError::Io {
-        context: what,
-        source,
+    let io = |what: String| {
+        move |source| PkiError::Io {
+            context: what,
+            source,
+        }
     };
-    let tls_dir = std::path::absolute(tls_dir)
-        .map_err(io(format!("resolving {}", tls_dir.display())))?;
+    let tls_dir =
+        std::path::absolute(tls_dir).map_err(io(format!("resolving {}", tls_dir.display())))?;
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
     for (link, target) in [
         ("ca-cert.pem", "ca.pem"),

@@ -301,8 +301,11 @@ fn peer_table() -> Vec<(&'static str, &'static str, Absent, Body)> {
 /// that cannot exist (a path, options for QEMU's command line, too long).
 const ABSENT: &str = "nope";
 const INVALID: [&str; 3] = ["..%2Fetc", "a%2Cb%3Dc", LONG];
-const LONG: &str =
-    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+/// 129 characters: one more than a name may have.
+const LONG: &str = concat!(
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+);
 
 /// Bodies sent: (body, is it JSON at all?).
 const BODIES: [(&[u8], bool); 4] = [
@@ -324,7 +327,7 @@ fn expected(
             return (400, "invalid", text.into());
         }
         if n != ABSENT {
-            return (400, "invalid", "is invalid: use 1-64 letters".into());
+            return (400, "invalid", spore_api::NAME_RULE.into());
         }
     }
     if let Some((_, json)) = body {

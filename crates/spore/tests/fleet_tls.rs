@@ -246,9 +246,10 @@ fn without_a_certificate_or_with_plaintext_urls_an_agent_says_what_to_do() {
         e.contains("is plaintext") && e.contains("--insecure-listen"),
         "{e}"
     );
+    // NBD over TCP serves other hosts too: the same certificate.
     let e = agent_refuses(&["--nbd-tcp", "127.0.0.1:0", "--tls-dir", "/nonexistent"]);
     assert!(
-        e.contains("--nbd-tcp") && e.contains("--insecure-listen"),
+        e.contains("spore ca issue") && e.contains("--insecure-listen"),
         "{e}"
     );
 }
@@ -365,7 +366,7 @@ fn the_ca_commands_issue_list_and_revoke() {
     .unwrap();
     assert_eq!(id.roles, vec![Role::Host, Role::Publisher]);
     assert!(fails(&["ca", "issue", "x", "--role", "admin"]).contains("unknown role"));
-    assert!(fails(&["ca", "issue", "../x", "--role", "host"]).contains("is not valid"));
+    assert!(fails(&["ca", "issue", "../x", "--role", "host"]).contains(spore_api::NAME_RULE));
     let ops = tmp.path().join("ops");
     ok(&[
         "ca",
@@ -396,4 +397,208 @@ fn the_ca_commands_issue_list_and_revoke() {
         vec![("host-a".into(), false), ("ops".into(), true)]
     );
     assert!(fails(&["ca", "revoke", "nobody"]).contains("issued no certificate"));
+}
+
+/// A client directory the way GnuTLS (QEMU, libnbd) reads one: the CA
+/// `ca` trusts, and the certificate and key of `client`.
+fn gnutls_dir(out: &Path, ca: &Path, client: &Path) -> PathBuf {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(ca.join("ca.pem"), out.join("ca-cert.pem")).unwrap();
+    std::fs::copy(client.join("cert.pem"), out.join("client-cert.pem")).unwrap();
+    std::fs::copy(client.join("key.pem"), out.join("client-key.pem")).unwrap();
+    out.to_owned()
+}
+
+/// `nbdinfo URI`: (succeeded, stdout and stderr).
+fn nbdinfo(uri: &str) -> (bool, String) {
+    let out = Command::new("nbdinfo").arg(uri).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// NBD over TCP requires TLS (NBD_OPT_STARTTLS) with a fleet certificate:
+/// QEMU's NBD client (`tls-creds`) writes and reads a disk, `nbdinfo` and
+/// `nbdcopy` read it over `nbds://`; a plaintext client, a certificate of
+/// another CA and a publisher-only certificate get nothing, and the agent
+/// keeps serving.
+#[test]
+fn nbd_over_tcp_requires_tls_and_a_fleet_host() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let t = TestAgent::start_with(&["--nbd-tcp", &addr]);
+    let raw = t.path("img.raw");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    t.ok(&["image", "import", raw.to_str().unwrap(), "--name", "img"]);
+    t.ok(&["disk", "create", "d", "--image", "img"]);
+    let dir = t.path("clients");
+    let host = issue(&dir, "nbd-host", &[Role::Host]);
+    let good = gnutls_dir(&dir.join("good"), &host, &host);
+
+    let out = Command::new("qemu-io")
+        .args(["--object"])
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            good.display()
+        ))
+        .args(["--image-opts"])
+        .arg(format!(
+            "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=disk/d,file.tls-creds=tls0"
+        ))
+        .args(["-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("verification"),
+        "QEMU over TLS: {text}"
+    );
+
+    let nbds = |certs: &Path| {
+        format!(
+            "nbds://127.0.0.1:{port}/disk/d?tls-certificates={}",
+            certs.display()
+        )
+    };
+    let (ok, info) = nbdinfo(&nbds(&good));
+    assert!(ok && info.contains("1048576"), "nbdinfo over TLS: {info}");
+    let copy = t.path("copy.raw");
+    common::sh(Command::new("nbdcopy").arg(nbds(&good)).arg(&copy));
+    let bytes = std::fs::read(&copy).unwrap();
+    assert!(bytes[..65536].iter().all(|b| *b == 0x5a), "QEMU's write");
+    assert!(bytes[65536..].iter().all(|b| *b == 7), "the image below");
+
+    // Plaintext: every option but STARTTLS is refused (TLS required).
+    let (ok, e) = nbdinfo(&format!("nbd://127.0.0.1:{port}/disk/d"));
+    assert!(!ok, "plaintext NBD answered: {e}");
+    assert!(e.to_lowercase().contains("tls"), "{e}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k"])
+        .arg(format!("nbd://127.0.0.1:{port}/disk/d"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() || String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "QEMU read in plaintext"
+    );
+    // A certificate of another CA; a certificate without the host role.
+    let mut other = spore_pki::Ca::init(&dir.join("other-ca"), "other").unwrap();
+    other
+        .issue("stranger", &[Role::Host], &[], &dir.join("stranger"))
+        .unwrap();
+    let stranger = gnutls_dir(&dir.join("stranger-gnutls"), &host, &dir.join("stranger"));
+    let (ok, e) = nbdinfo(&nbds(&stranger));
+    assert!(!ok, "another CA's certificate was served: {e}");
+    let publisher = issue(&dir, "nbd-publisher", &[Role::Publisher]);
+    let publisher = gnutls_dir(&dir.join("publisher-gnutls"), &host, &publisher);
+    let (ok, e) = nbdinfo(&nbds(&publisher));
+    assert!(!ok, "a publisher-only certificate was served: {e}");
+    let log = std::fs::read_to_string(t.data_dir().with_extension("agent.log")).unwrap();
+    assert!(
+        log.contains("NBD needs the host or operator role"),
+        "the refusal is logged"
+    );
+    // Garbage instead of a TLS hello after STARTTLS costs the agent nothing.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())
+        .unwrap();
+    s.write_all(&5u32.to_be_bytes()).unwrap();
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    let mut ack = [0u8; 20];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack[12..16], &1u32.to_be_bytes(), "STARTTLS acknowledged");
+    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3])
+        .unwrap();
+    drop(s);
+    let (ok, info) = nbdinfo(&nbds(&good));
+    assert!(ok, "the agent stopped serving: {info}");
+}
+
+/// The API socket is 0600 whatever the umask, and a caller that reaches it
+/// anyway (its mode opened by hand) is refused by its credentials
+/// (SO_PEERCRED) unless it is root or the agent's user.
+#[test]
+fn the_api_socket_is_for_root_and_the_agents_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut agent = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000; exec {SPORE} --data-dir {} agent --cache-size 16M",
+            data.display()
+        ))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let sock = data.join("api.sock");
+    let api = |prefix: &[&str]| {
+        let mut c = Command::new(prefix.first().copied().unwrap_or("curl"));
+        c.args(prefix.iter().skip(1))
+            .args(["-s", "--max-time", "10", "--unix-socket"])
+            .arg(&sock)
+            .arg("http://agent/metrics");
+        c.output().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !api(&[]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    let spore_group = Command::new("getent")
+        .args(["group", "spore"])
+        .status()
+        .unwrap()
+        .success();
+    assert_eq!(mode, if spore_group { 0o660 } else { 0o600 }, "{mode:o}");
+    // Opened to everyone by hand: the kernel's word on the caller decides.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let nobody = api(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "curl",
+    ]);
+    assert!(
+        !nobody.status.success() && nobody.stdout.is_empty(),
+        "nobody used the API: {}",
+        String::from_utf8_lossy(&nobody.stdout)
+    );
+    let root = api(&[]);
+    assert!(root.status.success());
+    let metrics = String::from_utf8_lossy(&root.stdout).into_owned();
+    assert!(
+        metrics.contains("spore_api_refused_total 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("api_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // SAFETY: kill with a pid this test spawned.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    agent.wait().unwrap();
+    let text = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(text.contains("API connection refused"), "{text}");
 }

@@ -218,7 +218,9 @@ fn moves_intact(
     // TLS too, verified both ways (the decision log names the host).
     assert_eq!(m["stream_tls"], true, "{policy}: {m}");
     assert!(
-        m["decisions"].to_string().contains("memory stream over QEMU's TLS"),
+        m["decisions"]
+            .to_string()
+            .contains("memory stream over QEMU's TLS"),
         "{m}"
     );
     assert!(m["downtime_ms"].as_f64().is_some(), "{m}");

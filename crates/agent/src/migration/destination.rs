@@ -68,7 +68,10 @@ impl Migration {
             return Ok(None);
         }
         self.stream_tls.creds.clone().map(Some).ok_or_else(|| {
-            AgentError::State("the peer listener is TLS but this host has no certificate for QEMU's stream".into())
+            AgentError::State(
+                "the peer listener is TLS but this host has no certificate for QEMU's stream"
+                    .into(),
+            )
         })
     }
 

@@ -72,7 +72,7 @@ pub struct Migration {
 /// QEMU moves a migration's memory itself, host to host; with TLS it
 /// encrypts it with its own `tls-creds-x509` and this host's fleet
 /// certificate (measured against carrying it inside spore's TLS in
-/// docs/migration.md, "Over TLS"). The destination says in its
+/// docs/security.md, "QEMU's migration stream"). The destination says in its
 /// `IncomingReady` whether the stream must be TLS.
 #[derive(Debug, Clone, Default)]
 pub struct StreamTls {

@@ -689,7 +689,9 @@ impl Migration {
         })?;
         job.decide(
             0,
-            format!("memory stream over QEMU's TLS, the destination's certificate must name {host}"),
+            format!(
+                "memory stream over QEMU's TLS, the destination's certificate must name {host}"
+            ),
         );
         Ok(Some(spore_qemu::MigrationTls {
             dir,

@@ -288,6 +288,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+pub const OPT_STARTTLS: u32 = 5;
 
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;

@@ -1,0 +1,313 @@
+//! `spore bench tls`, second part: what TLS costs QEMU's migration stream,
+//! and which TLS: QEMU's own (`tls-creds-x509`, what spore uses) or the
+//! plaintext stream carried inside spore's TLS (rustls, a relay at each
+//! end), against plaintext in the same run.
+//!
+//! Two QEMU processes on loopback, no guest: the source's RAM is a file of
+//! random data (every page is sent whole), paused, so each migration moves
+//! exactly the same bytes. Each round migrates once per mode, in rotating
+//! order, unlimited and at a rate cap (a fleet's links are slower than
+//! loopback: the cap shows what TLS costs where the wire, not the CPU, is
+//! the limit). The figure per mode is the median over rounds of its time
+//! over plaintext's time in the same round.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+use spore_qemu::{MigrationTls, Qmp};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::median;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    Plaintext,
+    /// QEMU's own TLS (GnuTLS), the host certificates laid out for QEMU.
+    QemuTls,
+    /// Plaintext QEMU streams through a rustls relay at each end.
+    SporeRelay,
+}
+
+const MODES: [StreamMode; 3] = [
+    StreamMode::Plaintext,
+    StreamMode::QemuTls,
+    StreamMode::SporeRelay,
+];
+
+#[derive(Debug, Serialize)]
+pub struct StreamRound {
+    /// Seconds per mode, in [`MODES`] order.
+    pub seconds: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamCase {
+    /// The source's rate cap, bytes/s (`None`: unlimited).
+    pub cap: Option<u64>,
+    pub rounds: Vec<StreamRound>,
+    /// Median MB/s per mode.
+    pub mb_s: Vec<(StreamMode, f64)>,
+    /// Median over rounds of (mode's time / plaintext's time).
+    pub ratio: Vec<(StreamMode, f64)>,
+}
+
+/// One QEMU, killed when dropped.
+struct Qemu {
+    child: Child,
+    qmp: Qmp,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu(work: &Path, name: &str, mib: u64, ram: &str, incoming: bool) -> Result<Qemu> {
+    let sock = work.join(format!("{name}.qmp"));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new(spore_qemu::QEMU_BINARY);
+    cmd.args([
+        "-M",
+        "pc",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .args(["-m", &format!("{mib}M"), "-object", ram])
+    .args(["-machine", "memory-backend=ram", "-S"])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    if incoming {
+        cmd.args(["-incoming", "defer"]);
+    }
+    let child = cmd.spawn().context("starting QEMU")?;
+    let qmp = Qmp::connect(&sock, Duration::from_secs(20))?;
+    Ok(Qemu { child, qmp })
+}
+
+/// A relay that accepts plaintext on `listen` and forwards it over spore's
+/// TLS to `to` (client end), or accepts TLS and forwards plaintext (server
+/// end). Runs until the runtime is dropped.
+async fn relay_client(
+    listen: TcpListener,
+    to: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<()> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    loop {
+        let (mut plain, _) = listen.accept().await?;
+        plain.set_nodelay(true)?;
+        let tcp = TcpStream::connect(to).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+        let mut tls = connector.connect(name, tcp).await?;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut plain, &mut tls).await;
+        });
+    }
+}
+
+async fn relay_server(
+    listen: TcpListener,
+    to: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) -> Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, _) = listen.accept().await?;
+        tcp.set_nodelay(true)?;
+        let mut tls = acceptor.accept(tcp).await?;
+        let mut plain = TcpStream::connect(to).await?;
+        plain.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+        });
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The two hosts' QEMU credential directories and TLS directories.
+pub struct Hosts {
+    pub src_tls: PathBuf,
+    pub dst_tls: PathBuf,
+    pub src_qemu: PathBuf,
+    pub dst_qemu: PathBuf,
+}
+
+impl Hosts {
+    pub fn make(work: &Path) -> Result<Hosts> {
+        let mut dirs = Vec::new();
+        for host in ["stream-src", "stream-dst"] {
+            let data = work.join(host);
+            crate::procs::ensure_certificate(&data)?;
+            let tls = spore_pki::default_tls_dir(&data);
+            let qemu = data.join("qemu-tls");
+            spore_pki::qemu_creds_dir(&tls, &qemu)?;
+            dirs.push((tls, qemu));
+        }
+        let (dst_tls, dst_qemu) = dirs.pop().unwrap();
+        let (src_tls, src_qemu) = dirs.pop().unwrap();
+        Ok(Hosts {
+            src_tls,
+            dst_tls,
+            src_qemu,
+            dst_qemu,
+        })
+    }
+}
+
+/// Seconds QEMU took to migrate the whole RAM in `mode`.
+fn migrate_once(
+    work: &Path,
+    hosts: &Hosts,
+    ram_file: &Path,
+    mib: u64,
+    mode: StreamMode,
+    cap: Option<u64>,
+) -> Result<f64> {
+    let src_ram = format!(
+        "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
+        ram_file.display()
+    );
+    let dst_ram = format!("memory-backend-ram,id=ram,size={mib}M");
+    let mut dst = qemu(work, "dst", mib, &dst_ram, true)?;
+    let mut src = qemu(work, "src", mib, &src_ram, false)?;
+    let port = free_port()?;
+    let dst_tls = (mode == StreamMode::QemuTls).then(|| MigrationTls {
+        dir: &hosts.dst_qemu,
+        hostname: None,
+    });
+    dst.qmp.set_migration_tls(dst_tls)?;
+    dst.qmp.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))?;
+    let src_tls = (mode == StreamMode::QemuTls).then(|| MigrationTls {
+        dir: &hosts.src_qemu,
+        hostname: Some("127.0.0.1"),
+    });
+    src.qmp.set_migration_tls(src_tls)?;
+    src.qmp
+        .set_parameters(json!({ "max-bandwidth": cap.unwrap_or(u64::MAX >> 2) }))?;
+    // The relay's runtime lives until this migration is over.
+    let mut relay = None;
+    let target = if mode == StreamMode::SporeRelay {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let server = spore_pki::ServerTls::load(&hosts.dst_tls)?.config();
+        let client = spore_pki::client_config(&hosts.src_tls)?;
+        let to_dst: SocketAddr = ([127, 0, 0, 1], port).into();
+        let entry = runtime.block_on(async {
+            let s = TcpListener::bind("127.0.0.1:0").await?;
+            let c = TcpListener::bind("127.0.0.1:0").await?;
+            let (s_addr, c_port) = (s.local_addr()?, c.local_addr()?.port());
+            tokio::spawn(relay_server(s, to_dst, server));
+            tokio::spawn(relay_client(c, s_addr, client));
+            anyhow::Ok(c_port)
+        })?;
+        relay = Some(runtime);
+        entry
+    } else {
+        port
+    };
+    let t = Instant::now();
+    src.qmp.migrate(&format!("tcp:127.0.0.1:{target}"))?;
+    loop {
+        let p = src.qmp.migration_progress()?;
+        match p.status.as_str() {
+            "completed" => break,
+            "failed" | "cancelled" => bail!("{mode:?} migration {}: {p:?}", p.status),
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("{mode:?} migration did not finish in 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = t.elapsed().as_secs_f64();
+    if let Some(runtime) = relay {
+        runtime.shutdown_background();
+    }
+    Ok(s)
+}
+
+/// Runs `rounds` rounds of each mode at each cap.
+pub fn run(work: &Path, mib: u64, rounds: u32, caps: &[Option<u64>]) -> Result<Vec<StreamCase>> {
+    let hosts = Hosts::make(work)?;
+    // RAM on a tmpfs, so that reading it costs the source nothing.
+    let ram_dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir())?;
+    let ram_file = ram_dir.path().join("ram");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ram_file)?;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            block.iter_mut().for_each(|b| *b = rand::random());
+            f.write_all(&block)?;
+        }
+    }
+    let mut cases = Vec::new();
+    for &cap in caps {
+        let mut rounds_out = Vec::new();
+        for r in 0..rounds {
+            let mut seconds = vec![0.0; MODES.len()];
+            for k in 0..MODES.len() {
+                let i = (k + r as usize) % MODES.len();
+                seconds[i] = migrate_once(work, &hosts, &ram_file, mib, MODES[i], cap)?;
+            }
+            eprintln!(
+                "stream, cap {}: round {}: plaintext {:.2} s, QEMU TLS {:.2} s, spore relay {:.2} s",
+                cap.map_or("none".into(), |c| format!("{} MB/s", c / 1_000_000)),
+                r + 1,
+                seconds[0],
+                seconds[1],
+                seconds[2]
+            );
+            rounds_out.push(StreamRound { seconds });
+        }
+        let mb = (mib << 20) as f64 / 1e6;
+        let mb_s = MODES
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let t: Vec<f64> = rounds_out.iter().map(|r| r.seconds[i]).collect();
+                (*m, mb / median(&t))
+            })
+            .collect();
+        let ratio = MODES
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let t: Vec<f64> = rounds_out
+                    .iter()
+                    .map(|r| r.seconds[i] / r.seconds[0])
+                    .collect();
+                (*m, median(&t))
+            })
+            .collect();
+        cases.push(StreamCase {
+            cap,
+            rounds: rounds_out,
+            mb_s,
+            ratio,
+        });
+    }
+    Ok(cases)
+}
