@@ -119,7 +119,7 @@ impl GuestChannel {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
         loop {
-            match UnixStream::connect(path) {
+            match crate::sockets::connect_unix(path) {
                 Ok(stream) => {
                     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
                     return Ok(GuestChannel { stream });

@@ -1,6 +1,6 @@
 //! The QEMU command line of a spore VM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::Accel;
@@ -126,6 +126,10 @@ pub struct VmSpec {
     pub nbd_socket: PathBuf,
     pub export: String,
     pub qmp_socket: PathBuf,
+    /// The directory QEMU runs in (its current directory): sockets inside
+    /// it are given to QEMU relative to it, so that a long data directory
+    /// or VM name never exceeds a socket path's 108 bytes.
+    pub run_dir: Option<PathBuf>,
     pub serial_log: PathBuf,
 }
 
@@ -137,6 +141,15 @@ impl VmSpec {
     }
 
     /// Arguments for `qemu-system-x86_64` (without the binary).
+    /// A socket's path as QEMU is given it: relative to [`VmSpec::run_dir`]
+    /// when there is one (`./qmp.sock`, `../../nbd.sock`).
+    fn socket_arg(&self, path: &Path) -> String {
+        match &self.run_dir {
+            Some(dir) => relative_to(path, dir).display().to_string(),
+            None => path.display().to_string(),
+        }
+    }
+
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -192,7 +205,7 @@ impl VmSpec {
         let blockdev = serde_json::json!({
             "driver": "nbd",
             "node-name": "disk0",
-            "server": { "type": "unix", "path": self.nbd_socket.display().to_string() },
+            "server": { "type": "unix", "path": self.socket_arg(&self.nbd_socket) },
             "export": self.export,
             // If the agent restarts, QEMU retries instead of failing I/O at once.
             "reconnect-delay": 10,
@@ -222,7 +235,7 @@ impl VmSpec {
                 "-chardev",
                 &format!(
                     "socket,id=channel0,path={},server=on,wait=off",
-                    sock.display()
+                    self.socket_arg(sock)
                 ),
             ]);
             push(&[
@@ -240,7 +253,10 @@ impl VmSpec {
         push(&["-serial", "chardev:serial0"]);
         push(&[
             "-qmp",
-            &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
+            &format!(
+                "unix:{},server=on,wait=off",
+                self.socket_arg(&self.qmp_socket)
+            ),
         ]);
         match self.incoming {
             // -S: stay paused after the state is loaded, so that memory and
@@ -251,6 +267,19 @@ impl VmSpec {
         }
         a
     }
+}
+
+/// `path` as seen from the directory `base` (both absolute): `./x` below
+/// it, `../../x` beside it.
+fn relative_to(path: &Path, base: &Path) -> PathBuf {
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::from(".");
+    for _ in common..b.len() {
+        rel.push("..");
+    }
+    rel.extend(&p[common..]);
+    rel
 }
 
 #[cfg(test)]
@@ -279,6 +308,7 @@ mod tests {
             nbd_socket: "/d/nbd.sock".into(),
             export: "disk/t".into(),
             qmp_socket: "/d/qmp.sock".into(),
+            run_dir: None,
             serial_log: "/d/serial.log".into(),
         };
         let args = spec.args().join(" ");
@@ -297,6 +327,14 @@ mod tests {
     }
 
     #[test]
+    fn sockets_are_given_relative_to_the_run_dir() {
+        let base = Path::new("/data/vms/web");
+        assert_eq!(relative_to(Path::new("/data/vms/web/qmp.sock"), base), Path::new("./qmp.sock"));
+        assert_eq!(relative_to(Path::new("/data/nbd.sock"), base), Path::new("./../../nbd.sock"));
+        assert_eq!(relative_to(Path::new("/other/s"), base), Path::new("./../../../other/s"));
+    }
+
+    #[test]
     fn template_and_clone_differ_only_in_sharing_identity_and_incoming() {
         let template = VmSpec {
             name: "t".into(),
@@ -312,6 +350,7 @@ mod tests {
             nbd_socket: "/d/nbd.sock".into(),
             export: "disk/t".into(),
             qmp_socket: "/d/qmp.sock".into(),
+            run_dir: None,
             serial_log: "/d/serial.log".into(),
             ram: Some(RamFile {
                 path: "/shm/t.ram".into(),

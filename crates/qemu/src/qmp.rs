@@ -88,7 +88,7 @@ impl Qmp {
     fn open(path: &Path, timeout: Duration, oob: bool) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
-            match UnixStream::connect(path) {
+            match crate::sockets::connect_unix(path) {
                 Ok(s) => break s,
                 // Cheap to retry; a clone waits for this, so retry often.
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),

@@ -212,6 +212,26 @@ fn setsockopt<T>(
     Ok(())
 }
 
+/// Connects to a unix socket by path, also when the path is longer than a
+/// socket address holds (108 bytes, a long data directory or VM name):
+/// through a descriptor of its directory (`/proc/self/fd/N/NAME`).
+pub fn connect_unix(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::net::UnixStream;
+    const SUN_PATH: usize = 108;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixStream::connect(path);
+    };
+    if path.as_os_str().len() < SUN_PATH {
+        return UnixStream::connect(path);
+    }
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)?;
+    UnixStream::connect(std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

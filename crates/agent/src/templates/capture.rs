@@ -26,6 +26,13 @@ impl Templates {
                 name: name.clone(),
             });
         }
+        // Its parts travel as images NAME.ram, NAME.disk, NAME.boot.
+        if name.len() > 128 - ".disk".len() {
+            return Err(AgentError::Invalid(format!(
+                "template name {name:?} is too long: a template's RAM, disk and boot state are images NAME.ram, NAME.disk and NAME.boot, and names are {}; a template name has at most 123 characters",
+                spore_api::NAME_RULE
+            )));
+        }
         let ram_image = format!("{name}.ram");
         let disk_image = format!("{name}.disk");
         let boot_image = format!("{name}.boot");

@@ -422,6 +422,7 @@ impl Vms {
             nbd_socket: self.nbd_socket.clone(),
             export: format!("{DISK_PREFIX}{}", rec.disk),
             qmp_socket: dir.join("qmp.sock"),
+            run_dir: Some(dir.clone()),
             serial_log: dir.join("serial.log"),
         };
         fs::create_dir_all(self.procs.ram_dir()).map_err(AgentError::io(format!(
@@ -442,6 +443,7 @@ impl Vms {
         let log = File::create(&qemu_log).map_err(AgentError::io("creating qemu.log"))?;
         let mut cmd = Command::new(QEMU_BINARY);
         cmd.args(spec.args())
+            .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(AgentError::io("qemu.log"))?)
             .stderr(log)
