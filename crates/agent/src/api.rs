@@ -282,7 +282,7 @@ async fn export_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
 
 async fn push_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
-        Ok(req) => streaming(move |p| a.images.push_image(&name, &req.to, p)),
+        Ok(req) => streaming(move |p| a.images.push_image(&name, &req.to, req.force, p)),
         Err(e) => e.into_response(),
     }
 }
@@ -470,7 +470,7 @@ async fn clone_template(State(a): S, Name(name): Name, body: Bytes) -> Response 
 
 async fn push_template(State(a): S, Name(name): Name, body: Bytes) -> Response {
     match parse::<PushRequest>(&body) {
-        Ok(req) => streaming(move |p| a.templates.push_template(&name, &req.to, p)),
+        Ok(req) => streaming(move |p| a.templates.push_template(&name, &req.to, req.force, p)),
         Err(e) => e.into_response(),
     }
 }

@@ -334,11 +334,13 @@ impl Images {
         }
     }
 
-    /// Sends an image's chunks that the remote lacks, then binds the name there.
+    /// Sends an image's chunks that the remote lacks, then binds the name
+    /// there (over a name bound to other content only with `force`).
     pub fn push_image(
         &self,
         name: &str,
         to: &str,
+        force: bool,
         progress: Progress<'_>,
     ) -> Result<spore_api::PushResult> {
         let rec = self.image_record(name)?;
@@ -372,7 +374,7 @@ impl Images {
             );
         }
         remote
-            .put_image(name, &rec.manifest, rec.profile.as_ref())
+            .put_image(name, &rec.manifest, rec.profile.as_ref(), force)
             .map_err(push_err)?;
         Ok(spore_api::PushResult {
             image: name.into(),

@@ -410,7 +410,12 @@ async fn upload(State(a): S, Path(id): Path<String>, body: Bytes) -> Response {
     )
 }
 
-async fn bind(State(a): S, Name(name): Name, body: Bytes) -> Response {
+async fn bind(
+    State(a): S,
+    Name(name): Name,
+    peer: Option<axum::Extension<crate::listener::Peer>>,
+    body: Bytes,
+) -> Response {
     respond(
         async {
             let store = push_store(&a)?;
@@ -439,6 +444,17 @@ async fn bind(State(a): S, Name(name): Name, body: Bytes) -> Response {
                     )));
                 }
             }
+            // A name means one image to every host that resolves it: it
+            // moves to other content only when the publisher says so.
+            let force = v.get("force").and_then(|f| f.as_bool()).unwrap_or(false);
+            let bound = store.get_image(&name).await?;
+            let rebinding = bound.as_ref().is_some_and(|b| b.manifest != manifest);
+            if rebinding && !force {
+                return Err(AgentError::State(format!(
+                    "image {name:?} is bound here to other content (manifest {}); push with --force to rebind the name",
+                    bound.as_ref().map(|b| b.manifest.to_hex()).unwrap_or_default()
+                )));
+            }
             let rec = spore_origin::ImageRecord { manifest, profile };
             store.bind_image(&name, &rec).await.map_err(|e| match e {
                 OriginError::NoManifest(m) => {
@@ -454,6 +470,15 @@ async fn bind(State(a): S, Name(name): Name, body: Bytes) -> Response {
                 if own.profile != Some(p) {
                     adopt_profile(&a, &store, &name, manifest, p).await?;
                 }
+            }
+            if rebinding {
+                tracing::warn!(
+                    image = %name,
+                    from = %bound.map(|b| b.manifest.to_hex()).unwrap_or_default(),
+                    to = %manifest,
+                    by = %peer.map(|p| p.identity.to_string()).unwrap_or_else(|| "a plaintext peer".into()),
+                    "name rebound (--force)"
+                );
             }
             tracing::info!(image = %name, %manifest, store = store.spec(), "image pushed here");
             Ok(StatusCode::NO_CONTENT.into_response())

@@ -414,6 +414,10 @@ pub struct VmLog {
 pub struct PushRequest {
     /// The origin's peer URL, e.g. https://10.77.0.1:7070
     pub to: String,
+    /// Rebind a name the origin has bound to other content (the
+    /// certificate must hold the publisher role, as for every push).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -174,6 +174,9 @@ pub enum ImageCmd {
         /// The origin's peer URL, e.g. https://10.77.0.1:7070
         #[arg(long)]
         to: String,
+        /// Rebind the name if the origin has it bound to other content
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -628,11 +631,11 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                 r.image, r.chunks, r.missing
             );
         }
-        ImageCmd::Push { name, to } => {
+        ImageCmd::Push { name, to, force } => {
             let r: spore_api::PushResult = with_progress(
                 c,
                 &format!("/v1/images/{name}/push"),
-                &spore_api::PushRequest { to },
+                &spore_api::PushRequest { to, force },
             )
             .await?;
             println!(

@@ -35,6 +35,9 @@ pub enum TemplateCmd {
         /// The origin's peer URL, e.g. https://10.77.0.1:7070
         #[arg(long)]
         to: String,
+        /// Rebind the names if the origin has them bound to other content
+        #[arg(long)]
+        force: bool,
     },
     /// Fetch all of a template from the origin (clones do not need this:
     /// they page a template in on demand)
@@ -84,11 +87,11 @@ pub async fn template_command(cmd: TemplateCmd, c: &Client) -> Result<()> {
             }
             print_template(&t);
         }
-        TemplateCmd::Push { name, to } => {
+        TemplateCmd::Push { name, to, force } => {
             let r: spore_api::PushResult = crate::output::with_progress(
                 c,
                 &format!("/v1/templates/{name}/push"),
-                &spore_api::PushRequest { to },
+                &spore_api::PushRequest { to, force },
             )
             .await?;
             println!(

@@ -521,6 +521,34 @@ fn pushes_land_in_the_origin_store_and_a_conflicting_push_is_refused() {
     let err = builder.fails(&["image", "push", "own", "--to", &url(origin_port)]);
     assert!(err.contains("in this agent's own store"), "{err}");
     assert!(!store.join("images/own").exists());
+
+    // A pushed name moves to other content only with --force: a second
+    // builder's `img` is refused, the name keeps meaning the first image,
+    // and with --force it is rebound (one warning line names the pusher).
+    let second = TestAgent::start();
+    let src2 = second.path("img2.raw");
+    sparse_random_file(&src2, 4 * MIB, 28);
+    second.ok(&["image", "import", src2.to_str().unwrap(), "--name", "img"]);
+    let err = second.fails(&["image", "push", "img", "--to", &url(origin_port)]);
+    assert!(
+        err.contains("bound here to other content") && err.contains("--force"),
+        "{err}"
+    );
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("images/img")).unwrap()).unwrap();
+    assert_eq!(rec["manifest"], manifest, "the refused push left the name");
+    // Pushing the same content again is no rebinding.
+    builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+    second.ok(&["image", "push", "img", "--to", &url(origin_port), "--force"]);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("images/img")).unwrap()).unwrap();
+    let manifest2 = second.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
+    assert_eq!(rec["manifest"], manifest2, "rebound with --force");
+    let log = std::fs::read_to_string(origin.data_dir().with_extension("agent.log")).unwrap();
+    assert!(log.contains("name rebound (--force)"), "no rebinding line in the origin's log");
+    let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    cold.ok(&["disk", "create", "d2", "--image", "img"]);
+    assert_eq!(nbd_copy(&cold, "disk/d2"), std::fs::read(&src2).unwrap());
 }
 
 #[test]

@@ -233,19 +233,26 @@ impl Remote {
     }
 
     /// Binds `name` to `manifest` (and its boot profile) on the remote (an origin).
+    /// Binds `name` to `manifest` (and its boot profile) at the remote.
+    /// A name bound there to other content is rebound only with `force`
+    /// (the remote answers 409 otherwise).
     pub fn put_image(
         &self,
         name: &str,
         manifest: &ChunkId,
         profile: Option<&ChunkId>,
+        force: bool,
     ) -> Result<(), RemoteError> {
-        let body = match profile {
-            Some(p) => format!("{{\"manifest\":\"{manifest}\",\"profile\":\"{p}\"}}"),
-            None => format!("{{\"manifest\":\"{manifest}\"}}"),
-        };
+        let mut body = serde_json::json!({ "manifest": manifest.to_hex() });
+        if let Some(p) = profile {
+            body["profile"] = p.to_hex().into();
+        }
+        if force {
+            body["force"] = true.into();
+        }
         self.agent
             .put(&format!("{}/v1/images/{name}", self.url))
-            .send_string(&body)
+            .send_string(&body.to_string())
             .map_err(|e| self.failed(describe(e)))?;
         Ok(())
     }

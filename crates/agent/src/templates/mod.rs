@@ -361,6 +361,7 @@ impl Templates {
         &self,
         name: &str,
         to: &str,
+        force: bool,
         progress: crate::images::Progress<'_>,
     ) -> Result<spore_api::PushResult> {
         let t = self.template_record(name)?;
@@ -373,7 +374,7 @@ impl Templates {
             sent_bytes: 0,
         };
         for image in [&t.disk_image, &t.ram_image, &t.boot_image] {
-            let r = self.images.push_image(image, to, progress)?;
+            let r = self.images.push_image(image, to, force, progress)?;
             total.chunks += r.chunks;
             total.sent_chunks += r.sent_chunks;
             total.sent_bytes += r.sent_bytes;
