@@ -93,6 +93,11 @@ pub struct AgentConfig {
     /// Serve peers in plaintext, and reach `http://` peers: anyone who can
     /// reach the port is trusted with every route the flags open.
     pub insecure_listen: bool,
+    /// What other hosts may hold of the peer listener.
+    pub peer_bounds: crate::listener::Bounds,
+    /// Incoming migrations prepared or running at once; more are answered
+    /// 503 (each starts a QEMU and a disk here).
+    pub max_incoming_migrations: usize,
 }
 
 impl AgentConfig {
@@ -117,6 +122,8 @@ impl AgentConfig {
             accept_migrations: false,
             tls_dir: None,
             insecure_listen: false,
+            peer_bounds: crate::listener::Bounds::default(),
+            max_incoming_migrations: 2,
         }
     }
 
@@ -274,6 +281,12 @@ pub struct Agent {
 impl Agent {
     /// Opens the data directory (creating it), takes its lock, and recovers.
     pub fn open(config: AgentConfig) -> Result<Arc<Self>> {
+        config.peer_bounds.check().map_err(AgentError::Invalid)?;
+        if config.max_incoming_migrations == 0 {
+            return Err(AgentError::Invalid(
+                "--max-incoming-migrations must be at least 1 (leave out --accept-migrations to take none)".into(),
+            ));
+        }
         let dir = &config.data_dir;
         fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
         // Disks, chunks (template RAM among them) and sockets: for root's
@@ -388,6 +401,7 @@ impl Agent {
             peer_addr.clone(),
             links.clone(),
             stream_tls,
+            config.max_incoming_migrations,
         ));
         let agent = Arc::new(Agent {
             images,

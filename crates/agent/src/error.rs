@@ -24,6 +24,10 @@ pub enum AgentError {
     /// revoked certificate).
     #[error("{0}")]
     Forbidden(String),
+    /// A bound on concurrent work is reached; the same request may succeed
+    /// later.
+    #[error("{0}")]
+    Busy(String),
     #[error("metadata")]
     Meta(#[from] MetaError),
     #[error("image")]
@@ -63,6 +67,7 @@ impl AgentError {
             AgentError::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             AgentError::State(_) => (StatusCode::CONFLICT, "state"),
             AgentError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AgentError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             AgentError::Invalid(_) | AgentError::Source(_) => (StatusCode::BAD_REQUEST, "invalid"),
             AgentError::Transfer(spore_image::TransferError::Shrink { .. }) => {
                 (StatusCode::BAD_REQUEST, "invalid")

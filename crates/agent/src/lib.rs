@@ -109,21 +109,15 @@ pub fn run(config: AgentConfig) -> Result<()> {
                 .map_err(AgentError::io(format!("writing {}", addr_file.display())))?;
             let addr = &bound.to_string();
             let router = peer::router(agent.clone());
-            match agent.server_tls.clone() {
-                Some(tls) => {
-                    tracing::info!(%addr, identity = %tls.own(), tls_dir = %tls.dir().display(), accept_push = agent.config.accept_push, "serving peers over mutual TLS");
-                    tokio::spawn(listener::serve_tls(l, router, agent.tls_failures.clone(), tls, listener::Bounds::default()));
-                }
+            let bounds = agent.config.peer_bounds;
+            match &agent.server_tls {
+                Some(tls) => tracing::info!(%addr, identity = %tls.own(), tls_dir = %tls.dir().display(), accept_push = agent.config.accept_push, ?bounds, "serving peers over mutual TLS"),
                 None => {
                     tracing::warn!(%addr, "serving peers in PLAINTEXT (--insecure-listen): anyone who reaches this port may use every peer route the flags open");
                     eprintln!("WARNING: --insecure-listen: peers are served in plaintext on {addr}, without authentication");
-                    tokio::spawn(async move {
-                        if let Err(e) = axum::serve(l, router).await {
-                            tracing::error!(error = %e, "peer listener failed");
-                        }
-                    });
                 }
             }
+            tokio::spawn(listener::serve(l, router, agent.tls_failures.clone(), agent.server_tls.clone(), bounds));
         }
         tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.vms.accel(), "spore agent ready");
         eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());

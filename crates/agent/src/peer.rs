@@ -186,11 +186,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
                 handler.route_layer(axum::middleware::from_fn_with_state(agent.clone(), gate)),
             )
         })
-        // A chunk (a layer of a large image, say) or a batch of a migrating
-        // disk's blocks may exceed axum's 2 MB default.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            spore_chunks::MAX_CHUNK_SIZE.max(spore_blockdev::batch::MAX_BATCH_BYTES) + (1 << 20),
-        ))
+        // The body bound is the listener's (`Bounds::max_body`): a chunk (a
+        // layer of a large image, say) or a batch of a migrating disk's
+        // blocks exceeds axum's 2 MB default.
         .with_state(agent)
 }
 

@@ -329,9 +329,18 @@ mod tests {
     #[test]
     fn sockets_are_given_relative_to_the_run_dir() {
         let base = Path::new("/data/vms/web");
-        assert_eq!(relative_to(Path::new("/data/vms/web/qmp.sock"), base), Path::new("./qmp.sock"));
-        assert_eq!(relative_to(Path::new("/data/nbd.sock"), base), Path::new("./../../nbd.sock"));
-        assert_eq!(relative_to(Path::new("/other/s"), base), Path::new("./../../../other/s"));
+        assert_eq!(
+            relative_to(Path::new("/data/vms/web/qmp.sock"), base),
+            Path::new("./qmp.sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/data/nbd.sock"), base),
+            Path::new("./../../nbd.sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/other/s"), base),
+            Path::new("./../../../other/s")
+        );
     }
 
     #[test]

@@ -229,7 +229,9 @@ pub fn connect_unix(path: &std::path::Path) -> io::Result<std::os::unix::net::Un
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(dir)?;
-    UnixStream::connect(std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
+    UnixStream::connect(
+        std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name),
+    )
 }
 
 #[cfg(test)]

@@ -122,6 +122,27 @@ pub struct AgentArgs {
     /// reach http:// peers: only on a network where every host is trusted
     #[arg(long)]
     insecure_listen: bool,
+    /// Peer connections open at once; more are closed at accept
+    #[arg(long, default_value_t = 512)]
+    peer_connections: usize,
+    /// Peer connections open at once from one address
+    #[arg(long, default_value_t = 64)]
+    peer_connections_per_host: usize,
+    /// Seconds a peer has to finish the TLS handshake
+    #[arg(long, default_value_t = 10)]
+    peer_handshake_timeout: u64,
+    /// Seconds a peer has to send a request's head, and may stay idle
+    /// between requests on a kept connection
+    #[arg(long, default_value_t = 30)]
+    peer_header_timeout: u64,
+    /// Largest body of a peer request (at least the largest chunk or batch
+    /// of blocks, 65 MiB) [default: 65M]
+    #[arg(long, value_parser = parse_size)]
+    peer_max_body: Option<u64>,
+    /// Incoming migrations prepared or running at once; more are answered
+    /// 503 (each starts a QEMU and a disk here)
+    #[arg(long, default_value_t = 2)]
+    max_incoming_migrations: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -374,6 +395,16 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.accept_migrations = a.accept_migrations;
             config.tls_dir = a.tls_dir.as_deref().map(abs).transpose()?;
             config.insecure_listen = a.insecure_listen;
+            config.peer_bounds = spore_agent::listener::Bounds {
+                connections: a.peer_connections,
+                per_host: a.peer_connections_per_host,
+                handshake: std::time::Duration::from_secs(a.peer_handshake_timeout),
+                header: std::time::Duration::from_secs(a.peer_header_timeout),
+                max_body: a
+                    .peer_max_body
+                    .map_or(spore_agent::listener::MIN_BODY, |b| b as usize),
+            };
+            config.max_incoming_migrations = a.max_incoming_migrations;
             if a.insecure_listen {
                 eprintln!("WARNING: --insecure-listen: this agent serves and reaches other hosts in plaintext, without authentication");
             }

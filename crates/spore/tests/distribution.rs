@@ -545,7 +545,10 @@ fn pushes_land_in_the_origin_store_and_a_conflicting_push_is_refused() {
     let manifest2 = second.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
     assert_eq!(rec["manifest"], manifest2, "rebound with --force");
     let log = std::fs::read_to_string(origin.data_dir().with_extension("agent.log")).unwrap();
-    assert!(log.contains("name rebound (--force)"), "no rebinding line in the origin's log");
+    assert!(
+        log.contains("name rebound (--force)"),
+        "no rebinding line in the origin's log"
+    );
     let cold = TestAgent::start_with(&["--origin", &url(origin_port)]);
     cold.ok(&["disk", "create", "d2", "--image", "img"]);
     assert_eq!(nbd_copy(&cold, "disk/d2"), std::fs::read(&src2).unwrap());

@@ -23,7 +23,13 @@ fn the_uncompressed_kernel_boots_directly_with_the_fast_options_under_the_longes
     // directory, the agent connects through the directory's descriptor).
     let name = format!("fast-{}", "x".repeat(123));
     assert!(
-        t.data_dir().join("vms").join(&name).join("channel.sock").as_os_str().len() > 108
+        t.data_dir()
+            .join("vms")
+            .join(&name)
+            .join("channel.sock")
+            .as_os_str()
+            .len()
+            > 108
     );
     let mut args = vm_run_args(g, &name, "base", "quiet cryptomgr.notests");
     let kernel = args.iter().position(|a| a == "--kernel").unwrap() + 1;

@@ -167,6 +167,13 @@ impl Migration {
                     name: req.vm.clone(),
                 });
             }
+            if incoming.len() >= self.max_incoming {
+                tracing::warn!(vm = %req.vm, from = %req.from, limit = self.max_incoming, "incoming migration refused: too many at once");
+                return Err(AgentError::Busy(format!(
+                    "this host takes at most {} incoming migrations at once (--max-incoming-migrations); try again when one has ended",
+                    self.max_incoming
+                )));
+            }
             if !self.meta.insert_new(Table::Vms, &req.vm, &rec)? {
                 return Err(AgentError::Exists {
                     kind: "vm",

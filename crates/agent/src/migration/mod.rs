@@ -66,6 +66,8 @@ pub struct Migration {
     links: spore_transfer::Links,
     /// QEMU's own TLS for the memory stream.
     stream_tls: StreamTls,
+    /// Incoming migrations at once (`--max-incoming-migrations`).
+    max_incoming: usize,
     jobs: Jobs,
 }
 
@@ -92,10 +94,12 @@ impl Migration {
         peer_addr: Arc<OnceLock<String>>,
         links: spore_transfer::Links,
         stream_tls: StreamTls,
+        max_incoming: usize,
     ) -> Self {
         Migration {
             links,
             stream_tls,
+            max_incoming,
             vms,
             disks,
             exports,
