@@ -36,7 +36,7 @@ use crate::error::{AgentError, Result};
 use crate::exports::Registry;
 use crate::images::{Images, ImagesConfig};
 use crate::meta::Meta;
-use crate::migration::{Migration, StreamTls};
+use crate::migration::{Migration, Reach, StreamTls};
 use crate::records::{PeerStats, REMOTE_TIMEOUT};
 use crate::templates::{TemplateDeps, Templates};
 use crate::vms::processes::VmManager;
@@ -397,11 +397,13 @@ impl Agent {
             disks.clone(),
             exports.clone(),
             meta.clone(),
-            config.listen.clone(),
-            peer_addr.clone(),
-            links.clone(),
-            stream_tls,
-            config.max_incoming_migrations,
+            Reach {
+                listen: config.listen.clone(),
+                peer_addr: peer_addr.clone(),
+                links: links.clone(),
+                stream_tls,
+                max_incoming: config.max_incoming_migrations,
+            },
         ));
         let agent = Arc::new(Agent {
             images,

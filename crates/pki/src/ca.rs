@@ -12,6 +12,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -26,6 +27,8 @@ use crate::{check_name, io_err, PkiError, Result, Role};
 const STATE_FORMAT: u32 = 1;
 /// How long an issued certificate is valid.
 pub const CERT_DAYS: i64 = 397;
+/// Issued certificates are valid from an hour back (clocks differ).
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 const CA_DAYS: i64 = 3650;
 
 /// One certificate the CA issued.
@@ -197,7 +200,27 @@ impl Ca {
         sans: &[String],
         out: &Path,
     ) -> Result<Issued> {
+        let now = SystemTime::now();
+        let days = std::time::Duration::from_secs(CERT_DAYS as u64 * 86_400);
+        self.issue_valid(name, roles, sans, out, now - HOUR..now + days)
+    }
+
+    /// [`Ca::issue`] for a certificate valid over `valid` (short-lived
+    /// certificates, `spore ca issue --days`; tests of expired ones).
+    pub fn issue_valid(
+        &mut self,
+        name: &str,
+        roles: &[Role],
+        sans: &[String],
+        out: &Path,
+        valid: std::ops::Range<SystemTime>,
+    ) -> Result<Issued> {
         check_name(name)?;
+        if valid.end <= valid.start {
+            return Err(PkiError::Invalid(
+                "a certificate's validity must end after it begins".into(),
+            ));
+        }
         if roles.is_empty() {
             return Err(PkiError::Invalid(
                 "a certificate needs at least one role (host, publisher, operator)".into(),
@@ -240,9 +263,8 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::hours(1);
-        params.not_after = now + Duration::days(CERT_DAYS);
+        params.not_before = OffsetDateTime::from(valid.start);
+        params.not_after = OffsetDateTime::from(valid.end);
         let key = KeyPair::generate().map_err(rc("making a key"))?;
         let cert = params
             .signed_by(&key, &self.issuer)

@@ -29,7 +29,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use ca::{Ca, Issued};
+pub use ca::{Ca, Issued, CERT_DAYS};
 pub use tls::{client_config, ServerTls};
 
 /// What a certificate allows its holder.

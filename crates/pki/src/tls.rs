@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::{PeerIdentity, PkiError, Result};
 
@@ -77,15 +80,124 @@ fn tls_err(context: &str) -> impl FnOnce(rustls::Error) -> PkiError + '_ {
 }
 
 /// The client side: the fleet CA as the only root, this host's certificate
-/// presented to every server.
+/// presented to every server, and the server's certificate checked against
+/// the revocation list in `dir` (reloaded when it changes, as the server
+/// side's is).
 pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>> {
+    let verifier = Arc::new(FleetServerVerifier::load(dir)?);
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS 1.3"))?
-        .with_root_certificates(roots(dir)?)
+        .dangerous()
+        // webpki's own verifier, with the fleet's revocation list kept
+        // current (what `with_root_certificates` would give, plus that).
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs(dir, "cert.pem")?, key(dir)?)
         .map_err(tls_err("this host's certificate and key"))?;
     Ok(Arc::new(config))
+}
+
+/// The revocation lists in `dir/crl.pem`, if there is one.
+fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let path = dir.join("crl.pem");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    CertificateRevocationListDer::pem_file_iter(&path)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))
+}
+
+fn build_server_verifier(dir: &Path) -> Result<Arc<WebPkiServerVerifier>> {
+    WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider())
+        .with_crls(crls(dir)?)
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", dir.display())))
+}
+
+/// Checks a server's certificate with webpki against the fleet CA and the
+/// revocation list as it is now.
+struct FleetServerVerifier {
+    dir: PathBuf,
+    loaded: Mutex<(Instant, Stamp, Arc<WebPkiServerVerifier>)>,
+}
+
+impl std::fmt::Debug for FleetServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetServerVerifier")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl FleetServerVerifier {
+    fn load(dir: &Path) -> Result<Self> {
+        Ok(FleetServerVerifier {
+            dir: dir.to_owned(),
+            loaded: Mutex::new((
+                Instant::now(),
+                stamp(&dir.join("crl.pem")),
+                build_server_verifier(dir)?,
+            )),
+        })
+    }
+
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        let mut l = self.loaded.lock();
+        if l.0.elapsed() >= CRL_CHECK_EVERY {
+            l.0 = Instant::now();
+            let now = stamp(&self.dir.join("crl.pem"));
+            if now != l.1 {
+                match build_server_verifier(&self.dir) {
+                    Ok(v) => {
+                        l.2 = v;
+                        l.1 = now;
+                    }
+                    Err(e) => {
+                        tracing::error!(dir = %self.dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")
+                    }
+                }
+            }
+        }
+        l.2.clone()
+    }
+}
+
+impl ServerCertVerifier for FleetServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.current()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
 }
 
 /// The revocation list's file as last seen: changed when either differs.
@@ -132,14 +244,7 @@ fn revoked_serials(crls: &[CertificateRevocationListDer<'_>]) -> Result<HashSet<
 }
 
 fn build_server(dir: &Path) -> Result<(Arc<ServerConfig>, Arc<HashSet<String>>)> {
-    let crl_path = dir.join("crl.pem");
-    let crls: Vec<CertificateRevocationListDer<'static>> = if crl_path.exists() {
-        CertificateRevocationListDer::pem_file_iter(&crl_path)
-            .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| PkiError::Invalid(format!("{}: {e}", crl_path.display())))?
-    } else {
-        Vec::new()
-    };
+    let crls = crls(dir)?;
     let revoked = revoked_serials(&crls)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider())
         .with_crls(crls)

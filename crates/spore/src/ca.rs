@@ -36,6 +36,10 @@ pub enum CaCmd {
         /// Where ca.pem, cert.pem, key.pem and crl.pem go [default: $SPORE_HOME/pki, where the agent looks]
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Days the certificate is valid (short-lived certificates are
+        /// renewed by issuing again)
+        #[arg(long, default_value_t = spore_pki::CERT_DAYS as u64)]
+        days: u64,
     },
     /// Revoke every certificate issued to NAME; agents refuse it within a second
     Revoke {
@@ -72,11 +76,15 @@ pub fn run(cmd: CaCmd, data_dir: &Path) -> Result<()> {
             san,
             dir,
             out,
+            days,
         } => {
             let mut ca = Ca::open(&ca_dir(dir))?;
             let roles = parse_roles(&role)?;
             let out = out.unwrap_or_else(|| default_tls_dir(data_dir));
-            let issued = ca.issue(&name, &roles, &san, &out)?;
+            let now = std::time::SystemTime::now();
+            let valid = now - std::time::Duration::from_secs(3600)
+                ..now + std::time::Duration::from_secs(days * 86_400);
+            let issued = ca.issue_valid(&name, &roles, &san, &out, valid)?;
             println!(
                 "issued {name} (roles {}, serial {}) into {}: ca.pem cert.pem key.pem crl.pem",
                 issued.roles.join(","),

@@ -18,8 +18,10 @@ use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent, SPORE};
 const MIB: u64 = 1 << 20;
 const BUCKET: &str = "spore-origin";
 const PREFIX: &str = "test/store";
-/// Access key id and secret alike: moto takes any.
+/// The access key id: moto takes any.
 const KEY: &str = "spore-test";
+/// The secret, distinct so that a log or error that leaked it shows.
+const SECRET: &str = "s3cr3t-Spore-NeverLogged-7f3a";
 
 /// An agent's peer URL.
 fn url(port: u16) -> String {
@@ -108,7 +110,7 @@ impl Moto {
     fn curl(&self, path: &str) -> Command {
         let mut c = Command::new("curl");
         c.args(["-sS", "--fail", "--aws-sigv4", "aws:amz:us-east-1:s3"])
-            .args(["--user", &format!("{KEY}:{KEY}")])
+            .args(["--user", &format!("{KEY}:{SECRET}")])
             .arg(format!("{}/{path}", self.url()));
         c
     }
@@ -208,7 +210,7 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
     for (k, v) in [
         ("AWS_ENDPOINT_URL", moto.url().as_str()),
         ("AWS_ACCESS_KEY_ID", KEY),
-        ("AWS_SECRET_ACCESS_KEY", KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
         ("AWS_REGION", "us-east-1"),
         ("AWS_ALLOW_HTTP", "true"),
     ] {
@@ -336,7 +338,7 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
 
     // A second origin agent that has nothing but the bucket serves the same
     // image, and takes no pushes.
-    let (_front, front_port) = TestAgent::start_listening(&["--origin-store", &store]);
+    let (front, front_port) = TestAgent::start_listening(&["--origin-store", &store]);
     let err = builder.fails(&["image", "push", "img", "--to", &url(front_port)]);
     assert!(err.contains("does not accept pushes"), "{err}");
     let cold2 = TestAgent::start_with(&["--origin", &url(front_port)]);
@@ -353,4 +355,22 @@ fn an_origin_keeps_pushed_images_in_s3_and_cold_hosts_read_them_back() {
         files.len() + 1
     );
     assert!(metrics.contains(&written), "{written} in\n{metrics}");
+
+    // The credentials never reach a log, an error or the API.
+    assert!(!metrics.contains(SECRET));
+    let status = origin.ok(&["status", "--json"]);
+    assert!(!status.contains(SECRET), "{status}");
+    for log in [
+        origin.data_dir().with_extension("agent.log"),
+        front.data_dir().with_extension("agent.log"),
+        tmp.path().join("failing.err"),
+        tmp.path().join("failing.log"),
+    ] {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !text.contains(SECRET),
+            "the S3 secret is in {}",
+            log.display()
+        );
+    }
 }

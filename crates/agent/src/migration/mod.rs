@@ -71,6 +71,19 @@ pub struct Migration {
     jobs: Jobs,
 }
 
+/// How the migration service reaches and is reached by other hosts.
+#[derive(Debug, Clone)]
+pub struct Reach {
+    /// The peer listener as configured (`--listen`).
+    pub listen: Option<String>,
+    /// The peer listener as bound, once it listens.
+    pub peer_addr: Arc<OnceLock<String>>,
+    pub links: spore_transfer::Links,
+    pub stream_tls: StreamTls,
+    /// `--max-incoming-migrations`.
+    pub max_incoming: usize,
+}
+
 /// QEMU moves a migration's memory itself, host to host; with TLS it
 /// encrypts it with its own `tls-creds-x509` and this host's fleet
 /// certificate (measured against carrying it inside spore's TLS in
@@ -90,22 +103,18 @@ impl Migration {
         disks: Arc<Disks>,
         exports: Arc<Registry>,
         meta: Arc<Meta>,
-        listen: Option<String>,
-        peer_addr: Arc<OnceLock<String>>,
-        links: spore_transfer::Links,
-        stream_tls: StreamTls,
-        max_incoming: usize,
+        reach: Reach,
     ) -> Self {
         Migration {
-            links,
-            stream_tls,
-            max_incoming,
+            links: reach.links,
+            stream_tls: reach.stream_tls,
+            max_incoming: reach.max_incoming,
+            listen: reach.listen,
+            peer_addr: reach.peer_addr,
             vms,
             disks,
             exports,
             meta,
-            listen,
-            peer_addr,
             jobs: Jobs::default(),
         }
     }
