@@ -138,7 +138,7 @@ P=$C/node1/pki
 echo "  node1 with its certificate (role host):      HTTP $(probe --cacert "$P/ca.pem" --cert "$P/cert.pem" --key "$P/key.pem" "https://$OIP:7070/v1/images/base")" >&2
 echo "  the same namespace without a certificate:    HTTP $(probe --cacert "$P/ca.pem" "https://$OIP:7070/v1/images/base") (000: refused at the TLS handshake)" >&2
 echo "  plaintext to the same port:                  HTTP $(probe "http://$OIP:7070/v1/images/base")" >&2
-echo "Every fetch, push and migration request above went over such connections; QEMU's own migration stream does not yet (docs/security.md)." >&2
+echo "Every fetch, push and migration request above went over such connections; the migration below moves QEMU's memory stream in QEMU's own TLS with the same certificates (docs/security.md)." >&2
 
 say "live migration: storm1 moves from node1 to node2 while it runs (policy auto)"
 # guest_line HOST MARKER: the last console line of storm1 on HOST with MARKER
@@ -162,4 +162,14 @@ echo "  data set written on node1: $written" >&2
 echo "  checked on node2:          $checked" >&2
 [ -n "$written" ] && [ "$written" = "$checked" ] && echo "  intact after the move" >&2 || echo "  MISMATCH" >&2
 SPORE_HOME=$C/node2 "$SPORE" vm ls
+stream=$(SPORE_HOME=$C/node1 "$SPORE" vm migration storm1 --json | python3 -c 'import json, sys; print("QEMU TLS, certificates verified both ways" if json.load(sys.stdin).get("stream_tls") else "PLAINTEXT")')
+echo "  memory stream: $stream" >&2
+
+say "a remote operator: an operator certificate drives node2's agent through its peer listener (spore --remote); a host certificate cannot"
+N2IP=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["nodes"][1]["ip"])' "$C/cluster.json")
+"$SPORE" ca issue demo-operator --role operator --dir "$C/ca" --out "$C/operator/pki" >/dev/null
+echo "  the operator, from node1's namespace: spore --remote https://$N2IP:7070 vm ls" >&2
+ip netns exec "$N1NS" env SPORE_HOME="$C/operator" "$SPORE" --remote "https://$N2IP:7070" vm ls
+echo "  node1's own certificate (role host) asking the same:" >&2
+ip netns exec "$N1NS" env SPORE_HOME="$C/node1" "$SPORE" --remote "https://$N2IP:7070" vm ls 2>&1 | sed 's/^/    /' >&2 || true
 echo "Stopping: VMs, agents and the cluster's namespaces are removed; data stays in $DEMO." >&2

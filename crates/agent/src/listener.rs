@@ -69,7 +69,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Bounds {
             connections: 512,
-            per_host: 64,
+            per_host: 128,
             handshake: Duration::from_secs(10),
             header: Duration::from_secs(30),
             max_body: MIN_BODY,

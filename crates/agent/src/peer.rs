@@ -57,6 +57,9 @@ pub enum Caller {
     Pusher,
     /// A host moving a VM here (`--accept-migrations`).
     MigrationSource,
+    /// An operator driving this agent's API from another machine (every
+    /// API route, under `/api`; over TLS only).
+    Operator,
 }
 
 impl Caller {
@@ -65,6 +68,7 @@ impl Caller {
         match self {
             Caller::Peer | Caller::MigrationSource => Role::Host,
             Caller::Pusher => Role::Publisher,
+            Caller::Operator => Role::Operator,
         }
     }
 }
@@ -123,12 +127,25 @@ pub fn callers() -> Vec<(Method, &'static str, Caller)> {
 fn admit(a: &Agent, caller: Caller, req: &axum::extract::Request) -> Result<()> {
     accepts(a, caller)?;
     let Some(tls) = &a.server_tls else {
+        if caller == Caller::Operator {
+            return Err(AgentError::Forbidden(
+                "the remote API is served over TLS only, to operator certificates; this agent runs with --insecure-listen".into(),
+            ));
+        }
         // --insecure-listen: whoever reaches the port.
         return Ok(());
     };
     let peer = req.extensions().get::<Peer>();
     // Named in logs and refusals only (not formatted for every batch).
-    let what = || format!("{} {}", req.method(), req.uri().path());
+    // The path as sent (a nested router, the remote API's, sees it
+    // without its /api prefix).
+    let what = || {
+        let path = req
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(|| req.uri().path(), |u| u.path());
+        format!("{} {}", req.method(), path)
+    };
     let refuse = |message: String| {
         a.peer_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(request = what(), peer = ?peer.map(|p| p.addr), "refused: {message}");
@@ -172,6 +189,20 @@ fn accepts(a: &Agent, caller: Caller) -> Result<()> {
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
+    // The whole API under /api, for operator certificates.
+    let operator = {
+        let a = agent.clone();
+        move |req: axum::extract::Request, next: Next| {
+            let a = a.clone();
+            async move {
+                match admit(&a, Caller::Operator, &req) {
+                    Ok(()) => next.run(req).await,
+                    Err(e) => e.into_response(),
+                }
+            }
+        }
+    };
+    let api = crate::api::router(agent.clone()).route_layer(axum::middleware::from_fn(operator));
     table()
         .into_iter()
         .fold(Router::new(), |r, (caller, (_, path, handler))| {
@@ -190,6 +221,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         // layer of a large image, say) or a batch of a migrating disk's
         // blocks exceeds axum's 2 MB default.
         .with_state(agent)
+        .nest("/api", api)
 }
 
 fn respond(r: Result<Response>) -> Response {

@@ -1,4 +1,6 @@
-//! A client for the agent's API over its unix socket.
+//! A client for the agent's API: over its unix socket (the local operator),
+//! or over another host's peer listener with an operator certificate
+//! (`spore --remote https://HOST:PORT`, the API under `/api`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,18 +34,68 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("the agent closed the stream before the operation finished")]
     Truncated,
+    #[error("remote agent {0}")]
+    Remote(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    remote: Option<Remote>,
+}
+
+/// Another host's agent, reached over mutual TLS.
+#[derive(Clone)]
+struct Remote {
+    /// `HOST:PORT`.
+    addr: String,
+    name: rustls::pki_types::ServerName<'static>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("addr", &self.addr).finish()
+    }
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
             socket: socket.into(),
+            remote: None,
         }
+    }
+
+    /// The agent whose peer listener is at `url` (`https://HOST:PORT`),
+    /// driven with the certificate in `tls` (which must hold the
+    /// `operator` role there).
+    pub fn remote(
+        url: &str,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Self, ClientError> {
+        let bad = |why: &str| ClientError::Remote(format!("{url}: {why}"));
+        let addr = url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("the remote API is reached over https:// only"))?
+            .trim_end_matches('/');
+        if addr.contains('/') || !addr.contains(':') {
+            return Err(bad("expected https://HOST:PORT"));
+        }
+        let host = addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'))
+            .unwrap_or(addr);
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| bad("not a host name or address"))?;
+        Ok(Client {
+            socket: PathBuf::from(url),
+            remote: Some(Remote {
+                addr: addr.to_owned(),
+                name,
+                tls,
+            }),
+        })
     }
 
     /// The client for the agent of `data_dir`.
@@ -61,6 +113,17 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        if let Some(remote) = &self.remote {
+            let tcp = tokio::net::TcpStream::connect(&remote.addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(remote.tls.clone())
+                .connect(remote.name.clone(), tcp)
+                .await
+                .map_err(|e| ClientError::Remote(format!("{}: TLS: {e}", remote.addr)))?;
+            return self
+                .exchange(TokioIo::new(tls), method, &format!("/api{path}"), body)
+                .await;
+        }
         let stream = match UnixStream::connect(&self.socket).await {
             Ok(s) => s,
             Err(e)
@@ -75,8 +138,22 @@ impl Client {
             }
             Err(e) => return Err(e.into()),
         };
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        self.exchange(TokioIo::new(stream), method, path, body)
+            .await
+    }
+
+    /// One request and its answer on a fresh connection.
+    async fn exchange<S>(
+        &self,
+        io: TokioIo<S>,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -127,14 +127,15 @@ struct Report {
     clone_speedup_over_cold_boot: f64,
 }
 
-struct Host {
+/// An agent of this binary with its own RAM directory, driven by its CLI.
+pub(crate) struct Host {
     spore: PathBuf,
-    agent: AgentProcess,
+    pub(crate) agent: AgentProcess,
     ram: PathBuf,
 }
 
 impl Host {
-    fn start(spore: &Path, dir: &Path, ram: &Path, extra: &[&str]) -> Result<Host> {
+    pub(crate) fn start(spore: &Path, dir: &Path, ram: &Path, extra: &[&str]) -> Result<Host> {
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(ram);
         let mut args = vec!["--ram-dir", ram.to_str().context("RAM dir path")?];
@@ -146,7 +147,7 @@ impl Host {
         })
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.spore)
             .arg("--data-dir")
             .arg(&self.agent.data_dir)
@@ -162,7 +163,7 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn json(&self, args: &[&str]) -> Result<Value> {
+    pub(crate) fn json(&self, args: &[&str]) -> Result<Value> {
         serde_json::from_str(&self.cli(args)?).context("JSON output")
     }
 
@@ -174,7 +175,7 @@ impl Host {
             .unwrap_or(0))
     }
 
-    fn remove(mut self) {
+    pub(crate) fn remove(mut self) {
         let _ = self.agent.stop();
         let _ = std::fs::remove_dir_all(&self.ram);
     }

@@ -9,6 +9,7 @@ pub mod procs;
 pub mod storm;
 pub mod tls;
 pub mod tls_stream;
+pub mod tls_vm;
 
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)

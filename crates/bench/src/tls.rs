@@ -12,7 +12,9 @@
 //! less than it disturbs either time.
 //!
 //! The second part ([`crate::tls_stream`]) does the same for QEMU's
-//! migration stream, with QEMU's own TLS and with spore's TLS carrying it.
+//! migration stream, with QEMU's own TLS and with spore's TLS carrying it;
+//! the third ([`crate::tls_vm`]) for a cold-host boot, a cold-host clone
+//! and a migration of the demo guest.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +46,16 @@ pub struct Options {
     /// link is slower than loopback)
     #[arg(long, default_value_t = 125)]
     pub stream_cap_mb_s: u64,
+    /// Rounds of the VM part: a cold-host boot, a cold-host clone and a
+    /// migration per mode (0 skips the part)
+    #[arg(long, default_value_t = 3)]
+    pub vm_rounds: usize,
+    /// Guest memory of the VM part (MiB)
+    #[arg(long, default_value_t = 256)]
+    pub vm_memory_mib: u64,
+    /// Demo guest (vmlinuz, initrd.img, rootfs.img from guest/build.sh)
+    #[arg(long, default_value = ".cache/guest")]
+    pub guest: PathBuf,
     /// Where to write the JSON results
     #[arg(long, default_value = "bench-results/tls.json")]
     pub out: PathBuf,
@@ -87,6 +99,8 @@ struct Report {
     met: bool,
     /// QEMU's migration stream: plaintext, QEMU's TLS, spore's TLS relay.
     stream: Vec<crate::tls_stream::StreamCase>,
+    /// A cold-host boot, a cold-host clone and a migration.
+    vm: Option<crate::tls_vm::VmReport>,
 }
 
 fn spore_cmd(spore: &Path, data_dir: &Path, args: &[&str]) -> Result<String> {
@@ -234,6 +248,38 @@ pub fn run(o: &Options) -> Result<()> {
             }
         }
     }
+    let vm = if o.vm_rounds > 0 {
+        Some(crate::tls_vm::run(
+            &spore,
+            &work,
+            &o.guest,
+            o.vm_memory_mib,
+            o.vm_rounds,
+        )?)
+    } else {
+        None
+    };
+    if let Some(v) = &vm {
+        println!(
+            "\nVMs over TLS against --insecure-listen, {} MiB guests, {} rounds (TLS / plaintext, median of paired rounds)",
+            v.memory_mib, o.vm_rounds
+        );
+        let r = &v.ratios;
+        for (what, ratio) in [
+            ("cold-host boot (to SPORE-READY)", r.boot),
+            ("cold-host clone (to running)", r.clone_running),
+            ("cold-host clone (to new identity)", r.clone_identity),
+            ("migration total time (loopback)", r.migration_total),
+            ("migration downtime (loopback)", r.migration_downtime),
+            ("migration total time (1 Gbit/s)", r.capped_total),
+            ("migration downtime (1 Gbit/s)", r.capped_downtime),
+        ] {
+            println!(
+                "{what:<36} {ratio:>7.3} {}",
+                if ratio <= goal { "" } else { "(over 1.05)" }
+            );
+        }
+    }
     let report = Report {
         mib: o.mib,
         rounds,
@@ -243,6 +289,7 @@ pub fn run(o: &Options) -> Result<()> {
         goal_ratio: goal,
         met: ratio <= goal,
         stream,
+        vm,
     };
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir)?;

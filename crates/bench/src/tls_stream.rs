@@ -242,6 +242,12 @@ fn migrate_once(
         std::thread::sleep(Duration::from_millis(10));
     }
     let s = t.elapsed().as_secs_f64();
+    // The destination finishes loading before it is stopped (a kill in the
+    // middle makes QEMU print a load error).
+    let until = Instant::now() + Duration::from_secs(30);
+    while dst.qmp.migration_progress()?.status != "completed" && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     if let Some(runtime) = relay {
         runtime.shutdown_background();
     }

@@ -24,6 +24,11 @@ pub struct Cli {
     /// The agent's data directory [default: $SPORE_HOME or ~/.local/share/spore]
     #[arg(long, global = true, env = "SPORE_HOME")]
     pub data_dir: Option<PathBuf>,
+    /// Drive another host's agent over its peer listener, e.g.
+    /// https://10.77.0.2:7070, with the operator certificate in
+    /// $SPORE_HOME/pki (`spore ca issue NAME --role operator`)
+    #[arg(long, global = true, env = "SPORE_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -126,7 +131,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 512)]
     peer_connections: usize,
     /// Peer connections open at once from one address
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     peer_connections_per_host: usize,
     /// Seconds a peer has to finish the TLS handshake
     #[arg(long, default_value_t = 10)]
@@ -444,10 +449,20 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         other => {
+            let client = match &cli.remote {
+                None => Client::for_data_dir(&data_dir),
+                Some(url) => {
+                    let tls = spore_pki::client_config(&spore_pki::default_tls_dir(&data_dir))
+                        .with_context(|| {
+                            format!("--remote {url} needs this machine's operator certificate")
+                        })?;
+                    Client::remote(url, tls)?
+                }
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(client_command(other, Client::for_data_dir(&data_dir)))
+            rt.block_on(client_command(other, client))
         }
     }
 }

@@ -279,7 +279,7 @@ fn insecure_listen_serves_plaintext_and_says_so_at_every_start() {
 
 /// 100 connections from another address that never start a handshake do
 /// not hold up a fleet host's requests, and are closed once the handshake
-/// time (10 s) is up (those beyond the per-address bound, 64, at once).
+/// time (10 s) is up.
 #[test]
 fn idle_strangers_hold_nothing_and_are_closed() {
     let t = origin();
@@ -671,4 +671,74 @@ fn a_revoked_server_is_refused_by_its_clients() {
         spore_transfer::Remote::new(&t.peer_url(), Duration::from_secs(10), &links).unwrap();
     let e = format!("{:#}", remote.resolve_image("img").unwrap_err());
     assert!(e.to_lowercase().contains("revoked"), "{e}");
+}
+
+/// An operator drives another host's agent through its peer listener
+/// (`spore --remote URL`, the API under /api); a host or publisher
+/// certificate is refused with 403 naming the operator role; an agent in
+/// plaintext serves no remote API at all.
+#[test]
+fn operators_drive_a_remote_agent_and_hosts_do_not() {
+    let t = origin();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = |name: &str, roles: &[Role]| {
+        let home = tmp.path().join(name);
+        local_ca()
+            .lock()
+            .issue(
+                &format!("{name}-{}", std::process::id()),
+                roles,
+                &[],
+                &home.join("pki"),
+            )
+            .unwrap();
+        home
+    };
+    let remote = |home: &Path, args: &[&str]| {
+        let out = Command::new(SPORE)
+            .arg("--data-dir")
+            .arg(home)
+            .args(["--remote", &t.peer_url()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let ops = home("ops", &[Role::Operator]);
+    let (ok, out) = remote(&ops, &["image", "ls", "--json"]);
+    assert!(ok && out.contains("\"img\""), "{out}");
+    let (ok, out) = remote(&ops, &["disk", "create", "from-afar", "--image", "img"]);
+    assert!(ok, "{out}");
+    assert!(t.ok(&["disk", "ls"]).contains("from-afar"));
+    let log = std::fs::read_to_string(t.data_dir().with_extension("agent.log")).unwrap();
+    assert!(
+        log.contains("privileged peer request") && log.contains("/api/v1/disks"),
+        "no line for the operator's request"
+    );
+
+    let host = home("host", &[Role::Host, Role::Publisher]);
+    let (ok, out) = remote(&host, &["image", "ls"]);
+    assert!(!ok && out.contains("needs the operator role"), "{out}");
+    let (ok, out) = remote(&host, &["vm", "rm", "anything", "--force"]);
+    assert!(!ok && out.contains("needs the operator role"), "{out}");
+    // http:// is refused by the client itself.
+    let out = Command::new(SPORE)
+        .arg("--data-dir")
+        .arg(&ops)
+        .args(["--remote", &format!("http://127.0.0.1:{}", t.listen_port())])
+        .args(["image", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
+
+    let (plain, port) = TestAgent::start_listening(&["--insecure-listen"]);
+    let (_, code, body) = curl(&[], &[], &format!("http://127.0.0.1:{port}/api/v1/images"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("TLS only"), "{body}");
+    drop(plain);
 }
