@@ -185,6 +185,20 @@ fn vm_run(h: &Host, o: &Options, name: &str, append: &str, wait: &str) -> Result
     let g = std::fs::canonicalize(&o.guest)
         .with_context(|| format!("guest {} (run guest/build.sh)", o.guest.display()))?;
     let t0 = Instant::now();
+    run_guest(h, &g, o.memory_mib, name, append, wait)?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// `spore vm run NAME` of the demo guest in `guest` (image `base`) with
+/// `mib` MiB, until `wait` shows on its console.
+pub(crate) fn run_guest(
+    h: &Host,
+    guest: &Path,
+    mib: u64,
+    name: &str,
+    append: &str,
+    wait: &str,
+) -> Result<()> {
     h.cli(&[
         "vm",
         "run",
@@ -192,11 +206,11 @@ fn vm_run(h: &Host, o: &Options, name: &str, append: &str, wait: &str) -> Result
         "--image",
         "base",
         "--memory",
-        &format!("{}M", o.memory_mib),
+        &format!("{mib}M"),
         "--kernel",
-        g.join("vmlinuz").to_str().context("path")?,
+        guest.join("vmlinuz").to_str().context("path")?,
         "--initrd",
-        g.join("initrd.img").to_str().context("path")?,
+        guest.join("initrd.img").to_str().context("path")?,
         "--append",
         &format!("{APPEND} {append}"),
         "--wait-for",
@@ -204,7 +218,7 @@ fn vm_run(h: &Host, o: &Options, name: &str, append: &str, wait: &str) -> Result
         "--timeout",
         "300",
     ])?;
-    Ok(t0.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Sum of Pss over processes (smaps_rollup), in bytes.

@@ -64,18 +64,27 @@ pub struct Options {
     pub work_dir: Option<PathBuf>,
 }
 
+/// How agents talk to each other in a run: the fleet's mutual TLS, or
+/// `--insecure-listen`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Mode {
+pub(crate) enum Mode {
     Tls,
     Plaintext,
 }
 
 impl Mode {
-    fn flags(self) -> &'static [&'static str] {
+    pub(crate) fn flags(self) -> &'static [&'static str] {
         match self {
             Mode::Tls => &[],
             Mode::Plaintext => &["--insecure-listen"],
+        }
+    }
+
+    pub(crate) fn scheme(self) -> &'static str {
+        match self {
+            Mode::Tls => "https",
+            Mode::Plaintext => "http",
         }
     }
 }
@@ -122,11 +131,7 @@ fn spore_cmd(spore: &Path, data_dir: &Path, args: &[&str]) -> Result<String> {
 fn listen_url(data_dir: &Path, mode: Mode) -> Result<String> {
     let addr = std::fs::read_to_string(data_dir.join("listen.addr"))
         .context("reading the origin's listen.addr")?;
-    let scheme = match mode {
-        Mode::Tls => "https",
-        Mode::Plaintext => "http",
-    };
-    Ok(format!("{scheme}://{}", addr.trim()))
+    Ok(format!("{}://{}", mode.scheme(), addr.trim()))
 }
 
 /// Seconds to pull the whole image from `origin` into a fresh agent.

@@ -26,30 +26,7 @@ use serde::Serialize;
 
 use crate::clone::Host;
 use crate::median;
-
-const APPEND: &str = "console=ttyS0 root=/dev/vda quiet";
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    Tls,
-    Plaintext,
-}
-
-impl Mode {
-    fn flags(self) -> &'static [&'static str] {
-        match self {
-            Mode::Tls => &[],
-            Mode::Plaintext => &["--insecure-listen"],
-        }
-    }
-    fn scheme(self) -> &'static str {
-        match self {
-            Mode::Tls => "https",
-            Mode::Plaintext => "http",
-        }
-    }
-}
+use crate::tls::Mode;
 
 /// One round in one mode.
 #[derive(Debug, Clone, Serialize)]
@@ -91,35 +68,8 @@ struct Origin {
     url: String,
 }
 
-fn guest_file(guest: &Path, name: &str) -> Result<String> {
-    Ok(guest
-        .join(name)
-        .to_str()
-        .context("guest path is not UTF-8")?
-        .to_owned())
-}
-
 fn vm_run(h: &Host, guest: &Path, mib: u64, name: &str, append: &str, wait: &str) -> Result<()> {
-    h.cli(&[
-        "vm",
-        "run",
-        name,
-        "--image",
-        "base",
-        "--memory",
-        &format!("{mib}M"),
-        "--kernel",
-        &guest_file(guest, "vmlinuz")?,
-        "--initrd",
-        &guest_file(guest, "initrd.img")?,
-        "--append",
-        &format!("{APPEND} {append}"),
-        "--wait-for",
-        wait,
-        "--timeout",
-        "300",
-    ])?;
-    Ok(())
+    crate::clone::run_guest(h, guest, mib, name, append, wait)
 }
 
 fn start_origin(spore: &Path, work: &Path, guest: &Path, mib: u64, mode: Mode) -> Result<Origin> {
@@ -139,7 +89,7 @@ fn start_origin(spore: &Path, work: &Path, guest: &Path, mib: u64, mode: Mode) -
     host.cli(&[
         "image",
         "import",
-        &guest_file(guest, "rootfs.img")?,
+        guest.join("rootfs.img").to_str().context("path")?,
         "--name",
         "base",
     ])?;
