@@ -290,3 +290,28 @@ pub fn require(tools: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// How agents talk to each other in a run: the fleet's mutual TLS, or
+/// `--insecure-listen`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Tls,
+    Plaintext,
+}
+
+impl Mode {
+    pub fn flags(self) -> &'static [&'static str] {
+        match self {
+            Mode::Tls => &[],
+            Mode::Plaintext => &["--insecure-listen"],
+        }
+    }
+
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Mode::Tls => "https",
+            Mode::Plaintext => "http",
+        }
+    }
+}

@@ -25,7 +25,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::median;
-use crate::procs::AgentProcess;
+use crate::procs::{AgentProcess, Mode};
 
 #[derive(Args, Debug, Clone)]
 pub struct Options {
@@ -62,31 +62,6 @@ pub struct Options {
     /// Working directory (default: a temporary directory, removed after)
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-}
-
-/// How agents talk to each other in a run: the fleet's mutual TLS, or
-/// `--insecure-listen`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Mode {
-    Tls,
-    Plaintext,
-}
-
-impl Mode {
-    pub(crate) fn flags(self) -> &'static [&'static str] {
-        match self {
-            Mode::Tls => &[],
-            Mode::Plaintext => &["--insecure-listen"],
-        }
-    }
-
-    pub(crate) fn scheme(self) -> &'static str {
-        match self {
-            Mode::Tls => "https",
-            Mode::Plaintext => "http",
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]

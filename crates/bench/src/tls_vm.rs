@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::clone::Host;
 use crate::median;
-use crate::tls::Mode;
+use crate::procs::Mode;
 
 /// One round in one mode.
 #[derive(Debug, Clone, Serialize)]
