@@ -272,6 +272,9 @@ pub struct Agent {
     /// Peer requests refused (no role, revoked) and TLS handshakes that
     /// failed, for the metrics.
     pub peer_refused: std::sync::atomic::AtomicU64,
+    /// Privileged peer requests admitted (pushes, binds, migrations in,
+    /// remote API calls).
+    pub peer_privileged: std::sync::atomic::AtomicU64,
     pub tls_failures: Arc<std::sync::atomic::AtomicU64>,
     /// API connections refused for the caller's credentials.
     pub api_refused: Arc<std::sync::atomic::AtomicU64>,
@@ -425,6 +428,7 @@ impl Agent {
             server_tls,
             links,
             peer_refused: Default::default(),
+            peer_privileged: Default::default(),
             tls_failures: Default::default(),
             api_refused: Default::default(),
             _lock: lock,

@@ -182,7 +182,8 @@ mod tests {
     #[test]
     fn names() {
         assert!(check_name("image", "debian-12.1_base").is_ok());
-        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65), "ü"] {
+        assert!(check_name("vm", &"x".repeat(128)).is_ok());
+        for bad in ["", ".hidden", "-flag", "a/b", "a b", &"x".repeat(129), "ü"] {
             assert!(check_name("image", bad).is_err(), "{bad:?}");
         }
     }

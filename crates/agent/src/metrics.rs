@@ -104,6 +104,21 @@ pub fn render(a: &Agent) -> String {
         vec![(String::new(), a.peer_refused.load(Relaxed))],
     );
     metric(
+        "spore_peer_privileged_total",
+        "counter",
+        "Privileged peer requests admitted: pushes, name binds, migrations in, remote API calls (each also a log line with the caller's identity).",
+        vec![(String::new(), a.peer_privileged.load(Relaxed))],
+    );
+    metric(
+        "spore_peer_crl_reloads_total",
+        "counter",
+        "Revocation lists put in force without a restart.",
+        vec![(
+            String::new(),
+            a.server_tls.as_ref().map_or(0, |t| t.crl_reloads()),
+        )],
+    );
+    metric(
         "spore_peer_tls_failures_total",
         "counter",
         "Peer connections closed before a request: failed or slow TLS handshakes, too many connections.",

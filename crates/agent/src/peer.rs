@@ -169,6 +169,7 @@ fn admit(a: &Agent, caller: Caller, req: &axum::extract::Request) -> Result<()> 
         ));
     }
     if caller != Caller::Peer {
+        a.peer_privileged.fetch_add(1, Ordering::Relaxed);
         tracing::info!(request = what(), peer = %peer.addr, identity = %peer.identity, "privileged peer request");
     }
     Ok(())

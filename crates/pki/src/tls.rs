@@ -224,6 +224,7 @@ pub struct ServerTls {
     dir: PathBuf,
     own: PeerIdentity,
     loaded: Mutex<Loaded>,
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -277,6 +278,7 @@ impl ServerTls {
                 config,
                 revoked,
             }),
+            reloads: Default::default(),
         })
     }
 
@@ -292,6 +294,11 @@ impl ServerTls {
     /// The configuration for the next handshake.
     pub fn config(&self) -> Arc<ServerConfig> {
         self.refresh().0
+    }
+
+    /// Revocation lists put in force since the start.
+    pub fn crl_reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the revocation list now in force names `serial`.
@@ -318,6 +325,8 @@ impl ServerTls {
                         l.config = config;
                         l.revoked = revoked;
                         l.crl = now;
+                        self.reloads
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::error!(dir = %self.dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")

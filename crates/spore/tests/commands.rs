@@ -16,17 +16,9 @@ fn url(port: u16) -> String {
     format!("https://127.0.0.1:{port}")
 }
 
-/// Waits until `marker` shows in the VM's console log.
+/// Waits until a whole line with `marker` shows in the VM's console log.
 fn wait_log(t: &TestAgent, vm: &str, marker: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let log = t.ok(&["vm", "log", vm]);
-        if log.contains(marker) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "no {marker}: {log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    t.wait_console(vm, marker, 90)
 }
 
 #[test]

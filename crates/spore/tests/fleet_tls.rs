@@ -203,6 +203,7 @@ fn a_revoked_certificate_is_refused_within_a_second_without_a_restart() {
         &format!("{}/v1/images/img", t.peer_url()),
     );
     assert_eq!(code, 200);
+    assert!(metric(&t, "spore_peer_crl_reloads_total") >= 1);
 }
 
 /// Runs `spore agent` with `args` on a fresh data directory, expecting it
@@ -719,6 +720,7 @@ fn operators_drive_a_remote_agent_and_hosts_do_not() {
         log.contains("privileged peer request") && log.contains("/api/v1/disks"),
         "no line for the operator's request"
     );
+    assert!(metric(&t, "spore_peer_privileged_total") >= 2);
 
     let host = home("host", &[Role::Host, Role::Publisher]);
     let (ok, out) = remote(&host, &["image", "ls"]);

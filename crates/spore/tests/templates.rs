@@ -11,18 +11,7 @@ use common::{guest, vm_run_args, TestAgent};
 
 /// Waits until the VM's console log contains `pattern`; returns the log.
 fn wait_log(t: &TestAgent, vm: &str, pattern: &str, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let log = t.ok(&["vm", "log", vm]);
-        if log.contains(pattern) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pattern:?} not on {vm}'s console after {secs}s:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    t.wait_console(vm, pattern, secs)
 }
 
 /// `key=value` fields of the last console line containing `marker`.

@@ -204,6 +204,25 @@ impl TestAgent {
         serde_json::from_str(&self.ok(args)).expect("JSON output")
     }
 
+    /// The console log of `vm` once a whole line with `marker` is on it
+    /// (the console may be read while the guest is still writing a line),
+    /// waiting up to `secs`.
+    #[allow(dead_code)]
+    pub fn wait_console(&self, vm: &str, marker: &str, secs: u64) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let log = self.ok(&["vm", "log", vm]);
+            if log.contains(marker) && log.rsplit(marker).next().is_some_and(|r| r.contains('\n')) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no whole {marker:?} line on {vm}'s console after {secs}s:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     pub fn uri(&self, export: &str) -> String {
         format!(
             "nbd+unix:///{export}?socket={}",
