@@ -175,10 +175,31 @@ fn serve_in_tls<T: Transport + ?Sized>(
         .get_mut()
         .set_deadline(None)
         .map_err(ConnectionError::Io)?;
-    let end = transmission::run(&tls, &mut reader, negotiated, config);
+    let chain = tls.peer_certificates();
+    let (session_over, over) = std::sync::mpsc::channel::<()>();
+    let end = thread::scope(|s| {
+        // A certificate revoked (or a role withdrawn) while the session is
+        // open ends it: the policy is asked again every RECHECK.
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = over.recv_timeout(RECHECK) {
+                if let Err(why) = policy.admit(&chain) {
+                    warn!(%client, %why, "NBD session ended: its client is no longer admitted");
+                    let _ = transport.shutdown(Shutdown::Both);
+                    break;
+                }
+            }
+        });
+        let end = transmission::run(&tls, &mut reader, negotiated, config);
+        drop(session_over);
+        end
+    });
     let _ = tls.shutdown(Shutdown::Write);
     end
 }
+
+/// How often an open TLS session's client is checked against the policy
+/// again (a revocation takes effect within this).
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// A listening socket the server can accept NBD clients on.
 pub trait Listener: AsRawFd + Send + 'static {

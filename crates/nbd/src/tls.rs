@@ -29,6 +29,8 @@ pub trait TlsPolicy: Send + Sync + std::fmt::Debug {
     fn config(&self) -> Arc<rustls::ServerConfig>;
     /// Whether the client with this certificate chain (end entity first)
     /// may use the exports: `Ok` with a name for the logs, or why not.
+    /// Asked again twice a second while a session is open: a client no
+    /// longer admitted (its certificate revoked, say) is cut off.
     fn admit(&self, chain: &[CertificateDer<'static>]) -> Result<String, String>;
 }
 

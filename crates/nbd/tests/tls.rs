@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
@@ -14,9 +15,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use spore_nbd::{ServerConfig, TlsPolicy};
 use spore_pki::{Ca, PeerIdentity, Role, ServerTls};
 
-/// Admits certificates of the CA with the `host` role.
+/// Admits certificates of the CA with the `host` role, until `closed`.
 #[derive(Debug)]
-struct Hosts(ServerTls);
+struct Hosts(ServerTls, Arc<AtomicBool>);
 
 impl TlsPolicy for Hosts {
     fn config(&self) -> Arc<rustls::ServerConfig> {
@@ -25,7 +26,9 @@ impl TlsPolicy for Hosts {
     fn admit(&self, chain: &[CertificateDer<'static>]) -> Result<String, String> {
         let id = PeerIdentity::of(chain.first().ok_or("no certificate")?.as_ref())
             .map_err(|e| e.to_string())?;
-        if id.has(Role::Host) {
+        if self.1.load(Ordering::SeqCst) {
+            Err(format!("{id}: no longer admitted"))
+        } else if id.has(Role::Host) {
             Ok(id.to_string())
         } else {
             Err(format!("{id}: not a host"))
@@ -37,6 +40,11 @@ impl TlsPolicy for Hosts {
 /// stranger from another CA. Returns the fixture serving `disk` with TLS
 /// required.
 fn fleet(dir: &Path) -> Fixture {
+    fleet_closing(dir, Arc::default())
+}
+
+/// [`fleet`], whose policy stops admitting anyone once `closed` is set.
+fn fleet_closing(dir: &Path, closed: Arc<AtomicBool>) -> Fixture {
     let mut ca = Ca::init(&dir.join("ca"), "test").unwrap();
     ca.issue(
         "server",
@@ -61,6 +69,7 @@ fn fleet(dir: &Path) -> Fixture {
     let config = ServerConfig {
         tls: Some(Arc::new(Hosts(
             ServerTls::load(&dir.join("server")).unwrap(),
+            closed,
         ))),
         ..ServerConfig::default()
     };
@@ -198,4 +207,28 @@ fn a_stranger_or_a_refused_role_gets_nothing_and_the_server_goes_on() {
     let mut s = upgrade(&f, &dir.path().join("client"));
     let r = tls_option(&mut s, OPT_LIST, &[]).unwrap();
     assert_eq!(r.last().unwrap().0, REP_ACK);
+}
+
+/// A client no longer admitted (its certificate revoked) loses the session
+/// it has open within a second.
+#[test]
+fn an_open_session_ends_when_its_client_is_no_longer_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let f = fleet_closing(dir.path(), closed.clone());
+    let mut s = upgrade(&f, &dir.path().join("client"));
+    let r = tls_option(&mut s, OPT_GO, &go_data("disk", &[])).unwrap();
+    assert_eq!(r.last().unwrap().0, REP_ACK, "{r:?}");
+    closed.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    s.sock
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = s.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && started.elapsed() < std::time::Duration::from_secs(3),
+        "the session went on: {read:?} after {:?}",
+        started.elapsed()
+    );
 }
