@@ -189,33 +189,34 @@ fn accepts(a: &Agent, caller: Caller) -> Result<()> {
     }
 }
 
+/// The gate in front of every peer route (and of the remote API): the
+/// request goes on only if [`admit`] lets `caller` through.
+async fn gate(
+    State((a, caller)): State<(Arc<Agent>, Caller)>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match admit(&a, caller, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 pub fn router(agent: Arc<Agent>) -> Router {
     // The whole API under /api, for operator certificates.
-    let operator = {
-        let a = agent.clone();
-        move |req: axum::extract::Request, next: Next| {
-            let a = a.clone();
-            async move {
-                match admit(&a, Caller::Operator, &req) {
-                    Ok(()) => next.run(req).await,
-                    Err(e) => e.into_response(),
-                }
-            }
-        }
-    };
-    let api = crate::api::router(agent.clone()).route_layer(axum::middleware::from_fn(operator));
+    let api = crate::api::router(agent.clone()).route_layer(axum::middleware::from_fn_with_state(
+        (agent.clone(), Caller::Operator),
+        gate,
+    ));
     table()
         .into_iter()
         .fold(Router::new(), |r, (caller, (_, path, handler))| {
-            let gate = move |State(a): S, req: axum::extract::Request, next: Next| async move {
-                match admit(&a, caller, &req) {
-                    Ok(()) => next.run(req).await,
-                    Err(e) => e.into_response(),
-                }
-            };
             r.route(
                 path,
-                handler.route_layer(axum::middleware::from_fn_with_state(agent.clone(), gate)),
+                handler.route_layer(axum::middleware::from_fn_with_state(
+                    (agent.clone(), caller),
+                    gate,
+                )),
             )
         })
         // The body bound is the listener's (`Bounds::max_body`): a chunk (a

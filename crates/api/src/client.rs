@@ -40,8 +40,15 @@ pub enum ClientError {
 
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
-    remote: Option<Remote>,
+    target: Target,
+}
+
+/// Where the agent is.
+#[derive(Debug, Clone)]
+enum Target {
+    /// The local agent's API socket.
+    Socket(PathBuf),
+    Remote(Remote),
 }
 
 /// Another host's agent, reached over mutual TLS.
@@ -62,8 +69,7 @@ impl std::fmt::Debug for Remote {
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
-            socket: socket.into(),
-            remote: None,
+            target: Target::Socket(socket.into()),
         }
     }
 
@@ -89,8 +95,7 @@ impl Client {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| bad("not a host name or address"))?;
         Ok(Client {
-            socket: PathBuf::from(url),
-            remote: Some(Remote {
+            target: Target::Remote(Remote {
                 addr: addr.to_owned(),
                 name,
                 tls,
@@ -103,8 +108,22 @@ impl Client {
         Self::new(data_dir.join(crate::API_SOCKET))
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// One request to another host's agent, over mutual TLS.
+    async fn send_remote(
+        &self,
+        remote: &Remote,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let tcp = tokio::net::TcpStream::connect(&remote.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(remote.tls.clone())
+            .connect(remote.name.clone(), tcp)
+            .await
+            .map_err(|e| ClientError::Remote(format!("{}: TLS: {e}", remote.addr)))?;
+        self.exchange(TokioIo::new(tls), method, &format!("/api{path}"), body)
+            .await
     }
 
     async fn send(
@@ -113,18 +132,11 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        if let Some(remote) = &self.remote {
-            let tcp = tokio::net::TcpStream::connect(&remote.addr).await?;
-            let _ = tcp.set_nodelay(true);
-            let tls = tokio_rustls::TlsConnector::from(remote.tls.clone())
-                .connect(remote.name.clone(), tcp)
-                .await
-                .map_err(|e| ClientError::Remote(format!("{}: TLS: {e}", remote.addr)))?;
-            return self
-                .exchange(TokioIo::new(tls), method, &format!("/api{path}"), body)
-                .await;
-        }
-        let stream = match UnixStream::connect(&self.socket).await {
+        let socket = match &self.target {
+            Target::Socket(socket) => socket,
+            Target::Remote(remote) => return self.send_remote(remote, method, path, body).await,
+        };
+        let stream = match UnixStream::connect(socket).await {
             Ok(s) => s,
             Err(e)
                 if matches!(
@@ -133,7 +145,7 @@ impl Client {
                 ) =>
             {
                 return Err(ClientError::NoAgent {
-                    socket: self.socket.clone(),
+                    socket: socket.clone(),
                 })
             }
             Err(e) => return Err(e.into()),

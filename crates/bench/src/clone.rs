@@ -163,6 +163,19 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Imports the demo guest's root file system in `guest` as image `base`.
+    pub(crate) fn import_guest(&self, guest: &Path) -> Result<()> {
+        let rootfs = guest.join("rootfs.img");
+        self.cli(&[
+            "image",
+            "import",
+            rootfs.to_str().context("path")?,
+            "--name",
+            "base",
+        ])?;
+        Ok(())
+    }
+
     pub(crate) fn json(&self, args: &[&str]) -> Result<Value> {
         serde_json::from_str(&self.cli(args)?).context("JSON output")
     }
@@ -458,13 +471,7 @@ pub fn run(o: &Options) -> Result<()> {
             &standby,
         ],
     )?;
-    a.cli(&[
-        "image",
-        "import",
-        guest.join("rootfs.img").to_str().context("path")?,
-        "--name",
-        "base",
-    ])?;
+    a.import_guest(&guest)?;
 
     eprintln!("[clone] cold boots");
     let mut cold_boot = Vec::new();

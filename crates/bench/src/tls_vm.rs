@@ -86,13 +86,7 @@ fn start_origin(spore: &Path, work: &Path, guest: &Path, mib: u64, mode: Mode) -
         &Path::new("/dev/shm").join(format!("spore-bench-tls-{name}")),
         &args,
     )?;
-    host.cli(&[
-        "image",
-        "import",
-        guest.join("rootfs.img").to_str().context("path")?,
-        "--name",
-        "base",
-    ])?;
+    host.import_guest(guest)?;
     vm_run(
         &host,
         guest,

@@ -120,7 +120,7 @@ fn build_server_verifier(dir: &Path) -> Result<Arc<WebPkiServerVerifier>> {
 /// revocation list as it is now.
 struct FleetServerVerifier {
     dir: PathBuf,
-    loaded: Mutex<(Instant, Stamp, Arc<WebPkiServerVerifier>)>,
+    loaded: Mutex<OnCrl<Arc<WebPkiServerVerifier>>>,
 }
 
 impl std::fmt::Debug for FleetServerVerifier {
@@ -135,32 +135,15 @@ impl FleetServerVerifier {
     fn load(dir: &Path) -> Result<Self> {
         Ok(FleetServerVerifier {
             dir: dir.to_owned(),
-            loaded: Mutex::new((
-                Instant::now(),
-                stamp(&dir.join("crl.pem")),
-                build_server_verifier(dir)?,
-            )),
+            loaded: Mutex::new(OnCrl::new(dir, build_server_verifier(dir)?)),
         })
     }
 
     fn current(&self) -> Arc<WebPkiServerVerifier> {
-        let mut l = self.loaded.lock();
-        if l.0.elapsed() >= CRL_CHECK_EVERY {
-            l.0 = Instant::now();
-            let now = stamp(&self.dir.join("crl.pem"));
-            if now != l.1 {
-                match build_server_verifier(&self.dir) {
-                    Ok(v) => {
-                        l.2 = v;
-                        l.1 = now;
-                    }
-                    Err(e) => {
-                        tracing::error!(dir = %self.dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")
-                    }
-                }
-            }
-        }
-        l.2.clone()
+        self.loaded
+            .lock()
+            .current(&self.dir, build_server_verifier)
+            .0
     }
 }
 
@@ -209,12 +192,51 @@ fn stamp(path: &Path) -> Stamp {
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
-struct Loaded {
+/// What is built from a TLS directory and its revocation list (`crl.pem`),
+/// rebuilt when the list's file changes: looked at (a stat) at most every
+/// [`CRL_CHECK_EVERY`]. A list that does not load (half copied, damaged)
+/// leaves the previous value in force and is tried again at the next look.
+struct OnCrl<T> {
     checked: Instant,
     crl: Stamp,
-    config: Arc<ServerConfig>,
-    revoked: Arc<HashSet<String>>,
+    value: T,
 }
+
+impl<T: Clone> OnCrl<T> {
+    fn new(dir: &Path, value: T) -> Self {
+        OnCrl {
+            checked: Instant::now(),
+            crl: stamp(&dir.join("crl.pem")),
+            value,
+        }
+    }
+
+    /// The value, rebuilt by `build` first when the list changed; and
+    /// whether it was.
+    fn current(&mut self, dir: &Path, build: impl FnOnce(&Path) -> Result<T>) -> (T, bool) {
+        let mut rebuilt = false;
+        if self.checked.elapsed() >= CRL_CHECK_EVERY {
+            self.checked = Instant::now();
+            let now = stamp(&dir.join("crl.pem"));
+            if now != self.crl {
+                match build(dir) {
+                    Ok(value) => {
+                        self.value = value;
+                        self.crl = now;
+                        rebuilt = true;
+                    }
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")
+                    }
+                }
+            }
+        }
+        (self.value.clone(), rebuilt)
+    }
+}
+
+/// The server's configuration and the serials its revocation list names.
+type ServerState = (Arc<ServerConfig>, Arc<HashSet<String>>);
 
 /// The server side, kept current: a new revocation list in the TLS
 /// directory (`crl.pem`) is in force within [`CRL_CHECK_EVERY`] for new
@@ -223,7 +245,7 @@ struct Loaded {
 pub struct ServerTls {
     dir: PathBuf,
     own: PeerIdentity,
-    loaded: Mutex<Loaded>,
+    loaded: Mutex<OnCrl<ServerState>>,
     reloads: std::sync::atomic::AtomicU64,
 }
 
@@ -244,7 +266,7 @@ fn revoked_serials(crls: &[CertificateRevocationListDer<'_>]) -> Result<HashSet<
     Ok(out)
 }
 
-fn build_server(dir: &Path) -> Result<(Arc<ServerConfig>, Arc<HashSet<String>>)> {
+fn build_server(dir: &Path) -> Result<ServerState> {
     let crls = crls(dir)?;
     let revoked = revoked_serials(&crls)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider())
@@ -267,17 +289,10 @@ impl ServerTls {
     pub fn load(dir: &Path) -> Result<ServerTls> {
         let own_cert = certs(dir, "cert.pem")?;
         let own = PeerIdentity::of(own_cert[0].as_ref())?;
-        let crl = stamp(&dir.join("crl.pem"));
-        let (config, revoked) = build_server(dir)?;
         Ok(ServerTls {
             dir: dir.to_owned(),
             own,
-            loaded: Mutex::new(Loaded {
-                checked: Instant::now(),
-                crl,
-                config,
-                revoked,
-            }),
+            loaded: Mutex::new(OnCrl::new(dir, build_server(dir)?)),
             reloads: Default::default(),
         })
     }
@@ -306,35 +321,20 @@ impl ServerTls {
         self.refresh().1.contains(serial)
     }
 
-    /// Reloads when the revocation list's file changed. A list that does
-    /// not load (half copied, damaged) leaves the previous one in force and
-    /// is tried again at the next look.
-    fn refresh(&self) -> (Arc<ServerConfig>, Arc<HashSet<String>>) {
-        let mut l = self.loaded.lock();
-        if l.checked.elapsed() >= CRL_CHECK_EVERY {
-            l.checked = Instant::now();
-            let now = stamp(&self.dir.join("crl.pem"));
-            if now != l.crl {
-                match build_server(&self.dir) {
-                    Ok((config, revoked)) => {
-                        tracing::info!(
-                            dir = %self.dir.display(),
-                            revoked = revoked.len(),
-                            "revocation list reloaded"
-                        );
-                        l.config = config;
-                        l.revoked = revoked;
-                        l.crl = now;
-                        self.reloads
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::error!(dir = %self.dir.display(), error = %e, "the new revocation list does not load; the previous one stays in force")
-                    }
-                }
-            }
+    /// The configuration and revoked serials in force, reloaded when the
+    /// revocation list's file changed.
+    fn refresh(&self) -> ServerState {
+        let (state, reloaded) = self.loaded.lock().current(&self.dir, build_server);
+        if reloaded {
+            tracing::info!(
+                dir = %self.dir.display(),
+                revoked = state.1.len(),
+                "revocation list reloaded"
+            );
+            self.reloads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        (l.config.clone(), l.revoked.clone())
+        state
     }
 }
 
