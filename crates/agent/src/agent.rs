@@ -208,10 +208,9 @@ fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTl
     let pki = |e: spore_pki::PkiError| AgentError::Invalid(e.to_string());
     let mut stream = StreamTls::default();
     let mut links = if dir.join("cert.pem").exists() {
-        let creds = config.data_dir.join("qemu-tls");
-        spore_pki::qemu_creds_dir(&dir, &creds).map_err(pki)?;
-        stream.creds = Some(creds);
-        Links::tls(spore_pki::client_config(&dir).map_err(pki)?)
+        let client = spore_pki::client_config(&dir).map_err(pki)?;
+        stream.client = Some(client.clone());
+        Links::tls(client)
     } else {
         Links::default()
     };
@@ -226,7 +225,9 @@ fn tls_of(config: &AgentConfig) -> Result<(Links, Option<Arc<spore_pki::ServerTl
     } else {
         None
     };
-    stream.required = server.is_some() && config.listen.is_some();
+    if config.listen.is_some() {
+        stream.server = server.clone();
+    }
     Ok((links, server, stream))
 }
 

@@ -216,22 +216,38 @@ fn setsockopt<T>(
 /// socket address holds (108 bytes, a long data directory or VM name):
 /// through a descriptor of its directory (`/proc/self/fd/N/NAME`).
 pub fn connect_unix(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixStream> {
+    by_short_path(path, |p| std::os::unix::net::UnixStream::connect(p))
+}
+
+/// Binds a unix socket listener at `path`, long or not (as
+/// [`connect_unix`]); a socket left there before is replaced.
+pub fn bind_unix(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    by_short_path(path, |p| std::os::unix::net::UnixListener::bind(p))
+}
+
+/// Calls `f` with `path`, or with a path through a descriptor of its
+/// directory when `path` is too long for a socket address.
+fn by_short_path<T>(
+    path: &std::path::Path,
+    f: impl FnOnce(&std::path::Path) -> io::Result<T>,
+) -> io::Result<T> {
     use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::net::UnixStream;
     const SUN_PATH: usize = 108;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return UnixStream::connect(path);
+        return f(path);
     };
     if path.as_os_str().len() < SUN_PATH {
-        return UnixStream::connect(path);
+        return f(path);
     }
     let dir = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(dir)?;
-    UnixStream::connect(
-        std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name),
-    )
+    f(&std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
 }
 
 #[cfg(test)]

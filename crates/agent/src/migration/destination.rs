@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use spore_blockdev::batch::decode_batch;
 use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp};
 
+use super::relay;
 use super::Incoming;
 use super::Migration;
 use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
@@ -33,46 +34,71 @@ const INCOMING_QMP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often QEMU's accepted migration connections are looked for.
 const TUNE_EVERY: Duration = Duration::from_millis(50);
 
-/// Port of a `tcp:HOST:PORT` listen address.
-fn listen_port(listen: &str) -> u16 {
-    listen
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(0)
+/// Where an incoming QEMU listens for the stream.
+enum Listen {
+    /// Behind the relay (a TLS fleet): a unix socket in the VM's
+    /// directory, `path` for the agent and `uri` for QEMU (relative to its
+    /// working directory, the VM's).
+    Relay { uri: String, path: std::path::PathBuf },
+    /// Straight on the peer listener's host (`--insecure-listen`).
+    Tcp { uri: String, port: u16 },
+}
+
+impl Listen {
+    fn uri(&self) -> &str {
+        match self {
+            Listen::Relay { uri, .. } | Listen::Tcp { uri, .. } => uri,
+        }
+    }
 }
 
 impl Migration {
-    /// The address QEMU listens on for migration streams: the peer
-    /// listener's host, on a free port.
-    fn migration_listen(&self) -> Result<String> {
+    /// The peer listener's host: the relay, or QEMU in plaintext, listens
+    /// there for the stream.
+    fn listen_host(&self) -> Result<String> {
         let listen = self
             .listen
             .as_deref()
             .ok_or_else(|| AgentError::State("receiving migrations needs --listen".into()))?;
-        let host = listen
+        Ok(listen
             .rsplit_once(':')
             .map(|(h, _)| h)
             .unwrap_or(listen)
-            .trim_matches(|c| c == '[' || c == ']');
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_owned())
+    }
+
+    /// Where QEMU listens for stream number `n` of `vm` (a recovery
+    /// listens anew).
+    fn stream_listen(&self, vm: &str, n: u32) -> Result<Listen> {
+        if self.stream_tls.required() {
+            let name = format!("migrate-in-{n}.sock");
+            return Ok(Listen::Relay {
+                uri: format!("unix:{name}"),
+                path: self.vms.procs.dir(vm).join(name),
+            });
+        }
+        let host = self.listen_host()?;
         // Bind and release: QEMU binds the same port a moment later.
-        let port = TcpListener::bind((host, 0))
+        let port = TcpListener::bind((host.as_str(), 0))
             .and_then(|l| l.local_addr())
             .map_err(AgentError::io(format!("finding a free port on {host}")))?
             .port();
-        Ok(format!("tcp:{host}:{port}"))
+        Ok(Listen::Tcp {
+            uri: format!("tcp:{host}:{port}"),
+            port,
+        })
     }
 
-    /// QEMU's credentials when incoming streams must be TLS.
-    fn stream_tls_dir(&self) -> Result<Option<std::path::PathBuf>> {
-        if !self.stream_tls.required {
-            return Ok(None);
-        }
-        self.stream_tls.creds.clone().map(Some).ok_or_else(|| {
-            AgentError::State(
-                "the peer listener is TLS but this host has no certificate for QEMU's stream"
-                    .into(),
-            )
-        })
+    /// The relay in front of an incoming QEMU's socket at `path`.
+    fn start_relay(&self, vm: &str, path: std::path::PathBuf) -> Result<relay::Inbound> {
+        let tls = self.stream_tls.server.clone().ok_or_else(|| {
+            AgentError::State("the peer listener is TLS but its configuration is gone".into())
+        })?;
+        let host = self.listen_host()?;
+        relay::Inbound::start(&host, tls, path, vm).map_err(AgentError::io(format!(
+            "starting the migration stream's relay on {host}"
+        )))
     }
 
     fn incoming(&self, vm: &str) -> Result<Arc<Incoming>> {
@@ -124,7 +150,7 @@ impl Migration {
                 self.vms.accel()
             )));
         }
-        let listen = self.migration_listen()?;
+        let listen = self.stream_listen(&req.vm, 0)?;
         let identity = req.mac.as_ref().map(|mac| Identity {
             hostname: req.hostname.clone().unwrap_or_else(|| req.vm.clone()),
             instance_id: req.instance_id.clone().unwrap_or_default(),
@@ -190,6 +216,8 @@ impl Migration {
                     probe: Mutex::new(None),
                     running_at: Mutex::new(None),
                     ports: Mutex::new(Vec::new()),
+                    relay: Mutex::new(None),
+                    listens: AtomicU32::new(1),
                     done: AtomicBool::new(false),
                     deadline: Instant::now(),
                 }),
@@ -225,8 +253,7 @@ impl Migration {
                 },
                 postcopy: req.postcopy,
                 preempt: req.postcopy && req.postcopy_preempt,
-                listen: listen.clone(),
-                tls: self.stream_tls_dir()?,
+                listen: listen.uri().to_owned(),
             };
             self.vms.start_vm(&req.vm, rec, start, Instant::now())?;
             // Out of band, so that a post-copy recovery can reach QEMU
@@ -238,6 +265,13 @@ impl Migration {
                 Duration::from_secs(5),
             )?;
             qmp.set_timeout(INCOMING_QMP_TIMEOUT)?;
+            let (port, ports, relay) = match listen {
+                Listen::Relay { path, .. } => {
+                    let relay = self.start_relay(&req.vm, path)?;
+                    (relay.port(), Vec::new(), Some(relay))
+                }
+                Listen::Tcp { port, .. } => (port, vec![port], None),
+            };
             let entry = Arc::new(Incoming {
                 vm: req.vm.clone(),
                 from: req.from.clone(),
@@ -245,7 +279,9 @@ impl Migration {
                 disk_size: disk.virtual_size,
                 probe: Mutex::new(None),
                 running_at: Mutex::new(None),
-                ports: Mutex::new(vec![listen_port(&listen)]),
+                ports: Mutex::new(ports),
+                relay: Mutex::new(relay),
+                listens: AtomicU32::new(1),
                 done: AtomicBool::new(false),
                 deadline: Instant::now() + Duration::from_secs(req.timeout_s + 30),
             });
@@ -259,9 +295,9 @@ impl Migration {
                 .spawn(move || migration.watch_incoming(entry))
                 .map_err(AgentError::io("starting the incoming migration watcher"))?;
             Ok(IncomingReady {
-                port: listen_port(&listen),
+                port,
                 disk_size: disk.virtual_size,
-                tls: self.stream_tls.required,
+                tls: self.stream_tls.required(),
             })
         })();
         match started {
@@ -405,7 +441,7 @@ impl Migration {
     /// commands wait for it (they timed out, and recovery never happened).
     pub fn incoming_recover(&self, vm: &str) -> Result<IncomingReady> {
         let inc = self.incoming(vm)?;
-        let listen = self.migration_listen()?;
+        let listen = self.stream_listen(vm, inc.listens.fetch_add(1, Ordering::AcqRel))?;
         let mut guard = inc.qmp.lock();
         let qmp = guard
             .as_mut()
@@ -413,7 +449,7 @@ impl Migration {
         let deadline = Instant::now() + Duration::from_secs(5);
         tracing::warn!(vm, "post-copy recovery requested");
         loop {
-            match qmp.migrate_recover(&listen) {
+            match qmp.migrate_recover(listen.uri()) {
                 Ok(()) => break,
                 // Not paused yet (QEMU has not noticed the link): pause it.
                 Err(e) if Instant::now() < deadline => {
@@ -428,12 +464,25 @@ impl Migration {
                 }
             }
         }
-        tracing::warn!(vm, %listen, "post-copy recovery: listening again");
-        inc.ports.lock().push(listen_port(&listen));
+        tracing::warn!(vm, listen = listen.uri(), "post-copy recovery: listening again");
+        let port = match listen {
+            Listen::Relay { path, .. } => {
+                let relay = inc.relay.lock();
+                let relay = relay.as_ref().ok_or_else(|| {
+                    AgentError::State(format!("the stream's relay for {vm} is gone"))
+                })?;
+                relay.retarget(path);
+                relay.port()
+            }
+            Listen::Tcp { port, .. } => {
+                inc.ports.lock().push(port);
+                port
+            }
+        };
         Ok(IncomingReady {
-            port: listen_port(&listen),
+            port,
             disk_size: inc.disk_size,
-            tls: self.stream_tls.required,
+            tls: self.stream_tls.required(),
         })
     }
 
@@ -481,8 +530,11 @@ impl Migration {
         }
         let pongs = probe.map(|p| p.stop()).unwrap_or_default();
         let running_at = *inc.running_at.lock();
-        // The monitor is free again for the agent's other uses.
+        // The monitor is free again for the agent's other uses. The relay
+        // is let go: it carries what is still in flight (a post-copy's last
+        // pages) and ends with the stream.
         inc.qmp.lock().take();
+        inc.relay.lock().take();
         self.jobs.incoming.lock().remove(vm);
         self.vms.set_vm_state(vm, |r| {
             if r.state == VmState::Incoming {
@@ -510,6 +562,9 @@ impl Migration {
         inc.done.store(true, Ordering::Release);
         inc.probe.lock().take();
         inc.qmp.lock().take();
+        if let Some(relay) = inc.relay.lock().take() {
+            relay.abort();
+        }
         tracing::warn!(vm, why, "incoming migration discarded");
         if self
             .meta

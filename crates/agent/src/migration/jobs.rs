@@ -120,8 +120,13 @@ pub struct Incoming {
     pub(crate) disk_size: u64,
     pub(crate) probe: Mutex<Option<StallProbe>>,
     pub(crate) running_at: Mutex<Option<u64>>,
-    /// The ports QEMU listens on for the stream (a recovery adds one).
+    /// The ports QEMU listens on for a plaintext stream (a recovery adds
+    /// one).
     pub(crate) ports: Mutex<Vec<u16>>,
+    /// The relay in front of QEMU for a stream in TLS.
+    pub(crate) relay: Mutex<Option<super::relay::Inbound>>,
+    /// Sockets QEMU listened on so far (a recovery listens on a new one).
+    pub(crate) listens: std::sync::atomic::AtomicU32,
     /// Committed or aborted: the watcher stops.
     pub(crate) done: AtomicBool,
     pub(crate) deadline: Instant,

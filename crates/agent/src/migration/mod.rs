@@ -26,12 +26,12 @@
 //! ```
 
 mod connections;
+mod relay;
 pub mod destination;
 mod jobs;
 pub mod policy;
 pub mod source;
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ pub struct Migration {
     peer_addr: Arc<OnceLock<String>>,
     /// How destinations are reached.
     links: spore_transfer::Links,
-    /// QEMU's own TLS for the memory stream.
+    /// spore's TLS for the memory stream.
     stream_tls: StreamTls,
     /// Incoming migrations at once (`--max-incoming-migrations`).
     max_incoming: usize,
@@ -84,17 +84,24 @@ pub struct Reach {
     pub max_incoming: usize,
 }
 
-/// QEMU moves a migration's memory itself, host to host; with TLS it
-/// encrypts it with its own `tls-creds-x509` and this host's fleet
-/// certificate (measured against carrying it inside spore's TLS in
-/// docs/security.md, "QEMU's migration stream"). The destination says in its
-/// `IncomingReady` whether the stream must be TLS.
+/// QEMU moves a migration's memory itself, host to host; between hosts of a
+/// TLS fleet it travels inside spore's TLS, carried by a relay at each end
+/// ([`relay`]: measured against QEMU's own TLS, and cheaper). The
+/// destination says in its `IncomingReady` whether the stream must be TLS.
 #[derive(Debug, Clone, Default)]
 pub struct StreamTls {
-    /// This host's certificate laid out for QEMU, when it has one.
-    pub creds: Option<PathBuf>,
+    /// This host's certificate as a client: the source's relay presents it.
+    pub client: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// The peer listener's TLS, when it has one: incoming streams must come
+    /// through the destination's relay in it.
+    pub server: Option<Arc<spore_pki::ServerTls>>,
+}
+
+impl StreamTls {
     /// Incoming streams must be TLS: the peer listener is.
-    pub required: bool,
+    pub fn required(&self) -> bool {
+        self.server.is_some()
+    }
 }
 
 impl Migration {

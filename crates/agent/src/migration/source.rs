@@ -28,6 +28,7 @@ use spore_blockdev::Disk;
 use spore_qemu::cmdline::has_tcg_bitmap_fix;
 use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
+use super::relay;
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
 use super::Migration;
@@ -484,22 +485,25 @@ impl Migration {
             Ok(bytes)
         };
         let written = disk.overlay().start_tracking();
-        let result = (|| -> Result<()> {
-            let tls = self.stream_tls_for(&ready, &host, job)?;
+        let result = (|| -> Result<Route> {
+            let route = self.route(&ready, &host, name, job)?;
             send_pass(written, DiskPass::First)?;
             self.start_qemu_migration(
                 &mut qmp,
                 req,
                 &policy,
                 has_preempt.then_some(preempt),
-                &format!("tcp:{host}:{}", ready.port),
-                tls,
-            )
+                &route.uri,
+            )?;
+            Ok(route)
         })();
-        if let Err(e) = result {
-            disk.overlay().stop_tracking();
-            return Err(e);
-        }
+        let route = match result {
+            Ok(route) => route,
+            Err(e) => {
+                disk.overlay().stop_tracking();
+                return Err(e);
+            }
+        };
         job.set_phase(MigrationPhase::Memory);
         let sampling = policy.wants_sample()
             && match qmp.start_dirty_rate(SAMPLE_SECS, SAMPLE_PAGES_PER_GIB) {
@@ -518,10 +522,16 @@ impl Migration {
         // downtime).
         let probe = self.vms.procs.probe(name);
         let start_us = epoch_us();
-        let mut conns = self
-            .vms
-            .running_vm(name)
-            .map(|(pid, _)| Connections::new(pid, &host, ready.port, req.bandwidth));
+        // The connections that meet the link: the relay's (this agent's)
+        // in TLS, QEMU's own in plaintext.
+        let mut conns = self.vms.running_vm(name).map(|(pid, _)| {
+            let pid = if route.relay.is_some() {
+                std::process::id()
+            } else {
+                pid
+            };
+            Connections::new(pid, &host, ready.port, req.bandwidth)
+        });
 
         let outcome = self.follow_migration(
             &mut qmp,
@@ -529,7 +539,7 @@ impl Migration {
             job,
             &mut policy,
             &peer,
-            &host,
+            &route,
             name,
             sampling,
             &mut conns,
@@ -665,38 +675,42 @@ impl Migration {
         Ok(())
     }
 
-    /// QEMU's TLS for the stream, when the destination requires it: this
-    /// host's certificate, and the destination's host as the name its
-    /// certificate must carry.
-    fn stream_tls_for<'a>(
-        &'a self,
-        ready: &IncomingReady,
-        host: &'a str,
-        job: &Job,
-    ) -> Result<Option<spore_qemu::MigrationTls<'a>>> {
+    /// How QEMU's stream goes to the destination: through spore's TLS (a
+    /// relay at each end) when the destination requires TLS, else straight
+    /// to its QEMU.
+    fn route(&self, ready: &IncomingReady, host: &str, name: &str, job: &Job) -> Result<Route> {
         job.info.lock().stream_tls = ready.tls;
         if !ready.tls {
             job.decide(
                 0,
                 "memory stream in plaintext: the destination listens with --insecure-listen".into(),
             );
-            return Ok(None);
+            return Ok(Route {
+                uri: format!("tcp:{host}:{}", ready.port),
+                host: host.to_owned(),
+                relay: None,
+            });
         }
-        let dir = self.stream_tls.creds.as_deref().ok_or_else(|| {
+        let client = self.stream_tls.client.clone().ok_or_else(|| {
             AgentError::State(
                 "the destination requires TLS for the memory stream and this host has no certificate (spore ca issue HOST --role host)".into(),
             )
         })?;
+        let socket = self.vms.procs.dir(name).join(OUT_SOCKET);
+        let relay = relay::Outbound::start(&socket, resolve(host, ready.port)?, host, client)
+            .map_err(AgentError::io("starting the migration stream's relay"))?;
         job.decide(
             0,
             format!(
-                "memory stream over QEMU's TLS, the destination's certificate must name {host}"
+                "memory stream in spore's TLS (a relay at each end), the destination's \
+                 certificate must name {host}"
             ),
         );
-        Ok(Some(spore_qemu::MigrationTls {
-            dir,
-            hostname: Some(host.trim_matches(|c| c == '[' || c == ']')),
-        }))
+        Ok(Route {
+            uri: format!("unix:{OUT_SOCKET}"),
+            host: host.to_owned(),
+            relay: Some(relay),
+        })
     }
 
     fn start_qemu_migration(
@@ -706,7 +720,6 @@ impl Migration {
         policy: &Policy,
         preempt: Option<bool>,
         uri: &str,
-        tls: Option<spore_qemu::MigrationTls<'_>>,
     ) -> Result<()> {
         let throttle_fallback = req.policy == MigrationPolicy::Auto && !req.allow_postcopy;
         let mut caps = vec![
@@ -737,7 +750,8 @@ impl Migration {
             params["cpu-throttle-increment"] = json!(1);
         }
         qmp.set_parameters(params)?;
-        qmp.set_migration_tls(tls)?;
+        // An older agent may have left QEMU's own TLS set.
+        qmp.set_migration_tls(None)?;
         qmp.migrate(uri)?;
         Ok(())
     }
@@ -753,7 +767,7 @@ impl Migration {
         job: &Arc<Job>,
         policy: &mut Policy,
         peer: &PeerClient,
-        host: &str,
+        route: &Route,
         name: &str,
         sampling: bool,
         conns: &mut Option<Connections>,
@@ -886,9 +900,9 @@ impl Migration {
                     }
                 }
                 "postcopy-paused" => {
-                    let port = self.recover_postcopy(qmp, job, peer, host, name, &p)?;
+                    let port = self.recover_postcopy(qmp, job, peer, route, name, &p)?;
                     if let Some(c) = conns.as_mut() {
-                        c.retarget(host, port);
+                        c.retarget(&route.host, port);
                     }
                     moved.1 = Instant::now();
                 }
@@ -1009,7 +1023,7 @@ impl Migration {
         qmp: &mut Qmp,
         job: &Job,
         peer: &PeerClient,
-        host: &str,
+        route: &Route,
         name: &str,
         p: &Progress,
     ) -> Result<u16> {
@@ -1030,7 +1044,10 @@ impl Migration {
         while start.elapsed() < RECOVERY_BUDGET {
             attempt += 1;
             match peer.post::<IncomingReady>(&path, &json!({})) {
-                Ok(r) => match qmp.migrate_resume(&format!("tcp:{host}:{}", r.port)) {
+                Ok(r) => match route
+                    .resume(r.port)
+                    .and_then(|uri| Ok(qmp.migrate_resume(&uri)?))
+                {
                     Ok(()) => {
                         // Wait for the resumed stream to take.
                         let until = Instant::now() + Duration::from_secs(5);
@@ -1176,6 +1193,45 @@ fn watch_destination_runs(job: Arc<Job>, peer: PeerClient, vm: String) {
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no thread to ask the destination whether the guest runs");
     }
+}
+
+
+/// QEMU's socket for the stream to the relay, in the VM's directory.
+const OUT_SOCKET: &str = "migrate-out.sock";
+
+/// How QEMU's stream reaches the destination.
+struct Route {
+    /// What QEMU migrates to.
+    uri: String,
+    /// The destination's host.
+    host: String,
+    /// The relay that carries the stream in spore's TLS, when the
+    /// destination requires TLS.
+    relay: Option<relay::Outbound>,
+}
+
+impl Route {
+    /// What QEMU resumes a broken post-copy on, the destination listening
+    /// again at `port`.
+    fn resume(&self, port: u16) -> Result<String> {
+        match &self.relay {
+            Some(relay) => {
+                relay.retarget(resolve(&self.host, port)?);
+                Ok(self.uri.clone())
+            }
+            None => Ok(format!("tcp:{}:{port}", self.host)),
+        }
+    }
+}
+
+/// The first address of `host:port`.
+fn resolve(host: &str, port: u16) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .map_err(AgentError::io(format!("resolving {host}")))?
+        .next()
+        .ok_or_else(|| AgentError::State(format!("{host} has no address")))
 }
 
 #[cfg(test)]

@@ -590,7 +590,6 @@ impl Vms {
             postcopy,
             preempt,
             listen,
-            tls,
         } = start
         {
             for (id, mib) in &layout.dimms {
@@ -604,11 +603,6 @@ impl Vms {
                 caps.push(("postcopy-preempt", true));
             }
             qmp.set_capabilities(&caps).map_err(qmp_err)?;
-            let tls = tls.as_deref().map(|dir| spore_qemu::MigrationTls {
-                dir,
-                hostname: None,
-            });
-            qmp.set_migration_tls(tls).map_err(qmp_err)?;
             qmp.migrate_incoming(listen).map_err(qmp_err)?;
             let channel = GuestChannel::connect(sock, Duration::from_secs(5)).map_err(qmp_err)?;
             self.procs.channels.lock().insert(name.to_owned(), channel);

@@ -125,9 +125,9 @@ pub enum Start {
         postcopy: bool,
         /// `postcopy-preempt` as well (both sides must agree).
         preempt: bool,
+        /// QEMU's listen address (`unix:PATH` relative to the VM's
+        /// directory behind the stream's relay, or `tcp:HOST:PORT`).
         listen: String,
-        /// QEMU's TLS credentials when the stream must be TLS.
-        tls: Option<std::path::PathBuf>,
     },
 }
 
