@@ -138,7 +138,7 @@ P=$C/node1/pki
 echo "  node1 with its certificate (role host):      HTTP $(probe --cacert "$P/ca.pem" --cert "$P/cert.pem" --key "$P/key.pem" "https://$OIP:7070/v1/images/base")" >&2
 echo "  the same namespace without a certificate:    HTTP $(probe --cacert "$P/ca.pem" "https://$OIP:7070/v1/images/base") (000: refused at the TLS handshake)" >&2
 echo "  plaintext to the same port:                  HTTP $(probe "http://$OIP:7070/v1/images/base")" >&2
-echo "Every fetch, push and migration request above went over such connections; the migration below moves QEMU's memory stream in QEMU's own TLS with the same certificates (docs/security.md)." >&2
+echo "Every fetch, push and migration request above went over such connections; the migration below carries QEMU's memory stream in the same TLS, a relay at each end (docs/security.md)." >&2
 
 say "live migration: storm1 moves from node1 to node2 while it runs (policy auto)"
 # guest_line HOST MARKER: the last console line of storm1 on HOST with MARKER
@@ -162,7 +162,7 @@ echo "  data set written on node1: $written" >&2
 echo "  checked on node2:          $checked" >&2
 [ -n "$written" ] && [ "$written" = "$checked" ] && echo "  intact after the move" >&2 || echo "  MISMATCH" >&2
 SPORE_HOME=$C/node2 "$SPORE" vm ls
-stream=$(SPORE_HOME=$C/node1 "$SPORE" vm migration storm1 --json | python3 -c 'import json, sys; print("QEMU TLS, certificates verified both ways" if json.load(sys.stdin).get("stream_tls") else "PLAINTEXT")')
+stream=$(SPORE_HOME=$C/node1 "$SPORE" vm migration storm1 --json | python3 -c 'import json, sys; print("spore TLS relay, certificates verified both ways" if json.load(sys.stdin).get("stream_tls") else "PLAINTEXT")')
 echo "  memory stream: $stream" >&2
 
 say "a remote operator: an operator certificate drives node2's agent through its peer listener (spore --remote); a host certificate cannot"

@@ -396,6 +396,7 @@ impl Agent {
             config.clone_standby,
         ));
         let peer_addr = Arc::new(OnceLock::new());
+        let tls_failures: Arc<std::sync::atomic::AtomicU64> = Default::default();
         let migration = Arc::new(Migration::new(
             vms.clone(),
             disks.clone(),
@@ -407,6 +408,7 @@ impl Agent {
                 links: links.clone(),
                 stream_tls,
                 max_incoming: config.max_incoming_migrations,
+                refused: tls_failures.clone(),
             },
         ));
         let agent = Arc::new(Agent {
@@ -430,7 +432,7 @@ impl Agent {
             links,
             peer_refused: Default::default(),
             peer_privileged: Default::default(),
-            tls_failures: Default::default(),
+            tls_failures,
             api_refused: Default::default(),
             _lock: lock,
         });

@@ -121,7 +121,7 @@ pub fn render(a: &Agent) -> String {
     metric(
         "spore_peer_tls_failures_total",
         "counter",
-        "Peer connections closed before a request: failed or slow TLS handshakes, too many connections.",
+        "Peer connections closed before a request: failed or slow TLS handshakes, too many connections; and migration-stream connections the relay refused.",
         vec![(String::new(), a.tls_failures.load(Relaxed))],
     );
     metric(

@@ -1,7 +1,7 @@
 //! `spore bench tls`, second part: what TLS costs QEMU's migration stream,
-//! and which TLS: QEMU's own (`tls-creds-x509`, what spore uses) or the
-//! plaintext stream carried inside spore's TLS (rustls, a relay at each
-//! end), against plaintext in the same run.
+//! and which TLS: QEMU's own (`tls-creds-x509`) or the plaintext stream
+//! carried inside spore's TLS (rustls, the agent's relay at each end: what
+//! spore uses), against plaintext in the same run.
 //!
 //! Two QEMU processes on loopback, no guest: the source's RAM is a file of
 //! random data (every page is sent whole), paused, so each migration moves
@@ -11,7 +11,6 @@
 //! the limit). The figure per mode is the median over rounds of its time
 //! over plaintext's time in the same round.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -20,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
+use spore_agent::migration::relay::{Inbound, Outbound};
 use spore_qemu::{MigrationTls, Qmp};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::median;
 
@@ -98,46 +97,6 @@ fn qemu(work: &Path, name: &str, mib: u64, ram: &str, incoming: bool) -> Result<
     Ok(Qemu { child, qmp })
 }
 
-/// A relay that accepts plaintext on `listen` and forwards it over spore's
-/// TLS to `to` (client end), or accepts TLS and forwards plaintext (server
-/// end). Runs until the runtime is dropped.
-async fn relay_client(
-    listen: TcpListener,
-    to: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
-) -> Result<()> {
-    let connector = tokio_rustls::TlsConnector::from(config);
-    loop {
-        let (mut plain, _) = listen.accept().await?;
-        plain.set_nodelay(true)?;
-        let tcp = TcpStream::connect(to).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
-        let mut tls = connector.connect(name, tcp).await?;
-        tokio::spawn(async move {
-            let _ = tokio::io::copy_bidirectional(&mut plain, &mut tls).await;
-        });
-    }
-}
-
-async fn relay_server(
-    listen: TcpListener,
-    to: SocketAddr,
-    config: Arc<rustls::ServerConfig>,
-) -> Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, _) = listen.accept().await?;
-        tcp.set_nodelay(true)?;
-        let mut tls = acceptor.accept(tcp).await?;
-        let mut plain = TcpStream::connect(to).await?;
-        plain.set_nodelay(true)?;
-        tokio::spawn(async move {
-            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-        });
-    }
-}
-
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -196,7 +155,6 @@ fn migrate_once(
         hostname: None,
     });
     dst.qmp.set_migration_tls(dst_tls)?;
-    dst.qmp.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))?;
     let src_tls = (mode == StreamMode::QemuTls).then(|| MigrationTls {
         dir: &hosts.src_qemu,
         hostname: Some("127.0.0.1"),
@@ -204,31 +162,35 @@ fn migrate_once(
     src.qmp.set_migration_tls(src_tls)?;
     src.qmp
         .set_parameters(json!({ "max-bandwidth": cap.unwrap_or(u64::MAX >> 2) }))?;
-    // The relay's runtime lives until this migration is over.
-    let mut relay = None;
+    // spore's relay (what the agent runs) at each end, for this migration:
+    // QEMU at each end on a unix socket, TLS between the relays.
+    let mut relays = None;
     let target = if mode == StreamMode::SporeRelay {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let server = spore_pki::ServerTls::load(&hosts.dst_tls)?.config();
-        let client = spore_pki::client_config(&hosts.src_tls)?;
-        let to_dst: SocketAddr = ([127, 0, 0, 1], port).into();
-        let entry = runtime.block_on(async {
-            let s = TcpListener::bind("127.0.0.1:0").await?;
-            let c = TcpListener::bind("127.0.0.1:0").await?;
-            let (s_addr, c_port) = (s.local_addr()?, c.local_addr()?.port());
-            tokio::spawn(relay_server(s, to_dst, server));
-            tokio::spawn(relay_client(c, s_addr, client));
-            anyhow::Ok(c_port)
-        })?;
-        relay = Some(runtime);
-        entry
+        let dst_sock = work.join("dst-in.sock");
+        let src_sock = work.join("src-out.sock");
+        dst.qmp
+            .migrate_incoming(&format!("unix:{}", dst_sock.display()))?;
+        let inbound = Inbound::start(
+            "127.0.0.1",
+            Arc::new(spore_pki::ServerTls::load(&hosts.dst_tls)?),
+            dst_sock,
+            "bench",
+            Default::default(),
+        )?;
+        let outbound = Outbound::start(
+            &src_sock,
+            ([127, 0, 0, 1], inbound.port()).into(),
+            "127.0.0.1",
+            spore_pki::client_config(&hosts.src_tls)?,
+        )?;
+        relays = Some((outbound, inbound));
+        format!("unix:{}", src_sock.display())
     } else {
-        port
+        dst.qmp.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))?;
+        format!("tcp:127.0.0.1:{port}")
     };
     let t = Instant::now();
-    src.qmp.migrate(&format!("tcp:127.0.0.1:{target}"))?;
+    src.qmp.migrate(&target)?;
     loop {
         let p = src.qmp.migration_progress()?;
         match p.status.as_str() {
@@ -248,9 +210,7 @@ fn migrate_once(
     while dst.qmp.migration_progress()?.status != "completed" && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
-    if let Some(runtime) = relay {
-        runtime.shutdown_background();
-    }
+    drop(relays);
     Ok(s)
 }
 

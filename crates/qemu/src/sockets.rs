@@ -372,4 +372,23 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         assert!(peer_sockets(u32::MAX >> 2, addr).is_err());
     }
+
+    /// A listener at a path longer than a socket address holds, bound over
+    /// one left behind, and reached by [`connect_unix`].
+    #[test]
+    fn binds_and_connects_at_long_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(120));
+        std::fs::create_dir(&deep).unwrap();
+        let path = deep.join("s.sock");
+        assert!(path.as_os_str().len() > 108);
+        drop(bind_unix(&path).unwrap());
+        let listener = bind_unix(&path).unwrap();
+        let mut c = connect_unix(&path).unwrap();
+        let (mut a, _) = listener.accept().unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        a.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+    }
 }

@@ -215,12 +215,12 @@ fn moves_intact(
     let m = c.migrate(from, to, &args);
     assert_eq!(m["phase"], "completed", "{policy}: {m}");
     // The cluster's hosts hold fleet certificates: QEMU's own stream is
-    // TLS too, verified both ways (the decision log names the host).
+    // carried in spore's TLS too (the decision log names the host).
     assert_eq!(m["stream_tls"], true, "{policy}: {m}");
     assert!(
         m["decisions"]
             .to_string()
-            .contains("memory stream over QEMU's TLS"),
+            .contains("memory stream in spore's TLS"),
         "{m}"
     );
     assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
@@ -454,7 +454,7 @@ fn post_copy_recovers_after_a_link_break() {
                 "post-copy recovery: recovered (trial {trial}; earlier failures: {failures:?})"
             );
             assert!(m["decisions"].to_string().contains("recovered"), "{m}");
-            assert_eq!(m["stream_tls"], true, "resumed over QEMU's TLS: {m}");
+            assert_eq!(m["stream_tls"], true, "resumed in spore's TLS: {m}");
             running_on(&c, "node1");
             assert_eq!(c.dataset("node1", "web", "check"), written);
             return;

@@ -39,7 +39,10 @@ enum Listen {
     /// Behind the relay (a TLS fleet): a unix socket in the VM's
     /// directory, `path` for the agent and `uri` for QEMU (relative to its
     /// working directory, the VM's).
-    Relay { uri: String, path: std::path::PathBuf },
+    Relay {
+        uri: String,
+        path: std::path::PathBuf,
+    },
     /// Straight on the peer listener's host (`--insecure-listen`).
     Tcp { uri: String, port: u16 },
 }
@@ -96,9 +99,9 @@ impl Migration {
             AgentError::State("the peer listener is TLS but its configuration is gone".into())
         })?;
         let host = self.listen_host()?;
-        relay::Inbound::start(&host, tls, path, vm).map_err(AgentError::io(format!(
-            "starting the migration stream's relay on {host}"
-        )))
+        relay::Inbound::start(&host, tls, path, vm, self.refused.clone()).map_err(AgentError::io(
+            format!("starting the migration stream's relay on {host}"),
+        ))
     }
 
     fn incoming(&self, vm: &str) -> Result<Arc<Incoming>> {
@@ -464,7 +467,11 @@ impl Migration {
                 }
             }
         }
-        tracing::warn!(vm, listen = listen.uri(), "post-copy recovery: listening again");
+        tracing::warn!(
+            vm,
+            listen = listen.uri(),
+            "post-copy recovery: listening again"
+        );
         let port = match listen {
             Listen::Relay { path, .. } => {
                 let relay = inc.relay.lock();

@@ -26,10 +26,10 @@
 //! ```
 
 mod connections;
-mod relay;
 pub mod destination;
 mod jobs;
 pub mod policy;
+pub mod relay;
 pub mod source;
 
 use std::sync::{Arc, OnceLock};
@@ -68,6 +68,8 @@ pub struct Migration {
     stream_tls: StreamTls,
     /// Incoming migrations at once (`--max-incoming-migrations`).
     max_incoming: usize,
+    /// Connections the stream's relay refused.
+    refused: Arc<std::sync::atomic::AtomicU64>,
     jobs: Jobs,
 }
 
@@ -82,6 +84,9 @@ pub struct Reach {
     pub stream_tls: StreamTls,
     /// `--max-incoming-migrations`.
     pub max_incoming: usize,
+    /// Counts connections the stream's relay refused (the peer listener's
+    /// TLS failures counter).
+    pub refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// QEMU moves a migration's memory itself, host to host; between hosts of a
@@ -116,6 +121,7 @@ impl Migration {
             links: reach.links,
             stream_tls: reach.stream_tls,
             max_incoming: reach.max_incoming,
+            refused: reach.refused,
             listen: reach.listen,
             peer_addr: reach.peer_addr,
             vms,

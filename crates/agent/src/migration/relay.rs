@@ -31,7 +31,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +45,9 @@ use tokio_rustls::rustls::ClientConfig;
 
 /// Connections one migration may hold through a relay: QEMU's main and
 /// post-copy channels, and again after each post-copy recovery.
-pub(crate) const MAX_STREAMS: usize = 16;
+pub const MAX_STREAMS: usize = 16;
 /// A TLS handshake or a TCP connect that takes longer is given up.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once one direction of a connection has ended, how long the other may
 /// still carry bytes (QEMU's last return-path messages).
 const GRACE: Duration = Duration::from_secs(5);
@@ -119,7 +119,7 @@ impl Drop for Running {
 /// The source's end: QEMU connects to a unix socket, each connection goes
 /// on to the destination's relay in TLS.
 #[derive(Debug)]
-pub(crate) struct Outbound {
+pub struct Outbound {
     /// Dropping it lets the relay drain: the tail of the stream still
     /// arrives.
     _running: Running,
@@ -129,7 +129,7 @@ pub(crate) struct Outbound {
 impl Outbound {
     /// Listens on `socket` and carries each connection to `to`, whose
     /// certificate must name `host`.
-    pub(crate) fn start(
+    pub fn start(
         socket: &Path,
         to: SocketAddr,
         host: &str,
@@ -159,6 +159,9 @@ impl Outbound {
                         Ok(async move {
                             let tls = within(HANDSHAKE_TIMEOUT, async {
                                 let tcp = TcpStream::connect(to).await?;
+                                // The return path and the post-copy channel
+                                // carry small messages (docs/migration.md).
+                                tcp.set_nodelay(true)?;
                                 connector.connect(name, tcp).await
                             })
                             .await;
@@ -182,13 +185,12 @@ impl Outbound {
     pub(crate) fn retarget(&self, to: SocketAddr) {
         *self.to.lock() = to;
     }
-
 }
 
 /// The destination's end: TLS from hosts of the fleet, each connection
 /// handed to QEMU's unix socket.
 #[derive(Debug)]
-pub(crate) struct Inbound {
+pub struct Inbound {
     running: Running,
     port: u16,
     target: Arc<Mutex<PathBuf>>,
@@ -196,12 +198,14 @@ pub(crate) struct Inbound {
 
 impl Inbound {
     /// Listens on `host`, a free port, and hands each admitted connection
-    /// to QEMU's socket at `target`.
-    pub(crate) fn start(
+    /// to QEMU's socket at `target`; counts in `refused` each connection it
+    /// turns away.
+    pub fn start(
         host: &str,
         tls: Arc<ServerTls>,
         target: PathBuf,
         vm: &str,
+        refused: Arc<AtomicU64>,
     ) -> io::Result<Inbound> {
         let listener = std::net::TcpListener::bind((host, 0))?;
         listener.set_nonblocking(true)?;
@@ -209,13 +213,17 @@ impl Inbound {
         let target = Arc::new(Mutex::new(target));
         let to = target.clone();
         let vm = vm.to_owned();
-        let running = Running::spawn(format!("migration-relay-in-{vm}"), None, move |end| async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(l) => Arc::new(l),
-                Err(e) => return tracing::error!(error = %e, "migration relay"),
-            };
-            serve(end, move || {
-                let (tls, vm, to) = (tls.clone(), vm.clone(), to.clone());
+        let running = Running::spawn(
+            format!("migration-relay-in-{vm}"),
+            None,
+            move |end| async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => Arc::new(l),
+                    Err(e) => return tracing::error!(error = %e, "migration relay"),
+                };
+                serve(end, move || {
+                let (tls, vm, to, refused) =
+                    (tls.clone(), vm.clone(), to.clone(), refused.clone());
                 let listener = listener.clone();
                 async move {
                     let (tcp, from) = listener.accept().await?;
@@ -233,13 +241,17 @@ impl Inbound {
                                 };
                                 pump(qemu, stream).await
                             }
-                            Err(e) => tracing::warn!(%vm, %from, error = %e, "migration stream refused"),
+                            Err(e) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%vm, %from, error = %e, "migration stream refused")
+                            }
                         }
                     })
                 }
             })
             .await
-        })?;
+            },
+        )?;
         Ok(Inbound {
             running,
             port,
@@ -248,7 +260,7 @@ impl Inbound {
     }
 
     /// The port the source's relay connects to.
-    pub(crate) fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         self.port
     }
 
@@ -404,6 +416,7 @@ mod tests {
 
     struct Fleet {
         dir: tempfile::TempDir,
+        refused: Arc<AtomicU64>,
     }
 
     impl Fleet {
@@ -418,7 +431,10 @@ mod tests {
                 ca.issue(name, roles, &["127.0.0.1".into()], &dir.path().join(name))
                     .unwrap();
             }
-            Fleet { dir }
+            Fleet {
+                dir,
+                refused: Default::default(),
+            }
         }
 
         fn path(&self, p: &str) -> PathBuf {
@@ -434,7 +450,14 @@ mod tests {
         fn inbound(&self) -> (Inbound, StdUnixListener) {
             let qemu = StdUnixListener::bind(self.path("qemu.sock")).unwrap();
             let tls = Arc::new(ServerTls::load(&self.path("dst")).unwrap());
-            let inbound = Inbound::start("127.0.0.1", tls, self.path("qemu.sock"), "vm").unwrap();
+            let inbound = Inbound::start(
+                "127.0.0.1",
+                tls,
+                self.path("qemu.sock"),
+                "vm",
+                self.refused.clone(),
+            )
+            .unwrap();
             (inbound, qemu)
         }
     }
@@ -537,6 +560,11 @@ mod tests {
         .unwrap();
         let _c = StdUnixStream::connect(fleet.path("src.sock")).unwrap();
         assert!(accept_within(&qemu, Duration::from_secs(10)).is_some());
+        assert_eq!(
+            fleet.refused.load(Ordering::Relaxed),
+            2,
+            "each refusal counted"
+        );
         drop(host);
     }
 
@@ -546,8 +574,8 @@ mod tests {
         let fleet = Fleet::new();
         let (inbound, qemu) = fleet.inbound();
         let to: SocketAddr = format!("127.0.0.1:{}", inbound.port()).parse().unwrap();
-        let out = Outbound::start(&fleet.path("o.sock"), to, "127.0.0.1", fleet.client("src"))
-            .unwrap();
+        let out =
+            Outbound::start(&fleet.path("o.sock"), to, "127.0.0.1", fleet.client("src")).unwrap();
         let mut held = Vec::new();
         for _ in 0..MAX_STREAMS + 4 {
             held.push(StdUnixStream::connect(fleet.path("o.sock")).unwrap());
@@ -568,8 +596,8 @@ mod tests {
         let (inbound, qemu) = fleet.inbound();
         let to: SocketAddr = format!("127.0.0.1:{}", inbound.port()).parse().unwrap();
         let _silent = std::net::TcpStream::connect(to).unwrap();
-        let out = Outbound::start(&fleet.path("o.sock"), to, "127.0.0.1", fleet.client("src"))
-            .unwrap();
+        let out =
+            Outbound::start(&fleet.path("o.sock"), to, "127.0.0.1", fleet.client("src")).unwrap();
         let _c = StdUnixStream::connect(fleet.path("o.sock")).unwrap();
         assert!(accept_within(&qemu, Duration::from_secs(10)).is_some());
         drop(out);

@@ -28,9 +28,9 @@ use spore_blockdev::Disk;
 use spore_qemu::cmdline::has_tcg_bitmap_fix;
 use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 
-use super::relay;
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
+use super::relay;
 use super::Migration;
 use super::{Job, PeerClient};
 use crate::error::{AgentError, Result};
@@ -445,8 +445,14 @@ impl Migration {
         job.decide(
             0,
             format!(
-                "destination ready: QEMU listening on {host}:{}, disk on image {}",
-                ready.port, rec.image
+                "destination ready: {} on {host}:{}, disk on image {}",
+                if ready.tls {
+                    "its stream relay listening"
+                } else {
+                    "QEMU listening"
+                },
+                ready.port,
+                rec.image
             ),
         );
         if ready.disk_size != disk.overlay().size() {
@@ -1194,7 +1200,6 @@ fn watch_destination_runs(job: Arc<Job>, peer: PeerClient, vm: String) {
         tracing::warn!(error = %e, "no thread to ask the destination whether the guest runs");
     }
 }
-
 
 /// QEMU's socket for the stream to the relay, in the VM's directory.
 const OUT_SOCKET: &str = "migrate-out.sock";
