@@ -12,7 +12,7 @@
 //! less than it disturbs either time.
 //!
 //! The second part ([`crate::tls_stream`]) does the same for QEMU's
-//! migration stream, with QEMU's own TLS and with spore's TLS carrying it;
+//! migration stream, with QEMU's own TLS and with spore's relay carrying it;
 //! the third ([`crate::tls_vm`]) for a cold-host boot, a cold-host clone
 //! and a migration of the demo guest.
 

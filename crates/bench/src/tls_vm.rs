@@ -10,7 +10,7 @@
 //!   from the origin),
 //! - clones the template (request to running, and to the guest printing
 //!   its new identity; its RAM is paged in from the origin),
-//! - migrates the booted VM to the origin (QEMU's stream in QEMU's TLS or
+//! - migrates the booted VM to the origin (QEMU's stream in spore's TLS relay or
 //!   in plaintext; total time and downtime as QEMU measured it), unlimited
 //!   on loopback and, with a second VM, at a 1 Gbit/s cap.
 //!
