@@ -19,9 +19,10 @@
 //! tunes (pacing, unsent limit: `connections.rs`), since they, not QEMU's
 //! unix sockets, meet the link.
 //!
-//! Both ends listen on unix sockets in the VM's directory (0700, root's),
-//! so that no other local user can feed a stream to either QEMU or have it
-//! carried with this host's certificate. The inbound end admits only
+//! Both ends listen on unix sockets in the VM's directory, inside the data
+//! directory (0700 whatever the umask), so that no other local user can
+//! feed a stream to either QEMU or have it carried with this host's
+//! certificate. The inbound end admits only
 //! clients whose certificate carries the `host` role and is not revoked; it
 //! holds at most [`MAX_STREAMS`] connections and gives a handshake
 //! [`HANDSHAKE_TIMEOUT`]. Each relay runs its own small runtime on one
