@@ -287,6 +287,11 @@ pub struct VmInfo {
     /// started by this agent run (clones: QEMU start, state load, resume).
     #[serde(default)]
     pub start_ms: Option<StartTimes>,
+    /// Why QEMU holds the guest paused while the VM is `running`: `disk
+    /// full` (a write found no space for the disk's overlay; the agent
+    /// resumes the VM by itself once there is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// Phases of starting a VM, in milliseconds.

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -49,6 +49,15 @@ pub struct Disk {
     /// block no source answered for): the VM using the disk is paused by
     /// QEMU (`werror=stop`), and the agent resumes it once they arrive.
     failed: Mutex<Vec<(u64, u64)>>,
+    /// A write or flush found no space for the overlay (ENOSPC, EDQUOT):
+    /// the client got NBD_ENOSPC, QEMU pauses the VM (`werror`), and the
+    /// agent resumes it once there is space.
+    full: AtomicBool,
+}
+
+/// Whether `e` says the file system has no room.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 impl Disk {
@@ -89,7 +98,28 @@ impl Disk {
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             stats: IoStats::default(),
             failed: Mutex::new(Vec::new()),
+            full: AtomicBool::new(false),
         }
+    }
+
+    /// True when a write found no space since the last [`Disk::clear_full`].
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Space was freed: the next write may try again.
+    pub fn clear_full(&self) {
+        self.full.store(false, Ordering::Release);
+    }
+
+    /// Passes `r` on, noting a full file system.
+    fn noting_space<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            if is_no_space(e) && !self.full.swap(true, Ordering::AcqRel) {
+                tracing::warn!(error = %e, "no space for the disk's overlay: its VM pauses until space is freed");
+            }
+        }
+        r
     }
 
     pub fn base(&self) -> &Arc<ImageDevice> {
@@ -378,7 +408,7 @@ impl Export for Disk {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.write_at(offset, data)?;
+        self.noting_space(self.write_at(offset, data))?;
         if fua {
             self.flush()?;
         }
@@ -388,13 +418,13 @@ impl Export for Disk {
     fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         // NBD_CMD_FLAG_NO_HOLE (may_trim false): the range must stay
         // provisioned, so it is zeroed in place, never punched.
-        self.zero_at(
+        self.noting_space(self.zero_at(
             offset,
             length,
             Zeroing::Zero {
                 provision: !may_trim,
             },
-        )?;
+        ))?;
         if fua {
             self.flush()?;
         }
@@ -407,7 +437,7 @@ impl Export for Disk {
 
     fn flush(&self) -> io::Result<()> {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        self.overlay.flush()
+        self.noting_space(self.overlay.flush())
     }
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
@@ -825,5 +855,81 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A small tmpfs, unmounted when dropped (then its directory goes).
+    struct SmallFs(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+    impl SmallFs {
+        /// None where this process may not mount (not root).
+        fn mount(size: &str) -> Option<SmallFs> {
+            let dir = tempfile::tempdir().unwrap();
+            let mnt = dir.path().join("fs");
+            std::fs::create_dir(&mnt).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "spore-test"])
+                .arg(&mnt)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(SmallFs(mnt, dir))
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// A write that finds the overlay's file system full fails with ENOSPC
+    /// (which NBD carries to QEMU as NBD_ENOSPC, and QEMU turns into a
+    /// pause), marks the disk full, and loses nothing acknowledged before;
+    /// once space is freed the same write succeeds.
+    #[test]
+    fn a_full_file_system_is_enospc_and_keeps_what_was_acknowledged() {
+        let mut f = fixture();
+        let Some(fs) = SmallFs::mount("1m") else {
+            eprintln!("SKIP: mounting a tmpfs needs root");
+            return;
+        };
+        let ballast = fs.0.join("ballast");
+        std::fs::write(&ballast, vec![1u8; 256 << 10]).unwrap();
+        let disk = Disk::create(&fs.0.join("disk"), f.disk.base().clone()).unwrap();
+        let mut failed = None;
+        for (i, off) in (0..f.disk.size() - (64 << 10))
+            .step_by(64 << 10)
+            .enumerate()
+        {
+            let data = vec![i as u8 + 1; 64 << 10];
+            let written = disk.write(off, &data, false);
+            if written.is_ok() {
+                // Written (if not yet durable): reads see it.
+                f.expect[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            if let Err(e) = written.and_then(|()| disk.flush()) {
+                failed = Some((off, data, e));
+                break;
+            }
+        }
+        let (off, data, e) = failed.expect("a 1 MiB file system filled up");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        assert!(disk.is_full());
+        assert!(off > 0, "some writes fitted");
+        assert_eq!(
+            read_all(&disk),
+            f.expect,
+            "acknowledged writes are all there"
+        );
+
+        std::fs::remove_file(&ballast).unwrap();
+        disk.clear_full();
+        disk.write(off, &data, false).unwrap();
+        disk.flush().unwrap();
+        f.expect[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        assert!(!disk.is_full());
+        assert_eq!(read_all(&disk), f.expect);
+        drop(disk);
+        drop(fs);
     }
 }

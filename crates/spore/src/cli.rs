@@ -876,7 +876,10 @@ async fn vm_command(cmd: VmCmd, c: &Client) -> Result<ExitCode> {
                     .map(|v| {
                         vec![
                             v.name,
-                            v.state.to_string(),
+                            match &v.paused {
+                                Some(why) => format!("paused ({why})"),
+                                None => v.state.to_string(),
+                            },
                             v.image,
                             v.template.unwrap_or_else(|| "-".into()),
                             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),

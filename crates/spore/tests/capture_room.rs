@@ -4,15 +4,7 @@
 
 mod common;
 
-use common::{guest, sh, vm_run_args, TestAgent};
-
-/// Bytes still free in the file system of `dir`, as df says.
-fn avail(dir: &std::path::Path) -> u64 {
-    let out = sh(std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir));
-    out.lines().last().unwrap().trim().parse().unwrap()
-}
+use common::{avail, guest, sh, vm_run_args, TestAgent};
 
 #[test]
 fn a_capture_without_room_is_refused_before_the_pause() {

@@ -53,6 +53,12 @@ const POWERDOWN_AGAIN: Duration = Duration::from_secs(3);
 
 /// How often the agent looks for disks whose requests failed.
 const IO_ERROR_POLL: Duration = Duration::from_secs(1);
+/// Free space a full disk's file system needs before its VM is resumed:
+/// room for the writes QEMU retries and some to go on with, so that the
+/// VM does not pause again at once.
+const RESUME_FREE: u64 = 64 << 20;
+/// What `vm ls` says of a VM paused for want of space.
+const DISK_FULL: &str = "disk full";
 
 fn tail(path: &Path, max: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -185,6 +191,9 @@ impl Vms {
             mac: rec.identity.as_ref().map(|i| i.mac.clone()),
             vmgenid: rec.identity.as_ref().map(|i| i.vmgenid.clone()),
             start_ms: self.procs.start_times.lock().get(name).cloned(),
+            paused: (rec.state == VmState::Running
+                && self.exports.disk(&rec.disk).is_some_and(|d| d.is_full()))
+            .then(|| DISK_FULL.into()),
         }
     }
 
@@ -746,10 +755,11 @@ impl Vms {
         Ok(self.vm_info(name, &rec))
     }
 
-    /// Stops a VM: QMP `quit`, then SIGKILL if QEMU has not gone in time.
-    /// Resumes VMs that QEMU paused because a disk request failed for
-    /// want of image data (`werror=stop`/`rerror=stop`), once the data is
-    /// here; QEMU then retries the requests. Runs for the agent's life.
+    /// Resumes VMs that QEMU paused because a disk request failed
+    /// (`werror=stop`/`rerror=stop`): for want of image data, once the data
+    /// is here; for want of space for the overlay (a full disk), once its
+    /// file system has [`RESUME_FREE`] bytes free. QEMU then retries the
+    /// requests. Runs for the agent's life.
     pub fn watch_io_errors(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
@@ -766,13 +776,27 @@ impl Vms {
 
     fn resume_after_io_errors(&self) {
         for (disk_name, disk) in self.exports.disks() {
-            if !disk.has_failed() {
+            let why = if disk.is_full() {
+                let dir = self.disks.dir(&disk_name);
+                match free_bytes(&dir) {
+                    Ok(free) if free >= RESUME_FREE => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!(disk = %disk_name, error = %e.chain(), "free space unknown");
+                        continue;
+                    }
+                }
+                disk.clear_full();
+                "space was freed"
+            } else if disk.has_failed() {
+                if let Err(e) = disk.retry_failed() {
+                    tracing::debug!(disk = %disk_name, error = %e, "image data a request needs is still unavailable");
+                    continue;
+                }
+                "the image data arrived"
+            } else {
                 continue;
-            }
-            if let Err(e) = disk.retry_failed() {
-                tracing::debug!(disk = %disk_name, error = %e, "image data a request needs is still unavailable");
-                continue;
-            }
+            };
             let Some(vm) = self.disks.disk_record(&disk_name).ok().and_then(|r| r.vm) else {
                 continue;
             };
@@ -794,7 +818,7 @@ impl Vms {
             });
             match resumed {
                 Ok(true) => {
-                    tracing::info!(vm = %vm, disk = %disk_name, "the image data arrived; VM resumed after its I/O pause")
+                    tracing::info!(vm = %vm, disk = %disk_name, "{why}; VM resumed after its I/O pause")
                 }
                 Ok(false) => {}
                 Err(e) => {

@@ -343,6 +343,13 @@ pub fn sparse_random_file(path: &Path, size: u64, seed: u64) {
     w.flush().unwrap();
 }
 
+/// Bytes still free in the file system of `dir`, as df says.
+#[allow(dead_code)]
+pub fn avail(dir: &Path) -> u64 {
+    let out = sh(Command::new("df").args(["--output=avail", "-B1"]).arg(dir));
+    out.lines().last().unwrap().trim().parse().unwrap()
+}
+
 pub struct Guest {
     pub kernel: PathBuf,
     /// The same kernel uncompressed, for QEMU's direct (PVH) boot.

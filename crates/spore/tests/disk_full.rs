@@ -1,0 +1,82 @@
+//! A full disk costs a pause, never data: a guest writing more than its
+//! host's data directory holds is paused by QEMU (the agent answers the
+//! write with NBD_ENOSPC, and QEMU's `werror` stops the VM), the agent says
+//! so in `vm ls` and keeps serving, and once space is freed it resumes the
+//! VM by itself; the guest's write then completes and reads back intact.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{avail, guest, sh, vm_run_args, TestAgent};
+
+/// The (mem, disk) checksums on the last whole `marker` line of `log`.
+fn sums(log: &str, marker: &str) -> (String, String) {
+    let line = log.rsplit(marker).next().unwrap().lines().next().unwrap();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (field("mem="), field("disk="))
+}
+
+#[test]
+fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
+    let t = TestAgent::start_on_tmpfs(1024, &[]);
+    t.import_guest("base");
+    let args = vm_run_args(guest(), "full", "base", "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    t.ok(&refs);
+
+    // 16 MiB left; the guest writes 48.
+    let filler = t.data_dir().join("filler");
+    let size = avail(&t.data_dir()).saturating_sub(16 << 20);
+    sh(std::process::Command::new("fallocate")
+        .args(["-l", &size.to_string()])
+        .arg(&filler));
+    t.ok(&["vm", "send", "full", "dataset", "write", "48"]);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vms = t.json(&["vm", "ls", "--json"]);
+        if vms[0]["paused"] == "disk full" {
+            assert_eq!(vms[0]["state"], "running", "{vms}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM was not reported paused for a full disk: {vms}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(t.ok(&["vm", "ls"]).contains("paused (disk full)"));
+    // The agent goes on serving (its API, the image's export), and the
+    // guest is held mid-write.
+    t.ok(&["image", "inspect", "base"]);
+    sh(std::process::Command::new("nbdinfo").arg(t.uri("image/base")));
+    std::thread::sleep(Duration::from_secs(2));
+    let log = t.ok(&["vm", "log", "full"]);
+    assert!(
+        !log.contains("SPORE-DATASET "),
+        "the write finished on a full disk: {log}"
+    );
+
+    // Space is freed: the VM resumes by itself and its write completes.
+    std::fs::remove_file(&filler).unwrap();
+    let log = t.wait_console("full", "SPORE-DATASET ", 180);
+    let (mem, disk) = sums(&log, "SPORE-DATASET ");
+    assert!(
+        !mem.is_empty() && mem == disk,
+        "the disk copy differs: {log}"
+    );
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert!(vms[0]["paused"].is_null(), "{vms}");
+
+    // From the disk itself, caches dropped: the same bytes.
+    t.ok(&["vm", "send", "full", "dataset", "check"]);
+    let log = t.wait_console("full", "SPORE-DATASET-CHECK ", 120);
+    assert_eq!(sums(&log, "SPORE-DATASET-CHECK ").1, disk, "{log}");
+    t.ok(&["vm", "rm", "full", "--force"]);
+}
