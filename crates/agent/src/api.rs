@@ -108,6 +108,7 @@ fn table() -> Vec<Route<Arc<Agent>>> {
         route(M::POST, "/v1/templates/{name}/push", push_template),
         route(M::POST, "/v1/templates/{name}/pull", pull_template),
         route(M::DELETE, "/v1/groups/{name}", remove_group),
+        route(M::POST, "/v1/fsck", fsck),
         route(M::GET, "/metrics", metrics),
     ]
 }
@@ -295,6 +296,18 @@ async fn pull_image(State(a): S, Name(name): Name, body: Bytes) -> Response {
     };
     match req {
         Ok(req) => streaming(move |p| a.images.pull_image(&name, req.background, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn fsck(State(a): S, body: Bytes) -> Response {
+    let req = if body.is_empty() {
+        Ok(spore_api::FsckRequest::default())
+    } else {
+        parse::<spore_api::FsckRequest>(&body)
+    };
+    match req {
+        Ok(req) => streaming(move |p| a.images.fsck(req.repair, p)),
         Err(e) => e.into_response(),
     }
 }

@@ -9,6 +9,8 @@
 //! agent; the services above it (disks, VMs, templates, the surfaces) call
 //! it.
 
+mod fsck;
+
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::Path;

@@ -453,6 +453,63 @@ pub struct PullResult {
     pub background: bool,
 }
 
+/// `POST /v1/fsck`: the chunk store checked against the metadata.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FsckRequest {
+    /// Refetch what is missing or corrupt from the origin or peers, and
+    /// drop chunks nothing refers to.
+    #[serde(default)]
+    pub repair: bool,
+}
+
+/// A chunk something needs that the store does not hold (intact).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsckProblem {
+    pub chunk: String,
+    /// What the chunk is: `manifest`, `layer`, `data` or `profile`.
+    pub kind: String,
+    /// `missing`, or `corrupt` (its bytes did not hash to its id: moved
+    /// aside to `chunks/corrupt/`).
+    pub problem: String,
+    /// What needs it: `image NAME`, `disk NAME`.
+    pub needed_by: Vec<String>,
+    /// With `--repair`: `fetched`, or why it could not be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
+}
+
+/// What `spore fsck` found (and, with `--repair`, did).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FsckReport {
+    /// Chunk files read and hashed.
+    pub chunks_checked: u64,
+    /// Their bytes, decoded.
+    pub bytes_checked: u64,
+    /// Chunk files whose bytes did not hash to their id (moved aside).
+    pub corrupt: u64,
+    /// Chunks needed and not here (corrupt ones included).
+    pub missing: u64,
+    pub problems: Vec<FsckProblem>,
+    /// Names that refer to names not here: `template T: its RAM image
+    /// T.ram is not here` (not repaired: the template must be pulled or
+    /// removed).
+    #[serde(default)]
+    pub dangling: Vec<String>,
+    /// Data chunks of images read on demand that were not fetched yet:
+    /// not a fault (`image pull` makes an image complete).
+    pub not_fetched: u64,
+    /// Chunks nothing refers to, and their bytes on disk.
+    pub leaked_chunks: u64,
+    pub leaked_bytes: u64,
+    /// With `--repair`: chunks fetched, leaked chunks dropped.
+    pub fetched: u64,
+    pub dropped: u64,
+    /// Problems left (found, or after the repair).
+    pub unrepaired: u64,
+    /// Nothing left to repair and nothing leaked.
+    pub clean: bool,
+}
+
 /// `POST /v1/vms/{name}/send`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendRequest {

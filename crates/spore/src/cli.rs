@@ -54,6 +54,16 @@ pub enum Command {
     /// Templates: VMs captured in memory, for clones that start without booting
     #[command(subcommand)]
     Template(crate::templates::TemplateCmd),
+    /// Check every chunk's hash and every reference (image names, manifests,
+    /// layers, disks, boot profiles); exits 1 unless clean
+    Fsck {
+        /// Refetch what is missing or corrupt from the origin or peers, and
+        /// drop chunks nothing refers to
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The fleet's CA: certificates that let hosts, publishers and operators talk to agents
     #[command(subcommand)]
     Ca(crate::ca::CaCmd),
@@ -514,6 +524,20 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Fsck { repair, json } => {
+            let r: spore_api::FsckReport =
+                with_progress(&c, "/v1/fsck", &spore_api::FsckRequest { repair }).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print_fsck(&r, repair);
+            }
+            return Ok(if r.clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         Command::Image(cmd) => image_command(cmd, &c).await?,
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
@@ -523,6 +547,65 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spore fsck`'s report for a terminal.
+fn print_fsck(r: &spore_api::FsckReport, repair: bool) {
+    println!(
+        "checked {} chunks ({}): {} corrupt; {} needed and missing{}",
+        r.chunks_checked,
+        human(r.bytes_checked),
+        r.corrupt,
+        r.missing,
+        if r.not_fetched > 0 {
+            format!(
+                "; {} data chunks of on-demand images not fetched yet (not a fault)",
+                r.not_fetched
+            )
+        } else {
+            String::new()
+        }
+    );
+    for p in &r.problems {
+        println!(
+            "  {} {} {} (needed by {}){}",
+            p.problem,
+            p.kind,
+            p.chunk,
+            p.needed_by.join(", "),
+            p.repair
+                .as_ref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        );
+    }
+    for d in &r.dangling {
+        println!("  {d}");
+    }
+    println!(
+        "leaked: {} chunks ({}){}",
+        r.leaked_chunks,
+        human(r.leaked_bytes),
+        if repair {
+            format!(", {} dropped", r.dropped)
+        } else {
+            String::new()
+        }
+    );
+    if repair {
+        println!("repaired: {} chunks fetched", r.fetched);
+    }
+    match (r.clean, repair) {
+        (true, _) => println!("clean"),
+        (false, false) => println!(
+            "NOT CLEAN: {} problems; `spore fsck --repair` refetches what the origin or peers have",
+            r.unrepaired.max(r.corrupt) + r.dangling.len() as u64
+        ),
+        (false, true) => println!(
+            "NOT CLEAN: {} problems could not be repaired (above)",
+            r.unrepaired + r.dangling.len() as u64
+        ),
+    }
 }
 
 async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {

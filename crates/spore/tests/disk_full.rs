@@ -78,5 +78,8 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
     t.ok(&["vm", "send", "full", "dataset", "check"]);
     let log = t.wait_console("full", "SPORE-DATASET-CHECK ", 120);
     assert_eq!(sums(&log, "SPORE-DATASET-CHECK ").1, disk, "{log}");
+    // The stores stayed consistent through the failed writes.
+    let out = t.ok(&["fsck"]);
+    assert!(out.contains("clean"), "{out}");
     t.ok(&["vm", "rm", "full", "--force"]);
 }

@@ -178,6 +178,10 @@ fn clones_continue_the_template_with_their_own_identity_disk_and_size() {
         .fails(&["vm", "resize", "web-3", "--memory", "700M"])
         .contains("steps of 128 MiB"));
 
+    // A store with a template, its clones and their disks checks clean.
+    let out = t.ok(&["fsck"]);
+    assert!(out.contains("clean"), "{out}");
+
     // The template stays while VMs run from it; groups go at once.
     assert!(t.fails(&["template", "rm", "t1"]).contains("in use"));
     assert!(t.fails(&["image", "rm", "t1.ram"]).contains("template t1"));
@@ -324,6 +328,11 @@ fn a_clone_on_a_cold_host_pages_its_template_in_from_the_origin() {
     let fetched = status["sources"][0]["bytes"].as_u64().unwrap();
     assert!(fetched < 512 << 20, "{status}");
     assert!(fetched > 0, "{status}");
+
+    // A cold host's store checks clean: what it has not fetched is not
+    // a fault.
+    let f = b.json(&["fsck", "--json"]);
+    assert!(f["not_fetched"].as_u64().unwrap() > 0, "{f}");
 
     b.ok(&["vm", "rm", "--group", "t1"]);
     b.ok(&["template", "rm", "t1"]);
