@@ -25,6 +25,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have nbdcopy || need+=(libnbd-bin)
 have fio || need+=(fio)
 have strace || need+=(strace)  # crates/spore/tests/integrity.rs watches the agent's syscalls
+have b3sum || need+=(b3sum)    # spore bench fsck hashes the same files beside fsck
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^switch_root$' || need+=(busybox-static)
 have mke2fs || need+=(e2fsprogs)
 have debugfs || need+=(e2fsprogs)

@@ -4,12 +4,25 @@
 pub mod blockdev;
 pub mod clone;
 pub mod flush;
+pub mod fsck;
 pub mod migrate;
 pub mod procs;
 pub mod storm;
 pub mod tls;
 pub mod tls_stream;
 pub mod tls_vm;
+
+/// Writes `mib` MiB of random (incompressible) data to `path`.
+pub fn random_file(path: &std::path::Path, mib: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        block.iter_mut().for_each(|b| *b = rand::random());
+        f.write_all(&block)?;
+    }
+    f.flush()
+}
 
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)

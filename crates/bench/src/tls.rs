@@ -87,7 +87,8 @@ struct Report {
     vm: Option<crate::tls_vm::VmReport>,
 }
 
-fn spore_cmd(spore: &Path, data_dir: &Path, args: &[&str]) -> Result<String> {
+/// Runs `spore --data-dir DATA ARGS`; its stdout, or its stderr as the error.
+pub(crate) fn spore_cmd(spore: &Path, data_dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(spore)
         .arg("--data-dir")
         .arg(data_dir)
@@ -129,15 +130,7 @@ pub fn run(o: &Options) -> Result<()> {
     let work = o.work_dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     std::fs::create_dir_all(&work)?;
     let image = work.join("big.raw");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&image)?;
-        let mut block = vec![0u8; 1 << 20];
-        for _ in 0..o.mib {
-            block.iter_mut().for_each(|b| *b = rand::random());
-            f.write_all(&block)?;
-        }
-    }
+    crate::random_file(&image, o.mib)?;
     // One origin per mode, holding the same image.
     let mut origins = Vec::new();
     for mode in [Mode::Tls, Mode::Plaintext] {

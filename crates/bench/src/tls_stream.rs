@@ -220,15 +220,7 @@ pub fn run(work: &Path, mib: u64, rounds: u32, caps: &[Option<u64>]) -> Result<V
     // RAM on a tmpfs, so that reading it costs the source nothing.
     let ram_dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir())?;
     let ram_file = ram_dir.path().join("ram");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&ram_file)?;
-        let mut block = vec![0u8; 1 << 20];
-        for _ in 0..mib {
-            block.iter_mut().for_each(|b| *b = rand::random());
-            f.write_all(&block)?;
-        }
-    }
+    crate::random_file(&ram_file, mib)?;
     let mut cases = Vec::new();
     for &cap in caps {
         let mut rounds_out = Vec::new();

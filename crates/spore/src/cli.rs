@@ -382,6 +382,8 @@ pub enum BenchCmd {
     Flush(spore_bench::flush::Options),
     /// Chunk transfer between two agents over mutual TLS vs plaintext, same run
     Tls(spore_bench::tls::Options),
+    /// `spore fsck` throughput over a store, beside b3sum over the same files
+    Fsck(spore_bench::fsck::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -456,6 +458,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Flush(opts)) => {
             spore_bench::flush::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Fsck(opts)) => {
+            spore_bench::fsck::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {
