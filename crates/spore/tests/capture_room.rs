@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{avail, guest, sh, vm_run_args, TestAgent};
+use common::{fill_leaving, guest, vm_run_args, TestAgent};
 
 #[test]
 fn a_capture_without_room_is_refused_before_the_pause() {
@@ -15,11 +15,7 @@ fn a_capture_without_room_is_refused_before_the_pause() {
     t.ok(&refs);
 
     // Leave 16 MiB free: less than the guest's touched RAM alone.
-    let filler = t.data_dir().join("filler");
-    let size = avail(&t.data_dir()).saturating_sub(16 << 20);
-    sh(std::process::Command::new("fallocate")
-        .args(["-l", &size.to_string()])
-        .arg(&filler));
+    let filler = fill_leaving(&t.data_dir(), 16 << 20);
     let before = t.ok(&["vm", "log", "src"]).len();
     let err = t.fails(&["vm", "template", "src", "--name", "t"]);
     assert!(

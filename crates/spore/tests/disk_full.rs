@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{avail, guest, sh, vm_run_args, TestAgent};
+use common::{fill_leaving, guest, sh, vm_run_args, TestAgent};
 
 /// The (mem, disk) checksums on the last whole `marker` line of `log`.
 fn sums(log: &str, marker: &str) -> (String, String) {
@@ -31,11 +31,7 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
     t.ok(&refs);
 
     // 16 MiB left; the guest writes 48.
-    let filler = t.data_dir().join("filler");
-    let size = avail(&t.data_dir()).saturating_sub(16 << 20);
-    sh(std::process::Command::new("fallocate")
-        .args(["-l", &size.to_string()])
-        .arg(&filler));
+    let filler = fill_leaving(&t.data_dir(), 16 << 20);
     t.ok(&["vm", "send", "full", "dataset", "write", "48"]);
 
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -343,11 +343,17 @@ pub fn sparse_random_file(path: &Path, size: u64, seed: u64) {
     w.flush().unwrap();
 }
 
-/// Bytes still free in the file system of `dir`, as df says.
+/// Fills the file system of `dir` with a file (`dir/filler`, returned)
+/// until only `left` bytes are free, as df counts them.
 #[allow(dead_code)]
-pub fn avail(dir: &Path) -> u64 {
+pub fn fill_leaving(dir: &Path, left: u64) -> PathBuf {
     let out = sh(Command::new("df").args(["--output=avail", "-B1"]).arg(dir));
-    out.lines().last().unwrap().trim().parse().unwrap()
+    let avail: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    let filler = dir.join("filler");
+    sh(Command::new("fallocate")
+        .args(["-l", &avail.saturating_sub(left).to_string()])
+        .arg(&filler));
+    filler
 }
 
 pub struct Guest {
