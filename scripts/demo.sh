@@ -4,8 +4,8 @@
 #   import the guest's disk as an image, boot a VM from it over NBD, make a
 #   second layer from inside a VM, boot a VM from base + layer, capture a
 #   running VM as a template and start a burst of clones from it, then a
-#   small storm of hosts booting from cold, and a live migration between two
-#   of them.
+#   small storm of hosts booting from cold, a live migration between two
+#   of them, a remote operator, and a check of a host's store (fsck).
 # Everything lives under .cache/demo (SPORE_DEMO_DIR to change); the agent
 # and its VMs are stopped at the end.
 set -euo pipefail
@@ -172,4 +172,6 @@ echo "  the operator, from node1's namespace: spore --remote https://$N2IP:7070 
 ip netns exec "$N1NS" env SPORE_HOME="$C/operator" "$SPORE" --remote "https://$N2IP:7070" vm ls
 echo "  node1's own certificate (role host) asking the same:" >&2
 ip netns exec "$N1NS" env SPORE_HOME="$C/node1" "$SPORE" --remote "https://$N2IP:7070" vm ls 2>&1 | sed 's/^/    /' >&2 || true
+say "checking a host's store: spore fsck on node2 (every chunk hashed, every reference followed; --repair refetches)"
+SPORE_HOME=$C/node2 "$SPORE" fsck | sed 's/^/  /' || echo "  (fsck found problems: above)" >&2
 echo "Stopping: VMs, agents and the cluster's namespaces are removed; data stays in $DEMO." >&2
