@@ -457,8 +457,7 @@ pub struct PullResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FsckRequest {
     /// Refetch what is missing or corrupt from the origin or peers, and
-    /// drop chunks nothing refers to.
-    #[serde(default)]
+    /// drop chunks nothing refers to. (An empty body is `false`.)
     pub repair: bool,
 }
 

@@ -129,6 +129,7 @@ fn api_table() -> Vec<(&'static str, &'static str, Absent, Body)> {
             API_LENIENT,
         ),
         ("POST", "/v1/disks", NoName, API_BODY),
+        ("POST", "/v1/fsck", NoName, API_BODY),
         (
             "GET",
             "/v1/disks/{name}",
