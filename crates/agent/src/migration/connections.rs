@@ -258,7 +258,9 @@ impl DemandMeter {
     }
 }
 
-fn resolve(host: &str, port: u16) -> Vec<SocketAddr> {
+/// The addresses of `host:port` (brackets around an IPv6 host allowed);
+/// none when it does not resolve.
+pub(super) fn resolve(host: &str, port: u16) -> Vec<SocketAddr> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (host, port)
         .to_socket_addrs()

@@ -1231,12 +1231,10 @@ impl Route {
 
 /// The first address of `host:port`.
 fn resolve(host: &str, port: u16) -> Result<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
-    (host, port)
-        .to_socket_addrs()
-        .map_err(AgentError::io(format!("resolving {host}")))?
-        .next()
-        .ok_or_else(|| AgentError::State(format!("{host} has no address")))
+    super::connections::resolve(host, port)
+        .first()
+        .copied()
+        .ok_or_else(|| AgentError::State(format!("{host} does not resolve to an address")))
 }
 
 #[cfg(test)]
