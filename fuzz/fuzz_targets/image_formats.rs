@@ -20,6 +20,15 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Bundle::decode(&b.encode()).as_ref(), Ok(&b));
     }
     let _ = spore_blockdev::overlay::decode_meta(data);
+    let _ = spore_blockdev::overlay::decode_log_header(data);
+    let _ = spore_blockdev::overlay::decode_records(1, data, 1 << 20);
+    let _ = spore_blockdev::overlay::decode_pending_header(data);
+    if data.len() > 16 {
+        let boot: [u8; 16] = data[..16].try_into().expect("16 bytes");
+        for (first, n) in spore_blockdev::overlay::decode_pending_records(&boot, 1, &data[16..], 1 << 20) {
+            assert!(n > 0 && first + n <= 1 << 20);
+        }
+    }
     // Chunk files: checked against the id of their own payload and a fixed one.
     let _ = decode_chunk_file(&ChunkId::of(data), data);
     if data.len() > 16 {

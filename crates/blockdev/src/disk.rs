@@ -217,7 +217,7 @@ impl Disk {
         }
         // Dirty for the next flush and tracked for a migration, whether
         // the granule was new or not.
-        self.overlay.mark(granule, granule);
+        self.overlay.mark(granule, granule)?;
         Ok(())
     }
 
@@ -302,7 +302,7 @@ impl Disk {
                     .then(|| self.lock_granules(first, last));
                 let slice = &data[(start - offset) as usize..(end - offset) as usize];
                 self.overlay.write_data(start, slice)?;
-                self.overlay.mark(first, last);
+                self.overlay.mark(first, last)?;
                 Ok(())
             },
         )?;
@@ -356,7 +356,7 @@ impl Disk {
                         None => {}
                     }
                     if act.is_some() {
-                        self.overlay.mark(g, run_end - 1);
+                        self.overlay.mark(g, run_end - 1)?;
                     }
                     g = run_end;
                 }

@@ -114,6 +114,8 @@ struct State {
     /// Mutating operations left before the power goes; `None`: no cut.
     ops_left: Option<u64>,
     rng: StdRng,
+    /// Power cuts so far: each is a reboot (a new boot id).
+    boots: u64,
 }
 
 /// In-memory files with a power switch (see the module doc).
@@ -132,6 +134,7 @@ impl FaultFiles {
             durable_names: Default::default(),
             ops_left: None,
             rng: StdRng::seed_from_u64(seed),
+            boots: 0,
         })))
     }
 
@@ -197,6 +200,7 @@ impl FaultFiles {
             n.volatile = after;
         }
         s.ops_left = None;
+        s.boots += 1;
     }
 
     /// Counts one mutating operation; fails once the power is off.
@@ -288,6 +292,12 @@ impl Files for FaultFiles {
             .collect();
         s.durable_names.extend(in_dir);
         Ok(())
+    }
+
+    fn boot_id(&self) -> io::Result<[u8; 16]> {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.0.lock().boots.to_le_bytes());
+        Ok(id)
     }
 }
 

@@ -55,6 +55,25 @@ pub trait Files: Send + Sync + Debug {
     fn exists(&self, path: &Path) -> bool;
     /// Makes the entries of `dir` (created, renamed, removed) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Names this boot of the machine: what was written and not synced is
+    /// in the files for as long as it stays the same (a process that dies
+    /// loses nothing the kernel took), and may be lost when it changes.
+    fn boot_id(&self) -> io::Result<[u8; 16]>;
+}
+
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), as bytes.
+pub fn kernel_boot_id() -> io::Result<[u8; 16]> {
+    let text = fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let mut id = [0u8; 16];
+    if hex.len() != 32 {
+        return Err(io::Error::other(format!("unexpected boot id {text:?}")));
+    }
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| io::Error::other(format!("unexpected boot id {text:?}")))?;
+    }
+    Ok(id)
 }
 
 /// The operating system's files.
@@ -95,6 +114,10 @@ impl Files for RealFiles {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn boot_id(&self) -> io::Result<[u8; 16]> {
+        kernel_boot_id()
     }
 }
 
