@@ -255,6 +255,7 @@ ROOTFS_STAMP=$( {
     sha256sum < "$GUEST_DIR/lib.sh"
     sha256sum < "$GUEST_DIR/tools/spore-reseed.c"
     sha256sum < "$GUEST_DIR/tools/spore-poke.c"
+    sha256sum < "$GUEST_DIR/tools/spore-ioloop.c"
     gcc --version | sed -n 1p
     mke2fs -V 2>&1 | sed -n 1p
 } | hash_str)
@@ -343,6 +344,8 @@ else
         || die "compiling guest/tools/spore-reseed.c failed (gcc, libc6-dev)"
     gcc -static -Os -s -Wall -o "$S/sbin/spore-poke" "$GUEST_DIR/tools/spore-poke.c" \
         || die "compiling guest/tools/spore-poke.c failed (gcc, libc6-dev)"
+    gcc -static -Os -s -Wall -o "$S/sbin/spore-ioloop" "$GUEST_DIR/tools/spore-ioloop.c" \
+        || die "compiling guest/tools/spore-ioloop.c failed (gcc, libc6-dev)"
     mkdir -p "$S"/{proc,sys,dev,tmp,run,root,mnt,var/log,data}
     chmod 1777 "$S/tmp"
     chmod 700 "$S/root"

@@ -31,7 +31,9 @@ say "starting an agent on $SPORE_HOME"
 AGENT=$!
 export SPORE_CLUSTER_DIR=$DEMO/clusters
 cleanup() {
-    kill -TERM "$AGENT" 2>/dev/null; wait "$AGENT" 2>/dev/null || true
+    # The agent's VMs outlive a SIGTERM (restarts keep them): stop both.
+    "$SPORE" agent stop --vms >/dev/null 2>&1 || kill -TERM "$AGENT" 2>/dev/null
+    wait "$AGENT" 2>/dev/null || true
     "$SPORE" cluster down --name demo >/dev/null 2>&1 || true
 }
 trap cleanup EXIT

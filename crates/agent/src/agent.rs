@@ -279,7 +279,37 @@ pub struct Agent {
     pub tls_failures: Arc<std::sync::atomic::AtomicU64>,
     /// API connections refused for the caller's credentials.
     pub api_refused: Arc<std::sync::atomic::AtomicU64>,
+    /// `spore agent stop` asked for, and whether with the VMs.
+    pub stop: StopRequest,
     _lock: File,
+}
+
+/// A request to stop the agent (`POST /v1/agent/stop`), which its API
+/// server waits for beside SIGINT and SIGTERM.
+#[derive(Debug, Default)]
+pub struct StopRequest {
+    vms: parking_lot::Mutex<Option<bool>>,
+    notify: tokio::sync::Notify,
+}
+
+impl StopRequest {
+    /// Asks the agent to stop; `vms` stops its VMs too (a later request
+    /// may add that, never take it back).
+    pub fn request(&self, vms: bool) {
+        let mut v = self.vms.lock();
+        *v = Some(v.unwrap_or(false) || vms);
+        self.notify.notify_one();
+    }
+
+    /// Returns once a stop is requested.
+    pub async fn requested(&self) {
+        self.notify.notified().await
+    }
+
+    /// Whether the VMs go with the agent.
+    pub fn with_vms(&self) -> bool {
+        self.vms.lock().unwrap_or(false)
+    }
 }
 
 impl Agent {
@@ -434,6 +464,7 @@ impl Agent {
             peer_privileged: Default::default(),
             tls_failures,
             api_refused: Default::default(),
+            stop: StopRequest::default(),
             _lock: lock,
         });
         agent.recover()?;
@@ -458,7 +489,7 @@ impl Agent {
         self.images.bind_all()?;
         report.extend(self.disks.recover()?);
         report.extend(self.vms.recover()?);
-        report.extend(self.templates.drop_standbys());
+        report.extend(self.templates.adopt_standbys());
         report.extend(self.templates.finish_template_removals());
         report.extend(self.templates.collect_template_debris());
         *self.recovered.lock() = report;
@@ -466,13 +497,31 @@ impl Agent {
         Ok(())
     }
 
-    /// The agent's shutdown, past its listeners: every VM stopped (and why
-    /// recorded), the standby pools emptied, remote templates unmounted,
-    /// the RAM directory removed when nothing is left in it. The disks
-    /// are flushed once the NBD server has stopped ([`Agent::flush_all`]).
-    pub fn shut_down(&self) {
-        self.vms.stop_all_vms();
-        self.templates.shut_down();
+    /// The agent's shutdown, past its listeners. With `stop_vms`: every VM
+    /// stopped (and why recorded), the standby pools emptied, the RAM
+    /// directory removed when nothing is left in it. Without, the VMs and
+    /// standbys run on for the next agent to take over (their disks wait
+    /// for it: QEMU reconnects). Remote templates' RAM (spore-memfs) is
+    /// served by this process and goes with it either way. The disks are
+    /// flushed once the NBD server has stopped ([`Agent::flush_all`]).
+    pub fn shut_down(&self, stop_vms: bool) {
+        if stop_vms {
+            self.vms.stop_all_vms();
+        } else {
+            let running = self.vms.running_count();
+            if running > 0 {
+                tracing::info!(
+                    running,
+                    "VMs keep running; the next agent on this data directory takes them over"
+                );
+                eprintln!(
+                    "{running} VM(s) keep running: the next `spore agent` on {} takes them over \
+                     (`spore agent stop --vms` stops them with the agent)",
+                    self.data_dir().display()
+                );
+            }
+        }
+        self.templates.shut_down(stop_vms);
         let _ = fs::remove_dir(self.vms.procs.ram_dir());
     }
 

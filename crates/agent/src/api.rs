@@ -109,6 +109,7 @@ fn table() -> Vec<Route<Arc<Agent>>> {
         route(M::POST, "/v1/templates/{name}/pull", pull_template),
         route(M::DELETE, "/v1/groups/{name}", remove_group),
         route(M::POST, "/v1/fsck", fsck),
+        route(M::POST, "/v1/agent/stop", stop_agent),
         route(M::GET, "/metrics", metrics),
     ]
 }
@@ -308,6 +309,28 @@ async fn fsck(State(a): S, body: Bytes) -> Response {
     };
     match req {
         Ok(req) => streaming(move |p| a.images.fsck(req.repair, p)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stop_agent(State(a): S, body: Bytes) -> Response {
+    let req = if body.is_empty() {
+        Ok(spore_api::AgentStop::default())
+    } else {
+        parse::<spore_api::AgentStop>(&body)
+    };
+    match req {
+        Ok(req) => {
+            let running = a.vms.running_count() as u32;
+            tracing::info!(vms = req.vms, running, "stop requested over the API");
+            a.stop.request(req.vms);
+            axum::Json(spore_api::AgentStopping {
+                vms: req.vms,
+                running,
+                pid: std::process::id(),
+            })
+            .into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -31,8 +31,10 @@ pub use error::AgentError;
 
 use error::Result;
 
-/// Runs an agent until SIGINT or SIGTERM, then stops its VMs, flushes its
-/// disks and removes its sockets.
+/// Runs an agent until SIGINT, SIGTERM or `POST /v1/agent/stop`, then
+/// flushes its disks and removes its sockets. Its VMs keep running (the
+/// next agent on the data directory takes them over) unless the stop
+/// request asked for them too.
 pub fn run(config: AgentConfig) -> Result<()> {
     let agent = Agent::open(config)?;
     let dir = agent.data_dir().to_owned();
@@ -122,13 +124,14 @@ pub fn run(config: AgentConfig) -> Result<()> {
         tracing::info!(data_dir = %dir.display(), api = %api_path.display(), nbd = %nbd_path.display(), accel = %agent.vms.accel(), "spore agent ready");
         eprintln!("spore agent ready: data dir {}, API {}, NBD {}", dir.display(), api_path.display(), nbd_path.display());
         axum::serve(listener, api::router(agent.clone()))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(agent.clone()))
             .await
             .map_err(AgentError::io("serving the API"))
     });
-    tracing::info!("shutting down");
+    let stop_vms = agent.stop.with_vms();
+    tracing::info!(stop_vms, "shutting down");
     // Outside the runtime now: plain blocking calls.
-    agent.shut_down();
+    agent.shut_down(stop_vms);
     nbd.shutdown();
     if let Some(t) = nbd_tcp {
         t.shutdown();
@@ -139,11 +142,12 @@ pub fn run(config: AgentConfig) -> Result<()> {
     served
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(agent: Arc<Agent>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = agent.stop.requested() => {}
     }
 }

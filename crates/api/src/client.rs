@@ -103,6 +103,11 @@ impl Client {
         })
     }
 
+    /// True for another host's agent (`--remote`).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.target, Target::Remote(_))
+    }
+
     /// The client for the agent of `data_dir`.
     pub fn for_data_dir(data_dir: &Path) -> Self {
         Self::new(data_dir.join(crate::API_SOCKET))

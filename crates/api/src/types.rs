@@ -453,6 +453,28 @@ pub struct PullResult {
     pub background: bool,
 }
 
+/// `POST /v1/agent/stop`: the agent stops serving and exits. Its VMs keep
+/// running (a restarted agent takes them over) unless `vms` is set. An
+/// empty body keeps the VMs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStop {
+    /// Stop every VM (and standby clone) first, as `vm stop --force` does.
+    pub vms: bool,
+}
+
+/// The answer to `POST /v1/agent/stop`: the agent is on its way out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStopping {
+    /// Whether the VMs are stopped too.
+    pub vms: bool,
+    /// VMs (standbys included) with a running QEMU now: stopped first with
+    /// `vms`, else left running for the next agent.
+    pub running: u32,
+    /// The agent's process id: it is gone once this process is.
+    pub pid: u32,
+}
+
 /// `POST /v1/fsck`: the chunk store checked against the metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FsckRequest {

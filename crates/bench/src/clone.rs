@@ -189,7 +189,7 @@ impl Host {
     }
 
     pub(crate) fn remove(mut self) {
-        let _ = self.agent.stop();
+        let _ = self.agent.stop_all();
         let _ = std::fs::remove_dir_all(&self.ram);
     }
 }

@@ -12,6 +12,8 @@ use serde_json::Value;
 pub struct AgentProcess {
     child: Child,
     pub data_dir: PathBuf,
+    /// The binary it runs (for `spore agent stop`).
+    spore: PathBuf,
 }
 
 /// The fleet CA of the agents this process starts on this machine (tests
@@ -85,6 +87,7 @@ impl AgentProcess {
         let mut agent = AgentProcess {
             child,
             data_dir: data_dir.to_owned(),
+            spore: spore.to_owned(),
         };
         let sock = data_dir.join(spore_api::API_SOCKET);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -114,7 +117,29 @@ impl AgentProcess {
         let _ = self.child.wait();
     }
 
-    /// Stops the agent with SIGTERM and waits for it to exit.
+    /// Stops the agent and its VMs (`spore agent stop --vms`) and waits
+    /// for it to exit; then no QEMU of its data directory is left.
+    pub fn stop_all(&mut self) -> Result<std::process::ExitStatus> {
+        let out = Command::new(&self.spore)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["agent", "stop", "--vms", "--timeout", "120"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running spore agent stop --vms")?;
+        if !out.status.success() {
+            bail!(
+                "spore agent stop --vms failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let status = self.child.wait()?;
+        kill_leftover_qemus(&self.data_dir);
+        Ok(status)
+    }
+
+    /// Stops the agent with SIGTERM (its VMs keep running for the next
+    /// agent) and waits for it to exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         // SAFETY: kill sends a signal; no memory is involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -143,10 +168,41 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    /// Stops the agent with its VMs; whatever QEMU of its data directory
+    /// is still left (the agent was killed, or did not stop) is killed.
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) && self.stop().is_err() {
+        if matches!(self.child.try_wait(), Ok(None)) && self.stop_all().is_err() {
             self.kill();
         }
+        kill_leftover_qemus(&self.data_dir);
+    }
+}
+
+/// Kills (SIGKILL) every process running in a VM directory of
+/// `data_dir` (QEMUs that outlived their agent, which they do by design)
+/// and waits up to 10 s for them to go.
+pub fn kill_leftover_qemus(data_dir: &Path) {
+    let vms = std::fs::canonicalize(data_dir.join("vms")).unwrap_or_else(|_| data_dir.join("vms"));
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&vms))
+        })
+        .collect();
+    for pid in &pids {
+        // SAFETY: kill sends a signal; no memory is involved.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1097,7 +1097,12 @@ mod tests {
         assert!(o.is_allocated(6) && !o.is_allocated(8));
         // Malformed inputs decode to nothing rather than panic.
         let boot = files.boot_id().unwrap();
-        for body in [&[][..], &[0xff; 7][..], &[1, 0, 0, 0, 0, 0, 0, 0][..], &[0xff; 100][..]] {
+        for body in [
+            &[][..],
+            &[0xff; 7][..],
+            &[1, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0xff; 100][..],
+        ] {
             assert!(decode_pending_records(&boot, 1, body, 256).is_empty());
         }
         assert!(decode_pending_header(&[0u8; 10]).is_err());

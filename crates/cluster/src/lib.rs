@@ -360,7 +360,8 @@ pub fn load(state_dir: &Path, name: &str) -> Result<Cluster, ClusterError> {
 /// RAM directory and its state file; data dirs and logs stay for a
 /// post-mortem.
 ///
-/// Agents are asked first (SIGTERM) and given [`AGENT_GRACE`] to stop
+/// Agents are asked first (`POST /v1/agent/stop` with the VMs, SIGTERM
+/// when their API does not answer) and given [`AGENT_GRACE`] to stop
 /// their VMs and flush their disks; then whatever is left in the
 /// namespaces (QEMU) gets SIGTERM, [`STOP_GRACE`], SIGKILL, and `down`
 /// waits until each process is gone. Only then are the namespaces, links
@@ -462,10 +463,17 @@ fn teardown(dir: &Path, name: &str, st: Option<&State>) -> Result<DownReport, Cl
 
     // Everything running now is reported, also what its agent stops.
     let mut seen = everything();
-    // 1. Only the agents: each stops its VMs and flushes its disks.
+    // 1. Only the agents: each stops its VMs and flushes its disks (asked
+    // over its API: a SIGTERM'd agent leaves its VMs for the next one).
     let first = agents();
     if !first.is_empty() {
-        procs::signal_all(&first, libc::SIGTERM);
+        let asked: BTreeSet<u32> = first
+            .iter()
+            .copied()
+            .filter(|&pid| procs::data_dir_of(pid).is_some_and(|d| procs::ask_to_stop_with_vms(&d)))
+            .collect();
+        let rest: BTreeSet<u32> = first.difference(&asked).copied().collect();
+        procs::signal_all(&rest, libc::SIGTERM);
         for pid in procs::wait_gone(&first, AGENT_GRACE) {
             tracing::warn!(
                 pid,

@@ -91,6 +91,39 @@ pub(crate) fn with_data_dir_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The data directory agent `pid` was started with.
+pub(crate) fn data_dir_of(pid: u32) -> Option<std::path::PathBuf> {
+    cmdline(pid)
+        .as_deref()
+        .and_then(data_dir_arg)
+        .map(Path::to_owned)
+}
+
+/// Asks the agent of `data_dir` to stop with its VMs (`POST
+/// /v1/agent/stop {"vms":true}` on its API socket): an agent's VMs
+/// outlive a SIGTERM by design. One fixed HTTP/1.1 request, written here
+/// rather than pulling the API client and an async runtime into this
+/// crate for it. True when the agent accepted.
+pub(crate) fn ask_to_stop_with_vms(data_dir: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(data_dir.join("api.sock")) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let body = r#"{"vms":true}"#;
+    let req = format!(
+        "POST /v1/agent/stop HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 16];
+    let n = s.read(&mut head).unwrap_or(0);
+    head[..n].starts_with(b"HTTP/1.1 200")
+}
+
 /// Alive, and not a zombie waiting for its parent to reap it.
 pub(crate) fn is_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -207,8 +207,11 @@ impl VmSpec {
             "node-name": "disk0",
             "server": { "type": "unix", "path": self.socket_arg(&self.nbd_socket) },
             "export": self.export,
-            // If the agent restarts, QEMU retries instead of failing I/O at once.
-            "reconnect-delay": 10,
+            // While the agent restarts (VMs outlive it), QEMU holds the
+            // guest's requests and reconnects, and sends again those the
+            // old agent had not answered; only past this many seconds
+            // would they fail.
+            "reconnect-delay": 30,
         });
         push(&["-blockdev", &blockdev.to_string()]);
         // A write the agent cannot complete (it needs a block no peer or

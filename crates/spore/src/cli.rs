@@ -35,7 +35,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the per-host agent (foreground; stop with Ctrl-C or SIGTERM)
+    /// Run the per-host agent (foreground), or stop it (`spore agent stop`)
+    #[command(after_long_help = AGENT_HELP)]
     Agent(AgentArgs),
     /// Show the agent's status
     Status {
@@ -75,8 +76,29 @@ pub enum Command {
     Bench(BenchCmd),
 }
 
+/// How restarts and upgrades go, for `spore agent --help`.
+const AGENT_HELP: &str = "\
+Restarts and upgrades keep VMs running. QEMU does not die with the agent: \
+Ctrl-C, SIGTERM, `spore agent stop`, a crash or kill -9 stop the agent only. \
+The next `spore agent` on the same data directory takes the VMs over (their \
+monitors, guest channels, standby clones), and their disks reconnect to it: \
+guest I/O waits during the restart, then goes on with no error and no lost \
+write (writes acknowledged and not yet flushed are kept too). What was half-way \
+at a kill (a VM starting, an incoming migration before its guest ran here, a \
+capture or a commit) is rolled back by that start, and `spore status` lists \
+what it did.
+
+Upgrade: install the new binary, then `spore agent stop` (or `systemctl \
+restart spore-agent` with packaging/spore-agent.service) and start the new one. \
+`spore agent stop --vms` stops every VM with the agent (what a host going down \
+wants). Clones whose template RAM is paged in from another host (spore-memfs) \
+are served by the agent itself and do not survive its restart.";
+
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub action: Option<AgentAction>,
     /// Memory for cached chunk data
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     cache_size: u64,
@@ -158,6 +180,20 @@ pub struct AgentArgs {
     /// 503 (each starts a QEMU and a disk here)
     #[arg(long, default_value_t = 2)]
     max_incoming_migrations: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentAction {
+    /// Stop the agent of this data directory (or --remote); its VMs keep
+    /// running for the next agent unless --vms
+    Stop {
+        /// Stop every VM and standby clone too
+        #[arg(long)]
+        vms: bool,
+        /// Seconds to wait for the agent to exit
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -392,7 +428,7 @@ fn abs(path: &Path) -> Result<PathBuf> {
 
 pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
     match cli.command {
-        Command::Agent(a) => {
+        Command::Agent(a) if a.action.is_none() => {
             let mut config = spore_agent::AgentConfig::new(abs(&data_dir)?);
             config.cache_bytes = a.cache_size as usize;
             config.nbd_tcp = a.nbd_tcp;
@@ -544,6 +580,10 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
                 ExitCode::FAILURE
             });
         }
+        Command::Agent(AgentArgs {
+            action: Some(AgentAction::Stop { vms, timeout }),
+            ..
+        }) => stop_agent(&c, vms, timeout).await?,
         Command::Image(cmd) => image_command(cmd, &c).await?,
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
@@ -553,6 +593,39 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spore agent stop`: asks the agent to stop, then waits until it is
+/// gone (its API stops answering and, on this host, its process exits).
+async fn stop_agent(c: &Client, vms: bool, timeout: u64) -> Result<()> {
+    let r: spore_api::AgentStopping = c
+        .call(
+            hyper::Method::POST,
+            "/v1/agent/stop",
+            Some(&spore_api::AgentStop { vms }),
+        )
+        .await?;
+    match (r.vms, r.running) {
+        (_, 0) => eprintln!("stopping the agent (no VM runs)"),
+        (true, n) => eprintln!("stopping the agent and its {n} VM(s)"),
+        (false, n) => eprintln!(
+            "stopping the agent; its {n} VM(s) keep running for the next agent on this data directory"
+        ),
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{}", r.pid));
+    loop {
+        let api_gone = c.get::<AgentStatus>("/v1/status").await.is_err();
+        let process_gone = c.is_remote() || !proc_dir.exists();
+        if api_gone && process_gone {
+            eprintln!("agent stopped");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            anyhow::bail!("the agent (pid {}) did not exit within {timeout} s", r.pid);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// `spore fsck`'s report for a terminal.

@@ -196,8 +196,10 @@ impl Templates {
 
     /// At the agent's shutdown, once every VM is stopped: the standby pool
     /// emptied and the FUSE files of remote templates unmounted.
-    pub(crate) fn shut_down(&self) {
-        let _ = self.drop_standbys();
+    pub(crate) fn shut_down(&self, stop_vms: bool) {
+        if stop_vms {
+            let _ = self.drop_standbys();
+        }
         self.memfs.lock().clear();
     }
 

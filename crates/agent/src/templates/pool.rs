@@ -1,6 +1,7 @@
 //! The standby pool's operations: clones started and paused ahead of
 //! demand, handed out by `vm clone`, refilled in the background, dropped
-//! when the agent starts (they never outlive their agent). Its state is
+//! at an agent's stop with its VMs (`spore agent stop --vms`), taken over by
+//! the next agent otherwise. Its state is
 //! [`super::standbys::Standbys`].
 
 use super::clone::clone_record;
@@ -28,9 +29,9 @@ impl Templates {
         }
     }
 
-    /// Fills every template's standby pool, in the background: standbys
-    /// do not outlive the agent that started them, so a starting agent
-    /// (once it serves NBD, which their disks need) makes new ones.
+    /// Fills every template's standby pool, in the background, once the
+    /// agent serves NBD (which their disks need): a starting agent tops up
+    /// what it took over from the previous one.
     pub fn fill_all_standbys(self: &Arc<Self>) {
         if self.clone_standby == 0 {
             return;
@@ -209,6 +210,45 @@ impl Templates {
 
     /// Removes standby clones a previous run left (they never outlive
     /// their agent: QEMU dies with it).
+    /// At start: standby clones whose QEMU the VM service took over go
+    /// back into their template's pool (up to `--clone-standby`); the rest
+    /// (QEMU gone, template gone, no pool wanted) are removed.
+    pub(crate) fn adopt_standbys(&self) -> Vec<String> {
+        let Ok(list) = self.meta.list::<VmRecord>(Table::Vms) else {
+            return Vec::new();
+        };
+        let mut report = Vec::new();
+        for (name, r) in list.into_iter().filter(|(_, r)| r.standby) {
+            let template = r.template.clone().unwrap_or_default();
+            let alive = r.state == VmState::Standby && self.vms.running_vm(&name).is_some();
+            let exists = self.template_record(&template).is_ok();
+            let kept = alive && exists && {
+                let mut s = self.standbys.lock();
+                let ready = s.ready.entry(template.clone()).or_default();
+                (ready.len() < self.clone_standby as usize)
+                    .then(|| ready.push(name.clone()))
+                    .is_some()
+            };
+            if kept {
+                report.push(format!(
+                    "standby clone {name}: kept in the pool of template {template}"
+                ));
+                continue;
+            }
+            match self.vms.remove_vm(&name, true) {
+                Ok(()) => report.push(format!("standby clone {name}: removed")),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e.chain(), "removing a standby clone");
+                    report.push(format!(
+                        "standby clone {name}: removing it failed: {}",
+                        e.chain()
+                    ));
+                }
+            }
+        }
+        report
+    }
+
     pub(crate) fn drop_standbys(&self) -> Vec<String> {
         let Ok(list) = self.meta.list::<VmRecord>(Table::Vms) else {
             return Vec::new();

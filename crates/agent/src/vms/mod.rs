@@ -60,6 +60,32 @@ const RESUME_FREE: u64 = 64 << 20;
 /// What `vm ls` says of a VM paused for want of space.
 const DISK_FULL: &str = "disk full";
 
+/// What became of a QEMU a previous agent left.
+enum Adopted {
+    /// It runs on under this agent.
+    Kept(String),
+    /// It was stopped and what it was for undone.
+    Discarded(String),
+}
+
+/// SIGKILL to a QEMU that is not this agent's child, and a wait (bounded)
+/// until it is gone.
+fn kill_and_reap(pid: u32) {
+    let pidfd = processes::pidfd_open(pid).ok();
+    // SAFETY: kill sends a signal; no memory is involved.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    if let Some(fd) = pidfd {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd we pass.
+        unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    }
+}
+
 fn tail(path: &Path, max: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(max).collect();
@@ -121,9 +147,145 @@ impl Vms {
         self.procs.send(name, msg)
     }
 
-    /// Settles the VMs a previous agent left (see [`VmManager::recover`]).
-    pub(crate) fn recover(&self) -> Result<Vec<String>> {
-        self.procs.recover(&self.meta)
+    /// Takes over the VMs a previous agent left: a QEMU that still runs
+    /// its VM (running, or a standby) is adopted, so the VM goes on; one
+    /// caught half-way (starting, stopping, receiving a migration's
+    /// pre-copy) is stopped and its operation rolled back; a VM whose QEMU
+    /// is gone is recorded as stopped. Returns what it did, one line each.
+    pub(crate) fn recover(self: &Arc<Self>) -> Result<Vec<String>> {
+        let mut report = Vec::new();
+        let mut running = std::collections::HashSet::new();
+        for (name, rec) in self.meta.list::<VmRecord>(Table::Vms)? {
+            if matches!(rec.state, VmState::Stopped | VmState::Failed) {
+                continue;
+            }
+            let pid = self.procs.left_running(&name, rec.pid);
+            let line = match (pid, rec.state) {
+                (None, _) => self.settle_left(
+                    &name,
+                    VmState::Stopped,
+                    "its QEMU exited while no agent ran",
+                )?,
+                (Some(pid), VmState::Running | VmState::Standby | VmState::Incoming) => {
+                    match self.adopt(&name, pid, &rec) {
+                        Ok(Adopted::Kept(line)) => {
+                            running.insert(name.clone());
+                            line
+                        }
+                        Ok(Adopted::Discarded(line)) => line,
+                        Err(e) => {
+                            kill_and_reap(pid);
+                            self.settle_left(
+                                &name,
+                                VmState::Failed,
+                                &format!(
+                                    "the agent restarted and could not take its QEMU over: {}",
+                                    e.chain()
+                                ),
+                            )?
+                        }
+                    }
+                }
+                (Some(pid), VmState::Stopping) => {
+                    kill_and_reap(pid);
+                    self.settle_left(
+                        &name,
+                        VmState::Stopped,
+                        "stopped on request (the stop was finished by the next agent)",
+                    )?
+                }
+                (Some(pid), _) => {
+                    kill_and_reap(pid);
+                    self.settle_left(
+                        &name,
+                        VmState::Failed,
+                        "the agent stopped while the VM was starting; the start was rolled back",
+                    )?
+                }
+            };
+            tracing::warn!(vm = %name, "{line}");
+            report.push(line);
+        }
+        report.extend(self.procs.sweep_ram_dir(&running));
+        Ok(report)
+    }
+
+    /// Records how a VM a previous agent left ended; returns the line for
+    /// the start's report.
+    fn settle_left(&self, name: &str, state: VmState, reason: &str) -> Result<String> {
+        self.set_vm_state(name, |r| {
+            r.state = state;
+            r.pid = None;
+            r.reason = Some(reason.to_owned());
+        })?;
+        Ok(format!("vm {name}: {state} ({reason})"))
+    }
+
+    /// Takes over one QEMU a previous agent left: checks it answers QMP,
+    /// watches its exit through a pidfd and reconnects its guest channel.
+    fn adopt(self: &Arc<Self>, name: &str, pid: u32, rec: &VmRecord) -> Result<Adopted> {
+        let dir = self.procs.dir(name);
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("QMP: {e}"));
+        let mut qmp =
+            Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(5)).map_err(qmp_err)?;
+        let status = qmp.status().map_err(qmp_err)?;
+        if rec.state == VmState::Incoming && status == "inmigrate" {
+            // The stream had not all arrived: the source still runs the
+            // VM, and its migration failed with this agent's relay.
+            kill_and_reap(pid);
+            self.remove_vm(name, true)?;
+            return Ok(Adopted::Discarded(format!(
+                "vm {name}: an incoming migration was interrupted by the agent restart before \
+                 the guest ran here; what it made here was removed (the source keeps the VM)"
+            )));
+        }
+        if self.procs.maps_memfs(pid) {
+            return Err(AgentError::State(
+                "its template's RAM was being paged in from another host by the previous agent \
+                 (spore-memfs), which no other agent can serve"
+                    .into(),
+            ));
+        }
+        let log_from = fs::metadata(dir.join("qemu.log")).map_or(0, |m| m.len());
+        let pidfd = processes::pidfd_open(pid).map_err(AgentError::io("opening a pidfd"))?;
+        let own_ram = Some(self.procs.ram_file(name)).filter(|f| f.exists());
+        self.watch(
+            name,
+            pid,
+            Arc::new(Exit::default()),
+            processes::Waiter::Adopted { pidfd, log_from },
+            own_ram,
+        )?;
+        match GuestChannel::connect(&dir.join("channel.sock"), Duration::from_secs(5)) {
+            Ok(ch) => {
+                self.procs.channels.lock().insert(name.to_owned(), ch);
+            }
+            Err(e) => {
+                tracing::warn!(vm = name, error = %e, "reconnecting the guest channel failed")
+            }
+        }
+        let mut note = String::new();
+        if rec.state == VmState::Incoming {
+            // The guest runs here (post-copy, or the stream was complete):
+            // this copy is the VM.
+            self.set_vm_state(name, |r| {
+                r.state = VmState::Running;
+                r.reason = Some(
+                    "arrived by a live migration that an agent restart interrupted after the \
+                     guest started here"
+                        .into(),
+                );
+            })?;
+            note = "; it arrived by a migration the restart interrupted".into();
+        }
+        Ok(Adopted::Kept(format!(
+            "vm {name}: kept {} across the agent restart (QEMU pid {pid}, {status}){note}",
+            if rec.state == VmState::Standby {
+                "as a standby"
+            } else {
+                "running"
+            }
+        )))
     }
 
     /// `disk commit` as users call it: a disk whose VM is running is
@@ -455,20 +617,20 @@ impl Vms {
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(AgentError::io("qemu.log"))?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C meant for the agent does not
-            // kill the VM behind the agent's back; the agent stops it.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+            .stderr(log);
+        // Its own session: QEMU outlives the agent (a restart re-adopts
+        // it), and neither a Ctrl-C meant for the agent nor the end of its
+        // terminal reaches the VM behind the agent's back.
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let mut child = self.procs.spawn(cmd).map_err(|e| match e.kind() {
+        let child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => AgentError::State(format!(
                 "{QEMU_BINARY} is not installed (apt-get install qemu-system-x86 qemu-utils)"
             )),
@@ -479,63 +641,20 @@ impl Vms {
         })?;
         let pid = child.id();
         let exit = Arc::new(Exit::default());
-        let cell = Arc::new(Mutex::new(name.to_owned()));
-        self.procs
-            .running
-            .lock()
-            .insert(name.to_owned(), (pid, exit.clone(), cell.clone()));
+        let own_ram = matches!(start, Start::Boot | Start::Incoming { .. })
+            .then(|| self.procs.ram_file(name));
         self.set_vm_state(name, |r| {
             r.pid = Some(pid);
             r.state = VmState::Starting;
             r.reason = None;
         })?;
-        let vms = self.clone();
-        let monitor_exit = exit.clone();
-        let own_ram = matches!(start, Start::Boot | Start::Incoming { .. })
-            .then(|| self.procs.ram_file(name));
-        std::thread::Builder::new()
-            .name(format!("vm-{name}"))
-            .spawn(move || {
-                let status = child.wait();
-                let vm = cell.lock().clone();
-                vms.procs.running.lock().remove(&vm);
-                vms.procs.channels.lock().remove(&vm);
-                // A booted VM's RAM dies with it (unless a template took
-                // the file over, in which case it is gone from here).
-                if let Some(ram) = own_ram {
-                    let _ = fs::remove_file(ram);
-                }
-                let qemu_log = vms.procs.dir(&vm).join("qemu.log");
-                let outcome = vms.set_vm_state(&vm, |r| {
-                    r.pid = None;
-                    let (state, reason) = match (&status, r.state) {
-                        (_, VmState::Stopping) => {
-                            (VmState::Stopped, "stopped on request".to_owned())
-                        }
-                        (Ok(s), _) if s.success() => {
-                            (VmState::Stopped, "the guest shut down".to_owned())
-                        }
-                        (Ok(s), _) => (
-                            VmState::Failed,
-                            format!(
-                                "QEMU exited with {}: {}",
-                                describe_exit(*s),
-                                tail(&qemu_log, 3)
-                            ),
-                        ),
-                        (Err(e), _) => (VmState::Failed, format!("waiting for QEMU failed: {e}")),
-                    };
-                    r.state = state;
-                    r.reason = Some(reason);
-                });
-                if let Ok(rec) = outcome {
-                    tracing::info!(vm = %vm, state = %rec.state, reason = ?rec.reason, "VM ended");
-                }
-                *monitor_exit.status.lock() =
-                    Some(status.unwrap_or_else(|_| ExitStatus::from_raw(-1)));
-                monitor_exit.done.notify_all();
-            })
-            .map_err(AgentError::io("starting the VM monitor thread"))?;
+        self.watch(
+            name,
+            pid,
+            exit.clone(),
+            processes::Waiter::Child(child),
+            own_ram,
+        )?;
         let started = self.bring_up(name, &rec, &spec, &start, &mut times, t0);
         match started {
             Ok(()) => {
@@ -574,6 +693,89 @@ impl Vms {
                 )))
             }
         }
+    }
+
+    /// Keeps a VM's QEMU in the running set and, on a thread of its own,
+    /// waits for it to exit: then the VM leaves the running set, its own
+    /// RAM file goes, and its record says how it ended.
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        name: &str,
+        pid: u32,
+        exit: Arc<Exit>,
+        waiter: processes::Waiter,
+        own_ram: Option<PathBuf>,
+    ) -> Result<()> {
+        let cell = Arc::new(Mutex::new(name.to_owned()));
+        self.procs
+            .running
+            .lock()
+            .insert(name.to_owned(), (pid, exit.clone(), cell.clone()));
+        let vms = self.clone();
+        std::thread::Builder::new()
+            .name(format!("vm-{name}"))
+            .spawn(move || {
+                let ended = waiter.wait();
+                let vm = cell.lock().clone();
+                vms.procs.running.lock().remove(&vm);
+                vms.procs.channels.lock().remove(&vm);
+                // A booted VM's RAM dies with it (unless a template took
+                // the file over, in which case it is gone from here).
+                if let Some(ram) = own_ram {
+                    let _ = fs::remove_file(ram);
+                }
+                let qemu_log = vms.procs.dir(&vm).join("qemu.log");
+                let outcome = vms.set_vm_state(&vm, |r| {
+                    r.pid = None;
+                    let (state, reason) = match (&ended, r.state) {
+                        (_, VmState::Stopping) => {
+                            (VmState::Stopped, "stopped on request".to_owned())
+                        }
+                        (processes::Ended::Status(Ok(s)), _) if s.success() => {
+                            (VmState::Stopped, "the guest shut down".to_owned())
+                        }
+                        (processes::Ended::Status(Ok(s)), _) => (
+                            VmState::Failed,
+                            format!(
+                                "QEMU exited with {}: {}",
+                                describe_exit(*s),
+                                tail(&qemu_log, 3)
+                            ),
+                        ),
+                        (processes::Ended::Status(Err(e)), _) => {
+                            (VmState::Failed, format!("waiting for QEMU failed: {e}"))
+                        }
+                        // Not this agent's child: its status went to whoever
+                        // reaps it. QEMU says why it stopped in its log when
+                        // it was not a guest power-off.
+                        (processes::Ended::Unknown { log_from }, _) => {
+                            let said = processes::log_since(&qemu_log, *log_from);
+                            if said.is_empty() {
+                                (
+                                    VmState::Stopped,
+                                    "the guest shut down (QEMU exited without an error; \
+                                     it was adopted after an agent restart)"
+                                        .to_owned(),
+                                )
+                            } else {
+                                (VmState::Failed, format!("QEMU exited: {said}"))
+                            }
+                        }
+                    };
+                    r.state = state;
+                    r.reason = Some(reason);
+                });
+                if let Ok(rec) = outcome {
+                    tracing::info!(vm = %vm, state = %rec.state, reason = ?rec.reason, "VM ended");
+                }
+                *exit.status.lock() = Some(match ended {
+                    processes::Ended::Status(Ok(s)) => s,
+                    _ => ExitStatus::from_raw(0),
+                });
+                exit.done.notify_all();
+            })
+            .map_err(AgentError::io("starting the VM monitor thread"))?;
+        Ok(())
     }
 
     /// QMP up; for a clone: state loaded, memory and CPUs added, resumed;
@@ -959,6 +1161,11 @@ impl Vms {
             next_offset: next,
             state: rec.state,
         })
+    }
+
+    /// VMs with a running QEMU (standbys included).
+    pub fn running_count(&self) -> usize {
+        self.procs.running.lock().len()
     }
 
     /// Stops every running VM (agent shutdown).

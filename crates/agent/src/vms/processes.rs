@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::fs::{self};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
-use std::sync::{mpsc, Arc};
+use std::process::{Child, ExitStatus};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -19,7 +19,6 @@ use spore_api::{StartTimes, VmState};
 use spore_qemu::{GuestChannel, Identity, Message, MEMORY_SLOTS};
 
 use crate::error::{AgentError, Result};
-use crate::meta::{Meta, Table};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {
@@ -135,7 +134,79 @@ pub enum Start {
 /// is renamed when it is handed out; its monitor thread follows the name).
 pub(crate) type Running = (u32, Arc<Exit>, Arc<Mutex<String>>);
 
-pub(crate) type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+/// How the end of a QEMU process is awaited.
+#[derive(Debug)]
+pub(crate) enum Waiter {
+    /// This agent started it: its exit status comes to us.
+    Child(Child),
+    /// A previous agent started it (adopted after a restart): a pidfd says
+    /// when it exits; the status goes to whoever reaps it.
+    Adopted {
+        pidfd: std::os::fd::OwnedFd,
+        /// Where QEMU's log ended when it was adopted.
+        log_from: u64,
+    },
+}
+
+/// How a QEMU process ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    Status(std::io::Result<ExitStatus>),
+    /// An adopted QEMU: what it logged after `log_from` is all we know.
+    Unknown {
+        log_from: u64,
+    },
+}
+
+impl Waiter {
+    pub(crate) fn wait(self) -> Ended {
+        match self {
+            Waiter::Child(mut child) => Ended::Status(child.wait()),
+            Waiter::Adopted { pidfd, log_from } => {
+                use std::os::fd::AsRawFd;
+                let mut pfd = libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // A pidfd polls readable once its process has exited.
+                // SAFETY: poll reads and writes the one pollfd we pass.
+                while unsafe { libc::poll(&mut pfd, 1, -1) } < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                }
+                Ended::Unknown { log_from }
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3): a handle that cannot outlive the
+/// process it names into another one that reuses its number.
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor,
+    // which we own from here.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What QEMU wrote to its log after `from` (its last lines, joined).
+pub(crate) fn log_since(path: &Path, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let _ = f.take(64 << 10).read_to_string(&mut text);
+        }
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
 
 /// Exit of one QEMU process, signalled by its monitor thread.
 #[derive(Debug, Default)]
@@ -162,7 +233,6 @@ pub struct VmManager {
     pub(crate) channels: Mutex<HashMap<String, GuestChannel>>,
     /// How the last start of each VM went (not persisted).
     pub(crate) start_times: Mutex<HashMap<String, StartTimes>>,
-    pub(crate) spawner: Mutex<mpsc::Sender<SpawnRequest>>,
     pub(crate) running: Mutex<HashMap<String, Running>>,
     /// Serialises state changes of VM records.
     pub(crate) transitions: Mutex<()>,
@@ -172,24 +242,11 @@ impl VmManager {
     /// The RAM directory is made when a VM first needs it, so that agents
     /// that never run one leave nothing in /dev/shm.
     pub fn new(root: PathBuf, ram_dir: PathBuf) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        // PR_SET_PDEATHSIG fires when the thread that forked the child
-        // exits, so children must come from a thread that lives as long as
-        // the agent.
-        std::thread::Builder::new()
-            .name("qemu-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawning the QEMU spawner thread");
         Ok(VmManager {
             root,
             ram_dir,
             channels: Mutex::default(),
             start_times: Mutex::default(),
-            spawner: Mutex::new(tx),
             running: Mutex::default(),
             transitions: Mutex::new(()),
         })
@@ -226,70 +283,63 @@ impl VmManager {
             .map_err(|e| AgentError::State(format!("guest channel of {name}: {e}")))
     }
 
-    pub(crate) fn spawn(&self, cmd: Command) -> std::io::Result<Child> {
-        let (tx, rx) = mpsc::channel();
-        self.spawner
-            .lock()
-            .send((cmd, tx))
-            .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
-        rx.recv()
-            .map_err(|_| std::io::Error::other("spawner thread is gone"))?
-    }
-
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
-    /// Settles VMs that a previous agent left in a live state and removes
-    /// their RAM files and FUSE mounts; returns what it did, one line each.
-    pub fn recover(&self, meta: &Meta) -> Result<Vec<String>> {
+    /// The pid of a VM's QEMU that a previous agent left running, if the
+    /// process `pid` is still that QEMU: its command line names the VM and
+    /// it runs in the VM's directory (a reused pid is neither).
+    pub(crate) fn left_running(&self, name: &str, pid: Option<u32>) -> Option<u32> {
+        let pid = pid?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+        let dir = fs::canonicalize(self.dir(name)).unwrap_or_else(|_| self.dir(name));
+        (String::from_utf8_lossy(&cmdline).contains(&format!("spore-{name},")) && cwd == dir)
+            .then_some(pid)
+    }
+
+    /// True when QEMU `pid` maps a file of a spore-memfs mount (a
+    /// template's RAM paged in from another host, served by the agent).
+    pub(crate) fn maps_memfs(&self, pid: u32) -> bool {
+        let mounts = fs::canonicalize(&self.ram_dir)
+            .unwrap_or_else(|_| self.ram_dir.clone())
+            .join("mem-");
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        maps.contains(&*mounts.to_string_lossy())
+    }
+
+    /// Removes the RAM files of VMs that do not run (`running` names those
+    /// that do) and detaches spore-memfs mounts, whose server (a previous
+    /// agent) is gone; returns what it did, one line each.
+    pub(crate) fn sweep_ram_dir(&self, running: &std::collections::HashSet<String>) -> Vec<String> {
         let mut report = Vec::new();
-        for (name, mut rec) in meta.list::<VmRecord>(Table::Vms)? {
-            if matches!(rec.state, VmState::Stopped | VmState::Failed) {
-                continue;
-            }
-            let mut reason = "the agent exited while the VM ran".to_owned();
-            if let Some(pid) = rec.pid {
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&format!("spore-{name},")) {
-                    // Its disk connection and monitor belonged to the old
-                    // agent; stop it rather than leave it unmanaged.
-                    // SAFETY: kill sends a signal; no memory is involved.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    reason =
-                        "the agent restarted; its QEMU process was still running and was stopped"
-                            .into();
-                }
-            }
-            tracing::warn!(vm = %name, %reason, "settling VM left by a previous agent");
-            report.push(format!("vm {name}: stopped ({reason})"));
-            rec.state = VmState::Stopped;
-            rec.pid = None;
-            rec.reason = Some(reason);
-            meta.put(Table::Vms, &name, &rec)?;
-        }
-        // No VM runs now: their own RAM files are debris.
-        if let Ok(entries) = fs::read_dir(&self.ram_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("vm-") {
+        let Ok(entries) = fs::read_dir(&self.ram_dir) else {
+            return report;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if let Some(vm) = file
+                .strip_prefix("vm-")
+                .and_then(|f| f.strip_suffix(".ram"))
+            {
+                if !running.contains(vm) {
                     let _ = fs::remove_file(e.path());
                     report.push(format!(
                         "RAM file {}: its VM is not running; removed",
                         e.path().display()
                     ));
-                } else if name.starts_with("mem-") {
-                    // A FUSE mount whose server (a previous agent) is gone.
-                    spore_memfs::detach_stale(&e.path());
-                    let _ = fs::remove_dir(e.path());
-                    report.push(format!(
-                        "FUSE mount {}: its server (the previous agent) is gone; detached",
-                        e.path().display()
-                    ));
                 }
+            } else if file.starts_with("mem-") {
+                spore_memfs::detach_stale(&e.path());
+                let _ = fs::remove_dir(e.path());
+                report.push(format!(
+                    "FUSE mount {}: its server (the previous agent) is gone; detached",
+                    e.path().display()
+                ));
             }
         }
-        Ok(report)
+        report
     }
 }
 
