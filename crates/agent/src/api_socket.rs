@@ -47,22 +47,44 @@ fn group_id(name: &str) -> Option<u32> {
 impl ApiListener {
     /// Binds `path` (replacing a stale socket) and sets its mode and group.
     pub fn bind(path: &Path, refused: Arc<AtomicU64>) -> Result<Self> {
+        Self::from_std(Self::bind_std(path)?, refused)
+    }
+
+    /// Binds `path` (replacing a stale socket) with its mode and group, as
+    /// a plain listener (to be handed on, e.g. to the socket holder).
+    pub fn bind_std(path: &Path) -> Result<std::os::unix::net::UnixListener> {
         let _ = std::fs::remove_file(path);
-        let inner = UnixListener::bind(path)
+        let inner = std::os::unix::net::UnixListener::bind(path)
             .map_err(AgentError::io(format!("binding {}", path.display())))?;
-        let group = group_id(API_GROUP);
-        let mode = match group {
-            Some(gid) => {
-                std::os::unix::fs::chown(path, None, Some(gid)).map_err(AgentError::io(
-                    format!("giving {} to group {API_GROUP}", path.display()),
-                ))?;
-                0o660
-            }
-            None => 0o600,
+        if let Some(gid) = group_id(API_GROUP) {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(AgentError::io(format!(
+                "giving {} to group {API_GROUP}",
+                path.display()
+            )))?;
+        }
+        let mode = if group_id(API_GROUP).is_some() {
+            0o660
+        } else {
+            0o600
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
             AgentError::io(format!("setting the mode of {}", path.display())),
         )?;
+        Ok(inner)
+    }
+
+    /// The API on a socket bound already (by [`ApiListener::bind_std`], in
+    /// this process or a previous agent's). Call inside the runtime.
+    pub fn from_std(
+        listener: std::os::unix::net::UnixListener,
+        refused: Arc<AtomicU64>,
+    ) -> Result<Self> {
+        listener
+            .set_nonblocking(true)
+            .map_err(AgentError::io("setting the API socket non-blocking"))?;
+        let inner =
+            UnixListener::from_std(listener).map_err(AgentError::io("serving the API socket"))?;
+        let group = group_id(API_GROUP);
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
         Ok(ApiListener {

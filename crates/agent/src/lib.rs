@@ -13,6 +13,7 @@ mod disks;
 pub mod error;
 pub mod exports;
 pub mod failpoint;
+pub mod holder;
 mod images;
 pub mod listener;
 pub mod meta;
@@ -55,12 +56,14 @@ pub fn run(config: AgentConfig) -> Result<()> {
     }
 
     let nbd_path = agent.nbd_socket();
-    let _ = std::fs::remove_file(&nbd_path);
-    let nbd_listener = StdUnixListener::bind(&nbd_path)
-        .map_err(AgentError::io(format!("binding {}", nbd_path.display())))?;
+    let api_path = dir.join(spore_api::API_SOCKET);
+    let listeners = listeners(&dir, &nbd_path, &api_path)?;
+    if listeners.held {
+        eprintln!("took the NBD and API sockets over from the previous agent (socket holder)");
+    }
     let exports: Arc<dyn spore_nbd::Exports> = agent.exports.clone();
     let nbd = spore_nbd::serve_unix(
-        nbd_listener,
+        listeners.nbd,
         exports.clone(),
         spore_nbd::ServerConfig::default(),
     )
@@ -95,9 +98,9 @@ pub fn run(config: AgentConfig) -> Result<()> {
     };
     agent.templates.fill_all_standbys();
 
-    let api_path = dir.join(spore_api::API_SOCKET);
+    let api_std = listeners.api;
     let served = runtime.block_on(async {
-        let listener = api_socket::ApiListener::bind(&api_path, agent.api_refused.clone())?;
+        let listener = api_socket::ApiListener::from_std(api_std, agent.api_refused.clone())?;
         if let Some(addr) = &agent.config.listen {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(AgentError::io(format!("binding peer listener {addr}")))?;
             // The address as bound (port 0 picks a free one): other hosts
@@ -137,9 +140,45 @@ pub fn run(config: AgentConfig) -> Result<()> {
         t.shutdown();
     }
     agent.flush_all();
-    let _ = std::fs::remove_file(&api_path);
-    let _ = std::fs::remove_file(&nbd_path);
+    // The socket holder keeps the sockets for the VMs left running and for
+    // the next agent; with the VMs stopped nothing needs them.
+    if stop_vms || !held_by_holder(&dir) {
+        holder::stop(&dir);
+        let _ = std::fs::remove_file(&api_path);
+        let _ = std::fs::remove_file(&nbd_path);
+    }
     served
+}
+
+/// The NBD and API listening sockets: the previous agent's, from the
+/// socket holder, or bound anew (and a holder started for them).
+fn listeners(
+    dir: &std::path::Path,
+    nbd_path: &std::path::Path,
+    api_path: &std::path::Path,
+) -> Result<holder::Listeners> {
+    if let Some(l) = holder::take(dir, nbd_path, api_path) {
+        tracing::info!("took the NBD and API sockets over from the socket holder");
+        return Ok(l);
+    }
+    let _ = std::fs::remove_file(nbd_path);
+    let nbd = StdUnixListener::bind(nbd_path)
+        .map_err(AgentError::io(format!("binding {}", nbd_path.display())))?;
+    let api = api_socket::ApiListener::bind_std(api_path)?;
+    let l = holder::Listeners {
+        nbd,
+        api,
+        held: false,
+    };
+    if let Err(e) = holder::spawn(dir, &l) {
+        tracing::warn!(error = %e.chain(), "no socket holder: VMs' disks reconnect after an agent restart with QEMU's back-off (seconds) instead of at once");
+    }
+    Ok(l)
+}
+
+/// True when a socket holder answers for `dir`.
+fn held_by_holder(dir: &std::path::Path) -> bool {
+    std::os::unix::net::UnixStream::connect(dir.join(holder::HOLDER_SOCKET)).is_ok()
 }
 
 async fn shutdown_signal(agent: Arc<Agent>) {

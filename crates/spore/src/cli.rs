@@ -74,6 +74,13 @@ pub enum Command {
     /// Benchmarks (print a table, write JSON)
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The socket holder an agent starts (spore_agent::holder); not for users
+    #[command(name = "__hold-sockets", hide = true)]
+    HoldSockets {
+        dir: PathBuf,
+        nbd_fd: i32,
+        api_fd: i32,
+    },
 }
 
 /// How restarts and upgrades go, for `spore agent --help`.
@@ -464,6 +471,14 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             spore_agent::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::HoldSockets {
+            dir,
+            nbd_fd,
+            api_fd,
+        } => {
+            spore_agent::holder::hold(&dir, nbd_fd, api_fd)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(cmd) => {
             crate::ca::run(cmd, &data_dir)?;
             Ok(ExitCode::SUCCESS)
@@ -588,7 +603,11 @@ async fn client_command(cmd: Command, c: Client) -> Result<ExitCode> {
         Command::Disk(cmd) => disk_command(cmd, &c).await?,
         Command::Vm(cmd) => return vm_command(cmd, &c).await,
         Command::Template(cmd) => crate::templates::template_command(cmd, &c).await?,
-        Command::Agent(_) | Command::Bench(_) | Command::Cluster(_) | Command::Ca(_) => {
+        Command::Agent(_)
+        | Command::Bench(_)
+        | Command::Cluster(_)
+        | Command::Ca(_)
+        | Command::HoldSockets { .. } => {
             unreachable!("handled without a client")
         }
     }

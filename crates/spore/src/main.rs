@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     if !matches!(
         args.command,
-        cli::Command::Agent(_) | cli::Command::Bench(_)
+        cli::Command::Agent(_) | cli::Command::Bench(_) | cli::Command::HoldSockets { .. }
     ) {
         // A client command piped into `head` ends quietly when the pipe
         // closes, as Unix tools do, instead of panicking on the write. The
