@@ -13,6 +13,9 @@
 //!   vms/NAME/       serial.log, qmp.sock, qemu.log of each VM
 //!   api.sock        REST API
 //!   nbd.sock        NBD server
+//!   holder.sock     the socket holder, which keeps api.sock and nbd.sock
+//!                   open across agent restarts (holder.rs)
+//!   agent.clean     written by an orderly exit, removed at start
 //!   listen.addr     the peer listener's address as bound (with --listen)
 //! ```
 //!
@@ -41,6 +44,9 @@ use crate::records::{PeerStats, REMOTE_TIMEOUT};
 use crate::templates::{TemplateDeps, Templates};
 use crate::vms::processes::VmManager;
 use crate::vms::Vms;
+
+/// Written by an orderly exit, removed by the next start.
+const CLEAN_EXIT: &str = "agent.clean";
 
 /// How an agent is run.
 #[derive(Debug, Clone)]
@@ -327,7 +333,7 @@ impl Agent {
         // eyes only, whatever the umask.
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(AgentError::io(format!("restricting {}", dir.display())))?;
-        let lock_path = dir.join("agent.lock");
+        let lock_path = dir.join(spore_api::AGENT_LOCK);
         let lock = File::create(&lock_path)
             .map_err(AgentError::io(format!("creating {}", lock_path.display())))?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -340,6 +346,11 @@ impl Agent {
         for sub in ["disks", "vms", "templates"] {
             fs::create_dir_all(dir.join(sub)).map_err(AgentError::io(format!("creating {sub}")))?;
         }
+        // Written by an orderly exit: without it the previous agent was
+        // killed or crashed, and what it was writing may be garbage.
+        let clean_path = dir.join(CLEAN_EXIT);
+        let previous_exit_clean = !dir.join("meta.redb").exists() || clean_path.exists();
+        let _ = fs::remove_file(&clean_path);
         let (links, server_tls, stream_tls) = tls_of(&config)?;
         let meta = Arc::new(Meta::open(&dir.join("meta.redb"))?);
         let store = Arc::new(ChunkStore::open(dir.join("chunks"), config.compression)?);
@@ -467,7 +478,7 @@ impl Agent {
             stop: StopRequest::default(),
             _lock: lock,
         });
-        agent.recover()?;
+        agent.recover(previous_exit_clean)?;
         agent.vms.watch_io_errors();
         Ok(agent)
     }
@@ -484,7 +495,7 @@ impl Agent {
     /// directories that no record owns (a crash between creating one and
     /// recording it), settles VMs that a previous agent left running and
     /// collects what they left; what it did is kept for `spore status`.
-    fn recover(self: &Arc<Self>) -> Result<()> {
+    fn recover(self: &Arc<Self>, previous_exit_clean: bool) -> Result<()> {
         let mut report = Vec::new();
         self.images.bind_all()?;
         report.extend(self.disks.recover()?);
@@ -492,6 +503,18 @@ impl Agent {
         report.extend(self.templates.adopt_standbys());
         report.extend(self.templates.finish_template_removals());
         report.extend(self.templates.collect_template_debris());
+        if !previous_exit_clean {
+            // A commit, capture or import the kill cut short wrote chunks
+            // that no name refers to yet: the operation is rolled back.
+            match self.images.collect_garbage() {
+                Ok((0, _)) => {}
+                Ok((chunks, bytes)) => report.push(format!(
+                    "{chunks} chunks ({bytes} bytes) written by operations the previous agent did not finish \
+                     (it was killed): no image refers to them; removed"
+                )),
+                Err(e) => tracing::warn!(error = %e.chain(), "collecting what an interrupted operation left failed"),
+            }
+        }
         *self.recovered.lock() = report;
         self.images.resume_completion()?;
         Ok(())
@@ -532,5 +555,11 @@ impl Agent {
                 tracing::error!(disk = %name, error = %e, "flush on shutdown failed");
             }
         }
+    }
+
+    /// Records that this agent exits in order (the next start need not
+    /// look for what a killed one left).
+    pub fn mark_clean_exit(&self) {
+        let _ = fs::write(self.data_dir().join(CLEAN_EXIT), b"");
     }
 }

@@ -322,6 +322,7 @@ impl Disks {
         // would take them.
         let pin = self.gc_lock.read();
         let published = disk.commit(&self.store, &format!("disk {name}"))?;
+        crate::failpoint::stall("commit-layer");
         let rec = ImageRecord {
             manifest: published.id,
             created: now(),

@@ -41,6 +41,20 @@
 //! - `template-rm-images`: `template rm` fails after the first of the
 //!   template's images (its RAM) was removed.
 
+//!
+//! Stall-points (`SPORE_STALLPOINTS`, names separated by commas) hold an
+//! operation at a step instead, the first time it is reached in this
+//! process: the agent logs `stall-point NAME reached` and waits (up to
+//! 10 minutes), so that a test can kill it there (`kill -9`) and check what
+//! the next start finishes or rolls back.
+//! - `commit-layer`: a disk commit whose layer is written, before the new
+//!   image's name is recorded.
+//! - `capture-paused`: a template capture with the source VM paused and its
+//!   device state saved, before its disk is committed.
+//! - `pull-fetching`: an image pull that has fetched some of its chunks.
+//! - `migration-incoming-blocks`: an incoming migration at the first batch
+//!   of disk blocks from the source (its QEMU waiting for the stream).
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -88,6 +102,32 @@ pub fn hit(name: &str) -> bool {
         tracing::warn!(point = name, "fail-point hit");
     }
     hit
+}
+
+/// The environment variable that names the active stall-points.
+pub const STALL_ENV: &str = "SPORE_STALLPOINTS";
+
+/// Holds the calling thread at stall-point `name` when it is active and
+/// not reached before in this process (see the module doc).
+pub fn stall(name: &str) {
+    static REACHED: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    let spec = std::env::var(STALL_ENV).unwrap_or_default();
+    if !spec.split(',').any(|p| p.trim() == name) {
+        return;
+    }
+    if !REACHED
+        .get_or_init(Default::default)
+        .lock()
+        .insert(name.to_owned())
+    {
+        return;
+    }
+    tracing::warn!(
+        point = name,
+        "stall-point {name} reached; waiting (testing only)"
+    );
+    eprintln!("stall-point {name} reached");
+    std::thread::sleep(std::time::Duration::from_secs(600));
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use crate::error::{AgentError, Result};
 
 /// The holder's socket in the data directory.
-pub const HOLDER_SOCKET: &str = "holder.sock";
+pub const HOLDER_SOCKET: &str = spore_api::HOLDER_SOCKET;
 /// The hidden command that runs a holder.
 pub const HOLD_COMMAND: &str = "__hold-sockets";
 const GREETING: &str = "spore-holder 1 nbd api\n";

@@ -304,7 +304,12 @@ impl Images {
         progress: Progress<'_>,
     ) -> Result<()> {
         fetcher
-            .fetch_background(&self.store, missing, &|d, t| progress(phase, d, t))
+            .fetch_background(&self.store, missing, &|d, t| {
+                if d > 0 && phase == "pull" {
+                    crate::failpoint::stall("pull-fetching");
+                }
+                progress(phase, d, t)
+            })
             .map_err(|e| AgentError::State(format!("fetching the rest of image {name}: {e}")))?;
         self.store.sync()?;
         Ok(())

@@ -140,6 +140,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
         t.shutdown();
     }
     agent.flush_all();
+    agent.mark_clean_exit();
     // The socket holder keeps the sockets for the VMs left running and for
     // the next agent; with the VMs stopped nothing needs them.
     if stop_vms || !held_by_holder(&dir) {

@@ -66,6 +66,42 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// Whether an agent holds `dir`'s lock (waiting up to 3 s for one to take
+/// it when a socket holder says an agent is restarting there). The socket
+/// holder keeps the API socket open while no agent runs, so a connect
+/// alone would wait in its backlog instead of failing.
+async fn agent_runs(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(lock) = std::fs::File::open(dir.join(crate::AGENT_LOCK)) else {
+        // No lock file: an agent from before it existed, or none at all;
+        // the connect decides.
+        return true;
+    };
+    let held = || {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+        if free {
+            // SAFETY: as above.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
+        }
+        !free
+    };
+    if held() {
+        return true;
+    }
+    if !dir.join(crate::HOLDER_SOCKET).exists() {
+        return false;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if held() {
+            return true;
+        }
+    }
+    false
+}
+
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
@@ -141,6 +177,13 @@ impl Client {
             Target::Socket(socket) => socket,
             Target::Remote(remote) => return self.send_remote(remote, method, path, body).await,
         };
+        if let Some(dir) = socket.parent() {
+            if !agent_runs(dir).await {
+                return Err(ClientError::NoAgent {
+                    socket: socket.clone(),
+                });
+            }
+        }
         let stream = match UnixStream::connect(socket).await {
             Ok(s) => s,
             Err(e)

@@ -18,3 +18,9 @@ pub use types::*;
 pub const API_SOCKET: &str = "api.sock";
 /// Name of the NBD socket inside the data directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
+/// The file a running agent holds locked (`flock`) inside the data
+/// directory.
+pub const AGENT_LOCK: &str = "agent.lock";
+/// The socket holder's socket inside the data directory (it keeps the API
+/// and NBD sockets open while the agent restarts).
+pub const HOLDER_SOCKET: &str = "holder.sock";

@@ -106,6 +106,20 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// Waits for the agent to exit (after a stop asked over its API).
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not exit within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -168,28 +182,41 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
-    /// Stops the agent with its VMs; whatever QEMU of its data directory
-    /// is still left (the agent was killed, or did not stop) is killed.
+    /// A running agent is stopped with its VMs (and whatever QEMU of its
+    /// data directory is left then is killed). One that already exited
+    /// (stopped or killed to be started again) leaves its VMs running for
+    /// the next agent: whoever owns the data directory sweeps them at the
+    /// end ([`kill_leftover_qemus`]).
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) && self.stop_all().is_err() {
             self.kill();
+            kill_leftover_qemus(&self.data_dir);
         }
-        kill_leftover_qemus(&self.data_dir);
     }
 }
 
 /// Kills (SIGKILL) every process running in a VM directory of
 /// `data_dir` (QEMUs that outlived their agent, which they do by design)
-/// and waits up to 10 s for them to go.
+/// and its socket holder, and waits up to 10 s for them to go.
 pub fn kill_leftover_qemus(data_dir: &Path) {
     let vms = std::fs::canonicalize(data_dir.join("vms")).unwrap_or_else(|_| data_dir.join("vms"));
+    let holder_of = |pid: i32| {
+        let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+        args.iter()
+            .any(|a| *a == spore_agent::holder::HOLD_COMMAND.as_bytes())
+            && args
+                .iter()
+                .any(|a| *a == data_dir.as_os_str().as_encoded_bytes())
+    };
     let pids: Vec<i32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
+        .filter(|&pid| {
             std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&vms))
+                || holder_of(pid)
         })
         .collect();
     for pid in &pids {

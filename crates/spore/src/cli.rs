@@ -632,10 +632,16 @@ async fn stop_agent(c: &Client, vms: bool, timeout: u64) -> Result<()> {
         ),
     }
     let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
-    let proc_dir = std::path::PathBuf::from(format!("/proc/{}", r.pid));
+    // Gone, or a zombie its parent has not reaped yet.
+    let exited = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    };
     loop {
         let api_gone = c.get::<AgentStatus>("/v1/status").await.is_err();
-        let process_gone = c.is_remote() || !proc_dir.exists();
+        let process_gone = c.is_remote() || exited(r.pid);
         if api_gone && process_gone {
             eprintln!("agent stopped");
             return Ok(());

@@ -132,50 +132,80 @@ fn guest_boots_from_an_image_and_from_a_committed_layer() {
     );
 }
 
+/// The agent's VMs outlive it: a graceful restart and a crash (SIGKILL)
+/// leave the VM running in the same QEMU, which the next agent takes over
+/// (its guest channel answers) and says so; a VM whose QEMU died while no
+/// agent ran is recorded as stopped and its RAM file collected; and
+/// `spore agent stop --vms` stops the VMs with the agent, saying why.
 #[test]
-fn stopping_the_agent_stops_its_vms_and_says_why() {
+fn restarts_keep_vms_and_agent_stop_vms_stops_them() {
     let mut t = TestAgent::start();
     t.import_guest("base");
     run_vm(&t, "v", "base", "");
     let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
-    t.restart();
-    assert!(!alive(pid), "QEMU {pid} outlived the agent");
-    let vms = t.json(&["vm", "ls", "--json"]);
-    assert_eq!(vms[0]["state"], "stopped", "{vms}");
-    assert_eq!(
-        vms[0]["reason"], "stopped because the agent shut down",
-        "{vms}"
-    );
+    for (n, crash) in [(1, false), (2, true)] {
+        if crash {
+            t.crash_and_restart();
+        } else {
+            t.restart();
+        }
+        assert!(alive(pid), "QEMU {pid} did not outlive the agent");
+        let vms = t.json(&["vm", "ls", "--json"]);
+        assert_eq!(vms[0]["state"], "running", "{vms}");
+        assert_eq!(vms[0]["pid"].as_u64(), Some(pid), "{vms}");
+        let recovered = t.json(&["status", "--json"])["recovered"].to_string();
+        assert!(recovered.contains("vm v: kept running"), "{recovered}");
+        // The new agent has the guest channel.
+        t.ok(&["vm", "send", "v", "ping", &format!("{n}0")]);
+        t.wait_console("v", &format!("SPORE-PONG {n}0"), 60);
+    }
 
-    // A crash (SIGKILL) of the agent takes its VMs down too.
-    run_vm_again(&t);
-    let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
-    t.crash_and_restart();
-    // SIGKILL of a 512 MiB QEMU takes a moment to tear down.
+    // QEMU dies while no agent runs: the next start records it.
+    t.agent.take().unwrap().kill();
+    // SAFETY: kill sends a signal; no memory is involved.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while alive(pid) {
         assert!(
             std::time::Instant::now() < deadline,
-            "QEMU {pid} outlived a crashed agent"
+            "QEMU {pid} did not die"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    t.restart_stopped();
     let vms = t.json(&["vm", "ls", "--json"]);
     assert_eq!(vms[0]["state"], "stopped", "{vms}");
-    assert!(
-        vms[0]["reason"].as_str().unwrap().contains("agent"),
+    assert_eq!(
+        vms[0]["reason"], "its QEMU exited while no agent ran",
         "{vms}"
     );
-    // The start collected the VM's RAM file, and says so.
     assert!(!t.ram.path().join("vm-v.ram").exists());
     let recovered = t.json(&["status", "--json"])["recovered"].to_string();
     assert!(
         recovered.contains("vm v: stopped") && recovered.contains("vm-v.ram"),
         "{recovered}"
     );
+
+    // `spore agent stop --vms`: the agent and its VM go, and the VM says
+    // why; the socket holder goes too.
+    run_vm_again(&t);
+    let pid = t.json(&["vm", "ls", "--json"])[0]["pid"].as_u64().unwrap();
+    let out = t.ok(&["agent", "stop", "--vms"]);
+    assert!(out.is_empty(), "{out}");
+    let status = t.agent.as_mut().unwrap().wait().unwrap();
+    assert!(status.success(), "agent exited with {status}");
+    t.agent = None;
+    assert!(!alive(pid), "QEMU {pid} outlived `agent stop --vms`");
+    assert!(!t.data_dir().join("holder.sock").exists());
+    t.restart_stopped();
+    let vms = t.json(&["vm", "ls", "--json"]);
+    assert_eq!(vms[0]["state"], "stopped", "{vms}");
+    assert_eq!(
+        vms[0]["reason"], "stopped because the agent shut down",
+        "{vms}"
+    );
 }
 
-/// True while `pid` exists and is not a zombie.
 fn alive(pid: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses.

@@ -416,6 +416,7 @@ impl Migration {
     /// Applies a batch of the source disk's written blocks.
     pub fn incoming_blocks(&self, vm: &str, body: &[u8]) -> Result<u64> {
         let inc = self.incoming(vm)?;
+        crate::failpoint::stall("migration-incoming-blocks");
         if inc.running_at.lock().is_some() {
             return Err(AgentError::State(format!(
                 "vm {vm} already runs here; its disk takes no more blocks from the source"

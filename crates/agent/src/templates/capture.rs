@@ -156,6 +156,7 @@ impl Templates {
             return Err(give_back(&mut qmp, e));
         }
         // 2. The disk as the guest left it (QEMU flushed it on stop).
+        crate::failpoint::stall("capture-paused");
         let committed = if crate::failpoint::hit("capture-commit") {
             Err(AgentError::State("fail-point capture-commit".into()))
         } else {

@@ -14,11 +14,19 @@
 //!                  (failed when QEMU's exit status is not 0)
 //! ```
 //!
-//! QEMU is started from one long-lived thread with PR_SET_PDEATHSIG, so if
-//! the agent dies, its VMs get SIGKILL instead of running on without their
-//! disk server (SIGTERM would leave QEMU waiting out its NBD reconnect
-//! delay first). Their disks lose nothing that was flushed. On a clean shutdown the agent stops its VMs and records why;
-//! on start it marks VMs a previous agent left as stopped, with the reason.
+//! QEMU runs in a session of its own and outlives the agent: a restart
+//! (SIGTERM, `spore agent stop`, a crash, kill -9, a new binary) leaves the
+//! VMs running, and the next agent re-adopts them ([`Vms::recover`]): it
+//! checks each recorded pid is still that VM's QEMU (command line and
+//! working directory), that QMP answers, then watches its exit through a
+//! pidfd and reconnects its guest channel. QEMU's NBD client holds the
+//! guest's requests meanwhile and reconnects (the socket holder keeps the
+//! listening socket open, so it does at once); writes acknowledged before
+//! the restart read back after it, flushed or not (the overlay's pending
+//! file). A VM caught half-way (starting, stopping, receiving a
+//! migration's pre-copy) is stopped and its operation rolled back; a VM
+//! paused by an interrupted operation is resumed. `spore agent stop --vms`
+//! stops the VMs with the agent, recording why.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -246,6 +254,26 @@ impl Vms {
                     .into(),
             ));
         }
+        let mut status = status;
+        let mut note = String::new();
+        match (rec.state, status.as_str()) {
+            // Paused by an operation of the previous agent (a capture, a
+            // commit, a migration's switch) that the restart cut short:
+            // that operation is rolled back, so the guest runs again.
+            (VmState::Running, "paused") => {
+                qmp.execute("cont", None).map_err(qmp_err)?;
+                status = "running".into();
+                note = "; it was paused by an operation the restart interrupted, and was resumed"
+                    .into();
+            }
+            (VmState::Running, "postmigrate") => {
+                note = "; QEMU says its migration completed: the VM runs on the destination, \
+                        and this paused copy is kept for you to check and remove"
+                    .into();
+            }
+            _ => {}
+        }
+        drop(qmp);
         let log_from = fs::metadata(dir.join("qemu.log")).map_or(0, |m| m.len());
         let pidfd = processes::pidfd_open(pid).map_err(AgentError::io("opening a pidfd"))?;
         let own_ram = Some(self.procs.ram_file(name)).filter(|f| f.exists());
@@ -264,7 +292,6 @@ impl Vms {
                 tracing::warn!(vm = name, error = %e, "reconnecting the guest channel failed")
             }
         }
-        let mut note = String::new();
         if rec.state == VmState::Incoming {
             // The guest runs here (post-copy, or the stream was complete):
             // this copy is the VM.

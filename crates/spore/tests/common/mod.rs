@@ -23,9 +23,11 @@ pub struct TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        // The agent with its VMs, then whatever QEMU (or socket holder) of
+        // the data directory outlived an agent the test killed.
+        self.agent.take();
+        spore_bench::procs::kill_leftover_qemus(&self.data_dir());
         if let Some(m) = self.mounted.take() {
-            // The agent first: it holds files in it.
-            self.agent.take();
             let _ = Command::new("umount").arg(&m).status();
         }
     }
