@@ -71,22 +71,12 @@ impl std::fmt::Debug for Remote {
 /// holder keeps the API socket open while no agent runs, so a connect
 /// alone would wait in its backlog instead of failing.
 async fn agent_runs(dir: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(lock) = std::fs::File::open(dir.join(crate::AGENT_LOCK)) else {
+    let Some(running) = crate::agent_running(dir) else {
         // No lock file: an agent from before it existed, or none at all;
         // the connect decides.
         return true;
     };
-    let held = || {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-        if free {
-            // SAFETY: as above.
-            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
-        }
-        !free
-    };
-    if held() {
+    if running {
         return true;
     }
     if !dir.join(crate::HOLDER_SOCKET).exists() {
@@ -95,7 +85,7 @@ async fn agent_runs(dir: &Path) -> bool {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while std::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        if held() {
+        if crate::agent_running(dir) == Some(true) {
             return true;
         }
     }

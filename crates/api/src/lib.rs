@@ -24,3 +24,20 @@ pub const AGENT_LOCK: &str = "agent.lock";
 /// The socket holder's socket inside the data directory (it keeps the API
 /// and NBD sockets open while the agent restarts).
 pub const HOLDER_SOCKET: &str = "holder.sock";
+
+/// Whether an agent runs on `data_dir`: it holds [`AGENT_LOCK`] locked
+/// (read from `/proc/locks`, without touching the lock, which a starting
+/// agent takes without waiting). `None` when there is no lock file.
+pub fn agent_running(data_dir: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(data_dir.join(AGENT_LOCK)).ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(locks.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        // "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END"; a waiter
+        // has "->" after the number.
+        words.get(1) == Some(&"FLOCK") && words.get(5) == Some(&want.as_str())
+    }))
+}

@@ -91,7 +91,11 @@ impl AgentProcess {
         };
         let sock = data_dir.join(spore_api::API_SOCKET);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        // Its lock taken and its API socket there (a socket holder keeps a
+        // previous agent's open: the lock says this one runs).
+        while spore_api::agent_running(data_dir) != Some(true)
+            || std::os::unix::net::UnixStream::connect(&sock).is_err()
+        {
             if let Some(status) = agent.child.try_wait()? {
                 bail!(
                     "agent exited with {status} (see {})",

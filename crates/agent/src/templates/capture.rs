@@ -114,6 +114,19 @@ impl Templates {
         let state = dir.join("state");
         let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("vm {vm}: {e}"));
 
+        // While it lasts, a mark in the VM's directory says a capture has
+        // the VM paused: should the agent die meanwhile, the next one
+        // resumes it (a saved state alone looks like a finished migration).
+        let mark = self.vms.procs.dir(vm).join(crate::vms::CAPTURE_MARK);
+        fs::write(&mark, name).map_err(AgentError::io(format!("writing {}", mark.display())))?;
+        struct Unmark(std::path::PathBuf);
+        impl Drop for Unmark {
+            fn drop(&mut self) {
+                let _ = fs::remove_file(&self.0);
+            }
+        }
+        let _unmark = Unmark(mark);
+
         // 1. Pause and save device state. From here until the source runs
         //    again, its guest is frozen.
         let paused = Instant::now();

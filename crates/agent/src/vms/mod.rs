@@ -65,6 +65,9 @@ const IO_ERROR_POLL: Duration = Duration::from_secs(1);
 /// room for the writes QEMU retries and some to go on with, so that the
 /// VM does not pause again at once.
 const RESUME_FREE: u64 = 64 << 20;
+/// In a VM's directory while a template capture has it paused.
+pub(crate) const CAPTURE_MARK: &str = "capturing";
+
 /// What `vm ls` says of a VM paused for want of space.
 const DISK_FULL: &str = "disk full";
 
@@ -266,6 +269,15 @@ impl Vms {
                 note = "; it was paused by an operation the restart interrupted, and was resumed"
                     .into();
             }
+            // Its state saved to a file by a capture the restart cut short
+            // (the capture is rolled back): it runs on.
+            (VmState::Running, "postmigrate") if dir.join(CAPTURE_MARK).exists() => {
+                qmp.execute("cont", None).map_err(qmp_err)?;
+                status = "running".into();
+                note = "; it was paused by a template capture the restart interrupted, and was \
+                        resumed"
+                    .into();
+            }
             (VmState::Running, "postmigrate") => {
                 note = "; QEMU says its migration completed: the VM runs on the destination, \
                         and this paused copy is kept for you to check and remove"
@@ -274,6 +286,7 @@ impl Vms {
             _ => {}
         }
         drop(qmp);
+        let _ = fs::remove_file(dir.join(CAPTURE_MARK));
         let log_from = fs::metadata(dir.join("qemu.log")).map_or(0, |m| m.len());
         let pidfd = processes::pidfd_open(pid).map_err(AgentError::io("opening a pidfd"))?;
         let own_ram = Some(self.procs.ram_file(name)).filter(|f| f.exists());

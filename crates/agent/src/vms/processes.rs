@@ -288,15 +288,19 @@ impl VmManager {
     }
 
     /// The pid of a VM's QEMU that a previous agent left running, if the
-    /// process `pid` is still that QEMU: its command line names the VM and
-    /// it runs in the VM's directory (a reused pid is neither).
+    /// process `pid` is still that QEMU: a spore VM's QEMU (its `-name`)
+    /// running in the VM's directory (a reused pid is neither). The name
+    /// in its command line may be another: a standby handed out as a
+    /// clone keeps the QEMU it was started with, under its old name.
     pub(crate) fn left_running(&self, name: &str, pid: Option<u32>) -> Option<u32> {
         let pid = pid?;
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
         let dir = fs::canonicalize(self.dir(name)).unwrap_or_else(|_| self.dir(name));
-        (String::from_utf8_lossy(&cmdline).contains(&format!("spore-{name},")) && cwd == dir)
-            .then_some(pid)
+        let spore_vm = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg.starts_with(b"spore-") && arg.ends_with(b",debug-threads=on"));
+        (spore_vm && cwd == dir).then_some(pid)
     }
 
     /// True when QEMU `pid` maps a file of a spore-memfs mount (a
