@@ -35,6 +35,7 @@ have ip || need+=(iproute2)
 have gcc || need+=(gcc)  # the demo guest's static reseed helper
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 have curl || need+=(curl)
+have systemd-analyze || need+=(systemd)  # packaging/spore-agent.service is checked with it
 # A Python that can make a venv with pip in it, for moto.
 have python3 && python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3 python3-venv)
 
@@ -60,7 +61,7 @@ else
     fi
     echo "[deps] apt-get update" >&2
     apt-get update -q >/dev/null
-    pkgs=(libnbd-bin fio strace busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv gcc libc6-dev)
+    pkgs=(libnbd-bin fio strace b3sum busybox-static e2fsprogs cpio kmod iproute2 curl ca-certificates python3 python3-venv gcc libc6-dev systemd)
     echo "[deps] apt-get install ${pkgs[*]}" >&2
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
     # Both QEMU packages in one call, from one suite (see above).

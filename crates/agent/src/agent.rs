@@ -104,6 +104,10 @@ pub struct AgentConfig {
     /// Incoming migrations prepared or running at once; more are answered
     /// 503 (each starts a QEMU and a disk here).
     pub max_incoming_migrations: usize,
+    /// Keep the NBD and API sockets open across restarts in a socket
+    /// holder process (holder.rs). Without, QEMU reconnects to a restarted
+    /// agent with its own back-off (for comparison).
+    pub socket_holder: bool,
 }
 
 impl AgentConfig {
@@ -130,6 +134,7 @@ impl AgentConfig {
             insecure_listen: false,
             peer_bounds: crate::listener::Bounds::default(),
             max_incoming_migrations: 2,
+            socket_holder: true,
         }
     }
 

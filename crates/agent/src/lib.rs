@@ -57,7 +57,7 @@ pub fn run(config: AgentConfig) -> Result<()> {
 
     let nbd_path = agent.nbd_socket();
     let api_path = dir.join(spore_api::API_SOCKET);
-    let listeners = listeners(&dir, &nbd_path, &api_path)?;
+    let listeners = listeners(&dir, &nbd_path, &api_path, agent.config.socket_holder)?;
     if listeners.held {
         eprintln!("took the NBD and API sockets over from the previous agent (socket holder)");
     }
@@ -157,8 +157,11 @@ fn listeners(
     dir: &std::path::Path,
     nbd_path: &std::path::Path,
     api_path: &std::path::Path,
+    use_holder: bool,
 ) -> Result<holder::Listeners> {
-    if let Some(l) = holder::take(dir, nbd_path, api_path) {
+    if !use_holder {
+        holder::stop(dir);
+    } else if let Some(l) = holder::take(dir, nbd_path, api_path) {
         tracing::info!("took the NBD and API sockets over from the socket holder");
         return Ok(l);
     }
@@ -171,7 +174,9 @@ fn listeners(
         api,
         held: false,
     };
-    if let Err(e) = holder::spawn(dir, &l) {
+    if !use_holder {
+        tracing::warn!("--no-socket-holder: VMs' disks reconnect after an agent restart with QEMU's back-off (seconds)");
+    } else if let Err(e) = holder::spawn(dir, &l) {
         tracing::warn!(error = %e.chain(), "no socket holder: VMs' disks reconnect after an agent restart with QEMU's back-off (seconds) instead of at once");
     }
     Ok(l)

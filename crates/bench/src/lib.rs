@@ -7,6 +7,7 @@ pub mod flush;
 pub mod fsck;
 pub mod migrate;
 pub mod procs;
+pub mod restart;
 pub mod storm;
 pub mod tls;
 pub mod tls_stream;

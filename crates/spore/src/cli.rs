@@ -187,6 +187,11 @@ pub struct AgentArgs {
     /// 503 (each starts a QEMU and a disk here)
     #[arg(long, default_value_t = 2)]
     max_incoming_migrations: usize,
+    /// Do not keep the NBD and API sockets open across restarts (a socket
+    /// holder process does by default): VMs' disks then reconnect to a
+    /// restarted agent with QEMU's back-off, seconds later (for comparison)
+    #[arg(long)]
+    no_socket_holder: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -427,6 +432,9 @@ pub enum BenchCmd {
     Tls(spore_bench::tls::Options),
     /// `spore fsck` throughput over a store, beside b3sum over the same files
     Fsck(spore_bench::fsck::Options),
+    /// Guest-visible I/O stall per agent restart (SIGTERM, SIGKILL), with and
+    /// without the socket holder
+    Restart(spore_bench::restart::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -465,6 +473,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
                     .map_or(spore_agent::listener::MIN_BODY, |b| b as usize),
             };
             config.max_incoming_migrations = a.max_incoming_migrations;
+            config.socket_holder = !a.no_socket_holder;
             if a.insecure_listen {
                 eprintln!("WARNING: --insecure-listen: this agent serves and reaches other hosts in plaintext, without authentication");
             }
@@ -513,6 +522,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Fsck(opts)) => {
             spore_bench::fsck::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::Restart(opts)) => {
+            spore_bench::restart::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {

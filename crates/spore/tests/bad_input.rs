@@ -130,6 +130,7 @@ fn api_table() -> Vec<(&'static str, &'static str, Absent, Body)> {
         ),
         ("POST", "/v1/disks", NoName, API_BODY),
         ("POST", "/v1/fsck", NoName, API_BODY),
+        ("POST", "/v1/agent/stop", NoName, API_BODY),
         (
             "GET",
             "/v1/disks/{name}",
