@@ -3,7 +3,8 @@
 #   install what is needed, build, build the demo guest, start an agent,
 #   import the guest's disk as an image, boot a VM from it over NBD, make a
 #   second layer from inside a VM, boot a VM from base + layer, capture a
-#   running VM as a template and start a burst of clones from it, then a
+#   running VM as a template and start a burst of clones from it, kill -9
+#   the agent and show its VMs running on under the next one, then a
 #   small storm of hosts booting from cold, a live migration between two
 #   of them, a remote operator, and a check of a host's store (fsck).
 # Everything lives under .cache/demo (SPORE_DEMO_DIR to change); the agent
@@ -98,6 +99,22 @@ say "a clone bigger than its template (memory and CPUs hot-plugged, seen from in
 for _ in $(seq 1 50); do "$SPORE" vm log big-1 | grep -q SPORE-RESOURCES && break; sleep 0.2; done
 "$SPORE" vm log big-1 | grep -a -o 'SPORE-RESOURCES.*' | sed 's/^/  [big-1] /'
 "$SPORE" vm ls
+say "the agent is killed (kill -9) and started again: its VMs go on in the same QEMU processes"
+pids() { "$SPORE" vm ls --json | python3 -c 'import json, sys; print(" ".join(f"{v[\"name\"]}:{v[\"pid\"]}" for v in json.load(sys.stdin) if v["state"] == "running"))'; }
+counter() { "$SPORE" vm log api-1 | grep -a -o 'SPORE-COUNTER n=[0-9]*' | tail -n 1; }
+before=$(pids); count_before=$(counter)
+kill -KILL "$AGENT"
+wait "$AGENT" 2>/dev/null || true
+"$SPORE" agent --clone-standby 2 >>"$DEMO/agent.log" 2>&1 &
+AGENT=$!
+for _ in $(seq 1 100); do "$SPORE" status >/dev/null 2>&1 && break; sleep 0.1; done
+"$SPORE" status
+sleep 2
+after=$(pids)
+echo "  VMs (name:QEMU pid) before: $before" >&2
+echo "  VMs (name:QEMU pid) after:  $after" >&2
+echo "  api-1's counter: $count_before before the kill, $(counter) now" >&2
+[ "$before" = "$after" ] || { echo "a VM did not survive the agent's restart" >&2; exit 1; }
 "$SPORE" vm rm --group api
 "$SPORE" vm rm --group big
 # The template's RAM lives in tmpfs until the template is removed.

@@ -40,7 +40,6 @@
 //!   marked as being removed and its standbys are gone, before its images.
 //! - `template-rm-images`: `template rm` fails after the first of the
 //!   template's images (its RAM) was removed.
-
 //!
 //! Stall-points (`SPORE_STALLPOINTS`, names separated by commas) hold an
 //! operation at a step instead, the first time it is reached in this
@@ -54,6 +53,8 @@
 //! - `pull-fetching`: an image pull that has fetched some of its chunks.
 //! - `migration-incoming-blocks`: an incoming migration at the first batch
 //!   of disk blocks from the source (its QEMU waiting for the stream).
+//! - `migration-outgoing-active`: an outgoing migration once QEMU streams
+//!   the guest's RAM to the destination.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -107,6 +107,21 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // And serving: its peer listener bound, its recovery done (a
+        // connection to a socket the holder kept waits in the backlog
+        // until then).
+        while !answers_status(&sock) {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "agent exited with {status} (see {})",
+                    data_dir.with_extension("agent.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not answer on {} in 30 s", sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(agent)
     }
 
@@ -183,6 +198,22 @@ impl AgentProcess {
             self.data_dir.join(spore_api::NBD_SOCKET).display()
         )
     }
+}
+
+/// True when the agent on `sock` answers `GET /v1/status` with 200 (within
+/// 30 s).
+fn answers_status(sock: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = "GET /v1/status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head == *b"HTTP/1.1 200"
 }
 
 impl Drop for AgentProcess {

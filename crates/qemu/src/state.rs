@@ -21,10 +21,17 @@ const STATE_FD: &str = "spore-state";
 
 impl Qmp {
     fn ignore_shared(&mut self) -> Result<(), QmpError> {
+        self.set_ignore_shared(true)
+    }
+
+    /// Sets `x-ignore-shared`. Capabilities outlive the migration that set
+    /// them: a VM whose capture was undone must have it cleared again, or
+    /// QEMU refuses post-copy for it and a pre-copy leaves its RAM behind.
+    pub fn set_ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
         self.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
-                { "capability": "x-ignore-shared", "state": true }
+                { "capability": "x-ignore-shared", "state": on }
             ]})),
         )?;
         Ok(())

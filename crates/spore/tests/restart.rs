@@ -166,13 +166,14 @@ fn ping(t: &TestAgent, vm: &str, n: u32) {
 }
 
 /// kill -9 of an agent during a disk commit, a template capture, an image
-/// pull and an incoming migration, each followed by a start: the commit
-/// and the capture are rolled back (no image, no template, the paused VM
-/// runs again, the chunks they wrote collected), the pull finishes, the
-/// incoming migration is removed while the source keeps the VM; no VM is
-/// lost and `spore fsck` is clean on both hosts after each.
+/// pull and a migration (the destination killed, then the source), each
+/// followed by a start: the commit and the capture are rolled back (no
+/// image, no template, the paused VM runs again, the chunks they wrote
+/// collected), the pull finishes, the interrupted migration leaves the VM
+/// running on its source; no VM is lost and `spore fsck` is clean on both
+/// hosts after each.
 #[test]
-fn kill_9_during_commit_capture_pull_and_incoming_migration() {
+fn kill_9_during_commit_capture_pull_and_migration_both_ways() {
     // Read by the agents this test starts (each point holds once per
     // agent process).
     // SAFETY: this test binary's other test starts its agents without
@@ -180,7 +181,7 @@ fn kill_9_during_commit_capture_pull_and_incoming_migration() {
     unsafe {
         std::env::set_var(
             "SPORE_STALLPOINTS",
-            "commit-layer,capture-paused,pull-fetching,migration-incoming-blocks",
+            "commit-layer,capture-paused,pull-fetching,migration-incoming-blocks,migration-outgoing-active",
         )
     };
     let (mut a, port_a) = TestAgent::start_listening(&[]);
@@ -260,6 +261,51 @@ fn kill_9_during_commit_capture_pull_and_incoming_migration() {
     ping(&a, "v", 3);
     assert_fsck_clean(&a, "on the source after the destination was killed");
     assert_fsck_clean(&b, "on the destination after it was killed");
+
+    // A migration from A to B again: now A, the source, is killed while its
+    // QEMU streams the guest's RAM. The VM stays on A, in the same QEMU,
+    // running (QEMU's migration fails with the relay gone); B drops the
+    // half-arrived VM by itself. B restarts first without its stall-point
+    // (each holds once per agent process).
+    // SAFETY: as above.
+    unsafe { std::env::set_var("SPORE_STALLPOINTS", "migration-outgoing-active") };
+    b.restart();
+    // (its peer listener took another free port)
+    let port_b = b.listen_port();
+    kill_at(
+        &mut a,
+        "migration-outgoing-active",
+        &dir_a,
+        &[
+            "vm",
+            "migrate",
+            "v",
+            "--to",
+            &format!("https://127.0.0.1:{port_b}"),
+        ],
+    );
+    assert_eq!(vm_pid(&a, "v"), pid, "the source lost its VM");
+    let r = recovered(&a);
+    assert!(r.contains("vm v: kept running"), "{r}");
+    ping(&a, "v", 4);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !b
+        .json(&["vm", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the destination kept the half-arrived VM: {}",
+            b.json(&["vm", "ls", "--json"])
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let before = verified_passes(&a, "v");
+    wait_verified(&a, "v", before, 1);
+    assert_fsck_clean(&a, "on the source after it was killed");
+    assert_fsck_clean(&b, "on the destination after its source was killed");
     let lines = io_lines(&a, "v");
     let (_, _, errors, bad) = *lines.last().unwrap();
     assert_eq!((errors, bad), (0, 0), "{lines:?}");

@@ -815,6 +815,9 @@ impl Migration {
             if p.ram_transferred != moved.0 {
                 moved = (p.ram_transferred, Instant::now());
             }
+            if changed && p.status == "active" {
+                crate::failpoint::stall("migration-outgoing-active");
+            }
             match p.status.as_str() {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {

@@ -149,6 +149,7 @@ impl Templates {
         // source as it was and removes what was made: the state file and
         // the disk's layer.
         let give_back = |qmp: &mut Qmp, e: AgentError| {
+            let _ = qmp.set_ignore_shared(false);
             let _ = qmp.execute("cont", None);
             if let Err(e) = self.images.remove_image(&disk_image) {
                 if !matches!(e, AgentError::NotFound { .. }) {

@@ -86,23 +86,34 @@ impl Templates {
         }
         fs::create_dir_all(self.vms.procs.ram_dir())
             .map_err(AgentError::io("creating the RAM directory"))?;
-        crate::vms::check_ram_room(self.vms.procs.ram_dir(), size >> 10)?;
         let tmp = path.with_extension("tmp");
-        let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
-        file.set_len(size)
-            .map_err(AgentError::io("sizing template RAM"))?;
-        let mut buf = vec![0u8; RAM_BLOCK_SIZE as usize];
-        let mut off = 0;
-        while off < size {
-            img.read_at(off, &mut buf)
-                .map_err(|e| AgentError::State(format!("reading {}: {e}", t.ram_image)))?;
-            if buf.iter().any(|&b| b != 0) {
-                std::os::unix::fs::FileExt::write_all_at(&file, &buf, off)
-                    .map_err(AgentError::io("writing template RAM"))?;
+        // A half-written file of a rebuild that failed is replaced.
+        let _ = fs::remove_file(&tmp);
+        crate::vms::check_ram_room(self.vms.procs.ram_dir(), size >> 10, &tmp)?;
+        // Nothing half-written stays (a full RAM directory, a chunk that
+        // cannot be read): the next clone starts over.
+        let written = (|| -> Result<()> {
+            let file = fs::File::create(&tmp).map_err(AgentError::io("creating template RAM"))?;
+            file.set_len(size)
+                .map_err(AgentError::io("sizing template RAM"))?;
+            let mut buf = vec![0u8; RAM_BLOCK_SIZE as usize];
+            let mut off = 0;
+            while off < size {
+                img.read_at(off, &mut buf)
+                    .map_err(|e| AgentError::State(format!("reading {}: {e}", t.ram_image)))?;
+                if buf.iter().any(|&b| b != 0) {
+                    std::os::unix::fs::FileExt::write_all_at(&file, &buf, off)
+                        .map_err(AgentError::io("writing template RAM"))?;
+                }
+                off += RAM_BLOCK_SIZE as u64;
             }
-            off += RAM_BLOCK_SIZE as u64;
+            drop(file);
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        drop(file);
         fs::rename(&tmp, &path).map_err(AgentError::io("placing template RAM"))?;
         let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400));
         tracing::info!(template = name, "template RAM file rebuilt from its image");

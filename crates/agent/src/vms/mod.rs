@@ -259,6 +259,12 @@ impl Vms {
         }
         let mut status = status;
         let mut note = String::new();
+        let capture_cut = dir.join(CAPTURE_MARK).exists();
+        if capture_cut {
+            // The capture is rolled back: its device-state-only setting
+            // goes with it, so the VM migrates like any other.
+            qmp.set_ignore_shared(false).map_err(qmp_err)?;
+        }
         match (rec.state, status.as_str()) {
             // Paused by an operation of the previous agent (a capture, a
             // commit, a migration's switch) that the restart cut short:
@@ -271,7 +277,7 @@ impl Vms {
             }
             // Its state saved to a file by a capture the restart cut short
             // (the capture is rolled back): it runs on.
-            (VmState::Running, "postmigrate") if dir.join(CAPTURE_MARK).exists() => {
+            (VmState::Running, "postmigrate") if capture_cut => {
                 qmp.execute("cont", None).map_err(qmp_err)?;
                 status = "running".into();
                 note = "; it was paused by a template capture the restart interrupted, and was \
@@ -450,6 +456,9 @@ impl Vms {
             }
         }
         self.images.resolve_image(&req.image)?;
+        // Refused before anything of the VM is made (checked again at the
+        // start, which other VMs may have raced).
+        self.admit_ram(&req.name, req.memory_mib * 1024)?;
         let (max_memory_mib, max_cpus) = hotplug_bounds(req.memory_mib, req.cpus);
         let rec = VmRecord {
             image: req.image.clone(),
@@ -486,6 +495,28 @@ impl Vms {
             self.settle_failed_start(&req.name, e);
         }
         result
+    }
+
+    /// The RAM directory, made on first use, for root's eyes only (it holds
+    /// guest memory).
+    fn make_ram_dir(&self) -> Result<()> {
+        fs::create_dir_all(self.procs.ram_dir()).map_err(AgentError::io(format!(
+            "creating RAM directory {}",
+            self.procs.ram_dir().display()
+        )))?;
+        let _ = fs::set_permissions(
+            self.procs.ram_dir(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        );
+        Ok(())
+    }
+
+    /// Fails unless the RAM directory can promise VM `name` its `ram_kib`:
+    /// a RAM file in a tmpfs that cannot hold it is a SIGBUS in the guest
+    /// the first time it touches the missing page.
+    fn admit_ram(&self, name: &str, ram_kib: u64) -> Result<()> {
+        self.make_ram_dir()?;
+        check_ram_room(self.procs.ram_dir(), ram_kib, &self.procs.ram_file(name))
     }
 
     /// After a failed start: without a disk nothing of the VM remains;
@@ -636,19 +667,10 @@ impl Vms {
             run_dir: Some(dir.clone()),
             serial_log: dir.join("serial.log"),
         };
-        fs::create_dir_all(self.procs.ram_dir()).map_err(AgentError::io(format!(
-            "creating RAM directory {}",
-            self.procs.ram_dir().display()
-        )))?;
-        // Guest memory is for root's eyes only.
-        let _ = fs::set_permissions(
-            self.procs.ram_dir(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        );
         if matches!(start, Start::Boot | Start::Incoming { .. }) {
-            // A RAM file in a tmpfs that cannot hold it is a SIGBUS in the
-            // guest the first time it touches the missing page: refuse now.
-            check_ram_room(self.procs.ram_dir(), ram_kib)?;
+            self.admit_ram(name, ram_kib)?;
+        } else {
+            self.make_ram_dir()?;
         }
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(AgentError::io("creating qemu.log"))?;

@@ -351,23 +351,44 @@ impl VmManager {
 const RAM_HEADROOM: u64 = 64 << 20;
 
 /// Fails unless the file system of `dir` has room for `ram_kib` of guest
-/// RAM (plus headroom). RAM files are sparse, so the space is promised
-/// to nothing: this counts what is free now, against what this VM needs.
-pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64) -> Result<()> {
+/// RAM (plus headroom), for the file `file` (which may exist already: a VM
+/// started again). RAM files are sparse: the pages the other RAM files in
+/// `dir` have not touched yet are promised to them, and count as taken, so
+/// that VMs admitted one by one never overcommit the file system together
+/// (a guest touching a page the tmpfs has no room for dies of SIGBUS).
+pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64, file: &Path) -> Result<()> {
     let free = free_bytes(dir)?;
+    let promised = promised_ram(dir, file);
     let need = ram_kib * 1024 + RAM_HEADROOM;
-    if free < need {
+    if free.saturating_sub(promised) < need {
         return Err(AgentError::State(format!(
-            "not enough room for the VM's RAM in {}: {} MiB free, {} MiB needed \
-             (guest RAM plus {} MiB headroom); stop other VMs or give the agent a \
+            "not enough room for the VM's RAM in {}: {} MiB free, of which {} MiB are \
+             promised to the RAM other VMs and templates have not touched yet; {} MiB \
+             needed (guest RAM plus {} MiB headroom); stop other VMs or give the agent a \
              larger --ram-dir",
             dir.display(),
             free >> 20,
+            promised >> 20,
             need >> 20,
             RAM_HEADROOM >> 20
         )));
     }
     Ok(())
+}
+
+/// Bytes the RAM files in `dir` (all but `except`) may still allocate: their
+/// size less what they hold.
+fn promised_ram(dir: &Path, except: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path() != except && e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len().saturating_sub(m.blocks() * 512))
+        .sum()
 }
 
 pub(crate) fn check_growth(rec: &VmRecord, memory_mib: u64, cpus: u32) -> Result<()> {
