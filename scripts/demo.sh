@@ -100,7 +100,7 @@ for _ in $(seq 1 50); do "$SPORE" vm log big-1 | grep -q SPORE-RESOURCES && brea
 "$SPORE" vm log big-1 | grep -a -o 'SPORE-RESOURCES.*' | sed 's/^/  [big-1] /'
 "$SPORE" vm ls
 say "the agent is killed (kill -9) and started again: its VMs go on in the same QEMU processes"
-pids() { "$SPORE" vm ls --json | python3 -c 'import json, sys; print(" ".join(f"{v[\"name\"]}:{v[\"pid\"]}" for v in json.load(sys.stdin) if v["state"] == "running"))'; }
+pids() { "$SPORE" vm ls --json | python3 -c 'import json, sys; print(" ".join(v["name"] + ":" + str(v["pid"]) for v in json.load(sys.stdin) if v["state"] == "running"))'; }
 counter() { "$SPORE" vm log api-1 | grep -a -o 'SPORE-COUNTER n=[0-9]*' | tail -n 1; }
 before=$(pids); count_before=$(counter)
 kill -KILL "$AGENT"
