@@ -4,7 +4,9 @@
 # even when an earlier one failed:
 #   1 unit         every crate's unit tests (and doc tests)
 #   2 integration  the tests/ of every crate: real agents, qemu-io,
-#                  qemu-img, nbdcopy, nbdinfo and real QEMU guests
+#                  qemu-img, nbdcopy, nbdinfo and real QEMU guests (and
+#                  an upgrade from spore at an earlier commit, built by
+#                  scripts/previous-spore.sh: the clone needs its history)
 #   3 fuzz         every fuzz target over its seed corpus, then fuzzed for
 #                  a bounded time (scripts/fuzz.sh)
 #   4 circles      import circles between the files of each crate
@@ -73,6 +75,9 @@ run_unit() {
 
 run_integration() {
     cargo build --workspace --all-targets --locked
+    # spore as it was at an earlier commit, for the upgrade test: built
+    # here (minutes, once) so that no test waits on it beside a guest.
+    bash scripts/previous-spore.sh
     # Two tests at a time at most: VM tests run TCG guests on 2 cores.
     cargo test --workspace --locked --no-fail-fast --test '*' -- --test-threads=2
 }

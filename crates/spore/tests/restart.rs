@@ -82,9 +82,19 @@ fn wait_verified(t: &TestAgent, vm: &str, before: usize, n: usize) {
 /// SIGKILL alternating: the VM keeps its QEMU, every write acknowledged
 /// before a restart reads back after it, the guest sees no I/O error, and
 /// `spore fsck` is clean after each restart.
+///
+/// The VM is booted by an agent built from an earlier commit
+/// (scripts/previous-spore.sh), and the first restart is onto this tree's
+/// binary: an upgrade. The QEMU, its command line, the VM's records and the
+/// socket holder are the old version's, and the new agent takes them over.
 #[test]
 fn a_guest_writing_and_verifying_runs_on_through_five_agent_restarts() {
-    let mut t = TestAgent::start();
+    let old = common::previous_spore();
+    let mut t = TestAgent::start_binary(&old);
+    let agent_exe = |t: &TestAgent| {
+        std::fs::read_link(format!("/proc/{}/exe", t.agent.as_ref().unwrap().pid())).unwrap()
+    };
+    assert_eq!(agent_exe(&t), old.canonicalize().unwrap());
     t.import_guest("base");
     let pid = run_vm(&t, "io", "quiet spore.ioloop=512");
     wait_verified(&t, "io", 0, 1);
@@ -96,6 +106,11 @@ fn a_guest_writing_and_verifying_runs_on_through_five_agent_restarts() {
         } else {
             t.restart();
         }
+        assert_eq!(
+            agent_exe(&t),
+            Path::new(common::SPORE).canonicalize().unwrap(),
+            "round {round}: not this tree's agent"
+        );
         assert_eq!(vm_pid(&t, "io"), pid, "round {round}: not the same QEMU");
         let r = recovered(&t);
         assert!(r.contains("vm io: kept running"), "round {round}: {r}");

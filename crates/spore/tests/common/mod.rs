@@ -43,9 +43,19 @@ impl TestAgent {
         Self::start_in(tempfile::tempdir().expect("tempdir"), extra)
     }
 
+    /// An agent of another build of spore (e.g. [`previous_spore`]); its
+    /// restarts are onto this tree's binary, as an upgrade is.
+    pub fn start_binary(spore: &Path) -> Self {
+        Self::start_binary_in(spore, tempfile::tempdir().expect("tempdir"), &[])
+    }
+
     /// [`TestAgent::start_with`] with its data directory `DIR/data`
     /// (which may hold one already).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_binary_in(Path::new(SPORE), dir, extra)
+    }
+
+    fn start_binary_in(spore: &Path, dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let ram = tempfile::Builder::new()
             .prefix("spore-test-ram")
             .tempdir_in(if Path::new("/dev/shm").is_dir() {
@@ -62,8 +72,8 @@ impl TestAgent {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let agent = AgentProcess::start(Path::new(SPORE), &dir.path().join("data"), &refs)
-            .expect("agent starts");
+        let agent =
+            AgentProcess::start(spore, &dir.path().join("data"), &refs).expect("agent starts");
         TestAgent {
             dir,
             ram,
@@ -265,6 +275,28 @@ impl TestAgent {
             AgentProcess::start(Path::new(SPORE), &self.data_dir(), &refs).expect("agent restarts"),
         );
     }
+}
+
+/// spore built from an earlier commit of this repository
+/// (scripts/previous-spore.sh, built once into target/previous/): the old
+/// version an upgrade test starts from.
+pub fn previous_spore() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new("bash")
+            .arg(root.join("scripts/previous-spore.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running scripts/previous-spore.sh");
+        assert!(
+            out.status.success(),
+            "scripts/previous-spore.sh failed ({})",
+            out.status
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
 }
 
 /// curl arguments that trust the local test CA and present the
