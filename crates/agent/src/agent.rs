@@ -404,6 +404,7 @@ impl Agent {
                 links: links.clone(),
                 complete_images: config.complete_images,
                 profile_seconds: config.profile_seconds,
+                pushes_dir: dir.join("pushing"),
             },
         ));
         let disks = Arc::new(
@@ -508,14 +509,17 @@ impl Agent {
         report.extend(self.templates.adopt_standbys());
         report.extend(self.templates.finish_template_removals());
         report.extend(self.templates.collect_template_debris());
+        report.extend(self.images.recover_pushes());
         if !previous_exit_clean {
             // A commit, capture or import the kill cut short wrote chunks
-            // that no name refers to yet: the operation is rolled back.
+            // that no name refers to yet: the operation is rolled back. A
+            // collection cut short is finished.
             match self.images.collect_garbage() {
                 Ok((0, _)) => {}
                 Ok((chunks, bytes)) => report.push(format!(
-                    "{chunks} chunks ({bytes} bytes) written by operations the previous agent did not finish \
-                     (it was killed): no image refers to them; removed"
+                    "{chunks} chunks ({bytes} bytes) that no name refers to, left by operations the \
+                     previous agent did not finish (it was killed: an import, commit or capture cut \
+                     short, or a collection half done): removed"
                 )),
                 Err(e) => tracing::warn!(error = %e.chain(), "collecting what an interrupted operation left failed"),
             }

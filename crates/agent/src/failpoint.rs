@@ -55,6 +55,10 @@
 //!   of disk blocks from the source (its QEMU waiting for the stream).
 //! - `migration-outgoing-active`: an outgoing migration once QEMU streams
 //!   the guest's RAM to the destination.
+//! - `push-sending`: an image push that has sent its first batch of
+//!   chunks, before the name is bound at the destination.
+//! - `gc-sweeping`: a garbage collection that has deleted one unreferenced
+//!   chunk of several.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

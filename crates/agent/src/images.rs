@@ -13,7 +13,8 @@ mod fsck;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use spore_api::{
@@ -60,6 +61,8 @@ pub struct Images {
     profile_seconds: u64,
     /// How other hosts are reached.
     links: spore_transfer::Links,
+    /// One mark per push in flight (see [`Images::push_image`]).
+    pushes_dir: PathBuf,
 }
 
 /// What the image service is configured with.
@@ -70,6 +73,8 @@ pub struct ImagesConfig {
     pub links: spore_transfer::Links,
     pub complete_images: bool,
     pub profile_seconds: u64,
+    /// Where pushes in flight are marked (`DATA_DIR/pushing`).
+    pub pushes_dir: PathBuf,
 }
 
 impl Images {
@@ -91,7 +96,31 @@ impl Images {
             complete_images: config.complete_images,
             profile_seconds: config.profile_seconds,
             links: config.links,
+            pushes_dir: config.pushes_dir,
         }
+    }
+
+    /// Reports the pushes a killed agent left unfinished (their marks) and
+    /// removes the marks. Nothing is undone here: the destination binds the
+    /// name last, so it never got it; the chunks it did receive stay there
+    /// and are not sent again by the next push.
+    pub fn recover_pushes(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.pushes_dir) else {
+            return Vec::new();
+        };
+        let mut report = Vec::new();
+        for e in entries.flatten() {
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            let (name, to) = text.split_once('\n').unwrap_or((&text, "?"));
+            report.push(format!(
+                "image push {name} to {to} was cut short by the restart: the destination did \
+                 not get the name (the chunks it received stay there); run `spore image push \
+                 {name} --to {to}` again"
+            ));
+            let _ = fs::remove_file(e.path());
+        }
+        report.sort();
+        report
     }
 
     /// Serves every recorded image name as an export (at start).
@@ -353,6 +382,21 @@ impl Images {
         let rec = self.image_record(name)?;
         let dev = self.exports.open_image(&rec.manifest)?;
         self.make_local(name, &dev, progress)?;
+        // A mark while the push lasts, so that the next agent can say that
+        // a kill cut it short.
+        static PUSHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PUSHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mark = self.pushes_dir.join(format!("{name}.{n}"));
+        fs::create_dir_all(&self.pushes_dir)
+            .and_then(|()| fs::write(&mark, format!("{name}\n{to}")))
+            .map_err(AgentError::io(format!("writing {}", mark.display())))?;
+        struct Unmark(PathBuf);
+        impl Drop for Unmark {
+            fn drop(&mut self) {
+                let _ = fs::remove_file(&self.0);
+            }
+        }
+        let _unmark = Unmark(mark);
         let remote =
             spore_transfer::Remote::new(to, std::time::Duration::from_secs(60), &self.links)
                 .map_err(|e| AgentError::Invalid(e.to_string()))?;
@@ -374,6 +418,7 @@ impl Images {
                 sent += 1;
                 bytes += raw.len() as u64;
             }
+            crate::failpoint::stall("push-sending");
             progress(
                 "push",
                 ((n + 1) * spore_transfer::wire::MAX_BATCH).min(ids.len()) as u64,
@@ -790,6 +835,9 @@ impl Images {
                 bytes += self.store.stored_len(&id).unwrap_or(0);
                 self.store.remove(&id)?;
                 chunks += 1;
+                if chunks == 1 {
+                    crate::failpoint::stall("gc-sweeping");
+                }
             }
         }
         self.exports.retain_images(&manifests);

@@ -181,14 +181,16 @@ fn ping(t: &TestAgent, vm: &str, n: u32) {
 }
 
 /// kill -9 of an agent during a disk commit, a template capture, an image
-/// pull and a migration (the destination killed, then the source), each
+/// pull, a migration (the destination killed, then the source), a push and
+/// a garbage collection, each
 /// followed by a start: the commit and the capture are rolled back (no
 /// image, no template, the paused VM runs again, the chunks they wrote
 /// collected), the pull finishes, the interrupted migration leaves the VM
-/// running on its source; no VM is lost and `spore fsck` is clean on both
+/// running on its source, the push is reported and runs again, the
+/// collection is finished; no VM is lost and `spore fsck` is clean on both
 /// hosts after each.
 #[test]
-fn kill_9_during_commit_capture_pull_and_migration_both_ways() {
+fn kill_9_during_commit_capture_pull_migration_both_ways_push_and_gc() {
     // Read by the agents this test starts (each point holds once per
     // agent process).
     // SAFETY: this test binary's other test starts its agents without
@@ -201,7 +203,8 @@ fn kill_9_during_commit_capture_pull_and_migration_both_ways() {
     };
     let (mut a, port_a) = TestAgent::start_listening(&[]);
     let url_a = format!("https://127.0.0.1:{port_a}");
-    let (mut b, port_b) = TestAgent::start_listening(&["--origin", &url_a, "--accept-migrations"]);
+    let (mut b, port_b) =
+        TestAgent::start_listening(&["--origin", &url_a, "--accept-migrations", "--accept-push"]);
     a.import_guest("base");
     let pid = run_vm(&a, "v", "quiet spore.ioloop=128");
     wait_verified(&a, "v", 0, 1);
@@ -218,7 +221,7 @@ fn kill_9_during_commit_capture_pull_and_migration_both_ways() {
     let r = recovered(&a);
     assert!(r.contains("vm v: kept running"), "{r}");
     assert!(
-        r.contains("written by operations the previous agent did not finish"),
+        r.contains("left by operations the previous agent did not finish"),
         "{r}"
     );
     assert!(a.fails(&["image", "inspect", "snap"]).contains("snap"));
@@ -321,6 +324,48 @@ fn kill_9_during_commit_capture_pull_and_migration_both_ways() {
     wait_verified(&a, "v", before, 1);
     assert_fsck_clean(&a, "on the source after it was killed");
     assert_fsck_clean(&b, "on the destination after its source was killed");
+
+    // A push from A to B, killed after its first batch: the next start says
+    // so, and the push run again completes.
+    a.ok(&["disk", "commit", "v", "--name", "snap2"]);
+    // SAFETY: as above.
+    unsafe { std::env::set_var("SPORE_STALLPOINTS", "push-sending") };
+    a.restart();
+    // SAFETY: as above; the next agent must not hold the push run again.
+    unsafe { std::env::set_var("SPORE_STALLPOINTS", "") };
+    let to_b = format!("https://127.0.0.1:{port_b}");
+    kill_at(
+        &mut a,
+        "push-sending",
+        &dir_a,
+        &["image", "push", "snap2", "--to", &to_b],
+    );
+    let r = recovered(&a);
+    assert!(
+        r.contains(&format!("image push snap2 to {to_b} was cut short")),
+        "{r}"
+    );
+    a.ok(&["image", "push", "snap2", "--to", &to_b]);
+    assert_fsck_clean(&a, "after a push was killed");
+
+    // A garbage collection killed after its first chunk: the next start
+    // (after an unclean exit) finishes it.
+    // SAFETY: as above.
+    unsafe { std::env::set_var("SPORE_STALLPOINTS", "gc-sweeping") };
+    a.restart();
+    // SAFETY: as above; the next agent must not hold its own collection.
+    unsafe { std::env::set_var("SPORE_STALLPOINTS", "") };
+    kill_at(&mut a, "gc-sweeping", &dir_a, &["image", "rm", "snap2"]);
+    let r = recovered(&a);
+    assert!(
+        r.contains("left by operations the previous agent did not finish"),
+        "{r}"
+    );
+    assert!(a.fails(&["image", "inspect", "snap2"]).contains("snap2"));
+    assert_eq!(vm_pid(&a, "v"), pid, "the VM was lost");
+    assert_fsck_clean(&a, "after a collection was killed");
+    ping(&a, "v", 5);
+
     let lines = io_lines(&a, "v");
     let (_, _, errors, bad) = *lines.last().unwrap();
     assert_eq!((errors, bad), (0, 0), "{lines:?}");
