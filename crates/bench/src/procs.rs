@@ -238,11 +238,8 @@ pub fn kill_leftover_qemus(data_dir: &Path) {
     let holder_of = |pid: i32| {
         let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
-        args.iter()
-            .any(|a| *a == spore_agent::holder::HOLD_COMMAND.as_bytes())
-            && args
-                .iter()
-                .any(|a| *a == data_dir.as_os_str().as_encoded_bytes())
+        args.contains(&spore_agent::holder::HOLD_COMMAND.as_bytes())
+            && args.contains(&data_dir.as_os_str().as_encoded_bytes())
     };
     let pids: Vec<i32> = std::fs::read_dir("/proc")
         .into_iter()
