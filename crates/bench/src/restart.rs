@@ -68,9 +68,10 @@ struct Report {
     series: Vec<Series>,
 }
 
-/// The guest's `SPORE-IO` lines so far: (max_ms, errors, bad).
-fn io_lines(data: &Path) -> Vec<(u64, u64, u64)> {
-    let log = std::fs::read_to_string(data.join("vms/io/serial.log")).unwrap_or_default();
+/// The `SPORE-IO` lines of a guest's console log (`spore.ioloop`): (ops,
+/// max_ms, errors, bad) each. The restart tests read them too.
+pub fn spore_io_lines(serial_log: &Path) -> Vec<(u64, u64, u64, u64)> {
+    let log = std::fs::read_to_string(serial_log).unwrap_or_default();
     log.lines()
         .filter_map(|l| l.find("SPORE-IO ops=").map(|i| &l[i..]))
         .filter_map(|l| {
@@ -80,8 +81,16 @@ fn io_lines(data: &Path) -> Vec<(u64, u64, u64)> {
                     .parse::<u64>()
                     .ok()
             };
-            Some((f("max_ms=")?, f("errors=")?, f("bad=")?))
+            Some((f("ops=")?, f("max_ms=")?, f("errors=")?, f("bad=")?))
         })
+        .collect()
+}
+
+/// The bench guest's `SPORE-IO` lines so far: (max_ms, errors, bad).
+fn io_lines(data: &Path) -> Vec<(u64, u64, u64)> {
+    spore_io_lines(&data.join("vms/io/serial.log"))
+        .into_iter()
+        .map(|(_, max_ms, errors, bad)| (max_ms, errors, bad))
         .collect()
 }
 

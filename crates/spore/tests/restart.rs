@@ -40,20 +40,7 @@ fn assert_fsck_clean(t: &TestAgent, when: &str) {
 
 /// The `SPORE-IO` lines of the guest's console: (ops, max_ms, errors, bad).
 fn io_lines(t: &TestAgent, vm: &str) -> Vec<(u64, u64, u64, u64)> {
-    let log = std::fs::read_to_string(t.data_dir().join("vms").join(vm).join("serial.log"))
-        .unwrap_or_default();
-    log.lines()
-        .filter_map(|l| l.find("SPORE-IO ops=").map(|i| &l[i..]))
-        .filter_map(|l| {
-            let f = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))?
-                    .parse::<u64>()
-                    .ok()
-            };
-            Some((f("ops=")?, f("max_ms=")?, f("errors=")?, f("bad=")?))
-        })
-        .collect()
+    spore_bench::restart::spore_io_lines(&t.data_dir().join("vms").join(vm).join("serial.log"))
 }
 
 /// Waits until the guest has reported `n` more `SPORE-IO-VERIFIED` passes
