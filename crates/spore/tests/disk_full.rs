@@ -1,8 +1,9 @@
 //! A full disk costs a pause, never data: a guest writing more than its
 //! host's data directory holds is paused by QEMU (the agent answers the
 //! write with NBD_ENOSPC, and QEMU's `werror` stops the VM), the agent says
-//! so in `vm ls` and keeps serving, and once space is freed it resumes the
-//! VM by itself; the guest's write then completes and reads back intact.
+//! so in `vm ls` and keeps serving (another VM on the host runs on and
+//! answers), and once space is freed it resumes the VM by itself; the
+//! guest's write then completes and reads back intact.
 
 mod common;
 
@@ -26,9 +27,20 @@ fn sums(log: &str, marker: &str) -> (String, String) {
 fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
     let t = TestAgent::start_on_tmpfs(1024, &[]);
     t.import_guest("base");
-    let args = vm_run_args(guest(), "full", "base", "");
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    t.ok(&refs);
+    for vm in ["full", "other"] {
+        let args = vm_run_args(guest(), vm, "base", "");
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        t.ok(&refs);
+    }
+    let vm = |name: &str| {
+        let vms = t.json(&["vm", "ls", "--json"]);
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no vm {name}: {vms}"))
+            .clone()
+    };
 
     // 16 MiB left; the guest writes 48.
     let filler = fill_leaving(&t.data_dir(), 16 << 20);
@@ -36,9 +48,9 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let vms = t.json(&["vm", "ls", "--json"]);
-        if vms[0]["paused"] == "disk full" {
-            assert_eq!(vms[0]["state"], "running", "{vms}");
+        let vms = vm("full");
+        if vms["paused"] == "disk full" {
+            assert_eq!(vms["state"], "running", "{vms}");
             break;
         }
         assert!(
@@ -48,8 +60,15 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(t.ok(&["vm", "ls"]).contains("paused (disk full)"));
-    // The agent goes on serving (its API, the image's export), and the
-    // guest is held mid-write.
+    // The agent goes on serving (the other VM, its API, the image's
+    // export), and the guest is held mid-write.
+    t.ok(&["vm", "send", "other", "ping", "1"]);
+    t.wait_console("other", "SPORE-PONG 1", 60);
+    let other = vm("other");
+    assert!(
+        other["state"] == "running" && other["paused"].is_null(),
+        "{other}"
+    );
     t.ok(&["image", "inspect", "base"]);
     sh(std::process::Command::new("nbdinfo").arg(t.uri("image/base")));
     std::thread::sleep(Duration::from_secs(2));
@@ -67,8 +86,8 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
         !mem.is_empty() && mem == disk,
         "the disk copy differs: {log}"
     );
-    let vms = t.json(&["vm", "ls", "--json"]);
-    assert!(vms[0]["paused"].is_null(), "{vms}");
+    let full = vm("full");
+    assert!(full["paused"].is_null(), "{full}");
 
     // From the disk itself, caches dropped: the same bytes.
     t.ok(&["vm", "send", "full", "dataset", "check"]);
@@ -78,4 +97,5 @@ fn a_full_disk_pauses_the_vm_and_freed_space_resumes_it_with_its_data() {
     let out = t.ok(&["fsck"]);
     assert!(out.contains("clean"), "{out}");
     t.ok(&["vm", "rm", "full", "--force"]);
+    t.ok(&["vm", "rm", "other", "--force"]);
 }
