@@ -377,7 +377,8 @@ pub(crate) fn check_ram_room(dir: &Path, ram_kib: u64, file: &Path) -> Result<()
 }
 
 /// Bytes the RAM files in `dir` (all but `except`) may still allocate: their
-/// size less what they hold.
+/// size less what they hold. Read-only files are templates' RAM, which
+/// clones map private: their holes are never filled in the file system.
 fn promised_ram(dir: &Path, except: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = fs::read_dir(dir) else {
@@ -387,6 +388,7 @@ fn promised_ram(dir: &Path, except: &Path) -> u64 {
         .flatten()
         .filter(|e| e.path() != except && e.file_type().is_ok_and(|t| t.is_file()))
         .filter_map(|e| e.metadata().ok())
+        .filter(|m| !m.permissions().readonly())
         .map(|m| m.len().saturating_sub(m.blocks() * 512))
         .sum()
 }
@@ -464,5 +466,34 @@ impl WarmGate {
             .saturating_duration_since(std::time::Instant::now());
         let done = rx.recv_timeout(left).is_ok();
         tracing::debug!(done, "working set warm-up gate");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn promised_ram_counts_the_holes_of_writable_ram_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = dir.path().join("vm-a.ram");
+        let f = fs::File::create(&vm).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 1 << 20], 0).unwrap();
+        f.sync_all().unwrap();
+        let template = dir.path().join("tmpl-t.ram");
+        fs::File::create(&template)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        fs::set_permissions(&template, fs::Permissions::from_mode(0o400)).unwrap();
+        let me = dir.path().join("vm-b.ram");
+        fs::File::create(&me).unwrap().set_len(512 << 20).unwrap();
+
+        let promised = promised_ram(dir.path(), &me);
+        // vm-a's 63 unwritten MiB (give or take a file system block); not
+        // the template's holes, not the VM being admitted.
+        assert!((62 << 20..=63 << 20).contains(&promised), "{promised}");
     }
 }
