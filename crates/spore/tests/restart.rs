@@ -246,18 +246,16 @@ fn kill_9_during_commit_capture_pull_migration_both_ways_push_and_gc() {
     }
 
     // A migration from A to B: B killed at the first blocks.
-    kill_at(
-        &mut b,
-        "migration-incoming-blocks",
-        &dir_a,
-        &[
-            "vm",
-            "migrate",
-            "v",
-            "--to",
-            &format!("https://127.0.0.1:{port_b}"),
-        ],
-    );
+    let migrate_to = |port: u16| -> Vec<String> {
+        ["vm", "migrate", "v", "--to"]
+            .map(String::from)
+            .into_iter()
+            .chain([format!("https://127.0.0.1:{port}")])
+            .collect()
+    };
+    let args = migrate_to(port_b);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    kill_at(&mut b, "migration-incoming-blocks", &dir_a, &refs);
     let r = recovered(&b);
     assert!(r.contains("an incoming migration was interrupted"), "{r}");
     let on_b = b.json(&["vm", "ls", "--json"]);
@@ -277,18 +275,9 @@ fn kill_9_during_commit_capture_pull_migration_both_ways_push_and_gc() {
     b.restart();
     // (its peer listener took another free port)
     let port_b = b.listen_port();
-    kill_at(
-        &mut a,
-        "migration-outgoing-active",
-        &dir_a,
-        &[
-            "vm",
-            "migrate",
-            "v",
-            "--to",
-            &format!("https://127.0.0.1:{port_b}"),
-        ],
-    );
+    let args = migrate_to(port_b);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    kill_at(&mut a, "migration-outgoing-active", &dir_a, &refs);
     assert_eq!(vm_pid(&a, "v"), pid, "the source lost its VM");
     let r = recovered(&a);
     assert!(r.contains("vm v: kept running"), "{r}");
