@@ -506,6 +506,7 @@ impl Agent {
         self.images.bind_all()?;
         report.extend(self.disks.recover()?);
         report.extend(self.vms.recover()?);
+        report.extend(self.migration.recover());
         report.extend(self.templates.adopt_standbys());
         report.extend(self.templates.finish_template_removals());
         report.extend(self.templates.collect_template_debris());

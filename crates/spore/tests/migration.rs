@@ -74,43 +74,10 @@ impl Cluster {
         self.ok(host, &["vm", "log", vm])
     }
 
-    /// Sends `dataset check` and returns the (memory, disk) checksums the
-    /// guest printed.
+    /// Sends `dataset VERB` to the guest and returns the (memory, disk)
+    /// checksums it printed.
     fn dataset(&self, host: &str, vm: &str, verb: &str) -> (String, String) {
-        let marker = if verb == "check" {
-            "SPORE-DATASET-CHECK "
-        } else {
-            "SPORE-DATASET "
-        };
-        let before = self.log(host, vm).matches(marker).count();
-        let mut words = vec!["vm", "send", vm, "dataset", verb];
-        if verb == "write" {
-            words.push("8");
-        }
-        self.ok(host, &words);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let log = self.log(host, vm);
-            // Only a whole line: the console may be read while the guest
-            // is still writing it.
-            let rest = log.rsplit(marker).next().unwrap();
-            if log.matches(marker).count() > before && rest.contains('\n') {
-                let line = rest.lines().next().unwrap();
-                let field = |k: &str| {
-                    line.split_whitespace()
-                        .find_map(|w| w.strip_prefix(k))
-                        .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-                        .to_owned()
-                };
-                return (field("mem="), field("disk="));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {marker} on {host}: {}",
-                &log[log.len().saturating_sub(2000)..]
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        common::dataset(|args| self.ok(host, args), vm, verb)
     }
 
     fn migrate(&self, from: &str, to: &str, extra: &[&str]) -> Value {

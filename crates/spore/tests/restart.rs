@@ -7,36 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guest, vm_run_args, TestAgent};
-
-fn run_vm(t: &TestAgent, name: &str, append: &str) -> u64 {
-    let args = vm_run_args(guest(), name, "base", append);
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    t.ok(&args);
-    vm_pid(t, name)
-}
-
-fn vm_pid(t: &TestAgent, name: &str) -> u64 {
-    let vms = t.json(&["vm", "ls", "--json"]);
-    let v = vms
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed: {vms}"));
-    assert_eq!(v["state"], "running", "{v}");
-    v["pid"].as_u64().unwrap()
-}
-
-fn recovered(t: &TestAgent) -> String {
-    t.json(&["status", "--json"])["recovered"].to_string()
-}
-
-fn assert_fsck_clean(t: &TestAgent, when: &str) {
-    let r = t.run(&["fsck", "--json"]);
-    let out = String::from_utf8_lossy(&r.stdout);
-    assert!(r.status.success(), "fsck not clean {when}: {out}");
-}
+use common::{assert_fsck_clean, recovered, run_vm, vm_pid, TestAgent};
 
 /// The `SPORE-IO` lines of the guest's console: (ops, max_ms, errors, bad).
 fn io_lines(t: &TestAgent, vm: &str) -> Vec<(u64, u64, u64, u64)> {

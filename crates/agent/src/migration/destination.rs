@@ -21,16 +21,21 @@ use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp};
 
 use super::relay;
+use super::takeover::{read_mark, write_mark, IncomingMark};
 use super::Incoming;
 use super::Migration;
 use crate::error::{check_guid, check_hostname, check_mac, check_name, AgentError, Result};
 use crate::meta::Table;
 use crate::records::now;
-use crate::vms::{Start, VmRecord};
+use crate::vms::{Start, VmRecord, INCOMING_MARK};
 
 const POLL: Duration = Duration::from_millis(5);
 /// How long the destination waits for an in-band QMP answer.
 const INCOMING_QMP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a post-copy taken over after a restart waits for its source
+/// before the watcher adopts it once every page is here (it never removes
+/// a guest that runs here).
+const TAKEN_OVER_WAIT: Duration = Duration::from_secs(60);
 /// How often QEMU's accepted migration connections are looked for.
 const TUNE_EVERY: Duration = Duration::from_millis(50);
 
@@ -259,6 +264,14 @@ impl Migration {
                 listen: listen.uri().to_owned(),
             };
             self.vms.start_vm(&req.vm, rec, start, Instant::now())?;
+            write_mark(
+                &self.vms.procs.dir(&req.vm),
+                INCOMING_MARK,
+                &IncomingMark {
+                    from: req.from.clone(),
+                },
+            )
+            .map_err(AgentError::io("marking the incoming migration"))?;
             // Out of band, so that a post-copy recovery can reach QEMU
             // while its main thread waits for a page (incoming_recover);
             // and a short wait for in-band answers, so that the watcher's
@@ -382,6 +395,7 @@ impl Migration {
         inc.done.store(true, Ordering::Release);
         inc.probe.lock().take();
         inc.qmp.lock().take();
+        let _ = std::fs::remove_file(self.vms.procs.dir(&inc.vm).join(INCOMING_MARK));
         if let Some(disk) = self.exports.disk(&inc.vm) {
             if let Err(e) = disk.flush() {
                 tracing::error!(vm = %inc.vm, error = %e, "flushing the disk of an adopted VM failed");
@@ -544,6 +558,7 @@ impl Migration {
         inc.qmp.lock().take();
         inc.relay.lock().take();
         self.jobs.incoming.lock().remove(vm);
+        let _ = std::fs::remove_file(self.vms.procs.dir(vm).join(INCOMING_MARK));
         self.vms.set_vm_state(vm, |r| {
             if r.state == VmState::Incoming {
                 r.state = VmState::Running;
@@ -552,6 +567,76 @@ impl Migration {
         })?;
         tracing::info!(vm, from = %inc.from, "migration committed: the VM is here");
         Ok(IncomingCommitted { pongs, running_at })
+    }
+
+    /// Takes over a migration arriving here whose guest runs here while
+    /// its memory still comes (a post-copy that the agent restart cut off
+    /// from the source): it listens again as an incoming migration, so
+    /// that the source's recovery (`recover`) and its commit find it.
+    /// Returns the line for the start's report.
+    pub(super) fn take_over_incoming(self: &Arc<Self>, vm: &str, rec: &VmRecord) -> String {
+        let dir = self.vms.procs.dir(vm);
+        let from = read_mark::<IncomingMark>(&dir, INCOMING_MARK)
+            .map_or_else(|| "its source".to_owned(), |m| m.from);
+        let taken = (|| -> Result<()> {
+            let mut qmp = Qmp::connect_oob(&dir.join("qmp.sock"), Duration::from_secs(5))?;
+            qmp.set_timeout(INCOMING_QMP_TIMEOUT)?;
+            let disk_size = self
+                .exports
+                .disk(&rec.disk)
+                .map(|d| d.overlay().size())
+                .ok_or_else(|| AgentError::NotFound {
+                    kind: "disk",
+                    name: rec.disk.clone(),
+                })?;
+            // The next stream listens on a socket no earlier one used.
+            let n = (1..)
+                .find(|n| !dir.join(format!("migrate-in-{n}.sock")).exists())
+                .expect("a free stream number");
+            let relay = match self.stream_listen(vm, n)? {
+                Listen::Relay { path, .. } => Some(self.start_relay(vm, path)?),
+                Listen::Tcp { .. } => None,
+            };
+            let entry = Arc::new(Incoming {
+                vm: vm.to_owned(),
+                from: from.clone(),
+                qmp: Mutex::new(Some(qmp)),
+                disk_size,
+                probe: Mutex::new(None),
+                running_at: Mutex::new(Some(epoch_us())),
+                ports: Mutex::new(Vec::new()),
+                relay: Mutex::new(relay),
+                listens: AtomicU32::new(n),
+                done: AtomicBool::new(false),
+                deadline: Instant::now() + TAKEN_OVER_WAIT,
+            });
+            self.jobs.incoming.lock().insert(vm.to_owned(), entry.clone());
+            let migration = self.clone();
+            std::thread::Builder::new()
+                .name(format!("incoming-{vm}"))
+                .spawn(move || migration.watch_incoming(entry))
+                .map_err(AgentError::io("starting the incoming migration watcher"))?;
+            Ok(())
+        })();
+        match taken {
+            Ok(()) => format!(
+                "vm {vm}: runs here while its post-copy migration from {from} is under way; \
+                 taken over, waiting for the source to resume it"
+            ),
+            Err(e) => {
+                let why = format!(
+                    "arrived by a post-copy migration from {from} that an agent restart cut \
+                     off, and the new agent could not take it over ({}): memory still at the \
+                     source cannot come",
+                    e.chain()
+                );
+                let _ = self.vms.set_vm_state(vm, |r| {
+                    r.state = VmState::Running;
+                    r.reason = Some(why.clone());
+                });
+                format!("vm {vm}: {why}")
+            }
+        }
     }
 
     pub fn incoming_abort(&self, vm: &str) -> Result<()> {

@@ -31,6 +31,7 @@ mod jobs;
 pub mod policy;
 pub mod relay;
 pub mod source;
+mod takeover;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

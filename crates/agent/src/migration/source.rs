@@ -31,10 +31,12 @@ use spore_qemu::{epoch_us, longest_gap, Progress, Qmp};
 use super::connections::{Connections, DemandMeter};
 use super::policy::{Action, Policy};
 use super::relay;
+use super::takeover::{write_mark, OutgoingMark};
 use super::Migration;
 use super::{Job, PeerClient};
 use crate::error::{AgentError, Result};
 use crate::records::now;
+use crate::vms::OUTGOING_MARK;
 
 /// The loop polls QEMU this often at most; a MIGRATION event (the guest
 /// paused at `pre-switchover`) wakes it at once.
@@ -247,42 +249,7 @@ impl Migration {
             ));
         }
         PeerClient::new(&req.to, Duration::from_secs(1), &self.links)?.host()?;
-        let job = Arc::new(Job {
-            info: Mutex::new(MigrationInfo {
-                vm: name.to_owned(),
-                to: req.to.clone(),
-                policy: req.policy,
-                phase: MigrationPhase::Preparing,
-                started: now(),
-                elapsed_ms: 0.0,
-                switched_at_ms: None,
-                ram_total: 0,
-                ram_transferred: 0,
-                ram_remaining: 0,
-                passes: 0,
-                dirty_rate: 0,
-                sampled_dirty_rate: None,
-                postcopy_preempt: false,
-                stream_tls: false,
-                throughput: 0,
-                postcopy_requests: 0,
-                throttle_percent: 0,
-                disk_bytes: 0,
-                disk_passes: 0,
-                disk_final_bytes: 0,
-                downtime_ms: None,
-                guest_stall_ms: None,
-                guest_stall_at_ms: None,
-                destination_runs_at_ms: None,
-                decisions: Vec::new(),
-                timeline: Vec::new(),
-                error: None,
-            }),
-            cancel: AtomicBool::new(false),
-            continued: AtomicBool::new(false),
-            t0: Instant::now(),
-            t0_us: epoch_us(),
-        });
+        let job = new_job(name, &req);
         {
             let mut jobs = self.jobs.outgoing.lock();
             if jobs
@@ -348,6 +315,12 @@ impl Migration {
 
     fn run_migration(self: Arc<Self>, name: &str, req: &MigrateRequest, job: &Arc<Job>) {
         let result = self.migrate_inner(name, req, job);
+        self.end_job(name, req, job, result);
+    }
+
+    /// Records how a migration ended; its mark goes with it.
+    fn end_job(&self, name: &str, req: &MigrateRequest, job: &Job, result: Result<()>) {
+        let _ = std::fs::remove_file(self.vms.procs.dir(name).join(OUTGOING_MARK));
         let mut i = job.info.lock();
         i.elapsed_ms = job.ms();
         match result {
@@ -442,6 +415,17 @@ impl Migration {
             vm: name.to_owned(),
             armed: true,
         };
+        // A restart of this agent from here on finds the migration by it
+        // (takeover.rs).
+        write_mark(
+            &self.vms.procs.dir(name),
+            OUTGOING_MARK,
+            &OutgoingMark {
+                req: req.clone(),
+                tls: ready.tls,
+            },
+        )
+        .map_err(AgentError::io("marking the migration"))?;
         job.decide(
             0,
             format!(
@@ -607,47 +591,7 @@ impl Migration {
         }
         // Completed: the VM is at the destination.
         guard.armed = false;
-        let committed: IncomingCommitted = {
-            let path = format!("/v1/migrations/{name}/commit");
-            let mut last = None;
-            let mut ok = None;
-            for _ in 0..5 {
-                if crate::failpoint::hit("migration-commit-lost") {
-                    last = Some(AgentError::State("fail-point migration-commit-lost".into()));
-                    std::thread::sleep(Duration::from_millis(500));
-                    continue;
-                }
-                match peer.post(&path, &json!({})) {
-                    Ok(c) => {
-                        ok = Some(c);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            match ok {
-                Some(c) => c,
-                None => {
-                    // The guest may run at the destination by now: this
-                    // copy, paused after the switch, must never run again.
-                    let to = req.to.clone();
-                    let _ = self.vms.set_vm_state(name, |r| {
-                        r.state = VmState::Failed;
-                        r.reason = Some(format!(
-                            "migrated to {to}, which did not confirm; the guest may run \
-                             there: this copy stays paused and must not be resumed"
-                        ));
-                    });
-                    return Err(AgentError::State(format!(
-                        "QEMU completed the migration but the destination did not commit ({}); \
-                         the guest is at {}, this host keeps its stopped copy",
-                        last.map(|e| e.chain()).unwrap_or_default(),
-                        req.to
-                    )));
-                }
-            }
-        };
+        let committed = self.commit_at(&peer, name, &req.to)?;
         {
             let mut i = job.info.lock();
             let mut all = src_pongs;
@@ -679,6 +623,39 @@ impl Migration {
             job.decide(0, format!("removing the source copy failed: {}", e.chain()));
         }
         Ok(())
+    }
+
+    /// Commits a migration QEMU completed at the destination. If the
+    /// destination does not confirm, this copy (paused after the switch)
+    /// is marked failed: the guest may run there, so it must never run
+    /// here again.
+    fn commit_at(&self, peer: &PeerClient, name: &str, to: &str) -> Result<IncomingCommitted> {
+        let path = format!("/v1/migrations/{name}/commit");
+        let mut last = None;
+        for _ in 0..5 {
+            if crate::failpoint::hit("migration-commit-lost") {
+                last = Some(AgentError::State("fail-point migration-commit-lost".into()));
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            match peer.post(&path, &json!({})) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = self.vms.set_vm_state(name, |r| {
+            r.state = VmState::Failed;
+            r.reason = Some(format!(
+                "migrated to {to}, which did not confirm; the guest may run \
+                 there: this copy stays paused and must not be resumed"
+            ));
+        });
+        Err(AgentError::State(format!(
+            "QEMU completed the migration but the destination did not commit ({}); \
+             the guest is at {to}, this host keeps its stopped copy",
+            last.map(|e| e.chain()).unwrap_or_default(),
+        )))
     }
 
     /// How QEMU's stream goes to the destination: through spore's TLS (a
@@ -1154,6 +1131,179 @@ impl Migration {
     }
 }
 
+/// How the migration of a VM whose agent restarted is settled.
+impl Migration {
+    /// Takes over a migration away from this host that the previous agent
+    /// left in flight (its mark says where to). Past the switch (QEMU is in
+    /// post-copy or has completed), the migration is resumed and finished
+    /// in the background, as `spore vm migration` shows; before it, the
+    /// migration is cancelled and the VM runs on here, and the destination
+    /// is asked to remove what it made. Returns the line for the start's
+    /// report.
+    pub(super) fn take_over_outgoing(self: &Arc<Self>, name: &str, mark: OutgoingMark) -> String {
+        let to = mark.req.to.clone();
+        let taken = (|| -> Result<String> {
+            let mut qmp = Qmp::connect(
+                &self.vms.procs.dir(name).join("qmp.sock"),
+                Duration::from_secs(5),
+            )?;
+            let p = qmp.migration_progress()?;
+            if p.status == "completed" || p.status.starts_with("postcopy") {
+                let job = new_job(name, &mark.req);
+                job.info.lock().stream_tls = mark.tls;
+                job.set_phase(MigrationPhase::Postcopy);
+                job.decide(
+                    p.passes,
+                    format!(
+                        "taken over by a new agent: the previous one stopped with the migration \
+                         past the switch (QEMU: {}), the guest running at the destination",
+                        p.status
+                    ),
+                );
+                self.jobs
+                    .outgoing
+                    .lock()
+                    .insert(name.to_owned(), job.clone());
+                let (migration, vm) = (self.clone(), name.to_owned());
+                std::thread::Builder::new()
+                    .name(format!("migrate-{name}"))
+                    .spawn(move || {
+                        let result = migration.finish_taken_over(&vm, &mark, &job, qmp);
+                        migration.end_job(&vm, &mark.req, &job, result);
+                    })
+                    .map_err(AgentError::io("resuming the migration"))?;
+                return Ok(format!(
+                    "vm {name}: its migration to {to} was past the switch ({}) when the agent \
+                     stopped; resumed, to finish in the background (spore vm migration {name})",
+                    p.status
+                ));
+            }
+            // Not past the switch: QEMU's migration failed with the old
+            // relay, or (in plaintext) goes on without anyone to let it
+            // switch. Before the switch the VM is this copy.
+            self.take_back(name, &mut qmp);
+            let peer = PeerClient::new(&to, Duration::from_secs(5), &self.links)?;
+            let abort = peer.post::<serde_json::Value>(
+                &format!("/v1/migrations/{name}/abort"),
+                &json!({}),
+            );
+            let there = match abort {
+                Ok(_) => "removed what it made".to_owned(),
+                Err(e) => format!("removes what it made by itself ({})", e.chain()),
+            };
+            let _ = std::fs::remove_file(self.vms.procs.dir(name).join(OUTGOING_MARK));
+            Ok(format!(
+                "vm {name}: its migration to {to} was cut short by the agent restart before the \
+                 switch (QEMU: {}); the VM runs on here, and the destination {there}",
+                p.status
+            ))
+        })();
+        taken.unwrap_or_else(|e| {
+            format!(
+                "vm {name}: its migration to {to} was in flight when the agent stopped, and the \
+                 new agent could not take it over: {}",
+                e.chain()
+            )
+        })
+    }
+
+    /// Drives a post-copy taken over after a restart to its end: the
+    /// stream, broken with the old agent's relay, is recovered over a new
+    /// one (as many times as it breaks, each within the recovery budget);
+    /// once QEMU has sent every page, the destination commits and this
+    /// copy goes.
+    fn finish_taken_over(
+        &self,
+        name: &str,
+        mark: &OutgoingMark,
+        job: &Arc<Job>,
+        mut qmp: Qmp,
+    ) -> Result<()> {
+        let peer = PeerClient::new(&mark.req.to, Duration::from_secs(60), &self.links)?;
+        let host = peer.host()?;
+        let route = if mark.tls {
+            let client = self.stream_tls.client.clone().ok_or_else(|| {
+                AgentError::State("the stream is in TLS and this host has no certificate".into())
+            })?;
+            // Aimed at the destination's relay once a recovery says where
+            // it listens (QEMU connects only then).
+            let relay = relay::Outbound::start(
+                &self.vms.procs.dir(name).join(OUT_SOCKET),
+                resolve(&host, 0)?,
+                &host,
+                client,
+            )
+            .map_err(AgentError::io("starting the migration stream's relay"))?;
+            Route {
+                uri: format!("unix:{OUT_SOCKET}"),
+                host: host.clone(),
+                relay: Some(relay),
+            }
+        } else {
+            Route {
+                uri: String::new(),
+                host: host.clone(),
+                relay: None,
+            }
+        };
+        let mut moved = (0u64, Instant::now());
+        loop {
+            let p = qmp.migration_progress()?;
+            job.update(&p, true);
+            if p.ram_transferred != moved.0 {
+                moved = (p.ram_transferred, Instant::now());
+            }
+            match p.status.as_str() {
+                "completed" => break,
+                "postcopy-paused" => {
+                    self.recover_postcopy(&mut qmp, job, &peer, &route, name, &p)?;
+                    moved.1 = Instant::now();
+                }
+                "failed" | "cancelled" => {
+                    let why = format!(
+                        "QEMU's migration {} after the switch: {}",
+                        p.status,
+                        p.error.clone().unwrap_or_else(|| "no reason given".into())
+                    );
+                    let _ = self.vms.set_vm_state(name, |r| {
+                        r.state = VmState::Failed;
+                        r.reason = Some(format!(
+                            "{why}; the guest ran at {}: this copy must not be resumed",
+                            mark.req.to
+                        ));
+                    });
+                    return Err(AgentError::State(why));
+                }
+                // A link that stopped without QEMU noticing: paused, so
+                // that it recovers.
+                "postcopy-active" if p.ram_remaining > 0 && moved.1.elapsed() > POSTCOPY_STALL => {
+                    job.decide(
+                        p.passes,
+                        format!(
+                            "post-copy: nothing moved for {} s; pausing to recover",
+                            POSTCOPY_STALL.as_secs()
+                        ),
+                    );
+                    let _ = qmp.migrate_pause();
+                    moved.1 = Instant::now();
+                }
+                _ => {}
+            }
+            std::thread::sleep(TIMELINE_EVERY);
+        }
+        self.commit_at(&peer, name, &mark.req.to)?;
+        job.decide(
+            0,
+            "the guest's stall was not measured: the agent restarted during the migration".into(),
+        );
+        drop(qmp);
+        if let Err(e) = self.vms.remove_vm(name, true) {
+            job.decide(0, format!("removing the source copy failed: {}", e.chain()));
+        }
+        Ok(())
+    }
+}
+
 impl Migration {
     /// Refuses to touch a VM that is moving (stop, remove, resize,
     /// template): cancel the migration first, or wait for it.
@@ -1165,6 +1315,46 @@ impl Migration {
             None => Ok(()),
         }
     }
+}
+
+/// A migration of `name` as `req` asks, not started yet.
+fn new_job(name: &str, req: &MigrateRequest) -> Arc<Job> {
+    Arc::new(Job {
+        info: Mutex::new(MigrationInfo {
+            vm: name.to_owned(),
+            to: req.to.clone(),
+            policy: req.policy,
+            phase: MigrationPhase::Preparing,
+            started: now(),
+            elapsed_ms: 0.0,
+            switched_at_ms: None,
+            ram_total: 0,
+            ram_transferred: 0,
+            ram_remaining: 0,
+            passes: 0,
+            dirty_rate: 0,
+            sampled_dirty_rate: None,
+            postcopy_preempt: false,
+            stream_tls: false,
+            throughput: 0,
+            postcopy_requests: 0,
+            throttle_percent: 0,
+            disk_bytes: 0,
+            disk_passes: 0,
+            disk_final_bytes: 0,
+            downtime_ms: None,
+            guest_stall_ms: None,
+            guest_stall_at_ms: None,
+            destination_runs_at_ms: None,
+            decisions: Vec::new(),
+            timeline: Vec::new(),
+            error: None,
+        }),
+        cancel: AtomicBool::new(false),
+        continued: AtomicBool::new(false),
+        t0: Instant::now(),
+        t0_us: epoch_us(),
+    })
 }
 
 fn peer_url(p: &PeerClient) -> String {

@@ -67,6 +67,14 @@ const IO_ERROR_POLL: Duration = Duration::from_secs(1);
 const RESUME_FREE: u64 = 64 << 20;
 /// In a VM's directory while a template capture has it paused.
 pub(crate) const CAPTURE_MARK: &str = "capturing";
+/// In a VM's directory while it migrates away (the migration service
+/// writes it, with where to, and settles the migration after a restart).
+pub(crate) const OUTGOING_MARK: &str = "migrating-out";
+/// In a VM's directory while it arrives by migration (with where from).
+pub(crate) const INCOMING_MARK: &str = "migrating-in";
+/// How long an adopted incoming QEMU may take to answer in band: one
+/// whose guest waits for a post-copy page may not answer at all.
+const INCOMING_ANSWER: Duration = Duration::from_secs(2);
 
 /// What `vm ls` says of a VM paused for want of space.
 const DISK_FULL: &str = "disk full";
@@ -235,40 +243,33 @@ impl Vms {
     /// Takes over one QEMU a previous agent left: checks it answers QMP,
     /// watches its exit through a pidfd and reconnects its guest channel.
     fn adopt(self: &Arc<Self>, name: &str, pid: u32, rec: &VmRecord) -> Result<Adopted> {
+        if rec.state == VmState::Incoming {
+            return self.adopt_incoming(name, pid);
+        }
         let dir = self.procs.dir(name);
         let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("QMP: {e}"));
         let mut qmp =
             Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(5)).map_err(qmp_err)?;
-        let status = qmp.status().map_err(qmp_err)?;
-        if rec.state == VmState::Incoming && status == "inmigrate" {
-            // The stream had not all arrived: the source still runs the
-            // VM, and its migration failed with this agent's relay.
-            kill_and_reap(pid);
-            self.remove_vm(name, true)?;
-            return Ok(Adopted::Discarded(format!(
-                "vm {name}: an incoming migration was interrupted by the agent restart before \
-                 the guest ran here; what it made here was removed (the source keeps the VM)"
-            )));
-        }
-        if self.procs.maps_memfs(pid) {
-            return Err(AgentError::State(
-                "its template's RAM was being paged in from another host by the previous agent \
-                 (spore-memfs), which no other agent can serve"
-                    .into(),
-            ));
-        }
-        let mut status = status;
+        let mut status = qmp.status().map_err(qmp_err)?;
+        self.no_memfs(pid)?;
         let mut note = String::new();
         let capture_cut = dir.join(CAPTURE_MARK).exists();
+        let migrating = dir.join(OUTGOING_MARK).exists();
         if capture_cut {
             // The capture is rolled back: its device-state-only setting
             // goes with it, so the VM migrates like any other.
             qmp.set_ignore_shared(false).map_err(qmp_err)?;
         }
         match (rec.state, status.as_str()) {
+            // Paused or stopped by its migration, which the migration
+            // service settles next: resumed here only if the guest does
+            // not run at the destination.
+            (VmState::Running, _) if migrating => {
+                note = "; it was migrating away: the migration is settled next".into();
+            }
             // Paused by an operation of the previous agent (a capture, a
-            // commit, a migration's switch) that the restart cut short:
-            // that operation is rolled back, so the guest runs again.
+            // commit) that the restart cut short: that operation is rolled
+            // back, so the guest runs again.
             (VmState::Running, "paused") => {
                 qmp.execute("cont", None).map_err(qmp_err)?;
                 status = "running".into();
@@ -293,6 +294,88 @@ impl Vms {
         }
         drop(qmp);
         let _ = fs::remove_file(dir.join(CAPTURE_MARK));
+        self.take_over(name, pid)?;
+        Ok(Adopted::Kept(format!(
+            "vm {name}: kept {} across the agent restart (QEMU pid {pid}, {status}){note}",
+            if rec.state == VmState::Standby {
+                "as a standby"
+            } else {
+                "running"
+            }
+        )))
+    }
+
+    /// Takes over a QEMU that was receiving a migration. Its stream had not
+    /// all arrived (`inmigrate`): the source still runs the VM, and its
+    /// migration failed with the previous agent's relay, so this copy is
+    /// removed. The guest runs here: this copy is the VM, and if part of
+    /// its memory is still at the source (a post-copy), the VM stays
+    /// incoming and the migration service takes the migration over, so the
+    /// source can resume it. Only short in-band waits: a post-copy
+    /// destination whose guest touched a page that did not come answers
+    /// nothing in band until the migration resumes.
+    fn adopt_incoming(self: &Arc<Self>, name: &str, pid: u32) -> Result<Adopted> {
+        let dir = self.procs.dir(name);
+        let qmp_err = |e: spore_qemu::QmpError| AgentError::State(format!("QMP: {e}"));
+        let mut qmp =
+            Qmp::connect_oob(&dir.join("qmp.sock"), Duration::from_secs(5)).map_err(qmp_err)?;
+        qmp.set_timeout(INCOMING_ANSWER).map_err(qmp_err)?;
+        // No answer: blocked on a page, so the guest runs here.
+        let status = qmp.status().ok();
+        if status.as_deref() == Some("inmigrate") {
+            kill_and_reap(pid);
+            self.remove_vm(name, true)?;
+            return Ok(Adopted::Discarded(format!(
+                "vm {name}: an incoming migration was interrupted by the agent restart before \
+                 the guest ran here; what it made here was removed (the source keeps the VM)"
+            )));
+        }
+        self.no_memfs(pid)?;
+        let arrived = status.is_some()
+            && qmp
+                .migration_progress()
+                .is_ok_and(|p| p.status == "completed");
+        drop(qmp);
+        self.take_over(name, pid)?;
+        let status = status.unwrap_or_else(|| "not answering: waiting for a page".into());
+        if !arrived {
+            return Ok(Adopted::Kept(format!(
+                "vm {name}: kept running across the agent restart (QEMU pid {pid}, {status}); \
+                 it was arriving by a post-copy migration, which goes on when its source \
+                 resumes it"
+            )));
+        }
+        self.set_vm_state(name, |r| {
+            r.state = VmState::Running;
+            r.reason = Some(
+                "arrived by a live migration that an agent restart interrupted after the \
+                 guest started here"
+                    .into(),
+            );
+        })?;
+        let _ = fs::remove_file(dir.join(INCOMING_MARK));
+        Ok(Adopted::Kept(format!(
+            "vm {name}: kept running across the agent restart (QEMU pid {pid}, {status}); it \
+             arrived by a migration the restart interrupted"
+        )))
+    }
+
+    /// A QEMU whose template RAM the previous agent served cannot be kept.
+    fn no_memfs(&self, pid: u32) -> Result<()> {
+        if self.procs.maps_memfs(pid) {
+            return Err(AgentError::State(
+                "its template's RAM was being paged in from another host by the previous agent \
+                 (spore-memfs), which no other agent can serve"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Watches a QEMU a previous agent left (its exit, through a pidfd)
+    /// and reconnects its guest channel.
+    fn take_over(self: &Arc<Self>, name: &str, pid: u32) -> Result<()> {
+        let dir = self.procs.dir(name);
         let log_from = fs::metadata(dir.join("qemu.log")).map_or(0, |m| m.len());
         let pidfd = processes::pidfd_open(pid).map_err(AgentError::io("opening a pidfd"))?;
         let own_ram = Some(self.procs.ram_file(name)).filter(|f| f.exists());
@@ -311,27 +394,7 @@ impl Vms {
                 tracing::warn!(vm = name, error = %e, "reconnecting the guest channel failed")
             }
         }
-        if rec.state == VmState::Incoming {
-            // The guest runs here (post-copy, or the stream was complete):
-            // this copy is the VM.
-            self.set_vm_state(name, |r| {
-                r.state = VmState::Running;
-                r.reason = Some(
-                    "arrived by a live migration that an agent restart interrupted after the \
-                     guest started here"
-                        .into(),
-                );
-            })?;
-            note = "; it arrived by a migration the restart interrupted".into();
-        }
-        Ok(Adopted::Kept(format!(
-            "vm {name}: kept {} across the agent restart (QEMU pid {pid}, {status}){note}",
-            if rec.state == VmState::Standby {
-                "as a standby"
-            } else {
-                "running"
-            }
-        )))
+        Ok(())
     }
 
     /// `disk commit` as users call it: a disk whose VM is running is

@@ -447,3 +447,78 @@ pub fn vm_run_args<'a>(
         "180".into(),
     ]
 }
+
+/// Runs the demo guest as `name` on the image `base` with `append` on its
+/// kernel command line; returns its QEMU pid.
+pub fn run_vm(t: &TestAgent, name: &str, append: &str) -> u64 {
+    let args = vm_run_args(guest(), name, "base", append);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    t.ok(&args);
+    vm_pid(t, name)
+}
+
+/// The QEMU pid of the running VM `name`.
+pub fn vm_pid(t: &TestAgent, name: &str) -> u64 {
+    let vms = t.json(&["vm", "ls", "--json"]);
+    let v = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed: {vms}"));
+    assert_eq!(v["state"], "running", "{v}");
+    v["pid"].as_u64().unwrap()
+}
+
+/// What the agent's last start took over, rolled back or finished.
+pub fn recovered(t: &TestAgent) -> String {
+    t.json(&["status", "--json"])["recovered"].to_string()
+}
+
+/// `spore fsck` finds nothing wrong.
+pub fn assert_fsck_clean(t: &TestAgent, when: &str) {
+    let r = t.run(&["fsck", "--json"]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "fsck not clean {when}: {out}");
+}
+
+/// Sends `dataset VERB` (`write` 8 MiB, or `check`) to the demo guest `vm`
+/// through `spore` (`run` runs it with these arguments and returns its
+/// output) and returns the (memory, disk) checksums the guest printed.
+pub fn dataset(run: impl Fn(&[&str]) -> String, vm: &str, verb: &str) -> (String, String) {
+    let marker = if verb == "check" {
+        "SPORE-DATASET-CHECK "
+    } else {
+        "SPORE-DATASET "
+    };
+    let log = || run(&["vm", "log", vm]);
+    let before = log().matches(marker).count();
+    let mut words = vec!["vm", "send", vm, "dataset", verb];
+    if verb == "write" {
+        words.push("8");
+    }
+    run(&words);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let log = log();
+        // Only a whole line: the console may be read while the guest is
+        // still writing it.
+        let rest = log.rsplit(marker).next().unwrap();
+        if log.matches(marker).count() > before && rest.contains('\n') {
+            let line = rest.lines().next().unwrap();
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                    .to_owned()
+            };
+            return (field("mem="), field("disk="));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {marker} from {vm}: {}",
+            &log[log.len().saturating_sub(2000)..]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
