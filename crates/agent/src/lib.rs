@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod api;
 pub mod api_socket;
+#[cfg(test)]
+mod crash_tests;
 mod disks;
 pub mod error;
 pub mod exports;

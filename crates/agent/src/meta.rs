@@ -12,6 +12,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use spore_files::{FileHandle, Files};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Table {
@@ -64,7 +65,23 @@ pub struct Meta {
 
 impl Meta {
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        let db = Database::create(path)?;
+        Self::init(Database::create(path)?)
+    }
+
+    /// Opens (creating if needed) the database at `path` on `files`: redb
+    /// does its I/O through them ([`FileBackend`]), so that the crash tests
+    /// can cut the power under it.
+    pub fn open_on(files: &dyn Files, path: &Path) -> Result<Self, MetaError> {
+        let io = |e: std::io::Error| MetaError::Db(redb::StorageError::from(e).into());
+        let new = !files.exists(path);
+        let file = files.open(path, new).map_err(io)?;
+        if let Some(dir) = path.parent().filter(|_| new) {
+            files.sync_dir(dir).map_err(io)?;
+        }
+        Self::init(Database::builder().create_with_backend(FileBackend(file))?)
+    }
+
+    fn init(db: Database) -> Result<Self, MetaError> {
         let txn = db.begin_write()?;
         for t in [Table::Images, Table::Disks, Table::Vms, Table::Templates] {
             txn.open_table(t.def())?;
@@ -173,5 +190,34 @@ mod tests {
         assert!(m.remove(Table::Images, "a").unwrap());
         assert!(!m.remove(Table::Images, "a").unwrap());
         assert_eq!(m.get::<u32>(Table::Images, "a").unwrap(), None);
+    }
+}
+
+/// redb's storage on a [`FileHandle`].
+#[derive(Debug)]
+struct FileBackend(std::sync::Arc<dyn FileHandle>);
+
+impl redb::StorageBackend for FileBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        if offset + out.len() as u64 > self.0.len()? {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.0.read_at(out, offset)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(data, offset)
     }
 }

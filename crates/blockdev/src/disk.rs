@@ -22,10 +22,10 @@ use spore_chunks::ChunkStore;
 use spore_image::{LayerWriter, Published, TransferError};
 use spore_nbd::{Export, Extent};
 
-use crate::files::Files;
 use crate::image::ImageDevice;
 use crate::overlay::{Overlay, OverlayError, GRANULE, GRANULE_SHIFT};
 use crate::IoStats;
+use spore_files::Files;
 
 const RMW_STRIPES: usize = 64;
 

@@ -12,10 +12,9 @@
 
 pub mod batch;
 pub mod cache;
-pub mod disk;
 #[cfg(test)]
-mod fault;
-pub mod files;
+mod crash_tests;
+pub mod disk;
 pub mod image;
 pub mod overlay;
 

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use spore_image::envelope;
 
-use crate::files::{Files, OverlayFile, RealFiles};
+use spore_files::{FileHandle, Files, RealFiles};
 
 pub const GRANULE: u64 = 4096;
 pub const GRANULE_SHIFT: u32 = 12;
@@ -126,7 +126,7 @@ struct Durable {
 /// The pending file and where its next record goes.
 #[derive(Debug)]
 struct Pending {
-    file: Arc<dyn OverlayFile>,
+    file: Arc<dyn FileHandle>,
     /// The kernel's boot id and this file's nonce: what every record's
     /// checksum covers, so records of another boot or from before the
     /// file was started again never pass.
@@ -240,9 +240,9 @@ pub fn decode_pending_records(
 #[derive(Debug)]
 pub struct Overlay {
     dir: PathBuf,
-    data: Arc<dyn OverlayFile>,
-    meta: Arc<dyn OverlayFile>,
-    log: Arc<dyn OverlayFile>,
+    data: Arc<dyn FileHandle>,
+    meta: Arc<dyn FileHandle>,
+    log: Arc<dyn FileHandle>,
     size: u64,
     bits: Vec<AtomicU64>,
     /// Serialises flushes.
@@ -570,9 +570,9 @@ impl Overlay {
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         dir: &Path,
-        data: Arc<dyn OverlayFile>,
-        meta: Arc<dyn OverlayFile>,
-        log: Arc<dyn OverlayFile>,
+        data: Arc<dyn FileHandle>,
+        meta: Arc<dyn FileHandle>,
+        log: Arc<dyn FileHandle>,
         pending: Pending,
         size: u64,
         words: Vec<u64>,
@@ -1059,7 +1059,7 @@ mod tests {
 
     #[test]
     fn pending_records_of_another_boot_or_torn_are_ignored() {
-        use crate::fault::FaultFiles;
+        use spore_files::fault::FaultFiles;
         let files = FaultFiles::new(7);
         let p = Path::new("/d");
         {

@@ -14,16 +14,23 @@
 //! then calls [`ChunkStore::sync`] before it publishes anything that refers
 //! to them (a layer, a name). That keeps imports fast and still guarantees
 //! that no durable metadata ever points at a chunk a crash could lose.
+//!
+//! All file I/O goes through [`spore_files::Files`], so that the crash
+//! tests can run the store on files that forget, at a simulated power cut,
+//! whatever was not synced: a chunk renamed into place before its bytes
+//! reached the disk is then found short or wrong, moved aside and fetched
+//! or written again, never trusted.
 
 mod id;
 
 pub use id::{ChunkId, ParseChunkIdError};
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::io::AsRawFd;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use spore_files::{Files, RealFiles};
 
 /// Magic at the start of every chunk file.
 pub const CHUNK_MAGIC: [u8; 4] = *b"SPCK";
@@ -121,6 +128,7 @@ pub struct Stats {
 /// A directory of content-addressed chunks.
 #[derive(Debug)]
 pub struct ChunkStore {
+    files: Arc<dyn Files>,
     root: PathBuf,
     compression: Compression,
     stats: Stats,
@@ -139,12 +147,26 @@ pub struct Put {
 impl ChunkStore {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>, compression: Compression) -> Result<Self> {
-        let root = root.into();
-        fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        let store = Self::open_on(Arc::new(RealFiles), root, compression)?;
         // Chunks hold guest data (template RAM too): root only.
-        fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|e| Error::io(&root, e))?;
+        std::fs::set_permissions(
+            &store.root,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| Error::io(&store.root, e))?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the store at `root` on `files`.
+    pub fn open_on(
+        files: Arc<dyn Files>,
+        root: impl Into<PathBuf>,
+        compression: Compression,
+    ) -> Result<Self> {
+        let root = root.into();
+        files.create_dir(&root).map_err(|e| Error::io(&root, e))?;
         Ok(ChunkStore {
+            files,
             root,
             compression,
             stats: Stats::default(),
@@ -167,7 +189,9 @@ impl ChunkStore {
     /// True when a chunk file is present and not visibly truncated (not
     /// verified: a read hashes it). Cheap: one `stat`.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        fs::metadata(self.path_of(id)).is_ok_and(|m| m.len() > HEADER_LEN as u64)
+        self.files
+            .size(&self.path_of(id))
+            .is_ok_and(|len| len > HEADER_LEN as u64)
     }
 
     /// True when the chunk file is present and whole: its header is valid
@@ -183,10 +207,11 @@ impl ChunkStore {
     /// aside.
     fn existing_checked(&self, id: &ChunkId) -> Option<u64> {
         let path = self.path_of(id);
-        let mut file = File::open(&path).ok()?;
-        let len = file.metadata().ok()?.len();
+        let file = self.files.open(&path, false).ok()?;
+        let len = file.len().ok()?;
         let mut header = [0u8; HEADER_LEN];
-        let whole = file.read_exact(&mut header).is_ok()
+        let whole = len >= HEADER_LEN as u64
+            && file.read_at(&mut header, 0).is_ok()
             && header[..4] == CHUNK_MAGIC
             && header[4] == CHUNK_VERSION
             && len
@@ -204,7 +229,7 @@ impl ChunkStore {
     pub fn quarantine(&self, id: &ChunkId, why: &str) {
         let path = self.path_of(id);
         let dir = self.root.join("corrupt");
-        let _ = fs::create_dir_all(&dir);
+        let _ = self.files.create_dir(&dir);
         static N: AtomicU64 = AtomicU64::new(0);
         let to = dir.join(format!(
             "{}.{}.{}",
@@ -212,14 +237,14 @@ impl ChunkStore {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        match fs::rename(&path, &to) {
+        match self.files.rename(&path, &to) {
             Ok(()) => {
                 tracing::warn!(chunk = %id, why, to = %to.display(), "damaged chunk file moved aside; it will be fetched or written again")
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(chunk = %id, why, error = %e, "cannot move a damaged chunk aside; removing it");
-                let _ = fs::remove_file(&path);
+                let _ = self.files.remove(&path);
             }
         }
     }
@@ -271,11 +296,24 @@ impl ChunkStore {
         Ok((put, data))
     }
 
-    /// The chunk already stored under `id`, if whole (counted as
-    /// deduplicated). A damaged file is moved aside, so the caller writes
-    /// the chunk again: importing or fetching data repairs the store.
+    /// The chunk already stored under `id`, if it checks out against its
+    /// id (counted as deduplicated). A damaged file is moved aside, so the
+    /// caller writes the chunk again: importing or fetching data repairs
+    /// the store. Verified whole, not only by its header: a power cut can
+    /// leave a chunk file of the right length with some of its pages never
+    /// written, and a new name must not come to rest on it (the crash
+    /// tests found that).
     fn existing(&self, id: &ChunkId) -> Option<Put> {
-        let stored_len = self.existing_checked(id)?;
+        let raw = self.read_file(id).ok()??;
+        if let Err(e) = decode_chunk_file(id, &raw) {
+            let why = match &e {
+                Error::Corrupt { why, .. } => why,
+                _ => "unreadable chunk file",
+            };
+            self.quarantine(id, why);
+            return None;
+        }
+        let stored_len = raw.len() as u64;
         self.stats
             .chunks_deduplicated
             .fetch_add(1, Ordering::Relaxed);
@@ -290,7 +328,7 @@ impl ChunkStore {
     fn write_file(&self, id: ChunkId, parts: &[&[u8]]) -> Result<Put> {
         let path = self.path_of(&id);
         let dir = path.parent().expect("chunk path has a parent");
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.files.create_dir(dir).map_err(|e| Error::io(dir, e))?;
         // Write beside the final name and rename, so a reader never sees half
         // a chunk and a crash leaves at worst a stray temporary file.
         // Unique per write: two threads storing the same chunk at once
@@ -303,14 +341,16 @@ impl ChunkStore {
             NEXT_TMP.fetch_add(1, Ordering::Relaxed)
         ));
         let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let f = self.files.open(&tmp, true)?;
+            let mut at = 0;
             for part in parts {
-                f.write_all(part)?;
+                f.write_at(part, at)?;
+                at += part.len() as u64;
             }
-            fs::rename(&tmp, &path)
+            self.files.rename(&tmp, &path)
         };
         if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
+            let _ = self.files.remove(&tmp);
             return Err(Error::io(&path, e));
         }
         let stored_len = parts.iter().map(|p| p.len() as u64).sum();
@@ -327,15 +367,7 @@ impl ChunkStore {
 
     /// Reads a chunk and checks it against its id.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let path = self.path_of(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::NotFound(*id)),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let mut raw = Vec::new();
-        file.read_to_end(&mut raw)
-            .map_err(|e| Error::io(&path, e))?;
+        let raw = self.read_file(id)?.ok_or(Error::NotFound(*id))?;
         let data = decode_chunk_file(id, &raw).inspect_err(|e| {
             // Never trusted again: moved aside, so the chunk is missing
             // and a fetch or an import brings a good copy.
@@ -350,8 +382,22 @@ impl ChunkStore {
     /// The chunk file as stored (header and possibly compressed payload),
     /// unverified: for sending to another host, which verifies it.
     pub fn get_raw(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        self.read_file(id)
+    }
+
+    /// The whole chunk file under `id`, if there is one. Bounded: a file
+    /// longer than any chunk can be is corrupt, and is not read.
+    fn read_file(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         let path = self.path_of(id);
-        match std::fs::read(&path) {
+        let read = || -> io::Result<Vec<u8>> {
+            let file = self.files.open(&path, false)?;
+            let len = file.len()?;
+            let limit = (HEADER_LEN + MAX_CHUNK_SIZE) as u64;
+            let mut raw = vec![0u8; len.min(limit + 1) as usize];
+            file.read_at(&mut raw, 0)?;
+            Ok(raw)
+        };
+        match read() {
             Ok(raw) => Ok(Some(raw)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&path, e)),
@@ -360,13 +406,13 @@ impl ChunkStore {
 
     /// Bytes the chunk occupies on disk, if present.
     pub fn stored_len(&self, id: &ChunkId) -> Option<u64> {
-        fs::metadata(self.path_of(id)).ok().map(|m| m.len())
+        self.files.size(&self.path_of(id)).ok()
     }
 
     /// Deletes a chunk. Missing chunks are not an error.
     pub fn remove(&self, id: &ChunkId) -> Result<()> {
         let path = self.path_of(id);
-        match fs::remove_file(&path) {
+        match self.files.remove(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(&path, e)),
@@ -376,15 +422,18 @@ impl ChunkStore {
     /// Every chunk id present in the store (stray temporary files skipped).
     pub fn list(&self) -> Result<Vec<ChunkId>> {
         let mut ids = Vec::new();
-        let top = fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
-        for dir in top {
-            let dir = dir.map_err(|e| Error::io(&self.root, e))?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-                let entry = entry.map_err(|e| Error::io(&dir, e))?;
-                if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+        let top = self
+            .files
+            .list(&self.root)
+            .map_err(|e| Error::io(&self.root, e))?;
+        // The fan-out directories: two hex digits.
+        for name in top
+            .iter()
+            .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            let dir = self.root.join(name);
+            for entry in self.files.list(&dir).map_err(|e| Error::io(&dir, e))? {
+                if let Ok(id) = entry.parse() {
                     ids.push(id);
                 }
             }
@@ -396,13 +445,9 @@ impl ChunkStore {
     /// file system, then an fsync of each fan-out directory is unnecessary:
     /// syncfs covers directory entries too).
     pub fn sync(&self) -> Result<()> {
-        let dir = File::open(&self.root).map_err(|e| Error::io(&self.root, e))?;
-        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
-        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-        if rc != 0 {
-            return Err(Error::io(&self.root, io::Error::last_os_error()));
-        }
-        Ok(())
+        self.files
+            .sync_tree(&self.root)
+            .map_err(|e| Error::io(&self.root, e))
     }
 }
 
@@ -488,6 +533,7 @@ pub fn decode_chunk_file(id: &ChunkId, raw: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, File};
 
     fn store(c: Compression) -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();

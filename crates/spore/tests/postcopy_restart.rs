@@ -83,8 +83,7 @@ fn vm_names(t: &TestAgent) -> Vec<String> {
 fn post_copy_goes_on_through_a_kill_9_of_either_agent() {
     let (a, port_a) = TestAgent::start_listening(&["--accept-migrations"]);
     let url_a = format!("https://127.0.0.1:{port_a}");
-    let (mut b, port_b) =
-        TestAgent::start_listening(&["--origin", &url_a, "--accept-migrations"]);
+    let (mut b, port_b) = TestAgent::start_listening(&["--origin", &url_a, "--accept-migrations"]);
     a.import_guest("base");
     run_vm(&a, "v", "quiet spore.memload=48,0");
     let written = dataset(|args| a.ok(args), "v", "write");
@@ -96,7 +95,11 @@ fn post_copy_goes_on_through_a_kill_9_of_either_agent() {
     assert!(r.contains("vm v: runs here while its post-copy"), "{r}");
     let m = completed(&a, "v");
     assert!(m["decisions"].to_string().contains("recovered"), "{m}");
-    assert!(vm_names(&a).is_empty(), "the source kept {:?}", vm_names(&a));
+    assert!(
+        vm_names(&a).is_empty(),
+        "the source kept {:?}",
+        vm_names(&a)
+    );
     vm_pid(&b, "v");
     assert_eq!(dataset(|args| b.ok(args), "v", "check"), written);
     assert_fsck_clean(&a, "on the source after the destination was killed");
@@ -106,7 +109,10 @@ fn post_copy_goes_on_through_a_kill_9_of_either_agent() {
     start_postcopy(&b, "v", port_a);
     b.crash_and_restart();
     let r = recovered(&b);
-    assert!(r.contains("its migration to") && r.contains("resumed"), "{r}");
+    assert!(
+        r.contains("its migration to") && r.contains("resumed"),
+        "{r}"
+    );
     let m = completed(&b, "v");
     assert!(m["decisions"].to_string().contains("taken over"), "{m}");
     let deadline = Instant::now() + Duration::from_secs(60);

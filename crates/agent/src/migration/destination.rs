@@ -610,7 +610,10 @@ impl Migration {
                 done: AtomicBool::new(false),
                 deadline: Instant::now() + TAKEN_OVER_WAIT,
             });
-            self.jobs.incoming.lock().insert(vm.to_owned(), entry.clone());
+            self.jobs
+                .incoming
+                .lock()
+                .insert(vm.to_owned(), entry.clone());
             let migration = self.clone();
             std::thread::Builder::new()
                 .name(format!("incoming-{vm}"))

@@ -1183,10 +1183,8 @@ impl Migration {
             // switch. Before the switch the VM is this copy.
             self.take_back(name, &mut qmp);
             let peer = PeerClient::new(&to, Duration::from_secs(5), &self.links)?;
-            let abort = peer.post::<serde_json::Value>(
-                &format!("/v1/migrations/{name}/abort"),
-                &json!({}),
-            );
+            let abort =
+                peer.post::<serde_json::Value>(&format!("/v1/migrations/{name}/abort"), &json!({}));
             let there = match abort {
                 Ok(_) => "removed what it made".to_owned(),
                 Err(e) => format!("removes what it made by itself ({})", e.chain()),

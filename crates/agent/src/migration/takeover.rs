@@ -40,18 +40,70 @@ pub(crate) struct IncomingMark {
     pub from: String,
 }
 
+/// The version of the marks' format (docs/formats.md).
+const MARK_VERSION: u32 = 1;
+
+/// A mark as stored: its version, then its fields.
+#[derive(Serialize, Deserialize)]
+struct Stored<T> {
+    version: u32,
+    #[serde(flatten)]
+    mark: T,
+}
+
 /// Writes a mark beside the VM (replaced whole: a restart never reads half
 /// of one).
-pub(crate) fn write_mark(dir: &Path, file: &str, mark: &impl Serialize) -> std::io::Result<()> {
+pub(crate) fn write_mark<T: Serialize>(dir: &Path, file: &str, mark: &T) -> std::io::Result<()> {
+    let stored = Stored {
+        version: MARK_VERSION,
+        mark,
+    };
     let tmp = dir.join(format!(".{file}.tmp"));
-    fs::write(&tmp, serde_json::to_vec(mark).expect("marks serialise"))?;
+    fs::write(&tmp, serde_json::to_vec(&stored).expect("marks serialise"))?;
     fs::rename(&tmp, dir.join(file))
 }
 
-/// The mark `file` beside the VM, if there is one that reads.
+/// The mark `file` beside the VM, if there is one of this version that
+/// reads (another is reported and passed over).
 pub(crate) fn read_mark<T: for<'de> Deserialize<'de>>(dir: &Path, file: &str) -> Option<T> {
     let bytes = fs::read(dir.join(file)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    match serde_json::from_slice::<Stored<T>>(&bytes) {
+        Ok(s) if s.version == MARK_VERSION => Some(s.mark),
+        Ok(s) => {
+            tracing::warn!(mark = %dir.join(file).display(), version = s.version, "a migration mark of another version is passed over");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(mark = %dir.join(file).display(), error = %e, "a migration mark that does not read is passed over");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_read_back_and_others_are_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = IncomingMark {
+            from: "10.0.0.1:7070".into(),
+        };
+        write_mark(dir.path(), "m", &mark).unwrap();
+        let back: IncomingMark = read_mark(dir.path(), "m").unwrap();
+        assert_eq!(back.from, mark.from);
+        for bad in [
+            &br#"{"version":2,"from":"x"}"#[..],
+            br#"{"from":"x"}"#,
+            b"{\"version\":1,",
+            b"",
+        ] {
+            fs::write(dir.path().join("m"), bad).unwrap();
+            assert!(read_mark::<IncomingMark>(dir.path(), "m").is_none());
+        }
+        assert!(read_mark::<IncomingMark>(dir.path(), "none").is_none());
+    }
 }
 
 impl Migration {
@@ -61,11 +113,7 @@ impl Migration {
     pub(crate) fn recover(self: &Arc<Self>) -> Vec<String> {
         let records = match self.meta.list::<VmRecord>(Table::Vms) {
             Ok(r) => r,
-            Err(e) => {
-                return vec![format!(
-                    "migrations in flight could not be looked for: {e}"
-                )]
-            }
+            Err(e) => return vec![format!("migrations in flight could not be looked for: {e}")],
         };
         let mut report = Vec::new();
         for (name, rec) in records {

@@ -1,19 +1,30 @@
-//! The files an overlay lives in, behind a small trait.
+//! The files spore keeps its state in, behind a small trait.
 //!
-//! An overlay's promise is about what survives a crash, and that depends on
+//! spore's promises are about what survives a crash, and that depends on
 //! exactly which writes, syncs and directory entries reached the disk. The
-//! overlay therefore does all its file I/O through [`Files`] and
-//! [`OverlayFile`]: [`RealFiles`] is the operating system, and the test
-//! suite's fault-injecting implementation (`crate::fault`) records every
-//! write and sync and, at a simulated power cut, forgets whatever was not
-//! yet durable (the technique of RocksDB's FaultInjectionTestFS and
-//! SQLite's crash-test VFS). Two implementations, one contract: the
-//! durability rules below, which are POSIX's.
+//! overlays of disks (spore-blockdev), the chunk store (spore-chunks) and the
+//! agent's metadata database (through redb's storage backend) therefore do
+//! their file I/O through [`Files`] and [`FileHandle`]: [`RealFiles`] is the
+//! operating system, and [`fault`] (feature `fault`, for the crash tests)
+//! records every write and sync and, at a simulated power cut, forgets
+//! whatever was not yet durable (the technique of RocksDB's
+//! FaultInjectionTestFS and SQLite's crash-test VFS). Two implementations,
+//! one contract: the durability rules below, which are POSIX's.
 //!
 //! - `write_at`, `punch_hole`, `zero_range`, `set_len` change a file, but
 //!   the change may be lost at a crash until `sync_data` returns.
-//! - A newly created file (or directory) may vanish at a crash until its
-//!   parent directory is synced with [`Files::sync_dir`].
+//! - A newly created file (or directory), a rename and a removal may be
+//!   undone at a crash until their directory is synced with
+//!   [`Files::sync_dir`].
+//! - [`Files::sync_tree`] makes everything under a directory durable, data
+//!   and names (`syncfs`).
+//!
+//! Written by hand: the crates that simulate file systems (in-memory VFS
+//! crates) model the namespace, not what a power cut keeps of unsynced
+//! data, which is the point here.
+
+#[cfg(feature = "fault")]
+pub mod fault;
 
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +36,7 @@ use std::sync::Arc;
 
 /// One open file.
 #[allow(clippy::len_without_is_empty)]
-pub trait OverlayFile: Send + Sync + Debug {
+pub trait FileHandle: Send + Sync + Debug {
     /// Fills `buf` from `offset`; bytes past the end read as zero.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -51,10 +62,21 @@ pub trait Files: Send + Sync + Debug {
     /// own parent.
     fn create_dir(&self, dir: &Path) -> io::Result<()>;
     /// Opens a file for reading and writing; `create` insists on a new one.
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn OverlayFile>>;
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn FileHandle>>;
     fn exists(&self, path: &Path) -> bool;
     /// Makes the entries of `dir` (created, renamed, removed) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Renames a file (replacing `to` if it exists).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// The names in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// The size of the file at `path` (without opening it).
+    fn size(&self, path: &Path) -> io::Result<u64>;
+    /// Makes everything under `dir` durable: every file's data and every
+    /// name (`syncfs` of its file system).
+    fn sync_tree(&self, dir: &Path) -> io::Result<()>;
     /// Names this boot of the machine: what was written and not synced is
     /// in the files for as long as it stays the same (a process that dies
     /// loses nothing the kernel took), and may be lost when it changes.
@@ -99,7 +121,7 @@ impl Files for RealFiles {
         }
     }
 
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn OverlayFile>> {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn FileHandle>> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,6 +136,37 @@ impl Files for RealFiles {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn size(&self, path: &Path) -> io::Result<u64> {
+        Ok(fs::metadata(path)?.len())
+    }
+
+    fn sync_tree(&self, dir: &Path) -> io::Result<()> {
+        let dir = File::open(dir)?;
+        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn boot_id(&self) -> io::Result<[u8; 16]> {
@@ -172,7 +225,7 @@ impl RealFile {
     }
 }
 
-impl OverlayFile for RealFile {
+impl FileHandle for RealFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
