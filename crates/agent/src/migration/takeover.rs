@@ -80,32 +80,6 @@ pub(crate) fn read_mark<T: for<'de> Deserialize<'de>>(dir: &Path, file: &str) ->
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn marks_read_back_and_others_are_passed_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let mark = IncomingMark {
-            from: "10.0.0.1:7070".into(),
-        };
-        write_mark(dir.path(), "m", &mark).unwrap();
-        let back: IncomingMark = read_mark(dir.path(), "m").unwrap();
-        assert_eq!(back.from, mark.from);
-        for bad in [
-            &br#"{"version":2,"from":"x"}"#[..],
-            br#"{"from":"x"}"#,
-            b"{\"version\":1,",
-            b"",
-        ] {
-            fs::write(dir.path().join("m"), bad).unwrap();
-            assert!(read_mark::<IncomingMark>(dir.path(), "m").is_none());
-        }
-        assert!(read_mark::<IncomingMark>(dir.path(), "none").is_none());
-    }
-}
-
 impl Migration {
     /// Takes over the migrations a previous agent left in flight, after
     /// the VM service took over their QEMUs; returns what it did, one line
@@ -135,5 +109,31 @@ impl Migration {
             }
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_read_back_and_others_are_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = IncomingMark {
+            from: "10.0.0.1:7070".into(),
+        };
+        write_mark(dir.path(), "m", &mark).unwrap();
+        let back: IncomingMark = read_mark(dir.path(), "m").unwrap();
+        assert_eq!(back.from, mark.from);
+        for bad in [
+            &br#"{"version":2,"from":"x"}"#[..],
+            br#"{"from":"x"}"#,
+            b"{\"version\":1,",
+            b"",
+        ] {
+            fs::write(dir.path().join("m"), bad).unwrap();
+            assert!(read_mark::<IncomingMark>(dir.path(), "m").is_none());
+        }
+        assert!(read_mark::<IncomingMark>(dir.path(), "none").is_none());
     }
 }
