@@ -1,14 +1,15 @@
 //! Power cuts through the chunk store and the metadata together, on files
 //! that forget, at each cut, whatever was not durable
 //! ([`spore_files::fault`]): random imports, removals and collections, in
-//! the order the image service does them (an import's chunks are synced
-//! before its name is recorded in `meta.redb`; a removal records the name's
-//! end before the collection removes chunks no name reaches), with the
-//! power cut at a random step. After every cut the store and the database
-//! open; every image whose name was acknowledged (and not removed since)
-//! is there and reads back exactly, an image whose recording was cut off
-//! is there whole or not at all, and no other name exists. Images share
-//! blocks, so a collection that removes a shared chunk is caught.
+//! the order the image service does them (an import's chunks are synced,
+//! by publishing its layer, before its name is recorded in `meta.redb`; a
+//! removal records the name's end before the collection removes chunks no
+//! name reaches), with the power cut at a random step. After every cut the
+//! store and the database open; every image whose name was acknowledged
+//! (and not removed since) is there and reads back exactly, an image whose
+//! recording was cut off is there whole or not at all, and no other name
+//! exists. Images share blocks, so a collection that removes a shared
+//! chunk is caught.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -93,7 +94,8 @@ fn import(store: &ChunkStore, meta: &Meta, name: &str, data: &[u8]) -> Result<()
         &|_, _| {},
     )
     .map_err(|e| e.to_string())?;
-    store.sync().map_err(|e| e.to_string())?;
+    // No sync here: publishing the layer synced the store (the image
+    // service relies on that too).
     let rec = ImageRecord {
         manifest: p.id,
         created: 0,

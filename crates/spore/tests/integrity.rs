@@ -154,18 +154,28 @@ fn check_image(t: &TestAgent, name: &str, src: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// One race: `op` (whose result names `image`, with the bytes of `src`)
-/// started, then after `delay` the removal `rm`. Returns a description of
-/// what went wrong, or None.
+/// One race: `op` (which makes `made`) started, then after `delay` the
+/// removal `rm`. Returns a description of what went wrong, or None.
 struct Race<'a> {
     what: &'a str,
     op: Vec<String>,
     rm: Vec<String>,
-    image: &'a str,
-    src: &'a Path,
-    /// Fetch the image's missing chunks before the whole read (after a
-    /// resolve only the manifest and layers are here).
-    pull_first: bool,
+    made: Made<'a>,
+}
+
+/// What the raced operation makes, and how it is checked.
+enum Made<'a> {
+    /// An image with the bytes of `src`.
+    Image {
+        name: &'a str,
+        src: &'a Path,
+        /// Fetch the image's missing chunks before the whole read (after a
+        /// resolve only the manifest and layers are here).
+        pull_first: bool,
+    },
+    /// A template: it inspects, and `spore fsck` (every chunk hashed,
+    /// every reference followed) finds nothing missing.
+    Template(&'a str),
 }
 
 fn run_race(t: &TestAgent, race: &Race<'_>, iteration: usize, delay: Duration) -> Option<String> {
@@ -196,30 +206,61 @@ fn run_race(t: &TestAgent, race: &Race<'_>, iteration: usize, delay: Duration) -
     if !op_out.status.success() {
         return Some(format!("{timing}: the operation failed: {}", text(&op_out)));
     }
-    let inspect = t.run(&["image", "inspect", race.image]);
+    let (image, src, pull_first) = match race.made {
+        Made::Image {
+            name,
+            src,
+            pull_first,
+        } => (name, src, pull_first),
+        Made::Template(name) => {
+            return check_template(t, name).err().map(|e| {
+                format!(
+                    "{timing}: both succeeded, then {e} (the removal printed: {})",
+                    String::from_utf8_lossy(&rm_out.stdout).trim()
+                )
+            })
+        }
+    };
+    let inspect = t.run(&["image", "inspect", image]);
     if !inspect.status.success() {
         return Some(format!(
-            "{timing}: both succeeded, then image inspect {} failed: {}",
-            race.image,
+            "{timing}: both succeeded, then image inspect {image} failed: {}",
             text(&inspect).trim()
         ));
     }
-    if race.pull_first {
-        let pull = t.run(&["image", "pull", race.image]);
+    if pull_first {
+        let pull = t.run(&["image", "pull", image]);
         if !pull.status.success() {
             return Some(format!(
-                "{timing}: both succeeded, then image pull {} failed: {}",
-                race.image,
+                "{timing}: both succeeded, then image pull {image} failed: {}",
                 text(&pull).trim()
             ));
         }
     }
-    check_image(t, race.image, race.src).err().map(|e| {
+    check_image(t, image, src).err().map(|e| {
         format!(
             "{timing}: both succeeded, then {e} (the removal printed: {})",
             String::from_utf8_lossy(&rm_out.stdout).trim()
         )
     })
+}
+
+/// `template inspect` succeeds and `spore fsck` is clean: every chunk of
+/// every name (the template's RAM and disk images among them) is here and
+/// hashes to its id.
+fn check_template(t: &TestAgent, name: &str) -> Result<(), String> {
+    let inspect = t.run(&["template", "inspect", name]);
+    if !inspect.status.success() {
+        return Err(format!(
+            "template inspect {name} failed: {}",
+            text(&inspect).trim()
+        ));
+    }
+    let fsck = t.run(&["fsck", "--json"]);
+    if !fsck.status.success() {
+        return Err(format!("spore fsck is not clean: {}", text(&fsck).trim()));
+    }
+    Ok(())
 }
 
 /// Runs `prepare` + race + `cleanup` until the iteration or time budget
@@ -300,7 +341,7 @@ fn removals_during_image_import_never_free_the_new_images_chunks() {
     t.ok(&["image", "rm", "big"]);
     println!("{test}: an unraced import of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, 30, &mut rng, window.mul_f64(1.1), |i, delay| {
+    race_campaign(test, 50, &mut rng, window.mul_f64(1.1), |i, delay| {
         // Even iterations remove an image (which collects garbage), odd
         // ones a disk.
         let victim = format!("v{i}");
@@ -329,9 +370,11 @@ fn removals_during_image_import_never_free_the_new_images_chunks() {
             .map(String::from)
             .to_vec(),
             rm,
-            image: "big",
-            src: &src,
-            pull_first: false,
+            made: Made::Image {
+                name: "big",
+                src: &src,
+                pull_first: false,
+            },
         };
         let failure = run_race(&t, &race, i, delay);
         let _ = t.run(&["image", "rm", "big"]);
@@ -380,7 +423,7 @@ fn image_rm_during_disk_commit_never_frees_the_new_layer() {
     t.ok(&["image", "rm", "c"]);
     println!("{test}: an unraced commit of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, 30, &mut rng, window.mul_f64(1.1), |i, delay| {
+    race_campaign(test, 50, &mut rng, window.mul_f64(1.1), |i, delay| {
         let victim = format!("v{i}");
         t.ok(&["image", "import", small_s, "--name", &victim]);
         let race = Race {
@@ -389,9 +432,11 @@ fn image_rm_during_disk_commit_never_frees_the_new_layer() {
                 .map(String::from)
                 .to_vec(),
             rm: vec!["image".into(), "rm".into(), victim],
-            image: "c",
-            src: &data,
-            pull_first: false,
+            made: Made::Image {
+                name: "c",
+                src: &data,
+                pull_first: false,
+            },
         };
         let failure = run_race(&t, &race, i, delay);
         let _ = t.run(&["image", "rm", "c"]);
@@ -448,13 +493,86 @@ fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
                     .to_vec()
             },
             rm: vec!["image".into(), "rm".into(), victim],
-            image: "r",
-            src: &src,
-            pull_first: !pull,
+            made: Made::Image {
+                name: "r",
+                src: &src,
+                pull_first: !pull,
+            },
         };
         let failure = run_race(&host, &race, i, delay);
         let _ = host.run(&["disk", "rm", "d"]);
         let _ = host.run(&["image", "rm", "r"]);
+        failure
+    });
+}
+
+/// `image rm`, `disk rm`, `template rm` (of the template the previous
+/// iteration captured) and `vm rm` (of the VM it captured) while `vm
+/// template --stop` captures a VM that has just started: the new
+/// template's RAM and disk images keep every chunk (a capture's images are
+/// made under the same guard as an import's).
+#[test]
+fn removals_during_a_template_capture_never_free_the_captured_images() {
+    let test = "removals during a template capture";
+    let mut rng = Rng::new(test);
+    let t = TestAgent::start();
+    t.import_guest("base");
+    let run = |vm: &str| {
+        let args = common::vm_run_args(common::guest(), vm, "base", "quiet");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        t.ok(&args);
+    };
+    let small = t.path("small.raw");
+    random_file(&small, MIB);
+    let small_s = small.to_str().unwrap();
+
+    run("u");
+    let t0 = Instant::now();
+    t.ok(&["vm", "template", "u", "--name", "t0", "--stop"]);
+    let window = t0.elapsed();
+    check_template(&t, "t0").expect("a capture without a race");
+    println!("{test}: an unraced capture takes {window:?}");
+    t.ok(&["vm", "rm", "u"]);
+    t.ok(&["template", "rm", "t0"]);
+
+    race_campaign(test, 50, &mut rng, window.mul_f64(1.2), |i, delay| {
+        let kind = i % 4;
+        let (what, rm): (&str, Vec<String>) = match kind {
+            0 => {
+                let victim = format!("i{i}");
+                t.ok(&["image", "import", small_s, "--name", &victim]);
+                ("image rm", vec!["image".into(), "rm".into(), victim])
+            }
+            1 => {
+                let victim = format!("d{i}");
+                t.ok(&["disk", "create", &victim, "--image", "base"]);
+                ("disk rm", vec!["disk".into(), "rm".into(), victim])
+            }
+            // What the previous iteration captured, kept for this one.
+            2 => (
+                "template rm",
+                vec!["template".into(), "rm".into(), format!("t{i}")],
+            ),
+            _ => ("vm rm", vec!["vm".into(), "rm".into(), format!("v{i}")]),
+        };
+        let (vm, name) = (format!("v{}", i + 1), format!("t{}", i + 1));
+        run(&vm);
+        let race = Race {
+            what: &format!("{what} during a capture"),
+            op: ["vm", "template", &vm, "--name", &name, "--stop"]
+                .map(String::from)
+                .to_vec(),
+            rm,
+            made: Made::Template(&name),
+        };
+        let failure = run_race(&t, &race, i, delay);
+        // The next iteration removes this one's VM or template itself.
+        if (i + 1) % 4 != 3 {
+            let _ = t.run(&["vm", "rm", &vm]);
+        }
+        if (i + 1) % 4 != 2 {
+            let _ = t.run(&["template", "rm", &name]);
+        }
         failure
     });
 }
