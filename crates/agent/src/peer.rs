@@ -585,9 +585,17 @@ async fn incoming_recover(State(a): S, Name(vm): Name) -> Response {
     )
 }
 
-async fn incoming_commit(State(a): S, Name(vm): Name) -> Response {
+async fn incoming_commit(State(a): S, Name(vm): Name, body: Bytes) -> Response {
+    let commit = if body.iter().all(u8::is_ascii_whitespace) {
+        spore_api::IncomingCommit::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(c) => c,
+            Err(e) => return respond(Err(AgentError::Invalid(format!("commit request: {e}")))),
+        }
+    };
     respond(
-        off_thread(move || a.migration.incoming_commit(&vm))
+        off_thread(move || a.migration.incoming_commit(&vm, &commit))
             .await
             .map(|r| axum::Json(r).into_response()),
     )

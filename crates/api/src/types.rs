@@ -772,6 +772,9 @@ pub struct IncomingRequest {
     pub vmgenid: Option<String>,
     pub hostname: Option<String>,
     pub instance_id: Option<String>,
+    /// The clone group the VM belongs to, kept at the destination.
+    #[serde(default)]
+    pub group: Option<String>,
     pub postcopy: bool,
     /// Post-copy with QEMU's `postcopy-preempt`: pages the guest faults on
     /// travel on a second connection, ahead of the background stream.
@@ -802,6 +805,26 @@ pub struct IncomingStatus {
     /// started the CPUs): from here a post-copy can be paused and
     /// recovered; before, breaking its stream fails it.
     pub guest_runs: bool,
+}
+
+/// `POST /v1/migrations/{vm}/commit` (the body may be empty: an older
+/// source).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingCommit {
+    /// The guest answered the source's pings during the migration: the
+    /// destination waits a moment for its first answer, which ends the
+    /// stall being measured. A guest without spore's channel (a stock
+    /// guest) never answers, and nothing waits for it.
+    #[serde(default = "yes")]
+    pub guest_answers: bool,
+}
+
+impl Default for IncomingCommit {
+    fn default() -> Self {
+        IncomingCommit {
+            guest_answers: true,
+        }
+    }
 }
 
 /// The destination's answer to a commit.

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use spore_api::{IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, VmState};
+use spore_api::{
+    IncomingCommit, IncomingCommitted, IncomingReady, IncomingRequest, IncomingStatus, VmState,
+};
 use spore_blockdev::batch::decode_batch;
 use spore_nbd::Export;
 use spore_qemu::{epoch_us, Accel, Identity, MemoryLayout, Qmp};
@@ -140,6 +142,9 @@ impl Migration {
         if let Some(id) = &req.instance_id {
             check_name("instance id", id)?;
         }
+        if let Some(group) = &req.group {
+            check_name("group", group)?;
+        }
         for (id, _) in &req.dimms {
             check_name("DIMM id", id)?;
         }
@@ -182,7 +187,7 @@ impl Migration {
             max_memory_mib: req.max_memory_mib,
             max_cpus: req.max_cpus,
             template: None,
-            group: None,
+            group: req.group.clone(),
             identity,
             dimms: req.dimms.len() as u32,
             standby: false,
@@ -509,7 +514,7 @@ impl Migration {
     }
 
     /// The source saw the migration complete: the VM is this host's now.
-    pub fn incoming_commit(&self, vm: &str) -> Result<IncomingCommitted> {
+    pub fn incoming_commit(&self, vm: &str, req: &IncomingCommit) -> Result<IncomingCommitted> {
         let inc = match self.incoming(vm) {
             Ok(inc) => inc,
             // A commit that comes after this host adopted the VM (or a
@@ -545,12 +550,16 @@ impl Migration {
         // The watcher may not have seen the guest run yet.
         let probe = inc.probe.lock().take().or_else(|| self.vms.procs.probe(vm));
         // The guest's first answer here ends the stall being measured; it
-        // may come a moment after the migration completed.
-        let until = Instant::now() + Duration::from_secs(5);
+        // may come a moment after the migration completed. A guest that
+        // never answered the source is not waited for.
+        let until = Instant::now() + Duration::from_secs(if req.guest_answers { 5 } else { 0 });
         while probe.as_ref().is_some_and(|p| p.pongs().is_empty()) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
         let pongs = probe.map(|p| p.stop()).unwrap_or_default();
+        if req.guest_answers && pongs.is_empty() {
+            tracing::warn!(vm, "the guest did not answer on spore's channel within 5 s of the commit; its stall is not measured");
+        }
         let running_at = *inc.running_at.lock();
         // The monitor is free again for the agent's other uses. The relay
         // is let go: it carries what is still in flight (a post-copy's last
