@@ -6,7 +6,8 @@
 #   running VM as a template and start a burst of clones from it, kill -9
 #   the agent and show its VMs running on under the next one, then a
 #   small storm of hosts booting from cold, a live migration between two
-#   of them, a remote operator, and a check of a host's store (fsck).
+#   of them, a clone captured there and migrated back, a remote operator,
+#   and a check of a host's store (fsck).
 # Everything lives under .cache/demo (SPORE_DEMO_DIR to change); the agent
 # and its VMs are stopped at the end.
 set -euo pipefail
@@ -183,6 +184,12 @@ echo "  checked on node2:          $checked" >&2
 SPORE_HOME=$C/node2 "$SPORE" vm ls
 stream=$(SPORE_HOME=$C/node1 "$SPORE" vm migration storm1 --json | python3 -c 'import json, sys; print("spore TLS relay, certificates verified both ways" if json.load(sys.stdin).get("stream_tls") else "PLAINTEXT")')
 echo "  memory stream: $stream" >&2
+
+say "every VM migrates: storm1 captured on node2 as a template, a clone of it moved to node1 (its identity goes with it)"
+SPORE_HOME=$C/node2 "$SPORE" vm template storm1 --name storm-t >/dev/null
+SPORE_HOME=$C/node2 "$SPORE" vm clone storm-t --name moved >/dev/null
+SPORE_HOME=$C/node2 "$SPORE" vm migrate moved-1 --to node1 --cluster demo
+SPORE_HOME=$C/node1 "$SPORE" vm ls
 
 say "a remote operator: an operator certificate drives node2's agent through its peer listener (spore --remote); a host certificate cannot"
 N2IP=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["nodes"][1]["ip"])' "$C/cluster.json")

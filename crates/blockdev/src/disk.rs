@@ -697,8 +697,9 @@ mod tests {
     /// Several threads write, zero and trim overlapping ranges of one disk
     /// while a migration tracks it: no written byte ever shows the image
     /// again (a whole-granule write racing a read-modify-write used to
-    /// revert), every byte holds a value some request put there, and the
-    /// tracked set covers every granule a request changed.
+    /// revert), every byte holds a value some request put there, block
+    /// status calls nothing zero that reads otherwise, and the tracked set
+    /// covers every granule a request changed.
     #[test]
     fn concurrent_requests_agree_with_a_model() {
         use rand::rngs::StdRng;
@@ -791,6 +792,26 @@ mod tests {
                     );
                 }
             }
+            // Block status agrees with the reads: its extents cover the
+            // disk exactly, and a range it calls zero reads as zero.
+            let extents = disk.block_status(0, size as u64).unwrap();
+            let mut at = 0usize;
+            for e in &extents {
+                let end = at + e.length as usize;
+                if e.zero {
+                    if let Some(b) = (at..end).find(|b| all[*b] != 0) {
+                        panic!(
+                            "round {round}: byte {b} reads {:#x} inside a zero extent",
+                            all[b]
+                        );
+                    }
+                }
+                at = end;
+            }
+            assert_eq!(
+                at, size,
+                "round {round}: block status covers {at} of {size} bytes"
+            );
             let tracked: BTreeSet<u64> = disk.overlay().take_tracked().into_iter().collect();
             let missing: Vec<_> = changed.difference(&tracked).collect();
             assert!(

@@ -294,7 +294,14 @@ fn peer_table() -> Vec<(&'static str, &'static str, Absent, Body)> {
         ("GET", "/v1/migrations/{vm}", incoming, Body::None),
         ("PUT", "/v1/migrations/{vm}/blocks", incoming, Body::None),
         ("POST", "/v1/migrations/{vm}/recover", incoming, Body::None),
-        ("POST", "/v1/migrations/{vm}/commit", incoming, Body::None),
+        (
+            "POST",
+            "/v1/migrations/{vm}/commit",
+            incoming,
+            Lenient {
+                malformed: "commit request",
+            },
+        ),
         ("POST", "/v1/migrations/{vm}/abort", incoming, Body::None),
     ]
 }

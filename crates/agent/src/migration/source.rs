@@ -918,14 +918,7 @@ impl Migration {
                         // cancel: the guest would be lost. Until the
                         // destination says it runs, wait for the link.
                         if job.info.lock().destination_runs_at_ms.is_some() {
-                            job.decide(
-                                p.passes,
-                                format!(
-                                    "post-copy: nothing moved for {} s; pausing to recover",
-                                    POSTCOPY_STALL.as_secs()
-                                ),
-                            );
-                            let _ = qmp.migrate_pause();
+                            pause_stalled_postcopy(qmp, job, p.passes);
                         } else if !stall_noted {
                             stall_noted = true;
                             job.decide(
@@ -1331,14 +1324,7 @@ impl Migration {
                 // A link that stopped without QEMU noticing: paused, so
                 // that it recovers.
                 "postcopy-active" if p.ram_remaining > 0 && moved.1.elapsed() > POSTCOPY_STALL => {
-                    job.decide(
-                        p.passes,
-                        format!(
-                            "post-copy: nothing moved for {} s; pausing to recover",
-                            POSTCOPY_STALL.as_secs()
-                        ),
-                    );
-                    let _ = qmp.migrate_pause();
+                    pause_stalled_postcopy(&mut qmp, job, p.passes);
                     moved.1 = Instant::now();
                 }
                 _ => {}
@@ -1369,6 +1355,20 @@ impl Migration {
             None => Ok(()),
         }
     }
+}
+
+/// A post-copy in which nothing moved for [`POSTCOPY_STALL`] is paused, so
+/// that it recovers over a new connection (a link that stopped without
+/// QEMU noticing).
+fn pause_stalled_postcopy(qmp: &mut Qmp, job: &Job, passes: u64) {
+    job.decide(
+        passes,
+        format!(
+            "post-copy: nothing moved for {} s; pausing to recover",
+            POSTCOPY_STALL.as_secs()
+        ),
+    );
+    let _ = qmp.migrate_pause();
 }
 
 /// A migration of `name` as `req` asks, not started yet.
