@@ -73,11 +73,20 @@ impl Message {
                 word("hostname", &id.hostname)?;
                 word("instance id", &id.instance_id)?;
                 word("mac", &id.mac)?;
-                word("seed", &id.seed)?;
-                format!(
-                    "identity hostname={} instance={} mac={} seed={}\n",
-                    id.hostname, id.instance_id, id.mac, id.seed
-                )
+                // No seed (a record from before seeds travelled with a
+                // migrated VM): the guest keeps its RNG as it is.
+                if id.seed.is_empty() {
+                    format!(
+                        "identity hostname={} instance={} mac={}\n",
+                        id.hostname, id.instance_id, id.mac
+                    )
+                } else {
+                    word("seed", &id.seed)?;
+                    format!(
+                        "identity hostname={} instance={} mac={} seed={}\n",
+                        id.hostname, id.instance_id, id.mac, id.seed
+                    )
+                }
             }
             Message::Resources { cpus } => format!("resources cpus={cpus}\n"),
             Message::Cat(path) => {
@@ -305,6 +314,19 @@ mod tests {
             vmgenid: "00000000-0000-4000-8000-000000000001".into(),
             seed: "ab".repeat(32),
         }
+    }
+
+    #[test]
+    fn an_identity_without_a_seed_leaves_the_seed_out() {
+        let mut no_seed = id();
+        no_seed.seed.clear();
+        assert_eq!(
+            Message::Identity(no_seed).encode().unwrap(),
+            "identity hostname=web-1 instance=i-00ff mac=52:54:00:12:34:56\n"
+        );
+        let mut blank = id();
+        blank.seed = "a b".into();
+        assert!(Message::Identity(blank).encode().is_err());
     }
 
     #[test]

@@ -20,8 +20,24 @@ use crate::{Qmp, QmpError};
 const STATE_FD: &str = "spore-state";
 
 impl Qmp {
+    /// Device state only, for a capture or a clone: `x-ignore-shared` on,
+    /// and post-copy off (QEMU refuses the two together, and a VM that
+    /// arrived by a live migration kept `postcopy-ram`, and perhaps
+    /// `postcopy-preempt`, from it).
     fn ignore_shared(&mut self) -> Result<(), QmpError> {
-        self.set_ignore_shared(true)
+        let known = self.migration_capabilities()?;
+        let mut caps = Vec::new();
+        for off in ["postcopy-preempt", "postcopy-ram"] {
+            if known.iter().any(|c| c == off) {
+                caps.push(json!({ "capability": off, "state": false }));
+            }
+        }
+        caps.push(json!({ "capability": "x-ignore-shared", "state": true }));
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )?;
+        Ok(())
     }
 
     /// Sets `x-ignore-shared`. Capabilities outlive the migration that set

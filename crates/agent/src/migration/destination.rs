@@ -169,7 +169,9 @@ impl Migration {
             instance_id: req.instance_id.clone().unwrap_or_default(),
             mac: mac.clone(),
             vmgenid: req.vmgenid.clone().unwrap_or_default(),
-            seed: String::new(),
+            // Fresh entropy for the next time the guest is given its
+            // identity here (a capture's resume): seeds do not travel.
+            seed: crate::vms::processes::new_identity(&req.vm).seed,
         });
         let rec = VmRecord {
             image: req.image.clone(),
