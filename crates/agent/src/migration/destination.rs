@@ -365,7 +365,13 @@ impl Migration {
                 if let Some(Ok(status)) = inc.qmp.lock().as_mut().map(|q| q.status()) {
                     if status == "running" {
                         *inc.running_at.lock() = Some(epoch_us());
-                        *inc.probe.lock() = self.vms.procs.probe(&inc.vm);
+                        // Under the lock the commit takes the probe with:
+                        // a probe started after the commit would ping the
+                        // guest for ever.
+                        let mut probe = inc.probe.lock();
+                        if !inc.done.load(Ordering::Acquire) {
+                            *probe = self.vms.procs.probe(&inc.vm);
+                        }
                         tracing::info!(vm = %inc.vm, "migrated guest runs here");
                     }
                 }

@@ -498,9 +498,23 @@ pub fn dataset(run: impl Fn(&[&str]) -> String, vm: &str, verb: &str) -> (String
         words.push("8");
     }
     run(&words);
+    // The channel is a best-effort line protocol: a line the guest got
+    // garbled (it says so) is sent again, at most twice. The checksums
+    // the caller compares stay strict.
+    let refusals = |log: &str| {
+        log.matches("SPORE-DATASET error").count() + log.matches("SPORE-CHANNEL-UNKNOWN").count()
+    };
+    let mut refused = refusals(&log());
+    let mut resent = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
         let log = log();
+        if refusals(&log) > refused && resent < 2 {
+            refused = refusals(&log);
+            resent += 1;
+            eprintln!("the guest {vm} got `dataset {verb}` garbled; sending it again");
+            run(&words);
+        }
         // Only a whole line: the console may be read while the guest is
         // still writing it.
         let rest = log.rsplit(marker).next().unwrap();
