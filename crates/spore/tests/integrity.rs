@@ -46,6 +46,9 @@ const RACE_BLOCK: &str = "1M";
 /// Upper bound of wall time per race test (the iteration count is each
 /// test's; whichever ends first, and the test says how many ran).
 const RACE_BUDGET: Duration = Duration::from_secs(40);
+/// A capture race starts a VM each iteration (about 5 s each here, more
+/// on a loaded CI machine): its own bound, for at least 5 iterations.
+const CAPTURE_RACE_BUDGET: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------- helpers
 
@@ -268,6 +271,7 @@ fn check_template(t: &TestAgent, name: &str) -> Result<(), String> {
 fn race_campaign(
     test: &str,
     iterations: usize,
+    budget: Duration,
     rng: &mut Rng,
     window: Duration,
     mut iteration: impl FnMut(usize, Duration) -> Option<String>,
@@ -277,7 +281,7 @@ fn race_campaign(
     let mut ran = 0;
     let mut failures = Vec::new();
     for i in 0..iterations {
-        if started.elapsed() > RACE_BUDGET {
+        if started.elapsed() > budget {
             break;
         }
         let delay = Duration::from_millis(rng.below(window_ms));
@@ -341,45 +345,52 @@ fn removals_during_image_import_never_free_the_new_images_chunks() {
     t.ok(&["image", "rm", "big"]);
     println!("{test}: an unraced import of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, 50, &mut rng, window.mul_f64(1.1), |i, delay| {
-        // Even iterations remove an image (which collects garbage), odd
-        // ones a disk.
-        let victim = format!("v{i}");
-        let rm = if i % 2 == 0 {
-            t.ok(&["image", "import", small_s, "--name", &victim]);
-            vec!["image".into(), "rm".into(), victim]
-        } else {
-            t.ok(&["disk", "create", &victim, "--image", "keep"]);
-            vec!["disk".into(), "rm".into(), victim]
-        };
-        let race = Race {
-            what: if i % 2 == 0 {
-                "image rm during image import"
+    race_campaign(
+        test,
+        50,
+        RACE_BUDGET,
+        &mut rng,
+        window.mul_f64(1.1),
+        |i, delay| {
+            // Even iterations remove an image (which collects garbage), odd
+            // ones a disk.
+            let victim = format!("v{i}");
+            let rm = if i % 2 == 0 {
+                t.ok(&["image", "import", small_s, "--name", &victim]);
+                vec!["image".into(), "rm".into(), victim]
             } else {
-                "disk rm during image import"
-            },
-            op: [
-                "image",
-                "import",
-                src_s,
-                "--name",
-                "big",
-                "--block-size",
-                RACE_BLOCK,
-            ]
-            .map(String::from)
-            .to_vec(),
-            rm,
-            made: Made::Image {
-                name: "big",
-                src: &src,
-                pull_first: false,
-            },
-        };
-        let failure = run_race(&t, &race, i, delay);
-        let _ = t.run(&["image", "rm", "big"]);
-        failure
-    });
+                t.ok(&["disk", "create", &victim, "--image", "keep"]);
+                vec!["disk".into(), "rm".into(), victim]
+            };
+            let race = Race {
+                what: if i % 2 == 0 {
+                    "image rm during image import"
+                } else {
+                    "disk rm during image import"
+                },
+                op: [
+                    "image",
+                    "import",
+                    src_s,
+                    "--name",
+                    "big",
+                    "--block-size",
+                    RACE_BLOCK,
+                ]
+                .map(String::from)
+                .to_vec(),
+                rm,
+                made: Made::Image {
+                    name: "big",
+                    src: &src,
+                    pull_first: false,
+                },
+            };
+            let failure = run_race(&t, &race, i, delay);
+            let _ = t.run(&["image", "rm", "big"]);
+            failure
+        },
+    );
 }
 
 /// `image rm` of another image while `disk commit` publishes a new image:
@@ -423,25 +434,32 @@ fn image_rm_during_disk_commit_never_frees_the_new_layer() {
     t.ok(&["image", "rm", "c"]);
     println!("{test}: an unraced commit of {RACE_IMAGE} bytes takes {window:?}");
 
-    race_campaign(test, 50, &mut rng, window.mul_f64(1.1), |i, delay| {
-        let victim = format!("v{i}");
-        t.ok(&["image", "import", small_s, "--name", &victim]);
-        let race = Race {
-            what: "image rm during disk commit",
-            op: ["disk", "commit", "work", "--name", "c"]
-                .map(String::from)
-                .to_vec(),
-            rm: vec!["image".into(), "rm".into(), victim],
-            made: Made::Image {
-                name: "c",
-                src: &data,
-                pull_first: false,
-            },
-        };
-        let failure = run_race(&t, &race, i, delay);
-        let _ = t.run(&["image", "rm", "c"]);
-        failure
-    });
+    race_campaign(
+        test,
+        50,
+        RACE_BUDGET,
+        &mut rng,
+        window.mul_f64(1.1),
+        |i, delay| {
+            let victim = format!("v{i}");
+            t.ok(&["image", "import", small_s, "--name", &victim]);
+            let race = Race {
+                what: "image rm during disk commit",
+                op: ["disk", "commit", "work", "--name", "c"]
+                    .map(String::from)
+                    .to_vec(),
+                rm: vec!["image".into(), "rm".into(), victim],
+                made: Made::Image {
+                    name: "c",
+                    src: &data,
+                    pull_first: false,
+                },
+            };
+            let failure = run_race(&t, &race, i, delay);
+            let _ = t.run(&["image", "rm", "c"]);
+            failure
+        },
+    );
 }
 
 /// `image rm` of another image while a host resolves an image at its
@@ -475,35 +493,42 @@ fn image_rm_during_a_resolve_from_the_origin_keeps_the_resolved_image() {
     host.ok(&["image", "rm", "r"]);
     println!("{test}: an unraced resolve (disk create) takes {window:?}");
 
-    race_campaign(test, 50, &mut rng, window.mul_f64(1.5), |i, delay| {
-        let victim = format!("v{i}");
-        host.ok(&["image", "import", small_s, "--name", &victim]);
-        let pull = i % 2 == 0;
-        let race = Race {
-            what: if pull {
-                "image rm during image pull"
-            } else {
-                "image rm during disk create (resolve)"
-            },
-            op: if pull {
-                ["image", "pull", "r"].map(String::from).to_vec()
-            } else {
-                ["disk", "create", "d", "--image", "r"]
-                    .map(String::from)
-                    .to_vec()
-            },
-            rm: vec!["image".into(), "rm".into(), victim],
-            made: Made::Image {
-                name: "r",
-                src: &src,
-                pull_first: !pull,
-            },
-        };
-        let failure = run_race(&host, &race, i, delay);
-        let _ = host.run(&["disk", "rm", "d"]);
-        let _ = host.run(&["image", "rm", "r"]);
-        failure
-    });
+    race_campaign(
+        test,
+        50,
+        RACE_BUDGET,
+        &mut rng,
+        window.mul_f64(1.5),
+        |i, delay| {
+            let victim = format!("v{i}");
+            host.ok(&["image", "import", small_s, "--name", &victim]);
+            let pull = i % 2 == 0;
+            let race = Race {
+                what: if pull {
+                    "image rm during image pull"
+                } else {
+                    "image rm during disk create (resolve)"
+                },
+                op: if pull {
+                    ["image", "pull", "r"].map(String::from).to_vec()
+                } else {
+                    ["disk", "create", "d", "--image", "r"]
+                        .map(String::from)
+                        .to_vec()
+                },
+                rm: vec!["image".into(), "rm".into(), victim],
+                made: Made::Image {
+                    name: "r",
+                    src: &src,
+                    pull_first: !pull,
+                },
+            };
+            let failure = run_race(&host, &race, i, delay);
+            let _ = host.run(&["disk", "rm", "d"]);
+            let _ = host.run(&["image", "rm", "r"]);
+            failure
+        },
+    );
 }
 
 /// `image rm`, `disk rm`, `template rm` (of the template the previous
@@ -535,46 +560,53 @@ fn removals_during_a_template_capture_never_free_the_captured_images() {
     t.ok(&["vm", "rm", "u"]);
     t.ok(&["template", "rm", "t0"]);
 
-    race_campaign(test, 50, &mut rng, window.mul_f64(1.2), |i, delay| {
-        let kind = i % 4;
-        let (what, rm): (&str, Vec<String>) = match kind {
-            0 => {
-                let victim = format!("i{i}");
-                t.ok(&["image", "import", small_s, "--name", &victim]);
-                ("image rm", vec!["image".into(), "rm".into(), victim])
+    race_campaign(
+        test,
+        50,
+        CAPTURE_RACE_BUDGET,
+        &mut rng,
+        window.mul_f64(1.2),
+        |i, delay| {
+            let kind = i % 4;
+            let (what, rm): (&str, Vec<String>) = match kind {
+                0 => {
+                    let victim = format!("i{i}");
+                    t.ok(&["image", "import", small_s, "--name", &victim]);
+                    ("image rm", vec!["image".into(), "rm".into(), victim])
+                }
+                1 => {
+                    let victim = format!("d{i}");
+                    t.ok(&["disk", "create", &victim, "--image", "base"]);
+                    ("disk rm", vec!["disk".into(), "rm".into(), victim])
+                }
+                // What the previous iteration captured, kept for this one.
+                2 => (
+                    "template rm",
+                    vec!["template".into(), "rm".into(), format!("t{i}")],
+                ),
+                _ => ("vm rm", vec!["vm".into(), "rm".into(), format!("v{i}")]),
+            };
+            let (vm, name) = (format!("v{}", i + 1), format!("t{}", i + 1));
+            run(&vm);
+            let race = Race {
+                what: &format!("{what} during a capture"),
+                op: ["vm", "template", &vm, "--name", &name, "--stop"]
+                    .map(String::from)
+                    .to_vec(),
+                rm,
+                made: Made::Template(&name),
+            };
+            let failure = run_race(&t, &race, i, delay);
+            // The next iteration removes this one's VM or template itself.
+            if (i + 1) % 4 != 3 {
+                let _ = t.run(&["vm", "rm", &vm]);
             }
-            1 => {
-                let victim = format!("d{i}");
-                t.ok(&["disk", "create", &victim, "--image", "base"]);
-                ("disk rm", vec!["disk".into(), "rm".into(), victim])
+            if (i + 1) % 4 != 2 {
+                let _ = t.run(&["template", "rm", &name]);
             }
-            // What the previous iteration captured, kept for this one.
-            2 => (
-                "template rm",
-                vec!["template".into(), "rm".into(), format!("t{i}")],
-            ),
-            _ => ("vm rm", vec!["vm".into(), "rm".into(), format!("v{i}")]),
-        };
-        let (vm, name) = (format!("v{}", i + 1), format!("t{}", i + 1));
-        run(&vm);
-        let race = Race {
-            what: &format!("{what} during a capture"),
-            op: ["vm", "template", &vm, "--name", &name, "--stop"]
-                .map(String::from)
-                .to_vec(),
-            rm,
-            made: Made::Template(&name),
-        };
-        let failure = run_race(&t, &race, i, delay);
-        // The next iteration removes this one's VM or template itself.
-        if (i + 1) % 4 != 3 {
-            let _ = t.run(&["vm", "rm", &vm]);
-        }
-        if (i + 1) % 4 != 2 {
-            let _ = t.run(&["template", "rm", &name]);
-        }
-        failure
-    });
+            failure
+        },
+    );
 }
 
 // ------------------------------------------- 2. crashes and power cuts
