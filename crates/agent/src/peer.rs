@@ -318,7 +318,18 @@ struct BatchQuery {
     demand: u8,
 }
 
-async fn batch(State(a): S, Query(q): Query<BatchQuery>, body: Bytes) -> Response {
+async fn batch(
+    State(a): S,
+    Query(q): Query<BatchQuery>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    // How long the asker waits (a relay answers within it, with what it
+    // could not get upstream by then as missing).
+    let asked_budget = headers
+        .get(spore_transfer::DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
     respond(
         async {
             let ids = wire::decode_request(&body)
@@ -356,7 +367,8 @@ async fn batch(State(a): S, Query(q): Query<BatchQuery>, body: Bytes) -> Respons
                 if !want.is_empty() {
                     let a = a.clone();
                     let got = off_thread(move || {
-                        if let Err(e) = fetcher.fetch_as(&a.store, &want, class) {
+                        let budget = fetcher.relay_budget(class, asked_budget);
+                        if let Err(e) = fetcher.fetch_within(&a.store, &want, class, budget) {
                             tracing::warn!(error = %e, "relay could not fetch chunks upstream");
                         }
                         want.iter()

@@ -8,7 +8,9 @@ use parking_lot::{Condvar, Mutex};
 
 use spore_chunks::{ChunkId, ChunkStore};
 
-use crate::remote::{Class, Remote};
+use std::time::{Duration, Instant};
+
+use crate::remote::{Class, Remote, RemoteError, Standing};
 use crate::wire::MAX_BATCH;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,19 @@ pub enum FetchError {
         missing: usize,
         tried: String,
     },
+    #[error(
+        "chunk {first} did not arrive within {waited:?} ({missing} chunks missing); tried: {tried}"
+    )]
+    Deadline {
+        first: ChunkId,
+        missing: usize,
+        waited: Duration,
+        tried: String,
+    },
+    /// The fetch another reader of the same chunk ran failed: its error,
+    /// shared with every reader that waited for it.
+    #[error("{0}")]
+    Shared(Arc<str>),
     #[error("storing a fetched chunk")]
     Store(#[from] spore_chunks::Error),
 }
@@ -37,6 +52,11 @@ pub struct FetchStats {
     pub batches: AtomicU64,
     /// Chunks handled by background (prefetch, completion) fetches.
     pub background: AtomicU64,
+    /// Requests sent to a further source because the first had not
+    /// answered within a few times its usual latency.
+    pub hedged: AtomicU64,
+    /// Demand fetches that ran out of time.
+    pub deadlines: AtomicU64,
 }
 
 /// Called with every chunk that arrived, verified and stored, and its
@@ -54,11 +74,13 @@ impl std::fmt::Debug for Arrivals {
 }
 
 /// Remotes in the order they are asked: peers, then the origin.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fetcher {
-    remotes: Vec<Remote>,
+    remotes: Vec<Arc<Remote>>,
     arrivals: Arrivals,
     pub stats: FetchStats,
+    /// How long a reader that is waiting (a guest's read) waits at most.
+    demand_deadline: Duration,
     /// Demand fetches (a guest is waiting) in flight; background work
     /// waits while there are any.
     demand: AtomicUsize,
@@ -70,17 +92,54 @@ pub struct Fetcher {
     last_demand: Mutex<(u64, Option<ChunkId>)>,
 }
 
+impl Default for Fetcher {
+    fn default() -> Self {
+        Fetcher::new(Vec::new())
+    }
+}
+
+/// One chunk being fetched: its outcome, shared with every reader that
+/// waits for it (a failed fetch is not run again by each of them).
 #[derive(Debug, Default)]
 struct Flight {
-    done: Mutex<bool>,
+    outcome: Mutex<Option<Result<(), Arc<str>>>>,
     cv: Condvar,
 }
 
+impl Flight {
+    fn finish(&self, outcome: Result<(), Arc<str>>) {
+        let mut o = self.outcome.lock();
+        if o.is_none() {
+            *o = Some(outcome);
+            self.cv.notify_all();
+        }
+    }
+
+    /// The outcome, or None if there is none by `deadline`.
+    fn wait_until(&self, deadline: Instant) -> Option<Result<(), Arc<str>>> {
+        let mut o = self.outcome.lock();
+        while o.is_none() {
+            if self.cv.wait_until(&mut o, deadline).timed_out() {
+                break;
+            }
+        }
+        o.clone()
+    }
+}
+
 /// Pauses before asking unreachable sources again, one per extra round.
-const RETRY_PAUSES: [std::time::Duration; 2] = [
-    std::time::Duration::from_millis(200),
-    std::time::Duration::from_secs(1),
-];
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(200), Duration::from_secs(1)];
+
+/// How long a guest's read waits for its chunk at most, by default: then
+/// the read fails (and QEMU pauses the VM until the agent resumes it).
+pub const DEMAND_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long one background batch may take.
+const BACKGROUND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A relay answers this much before its asker's deadline, so that the
+/// answer (with what it could not get as missing) arrives in time.
+const RELAY_MARGIN: Duration = Duration::from_millis(100);
 
 /// First batch size of a background fetch; it then adapts.
 const BACKGROUND_BATCH: usize = 8;
@@ -93,12 +152,50 @@ impl Drop for DemandGuard<'_> {
     }
 }
 
+/// What a request to one remote reports back to the fetch that sent it.
+enum Event {
+    Record(ChunkId, Option<Vec<u8>>),
+    Done(Result<(), RemoteError>),
+}
+
+/// What a fetch learnt of its sources, for its error message.
+#[derive(Default)]
+struct Tried {
+    notes: Vec<String>,
+    unreachable: bool,
+}
+
+impl Tried {
+    fn note(&mut self, remote: &Remote, what: impl std::fmt::Display) {
+        let line = format!("{}: {what}", remote.url());
+        if !self.notes.contains(&line) {
+            self.notes.push(line);
+        }
+    }
+
+    fn failed(&mut self, e: &RemoteError) {
+        let line = e.to_string();
+        if !self.notes.contains(&line) {
+            self.notes.push(line);
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.notes.is_empty() {
+            "no source answered in time".into()
+        } else {
+            self.notes.join("; ")
+        }
+    }
+}
+
 impl Fetcher {
     pub fn new(remotes: Vec<Remote>) -> Self {
         Fetcher {
-            remotes,
+            remotes: remotes.into_iter().map(Arc::new).collect(),
             arrivals: Arrivals::default(),
             stats: FetchStats::default(),
+            demand_deadline: DEMAND_DEADLINE,
             demand: AtomicUsize::new(0),
             inflight: Mutex::default(),
             last_demand: Mutex::default(),
@@ -111,7 +208,14 @@ impl Fetcher {
         self
     }
 
-    pub fn remotes(&self) -> &[Remote] {
+    /// How long a waiting reader waits at most ([`DEMAND_DEADLINE`] unless
+    /// set).
+    pub fn demand_deadline(mut self, d: Duration) -> Self {
+        self.demand_deadline = d;
+        self
+    }
+
+    pub fn remotes(&self) -> &[Arc<Remote>] {
         &self.remotes
     }
 
@@ -120,15 +224,10 @@ impl Fetcher {
     }
 
     /// Makes every chunk of `ids` present (and verified) in `store`, for a
-    /// reader that is waiting: background fetches pause meanwhile.
+    /// reader that is waiting: background fetches pause meanwhile. Fails
+    /// once the demand deadline has passed.
     pub fn fetch(&self, store: &ChunkStore, ids: &[ChunkId]) -> Result<(), FetchError> {
-        self.demand.fetch_add(1, Ordering::AcqRel);
-        let _done = DemandGuard(&self.demand);
-        if let Some(first) = ids.first() {
-            let mut last = self.last_demand.lock();
-            *last = (last.0 + 1, Some(*first));
-        }
-        self.fetch_from_remotes(store, ids, Class::Demand)
+        self.fetch_within(store, ids, Class::Demand, self.demand_deadline)
     }
 
     /// [`Fetcher::fetch`] for a demand; for background work, fetches `ids`
@@ -140,9 +239,49 @@ impl Fetcher {
         ids: &[ChunkId],
         class: Class,
     ) -> Result<(), FetchError> {
+        let budget = match class {
+            Class::Demand => self.demand_deadline,
+            Class::Background => BACKGROUND_DEADLINE,
+        };
+        self.fetch_within(store, ids, class, budget)
+    }
+
+    /// [`Fetcher::fetch_as`] within `budget`: a relay answering a peer
+    /// that said how long it waits (less a margin for the answer's way
+    /// back).
+    pub fn fetch_within(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+        budget: Duration,
+    ) -> Result<(), FetchError> {
+        let deadline = Instant::now() + budget;
         match class {
-            Class::Demand => self.fetch(store, ids),
-            Class::Background => self.fetch_from_remotes(store, ids, class),
+            Class::Demand => {
+                self.demand.fetch_add(1, Ordering::AcqRel);
+                let _done = DemandGuard(&self.demand);
+                if let Some(first) = ids.first() {
+                    let mut last = self.last_demand.lock();
+                    *last = (last.0 + 1, Some(*first));
+                }
+                self.fetch_from_remotes(store, ids, class, deadline)
+            }
+            Class::Background => self.fetch_from_remotes(store, ids, class, deadline),
+        }
+    }
+
+    /// The budget a relay has for a peer that waits `asked` (the header
+    /// [`crate::remote::DEADLINE_HEADER`]): that less a margin, within
+    /// what this host would give the same class of fetch itself.
+    pub fn relay_budget(&self, class: Class, asked: Option<Duration>) -> Duration {
+        let own = match class {
+            Class::Demand => self.demand_deadline,
+            Class::Background => BACKGROUND_DEADLINE,
+        };
+        match asked {
+            Some(a) => a.saturating_sub(RELAY_MARGIN).min(own),
+            None => own,
         }
     }
 
@@ -178,7 +317,7 @@ impl Fetcher {
                 if self.demand.load(Ordering::Acquire) == 0 {
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(5));
             }
             let (epoch, demanded) = *self.last_demand.lock();
             if epoch != seen_demand {
@@ -188,12 +327,17 @@ impl Fetcher {
                 }
             }
             let picked: Vec<ChunkId> = queue.take(batch).into_iter().map(|i| ids[i]).collect();
-            let started = std::time::Instant::now();
-            self.fetch_from_remotes(store, &picked, Class::Background)?;
+            let started = Instant::now();
+            self.fetch_from_remotes(
+                store,
+                &picked,
+                Class::Background,
+                started + BACKGROUND_DEADLINE,
+            )?;
             let took = started.elapsed();
-            if took < std::time::Duration::from_millis(50) {
+            if took < Duration::from_millis(50) {
                 batch = (batch * 2).min(MAX_BATCH);
-            } else if took > std::time::Duration::from_millis(200) {
+            } else if took > Duration::from_millis(200) {
                 batch = (batch / 2).max(4);
             }
             self.stats
@@ -204,175 +348,332 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Fetches what is missing of `ids`, coalescing with fetches already
-    /// in flight: a chunk another caller is fetching is waited for, not
-    /// requested twice (so a relay asks its upstream once per chunk however
-    /// many peers ask it at the same time).
+    /// Fetches what is missing of `ids` by `deadline`, coalescing with
+    /// fetches already in flight: a chunk another caller is fetching is
+    /// waited for, not requested twice (so a relay asks its upstream once
+    /// per chunk however many peers ask it at the same time), and if that
+    /// fetch fails, its error is this one's too.
     fn fetch_from_remotes(
         &self,
         store: &ChunkStore,
         ids: &[ChunkId],
         class: Class,
+        deadline: Instant,
     ) -> Result<(), FetchError> {
-        let mut mine = Vec::new();
+        let started = Instant::now();
+        let mut mine: HashMap<ChunkId, Arc<Flight>> = HashMap::new();
+        let mut order = Vec::new();
         let mut theirs = Vec::new();
         {
             let mut inflight = self.inflight.lock();
             for id in ids {
-                if store.contains(id) {
+                if store.contains(id) || mine.contains_key(id) {
                     continue;
                 }
                 match inflight.get(id) {
                     Some(flight) => theirs.push(flight.clone()),
                     None => {
-                        inflight.insert(*id, Arc::new(Flight::default()));
-                        mine.push(*id);
+                        let flight = Arc::new(Flight::default());
+                        inflight.insert(*id, flight.clone());
+                        mine.insert(*id, flight);
+                        order.push(*id);
                     }
                 }
             }
         }
-        let result = self.fetch_uncoalesced(store, &mine, class);
+        let result = self.fetch_uncoalesced(store, &order, &mine, class, deadline);
         {
+            let failure: Arc<str> = match &result {
+                Ok(()) => "chunk missing after its fetch".into(),
+                Err(e) => e.to_string().into(),
+            };
             let mut inflight = self.inflight.lock();
-            for id in &mine {
-                if let Some(flight) = inflight.remove(id) {
-                    *flight.done.lock() = true;
-                    flight.cv.notify_all();
+            for (id, flight) in &mine {
+                if store.contains(id) {
+                    flight.finish(Ok(()));
+                } else {
+                    flight.finish(Err(failure.clone()));
+                }
+                if inflight.get(id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+                    inflight.remove(id);
                 }
             }
         }
         result?;
         for flight in theirs {
-            let mut done = flight.done.lock();
-            while !*done {
-                flight.cv.wait(&mut done);
+            match flight.wait_until(deadline) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(FetchError::Shared(e)),
+                None => {
+                    if class == Class::Demand {
+                        self.stats.deadlines.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let left: Vec<&ChunkId> = ids.iter().filter(|id| !store.contains(id)).collect();
+                    return Err(FetchError::Deadline {
+                        first: left.first().map_or(ids[0], |id| **id),
+                        missing: left.len(),
+                        waited: started.elapsed(),
+                        tried: "another reader's fetch of the same chunk".into(),
+                    });
+                }
             }
         }
-        // Whatever another caller failed to get, try once ourselves.
-        let left: Vec<ChunkId> = ids
-            .iter()
-            .filter(|id| !store.contains(id))
-            .copied()
-            .collect();
-        self.fetch_uncoalesced(store, &left, class)
+        Ok(())
     }
 
     fn fetch_uncoalesced(
         &self,
         store: &ChunkStore,
         ids: &[ChunkId],
+        flights: &HashMap<ChunkId, Arc<Flight>>,
         class: Class,
+        deadline: Instant,
     ) -> Result<(), FetchError> {
+        let started = Instant::now();
         let mut missing: Vec<ChunkId> = ids
             .iter()
             .filter(|id| !store.contains(id))
             .copied()
             .collect();
-        let mut tried: Vec<String> = Vec::new();
+        let mut tried = Tried::default();
         // A source that could not be reached (a dropped SYN on a saturated
         // link, an origin too busy to accept) is asked again, past its
-        // backoff, before a reader is told that no source has the chunk.
+        // backoff, before a reader is told that no source has the chunk:
+        // as long as the deadline leaves time for it.
         for round in 0..=RETRY_PAUSES.len() {
             if round > 0 {
-                std::thread::sleep(RETRY_PAUSES[round - 1]);
+                let pause = RETRY_PAUSES[round - 1];
+                if Instant::now() + pause >= deadline {
+                    break;
+                }
+                std::thread::sleep(pause);
                 tracing::info!(
                     chunks = missing.len(),
                     round,
                     "sources unreachable; asking again"
                 );
             }
-            let unreachable;
-            (missing, unreachable) =
-                self.one_round(store, missing, class, round > 0, &mut tried)?;
-            if missing.is_empty() || !unreachable {
-                break;
-            }
-        }
-        match missing.first() {
-            None => Ok(()),
-            Some(first) => Err(FetchError::Unavailable {
-                first: *first,
-                missing: missing.len(),
-                tried: if tried.is_empty() {
-                    "no sources configured".into()
-                } else {
-                    tried.join("; ")
-                },
-            }),
-        }
-    }
-
-    /// Asks every remote in turn for what is still missing; returns what
-    /// none delivered, and whether a remote could not be reached. `again`:
-    /// a retry, which ignores the remotes' backoff.
-    fn one_round(
-        &self,
-        store: &ChunkStore,
-        mut missing: Vec<ChunkId>,
-        class: Class,
-        again: bool,
-        tried: &mut Vec<String>,
-    ) -> Result<(Vec<ChunkId>, bool), FetchError> {
-        let mut unreachable = false;
-        for remote in &self.remotes {
-            if missing.is_empty() {
-                break;
-            }
-            if again {
-                remote.forget_failure();
-            }
+            tried.unreachable = false;
             let mut still = Vec::new();
             for batch in missing.chunks(MAX_BATCH) {
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                let records = match remote.batch(batch, class) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(remote = remote.url(), error = %e, "chunk fetch failed; trying the next source");
-                        unreachable = true;
-                        tried.push(e.to_string());
-                        still.extend_from_slice(batch);
-                        continue;
-                    }
-                };
-                for (id, raw) in batch.iter().zip(records) {
-                    let Some(raw) = raw else {
-                        still.push(*id);
-                        continue;
-                    };
-                    match store.put_verified_file(*id, &raw) {
-                        Ok((_, data)) => {
-                            if let Some(f) = &self.arrivals.0 {
-                                f(id, data, class);
+                still.extend(self.gather(
+                    store,
+                    batch,
+                    flights,
+                    class,
+                    deadline,
+                    round > 0,
+                    &mut tried,
+                )?);
+            }
+            missing = still;
+            if missing.is_empty() || !tried.unreachable || Instant::now() >= deadline {
+                break;
+            }
+        }
+        let Some(first) = missing.first() else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            if class == Class::Demand {
+                self.stats.deadlines.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(FetchError::Deadline {
+                first: *first,
+                missing: missing.len(),
+                waited: started.elapsed(),
+                tried: tried.describe(),
+            });
+        }
+        Err(FetchError::Unavailable {
+            first: *first,
+            missing: missing.len(),
+            tried: if self.remotes.is_empty() {
+                "no sources configured".into()
+            } else {
+                tried.describe()
+            },
+        })
+    }
+
+    /// The remotes to ask, best first: healthy before those on probation
+    /// (failed, not answered since), and among those, sources that answer
+    /// as usual in the configured order (peers before the origin, which
+    /// keeps the re-export tree's load where it was put) before slow ones
+    /// (a source whose expected latency, counting how long its oldest
+    /// request has waited, is over four times the best one's). Sources
+    /// backed off after a failure are left out, unless `again`. Sources
+    /// on probation are probed in the background.
+    fn order(&self, again: bool) -> Vec<usize> {
+        let standing: Vec<Option<Standing>> = self
+            .remotes
+            .iter()
+            .map(|r| {
+                if again {
+                    // Asked again right now: no probe beside that.
+                    r.forget_failure();
+                } else if r.wants_probe() {
+                    let r = r.clone();
+                    let spawned = std::thread::Builder::new().name("probe".into()).spawn(
+                        move || match r.probe() {
+                            Ok(()) => tracing::info!(remote = r.url(), "source answers again"),
+                            Err(e) => {
+                                tracing::info!(remote = r.url(), error = %e, "source still failing")
                             }
+                        },
+                    );
+                    if spawned.is_err() {
+                        tracing::warn!("cannot start a probe thread");
+                    }
+                }
+                r.standing()
+            })
+            .collect();
+        let best = standing
+            .iter()
+            .flatten()
+            .map(|s| s.latency)
+            .min()
+            .unwrap_or_default();
+        let slow = (best * 4).max(Duration::from_millis(50));
+        let mut order: Vec<usize> = (0..self.remotes.len())
+            .filter(|i| standing[*i].is_some())
+            .collect();
+        order.sort_by_key(|i| {
+            let s = standing[*i].expect("filtered");
+            (s.probation, s.latency > slow, *i)
+        });
+        order
+    }
+
+    /// Asks for `batch` (at most [`MAX_BATCH`]) until every chunk is here
+    /// or no source is left or the deadline passes: the best source first,
+    /// the next one when it answered without some chunks or failed, and,
+    /// for a waiting reader, the next one too when the first has not
+    /// answered within a few times its usual latency (a hedged request:
+    /// whichever delivers a chunk first wins). Each chunk is stored, and
+    /// its readers released, as soon as it arrives. Returns what did not
+    /// arrive.
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        store: &ChunkStore,
+        batch: &[ChunkId],
+        flights: &HashMap<ChunkId, Arc<Flight>>,
+        class: Class,
+        deadline: Instant,
+        again: bool,
+        tried: &mut Tried,
+    ) -> Result<Vec<ChunkId>, FetchError> {
+        let order = self.order(again);
+        let mut want: Vec<ChunkId> = batch
+            .iter()
+            .filter(|id| !store.contains(id))
+            .copied()
+            .collect();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Event)>(4);
+        let mut next = 0; // the next source in `order` to ask
+        let mut running = 0;
+        let mut last_start = Instant::now();
+        let start = |at: usize, want: &[ChunkId], running: &mut usize| {
+            let idx = order[at];
+            let remote = self.remotes[idx].clone();
+            let ids = want.to_vec();
+            let tx = tx.clone();
+            let budget = deadline.saturating_duration_since(Instant::now());
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name("fetch".into())
+                .spawn(move || {
+                    let result = remote.batch_stream(&ids, class, budget, &mut |id, raw| {
+                        let _ = tx.send((idx, Event::Record(id, raw)));
+                    });
+                    let _ = tx.send((idx, Event::Done(result)));
+                });
+            match spawned {
+                Ok(_) => *running += 1,
+                Err(e) => tracing::warn!(error = %e, "cannot start a fetch thread"),
+            }
+        };
+        while !want.is_empty() {
+            if running == 0 {
+                if next == order.len() {
+                    break;
+                }
+                start(next, &want, &mut running);
+                next += 1;
+                last_start = Instant::now();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A waiting reader asks the next source too once the last one
+            // asked is late.
+            let hedge_at = (class == Class::Demand && next < order.len())
+                .then(|| last_start + self.remotes[order[next - 1]].hedge_after());
+            let wake = hedge_at.map_or(deadline, |h| h.min(deadline));
+            let (idx, event) = match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(e) => e,
+                Err(_) => {
+                    if hedge_at.is_some_and(|h| Instant::now() >= h) {
+                        tracing::debug!(
+                            remote = self.remotes[order[next - 1]].url(),
+                            "source late; asking the next one too"
+                        );
+                        self.stats.hedged.fetch_add(1, Ordering::Relaxed);
+                        start(next, &want, &mut running);
+                        next += 1;
+                        last_start = Instant::now();
+                    }
+                    continue;
+                }
+            };
+            let remote = &self.remotes[idx];
+            match event {
+                Event::Record(id, Some(raw)) => {
+                    if !want.contains(&id) {
+                        continue; // another source delivered it first
+                    }
+                    match store.put_verified_file(id, &raw) {
+                        Ok((_, data)) => {
+                            want.retain(|w| *w != id);
+                            if let Some(f) = &self.arrivals.0 {
+                                f(&id, data, class);
+                            }
+                            if let Some(flight) = flights.get(&id) {
+                                flight.finish(Ok(()));
+                            }
+                            let len = raw.len() as u64;
                             self.stats.chunks.fetch_add(1, Ordering::Relaxed);
-                            self.stats
-                                .bytes
-                                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                            self.stats.bytes.fetch_add(len, Ordering::Relaxed);
                             remote.stats.chunks.fetch_add(1, Ordering::Relaxed);
-                            remote
-                                .stats
-                                .bytes
-                                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                            remote.stats.bytes.fetch_add(len, Ordering::Relaxed);
                         }
                         Err(e @ spore_chunks::Error::Corrupt { .. }) => {
                             // A lying or broken remote: never use its bytes.
                             tracing::warn!(remote = remote.url(), error = %e, "remote sent a bad chunk; trying the next source");
                             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                             remote.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                            tried.push(format!("{}: {e}", remote.url()));
-                            still.push(*id);
+                            tried.note(remote, e);
                         }
                         // Our own store failed: not the remote's fault.
                         Err(e) => return Err(e.into()),
                     }
                 }
+                Event::Record(_, None) => tried.note(remote, "lacks chunks"),
+                Event::Done(result) => {
+                    running -= 1;
+                    if let Err(e) = result {
+                        tracing::warn!(remote = remote.url(), error = %e, "chunk fetch failed; trying the next source");
+                        tried.unreachable = true;
+                        tried.failed(&e);
+                    }
+                }
             }
-            if !still.is_empty() && !tried.iter().any(|t| t.starts_with(remote.url())) {
-                tried.push(format!("{}: lacks {} chunks", remote.url(), still.len()));
-            }
-            missing = still;
         }
-        Ok((missing, unreachable))
+        Ok(want)
     }
 }
 
@@ -441,7 +742,6 @@ mod tests {
     use crate::wire;
     use std::io::{Read, Write};
     use std::net::TcpListener;
-    use std::time::Duration;
 
     /// A one-shot HTTP peer: drops the first `drop_first` connections
     /// unanswered (an origin too busy to answer), then answers one batch
@@ -518,6 +818,260 @@ mod tests {
         let e = f.fetch(&store, &[ChunkId::of(b"x")]).unwrap_err();
         assert!(matches!(e, FetchError::Unavailable { .. }), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// How a fake source behaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Acts {
+        /// Answers every request with what it holds.
+        Good,
+        /// Reads the request and never answers (the connection stays open).
+        Wedged,
+        /// Answers after a pause of this long.
+        Slow(Duration),
+        /// Answers with bytes that are no batch response.
+        Garbage,
+        /// Starts a record and then sends bytes until the client goes.
+        Endless,
+        /// Sends part of the answer, then closes the connection.
+        Vanishes,
+    }
+
+    /// A fake source on a real socket, serving `chunks` as `acts` says, for
+    /// as long as the test runs. Returns its URL and how many requests it
+    /// has been sent.
+    fn source(acts: Acts, chunks: HashMap<ChunkId, Vec<u8>>) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let chunks = Arc::new(chunks);
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let (chunks, counter) = (chunks.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let Some(ids) = read_request(&mut c) else {
+                        return;
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let body = wire::encode_response(
+                        ids.iter().map(|id| (*id, chunks.get(id).map(|v| &v[..]))),
+                    );
+                    let head = |len: usize| {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                        )
+                    };
+                    let _ = match acts {
+                        Acts::Good => c
+                            .write_all(head(body.len()).as_bytes())
+                            .and_then(|()| c.write_all(&body)),
+                        Acts::Slow(d) => {
+                            std::thread::sleep(d);
+                            c.write_all(head(body.len()).as_bytes())
+                                .and_then(|()| c.write_all(&body))
+                        }
+                        Acts::Wedged => {
+                            std::thread::sleep(Duration::from_secs(60));
+                            Ok(())
+                        }
+                        Acts::Garbage => {
+                            let junk = b"this is not a batch response at all";
+                            c.write_all(head(junk.len()).as_bytes())
+                                .and_then(|()| c.write_all(junk))
+                        }
+                        Acts::Endless => {
+                            // A record that says 60 MiB, then bytes for as
+                            // long as anyone reads (at most 30 s).
+                            let mut start = body[..8].to_vec();
+                            start.extend_from_slice(ids[0].as_bytes());
+                            start.push(0);
+                            start.extend_from_slice(&(60u32 << 20).to_le_bytes());
+                            let until = std::time::Instant::now() + Duration::from_secs(30);
+                            let junk = vec![7u8; 1 << 16];
+                            let mut r = c
+                                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+                                .and_then(|()| c.write_all(&start));
+                            while r.is_ok() && std::time::Instant::now() < until {
+                                r = c.write_all(&junk);
+                            }
+                            r
+                        }
+                        Acts::Vanishes => c
+                            .write_all(head(body.len()).as_bytes())
+                            .and_then(|()| c.write_all(&body[..body.len() / 2])),
+                    };
+                });
+            }
+        });
+        (url, asked)
+    }
+
+    /// Reads one batch request from `c`: its ids.
+    fn read_request(c: &mut std::net::TcpStream) -> Option<Vec<ChunkId>> {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if req.len() >= end + 4 + len {
+                    return wire::decode_request(&req[end + 4..end + 4 + len]).ok();
+                }
+            }
+            let n = c.read(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// `n` chunks in a sender's store: their ids and chunk files.
+    fn chunks(n: usize) -> (Vec<ChunkId>, HashMap<ChunkId, Vec<u8>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let sender = ChunkStore::open(dir.path().join("sender"), Default::default()).unwrap();
+        let mut ids = Vec::new();
+        let mut files = HashMap::new();
+        for i in 0..n {
+            let put = sender.put(format!("chunk number {i}").as_bytes()).unwrap();
+            files.insert(put.id, sender.get_raw(&put.id).unwrap().unwrap());
+            ids.push(put.id);
+        }
+        (ids, files, dir)
+    }
+
+    fn fetcher(urls: &[&str]) -> Fetcher {
+        let plain = crate::Links::default().allow_plaintext();
+        Fetcher::new(
+            urls.iter()
+                .map(|u| Remote::new(u, Duration::from_secs(10), &plain).unwrap())
+                .collect(),
+        )
+    }
+
+    /// A source that accepts and never answers costs a reader a hedge
+    /// (a few times the usual latency), not the 10 s timeout; it is then
+    /// passed over while its request hangs, and backed off once it fails.
+    #[test]
+    fn a_wedged_first_source_costs_a_hedge_not_a_timeout() {
+        let (ids, files, dir) = chunks(6);
+        let (wedged, wedged_asked) = source(Acts::Wedged, files.clone());
+        let (origin, _) = source(Acts::Good, files);
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let f = fetcher(&[&wedged, &origin]);
+        for id in &ids {
+            let started = std::time::Instant::now();
+            f.fetch(&store, &[*id]).unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "a read took {:?} with a wedged first source",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(
+            wedged_asked.load(Ordering::SeqCst) <= 2,
+            "the wedged source was asked {} times",
+            wedged_asked.load(Ordering::SeqCst)
+        );
+        assert!(f.stats.hedged.load(Ordering::Relaxed) >= 1);
+    }
+
+    /// A source that answers, but a second late every time, is asked after
+    /// the faster one once it has been measured.
+    #[test]
+    fn a_slow_source_is_passed_over_for_a_faster_one() {
+        let (ids, files, dir) = chunks(6);
+        let (slow, slow_asked) = source(Acts::Slow(Duration::from_secs(1)), files.clone());
+        let (origin, origin_asked) = source(Acts::Good, files);
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let f = fetcher(&[&slow, &origin]);
+        for id in &ids {
+            let started = std::time::Instant::now();
+            f.fetch(&store, &[*id]).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(3));
+        }
+        assert!(origin_asked.load(Ordering::SeqCst) >= ids.len() - 1);
+        assert!(
+            slow_asked.load(Ordering::SeqCst) <= 2,
+            "the slow source was asked {} times",
+            slow_asked.load(Ordering::SeqCst)
+        );
+    }
+
+    /// Three readers of one chunk whose only source is wedged all fail at
+    /// the deadline, together: the retry chain runs once, not once each.
+    #[test]
+    fn readers_of_one_chunk_share_one_deadline_and_one_failure() {
+        let (ids, files, dir) = chunks(1);
+        let (wedged, wedged_asked) = source(Acts::Wedged, files);
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let f = Arc::new(fetcher(&[&wedged]).demand_deadline(Duration::from_secs(2)));
+        let store = Arc::new(store);
+        let started = std::time::Instant::now();
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (f, store, id) = (f.clone(), store.clone(), ids[0]);
+                std::thread::spawn(move || {
+                    let e = f.fetch(&store, &[id]).unwrap_err();
+                    (e.to_string(), started.elapsed())
+                })
+            })
+            .collect();
+        for r in readers {
+            let (e, took) = r.join().unwrap();
+            assert!(
+                took < Duration::from_secs(5),
+                "a reader failed after {took:?}: {e}"
+            );
+            assert!(e.contains("did not arrive within"), "{e}");
+        }
+        assert_eq!(
+            wedged_asked.load(Ordering::SeqCst),
+            1,
+            "asked once for all three"
+        );
+    }
+
+    /// Garbage, a response that never ends and one cut short are failures
+    /// of their source: the chunk comes from the next one, and the broken
+    /// source is backed off (not asked again by the next read).
+    #[test]
+    fn broken_answers_are_failures_of_their_source() {
+        for acts in [Acts::Garbage, Acts::Endless, Acts::Vanishes] {
+            let (ids, files, dir) = chunks(2);
+            let (bad, bad_asked) = source(acts, files.clone());
+            let (origin, _) = source(Acts::Good, files);
+            let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+            let f = fetcher(&[&bad, &origin]);
+            let started = std::time::Instant::now();
+            f.fetch(&store, &[ids[0]]).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(3));
+            assert_eq!(store.get(&ids[0]).unwrap(), b"chunk number 0");
+            if acts != Acts::Endless {
+                // The endless one fails only when its time is up.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while f.remotes()[0].stats.failures.load(Ordering::Relaxed) == 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "not counted as a failure"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                f.fetch(&store, &[ids[1]]).unwrap();
+                assert_eq!(
+                    bad_asked.load(Ordering::SeqCst),
+                    1,
+                    "asked again while backed off"
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod popularity;
 pub mod remote;
 pub mod wire;
 
-pub use fetcher::{FetchError, Fetcher, OnArrival};
+pub use fetcher::{FetchError, Fetcher, OnArrival, DEMAND_DEADLINE};
 pub use links::Links;
 pub use popularity::Popularity;
-pub use remote::{Class, Remote, RemoteError, Resolved, MAX_POPULAR};
+pub use remote::{Class, Remote, RemoteError, Resolved, Standing, DEADLINE_HEADER, MAX_POPULAR};

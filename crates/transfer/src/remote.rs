@@ -1,7 +1,7 @@
 //! Another agent (a peer or the origin), reached over HTTP.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -49,6 +49,10 @@ pub struct Resolved {
 /// Most popular chunks a resolve answer may carry.
 pub const MAX_POPULAR: usize = 4096;
 
+/// Largest resolve answer read: the manifest, the profile and
+/// [`MAX_POPULAR`] ids in hex, with room for JSON's punctuation.
+const MAX_RESOLVE_ANSWER: usize = 4096 + MAX_POPULAR * 72;
+
 /// Counters of what a remote delivered.
 #[derive(Debug, Default)]
 pub struct RemoteStats {
@@ -62,8 +66,40 @@ pub struct RemoteStats {
 pub struct Remote {
     url: String,
     agent: ureq::Agent,
-    down_until: Mutex<Option<Instant>>,
+    timeout: Duration,
+    health: Mutex<Health>,
+    /// A background probe of a source on probation is under way.
+    probing: AtomicBool,
     pub stats: RemoteStats,
+}
+
+/// What the fetcher knows of how a remote behaves.
+#[derive(Debug, Default)]
+struct Health {
+    /// Skipped until then after a failure.
+    down_until: Option<Instant>,
+    /// Failures since the last success: each doubles the next backoff.
+    failures_in_row: u32,
+    /// Failed and not yet answered since: asked only after every healthy
+    /// source (and probed in the background) until it answers again.
+    probation: bool,
+    /// Smoothed time from request to the answer's headers.
+    latency: Option<Duration>,
+    /// Requests in flight, by ticket, and when each started: a request
+    /// that has waited longer than the usual latency says more about the
+    /// remote now than the average does.
+    inflight: Vec<(u64, Instant)>,
+    next_ticket: u64,
+}
+
+/// How a remote looks when choosing whom to ask (see [`Remote::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Standing {
+    /// Failed and not answered since: asked after healthy sources.
+    pub probation: bool,
+    /// The latency to expect now: the smoothed latency, or how long the
+    /// oldest request in flight has waited, whichever is longer.
+    pub latency: Duration,
 }
 
 /// A request error in one line: for an HTTP error status, the remote
@@ -82,9 +118,36 @@ fn describe(e: ureq::Error) -> String {
     }
 }
 
-/// After a failure a remote is skipped for this long, so a dead peer costs
-/// one timeout rather than one per read.
+/// After a failure a remote is skipped for at least this long (and for
+/// at least twice its timeout), doubled on each failure in a row up to
+/// [`MAX_BACKOFF`], so a dead or wedged peer costs one timeout, not one
+/// per read, and is not asked again the moment its backoff ends.
 const BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Latency assumed of a remote not measured yet.
+const UNMEASURED: Duration = Duration::from_millis(100);
+
+/// The header in which a batch request says how long its asker will wait:
+/// a relay answers within it (what it could not get upstream by then as
+/// missing), so that it is never blamed for a slow upstream.
+pub const DEADLINE_HEADER: &str = "x-spore-deadline-ms";
+
+/// Removes a request from its remote's in-flight list when it ends.
+struct Ticket<'a> {
+    remote: &'a Remote,
+    id: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.remote
+            .health
+            .lock()
+            .inflight
+            .retain(|(t, _)| *t != self.id);
+    }
+}
 
 impl Remote {
     /// `url` is the remote agent's peer address, e.g.
@@ -97,9 +160,79 @@ impl Remote {
         Ok(Remote {
             url: url.trim_end_matches('/').to_owned(),
             agent: links.http(Duration::from_secs(1).min(timeout), timeout),
-            down_until: Mutex::new(None),
+            timeout,
+            health: Mutex::default(),
+            probing: AtomicBool::new(false),
             stats: RemoteStats::default(),
         })
+    }
+
+    /// How this remote stands now, or None while it is backed off.
+    pub fn standing(&self) -> Option<Standing> {
+        let h = self.health.lock();
+        let now = Instant::now();
+        if h.down_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        let waited = h
+            .inflight
+            .iter()
+            .map(|(_, at)| now.saturating_duration_since(*at))
+            .max()
+            .unwrap_or_default();
+        Some(Standing {
+            probation: h.probation,
+            latency: h.latency.unwrap_or(UNMEASURED).max(waited),
+        })
+    }
+
+    /// How long to wait for this remote's answer before asking the next
+    /// source too (a hedged request): a few times its usual latency.
+    pub fn hedge_after(&self) -> Duration {
+        let usual = self.health.lock().latency.unwrap_or(UNMEASURED);
+        (usual * 4).clamp(Duration::from_millis(40), Duration::from_secs(1))
+    }
+
+    /// The remote's request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Claims the right to probe this remote in the background, when it
+    /// is on probation, past its backoff and nobody probes it already.
+    pub fn wants_probe(&self) -> bool {
+        {
+            let h = self.health.lock();
+            if !h.probation || h.down_until.is_some_and(|t| Instant::now() < t) {
+                return false;
+            }
+        }
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Asks the remote an empty batch: an answer ends its probation.
+    pub fn probe(&self) -> Result<(), RemoteError> {
+        let result = self.batch_stream(&[], Class::Background, self.timeout, &mut |_, _| {});
+        self.probing.store(false, Ordering::Release);
+        result
+    }
+
+    fn ticket(&self) -> Ticket<'_> {
+        let mut h = self.health.lock();
+        h.next_ticket += 1;
+        let id = h.next_ticket;
+        h.inflight.push((id, Instant::now()));
+        Ticket { remote: self, id }
+    }
+
+    fn answered(&self, took: Duration) {
+        let mut h = self.health.lock();
+        h.latency = Some(match h.latency {
+            None => took,
+            Some(l) => (l * 3 + took) / 4,
+        });
+        h.failures_in_row = 0;
+        h.probation = false;
     }
 
     pub fn url(&self) -> &str {
@@ -107,39 +240,63 @@ impl Remote {
     }
 
     fn check_up(&self) -> Result<(), RemoteError> {
-        let mut d = self.down_until.lock();
-        match *d {
+        let mut h = self.health.lock();
+        match h.down_until {
             Some(t) if Instant::now() < t => Err(RemoteError::Down {
                 url: self.url.clone(),
             }),
             _ => {
-                *d = None;
+                h.down_until = None;
                 Ok(())
             }
         }
     }
 
     /// Forgets the backoff of an earlier failure (a retry of the last
-    /// sources left).
+    /// sources left); the remote stays on probation until it answers.
     pub fn forget_failure(&self) {
-        *self.down_until.lock() = None;
+        self.health.lock().down_until = None;
     }
 
+    /// Counts a failure: the remote is skipped for a backoff that grows
+    /// with each failure in a row, and is on probation afterwards.
     fn failed(&self, message: String) -> RemoteError {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
-        *self.down_until.lock() = Some(Instant::now() + BACKOFF);
+        let mut h = self.health.lock();
+        let base = BACKOFF.max(self.timeout * 2);
+        let backoff = (base * 2u32.pow(h.failures_in_row.min(6))).min(MAX_BACKOFF);
+        h.failures_in_row += 1;
+        h.probation = true;
+        h.down_until = Some(Instant::now() + backoff);
         RemoteError::Http {
             url: self.url.clone(),
             message,
         }
     }
 
-    fn read_body(&self, resp: ureq::Response) -> Result<Vec<u8>, RemoteError> {
+    /// A malformed answer: a failure of this remote like any other.
+    fn malformed(&self, source: WireError) -> RemoteError {
+        let url = self.url.clone();
+        match source {
+            WireError::Io(e) => self.failed(format!("reading the answer: {e}")),
+            source => {
+                let _ = self.failed(source.to_string());
+                RemoteError::Wire { url, source }
+            }
+        }
+    }
+
+    /// Reads a JSON or id-list answer whole, refusing one over `limit`
+    /// bytes (counted as a failure of the remote).
+    fn read_body(&self, resp: ureq::Response, limit: usize) -> Result<Vec<u8>, RemoteError> {
         let mut body = Vec::new();
         resp.into_reader()
-            .take((wire::MAX_BATCH * (spore_chunks::MAX_CHUNK_SIZE + 64)) as u64)
+            .take(limit as u64 + 1)
             .read_to_end(&mut body)
             .map_err(|e| self.failed(format!("reading the answer: {e}")))?;
+        if body.len() > limit {
+            return Err(self.failed(format!("answer over {limit} bytes")));
+        }
         Ok(body)
     }
 
@@ -150,25 +307,47 @@ impl Remote {
         ids: &[ChunkId],
         class: Class,
     ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        let mut out = Vec::with_capacity(ids.len());
+        self.batch_stream(ids, class, self.timeout, &mut |_, raw| out.push(raw))?;
+        Ok(out)
+    }
+
+    /// Asks for `ids` in one round trip and hands each record to `record`
+    /// as it arrives (the raw chunk file bytes, unverified, or None where
+    /// the remote lacks it), in request order. The whole request is given
+    /// at most `budget` (and the remote's timeout), which the remote is
+    /// told too. A malformed answer is a failure of the remote; records
+    /// handed on before it stay valid (each is verified by its id).
+    pub fn batch_stream(
+        &self,
+        ids: &[ChunkId],
+        class: Class,
+        budget: Duration,
+        record: &mut dyn FnMut(ChunkId, Option<Vec<u8>>),
+    ) -> Result<(), RemoteError> {
         self.check_up()?;
         let query = match class {
             Class::Demand => "?demand=1",
             Class::Background => "",
         };
+        let budget = budget.min(self.timeout).max(Duration::from_millis(1));
+        let _ticket = self.ticket();
+        let started = Instant::now();
         let resp = self
             .agent
             .post(&format!("{}/v1/chunks/batch{query}", self.url))
+            .timeout(budget)
+            .set(DEADLINE_HEADER, &budget.as_millis().to_string())
             .send_bytes(&wire::encode_request(ids))
             .map_err(|e| self.failed(describe(e)))?;
-        let body = self.read_body(resp)?;
-        let records = wire::decode_response(ids, &body).map_err(|source| {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            RemoteError::Wire {
-                url: self.url.clone(),
-                source,
-            }
-        })?;
-        Ok(records.into_iter().map(|r| r.map(<[u8]>::to_vec)).collect())
+        let took = started.elapsed();
+        let mut reader =
+            wire::ResponseReader::new(ids, resp.into_reader()).map_err(|e| self.malformed(e))?;
+        while let Some((id, raw)) = reader.next_record().map_err(|e| self.malformed(e))? {
+            record(id, raw);
+        }
+        self.answered(took);
+        Ok(())
     }
 
     /// What the remote binds to an image name, if anything: the manifest
@@ -184,9 +363,12 @@ impl Remote {
             Err(ureq::Error::Status(404, _)) => return Ok(None),
             Err(e) => return Err(self.failed(describe(e))),
         };
-        let body = self.read_body(resp)?;
-        let json_err = || RemoteError::Json {
-            url: self.url.clone(),
+        let body = self.read_body(resp, MAX_RESOLVE_ANSWER)?;
+        let json_err = || {
+            let _ = self.failed("answer is not the expected JSON".into());
+            RemoteError::Json {
+                url: self.url.clone(),
+            }
         };
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| json_err())?;
         let id = v["manifest"]
@@ -216,11 +398,8 @@ impl Remote {
             .post(&format!("{}/v1/chunks/missing", self.url))
             .send_bytes(&wire::encode_request(ids))
             .map_err(|e| self.failed(describe(e)))?;
-        let body = self.read_body(resp)?;
-        wire::decode_request(&body).map_err(|source| RemoteError::Wire {
-            url: self.url.clone(),
-            source,
-        })
+        let body = self.read_body(resp, 8 + ids.len() * 32)?;
+        wire::decode_request(&body).map_err(|e| self.malformed(e))
     }
 
     /// Uploads one chunk file (the origin verifies it).

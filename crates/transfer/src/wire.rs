@@ -15,6 +15,8 @@
 //! present chunk are untrusted: the receiver decodes and hashes them
 //! ([`spore_chunks::decode_chunk_file`]) before use.
 
+use std::io::Read;
+
 use spore_chunks::{ChunkId, MAX_CHUNK_SIZE};
 
 pub const REQUEST_MAGIC: [u8; 4] = *b"SPBQ";
@@ -40,6 +42,8 @@ pub enum WireError {
     RecordTooLarge(usize),
     #[error("unknown record status {0}")]
     BadStatus(u8),
+    #[error("reading the answer: {0}")]
+    Io(String),
 }
 
 pub fn encode_request(ids: &[ChunkId]) -> Vec<u8> {
@@ -99,49 +103,95 @@ pub fn encode_response<'a>(
     out
 }
 
-/// Parses a response to a request for `asked`: for each id, the raw chunk
-/// file bytes (unverified) or None when the remote lacks it.
-pub fn decode_response<'a>(
-    asked: &[ChunkId],
-    bytes: &'a [u8],
-) -> Result<Vec<Option<&'a [u8]>>, WireError> {
-    let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or(WireError::Truncated);
-    if take(0, 4)? != RESPONSE_MAGIC {
-        return Err(WireError::BadMagic);
+/// Parses a whole response to a request for `asked`: for each id, the raw
+/// chunk file bytes (unverified) or None when the remote lacks it.
+pub fn decode_response(asked: &[ChunkId], bytes: &[u8]) -> Result<Vec<Option<Vec<u8>>>, WireError> {
+    let mut reader = ResponseReader::new(asked, bytes)?;
+    let mut out = Vec::with_capacity(asked.len());
+    while let Some((_, record)) = reader.next_record()? {
+        out.push(record);
     }
-    let count = u32::from_le_bytes(take(4, 4)?.try_into().expect("4 bytes")) as usize;
-    if count != asked.len() {
-        return Err(WireError::TooMany(count));
+    Ok(out)
+}
+
+/// Reads a response to a request for `asked` from a stream, one record at
+/// a time: whatever a remote sends, reading it costs at most one record of
+/// memory (a record's buffer grows only as its bytes arrive, so a lying
+/// length allocates nothing), and each chunk can be used as soon as it has
+/// arrived, before the rest of the batch.
+pub struct ResponseReader<'a, R> {
+    r: R,
+    asked: &'a [ChunkId],
+    next: usize,
+}
+
+fn io_error(e: std::io::Error) -> WireError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        _ => WireError::Io(e.to_string()),
     }
-    let mut at = 8;
-    let mut out = Vec::with_capacity(count);
-    for expected in asked {
-        let found = ChunkId(take(at, 32)?.try_into().expect("32 bytes"));
+}
+
+impl<'a, R: Read> ResponseReader<'a, R> {
+    /// Reads the response's header.
+    pub fn new(asked: &'a [ChunkId], mut r: R) -> Result<Self, WireError> {
+        let mut head = [0u8; 8];
+        r.read_exact(&mut head).map_err(io_error)?;
+        if head[..4] != RESPONSE_MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        if count != asked.len() {
+            return Err(WireError::TooMany(count));
+        }
+        Ok(ResponseReader { r, asked, next: 0 })
+    }
+
+    /// The next record: the id asked for and its chunk file bytes, or None
+    /// where the remote lacks it. `Ok(None)` once every asked id has been
+    /// answered and the response ended there.
+    #[allow(clippy::type_complexity)]
+    pub fn next_record(&mut self) -> Result<Option<(ChunkId, Option<Vec<u8>>)>, WireError> {
+        let Some(expected) = self.asked.get(self.next) else {
+            // Every record read: the response must end here.
+            let mut one = [0u8; 1];
+            return match self.r.read(&mut one) {
+                Ok(0) => Ok(None),
+                Ok(_) => Err(WireError::Trailing),
+                Err(e) => Err(io_error(e)),
+            };
+        };
+        let mut head = [0u8; 37];
+        self.r.read_exact(&mut head).map_err(io_error)?;
+        let found = ChunkId(head[..32].try_into().expect("32 bytes"));
         if found != *expected {
             return Err(WireError::OutOfOrder {
                 expected: *expected,
                 found,
             });
         }
-        let status = take(at + 32, 1)?[0];
-        let len = u32::from_le_bytes(take(at + 33, 4)?.try_into().expect("4 bytes")) as usize;
-        at += 37;
+        let status = head[32];
+        let len = u32::from_le_bytes(head[33..37].try_into().expect("4 bytes")) as usize;
         if len > MAX_RECORD {
             return Err(WireError::RecordTooLarge(len));
         }
+        self.next += 1;
         match status {
             0 => {
-                out.push(Some(take(at, len)?));
-                at += len;
+                let mut data = Vec::new();
+                (&mut self.r)
+                    .take(len as u64)
+                    .read_to_end(&mut data)
+                    .map_err(io_error)?;
+                if data.len() < len {
+                    return Err(WireError::Truncated);
+                }
+                Ok(Some((found, Some(data))))
             }
-            1 if len == 0 => out.push(None),
-            s => return Err(WireError::BadStatus(s)),
+            1 if len == 0 => Ok(Some((found, None))),
+            s => Err(WireError::BadStatus(s)),
         }
     }
-    if at != bytes.len() {
-        return Err(WireError::Trailing);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -150,6 +200,36 @@ mod tests {
 
     fn ids() -> Vec<ChunkId> {
         (0..3u8).map(|i| ChunkId::of(&[i])).collect()
+    }
+
+    /// A reader of a stream hands on each record as it arrives: a
+    /// response cut (or broken) after its first record still delivered
+    /// that record.
+    #[test]
+    fn a_streamed_response_delivers_records_before_it_breaks() {
+        let ids = ids();
+        let enc = encode_response(
+            [
+                (ids[0], Some(&b"first"[..])),
+                (ids[1], Some(&b"second"[..])),
+                (ids[2], None),
+            ]
+            .into_iter(),
+        );
+        let first_end = 8 + 37 + 5;
+        let mut r = ResponseReader::new(&ids, &enc[..first_end + 10]).unwrap();
+        assert_eq!(
+            r.next_record().unwrap(),
+            Some((ids[0], Some(b"first".to_vec())))
+        );
+        assert_eq!(r.next_record(), Err(WireError::Truncated));
+        // A record that says it is long but is not: no room is taken for
+        // the length it claims, and it is refused as truncated.
+        let mut liar = enc[..8 + 33].to_vec();
+        liar.extend_from_slice(&((MAX_RECORD as u32) - 1).to_le_bytes());
+        liar.extend_from_slice(b"short");
+        let mut r = ResponseReader::new(&ids, &liar[..]).unwrap();
+        assert_eq!(r.next_record(), Err(WireError::Truncated));
     }
 
     #[test]
@@ -180,7 +260,7 @@ mod tests {
         ];
         let enc = encode_response(recs.clone().into_iter());
         let dec = decode_response(&ids, &enc).unwrap();
-        assert_eq!(dec, vec![Some(&b"abc"[..]), None, Some(&b""[..])]);
+        assert_eq!(dec, vec![Some(b"abc".to_vec()), None, Some(Vec::new())]);
         for cut in [0, 3, 8, 20, 40, 42, enc.len() - 1] {
             assert_eq!(
                 decode_response(&ids, &enc[..cut]),
