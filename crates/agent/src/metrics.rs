@@ -84,6 +84,18 @@ pub fn render(a: &Agent) -> String {
             "Failed requests, by source.",
             per_remote(&|s| s.failures.load(Relaxed)),
         );
+        metric(
+            "spore_fetch_hedged_total",
+            "counter",
+            "Requests also sent to a further source because the one asked was late for a waiting reader.",
+            vec![(String::new(), f.stats.hedged.load(Relaxed))],
+        );
+        metric(
+            "spore_fetch_deadlines_total",
+            "counter",
+            "Reads whose chunk did not arrive within the read deadline (the read failed and the VM paused).",
+            vec![(String::new(), f.stats.deadlines.load(Relaxed))],
+        );
     }
     metric(
         "spore_peer_served_chunks_total",

@@ -644,3 +644,51 @@ fn a_truncated_chunk_is_fetched_again_by_a_pull() {
     );
     assert_eq!(nbd_copy(&host, "image/img"), std::fs::read(&src).unwrap());
 }
+
+/// A peer that accepts connections and never answers (not even the TLS
+/// handshake) sits before a healthy origin: reads spaced out over a
+/// quarter of a minute each cost a hedge at most, never the 10 s request
+/// timeout, and the wedged peer is not asked again while it is backed off.
+#[test]
+fn a_wedged_peer_costs_reads_a_hedge_not_a_timeout() {
+    let (origin, origin_port) = start_origin();
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 16 * MIB, 23);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let wedged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let wedged_port = wedged.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in wedged.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c); // open, silent
+        }
+    });
+    let host = TestAgent::start_with(&["--peer", &url(wedged_port), "--origin", &url(origin_port)]);
+    host.ok(&["disk", "create", "d", "--image", "img"]);
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..12u64 {
+        let started = std::time::Instant::now();
+        sh(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("read {}M 4096", i + 1)])
+            .arg(host.uri("disk/d")));
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(
+        slowest < std::time::Duration::from_secs(4),
+        "a read took {slowest:?} with a wedged peer before a healthy origin"
+    );
+    // Asked by the first read; then passed over while that request hung,
+    // and backed off once it failed (a background probe may add one).
+    let asked = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked <= 3, "the wedged peer was connected to {asked} times");
+    let metrics = sh(Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(host.data_dir().join("api.sock"))
+        .arg("http://agent/metrics"));
+    assert!(metrics.contains("spore_fetch_hedged_total"), "{metrics}");
+    drop(origin);
+}

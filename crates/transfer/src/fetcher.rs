@@ -501,10 +501,12 @@ impl Fetcher {
     /// as usual in the configured order (peers before the origin, which
     /// keeps the re-export tree's load where it was put) before slow ones
     /// (a source whose expected latency, counting how long its oldest
-    /// request has waited, is over four times the best one's). Sources
-    /// backed off after a failure are left out, unless `again`. Sources
-    /// on probation are probed in the background.
-    fn order(&self, again: bool) -> Vec<usize> {
+    /// request has waited, is over four times the best one's). Then, as a
+    /// last resort, the sources backed off after a failure (all of them
+    /// count as available when `again`), so that a chunk no other source
+    /// has is still asked for. Sources on probation are probed in the
+    /// background. Returns the order and how many of it are available.
+    fn order(&self, again: bool) -> (Vec<usize>, usize) {
         let standing: Vec<Option<Standing>> = self
             .remotes
             .iter()
@@ -536,14 +538,13 @@ impl Fetcher {
             .min()
             .unwrap_or_default();
         let slow = (best * 4).max(Duration::from_millis(50));
-        let mut order: Vec<usize> = (0..self.remotes.len())
-            .filter(|i| standing[*i].is_some())
-            .collect();
-        order.sort_by_key(|i| {
-            let s = standing[*i].expect("filtered");
-            (s.probation, s.latency > slow, *i)
+        let mut order: Vec<usize> = (0..self.remotes.len()).collect();
+        order.sort_by_key(|i| match standing[*i] {
+            Some(s) => (false, s.probation, s.latency > slow, *i),
+            None => (true, true, true, *i),
         });
-        order
+        let available = standing.iter().flatten().count();
+        (order, available)
     }
 
     /// Asks for `batch` (at most [`MAX_BATCH`]) until every chunk is here
@@ -565,7 +566,7 @@ impl Fetcher {
         again: bool,
         tried: &mut Tried,
     ) -> Result<Vec<ChunkId>, FetchError> {
-        let order = self.order(again);
+        let (order, available) = self.order(again);
         let mut want: Vec<ChunkId> = batch
             .iter()
             .filter(|id| !store.contains(id))
@@ -578,6 +579,10 @@ impl Fetcher {
         let start = |at: usize, want: &[ChunkId], running: &mut usize| {
             let idx = order[at];
             let remote = self.remotes[idx].clone();
+            if at >= available {
+                // A last resort: asked in spite of its backoff.
+                remote.forget_failure();
+            }
             let ids = want.to_vec();
             let tx = tx.clone();
             let budget = deadline.saturating_duration_since(Instant::now());
@@ -609,9 +614,9 @@ impl Fetcher {
             if now >= deadline {
                 break;
             }
-            // A waiting reader asks the next source too once the last one
-            // asked is late.
-            let hedge_at = (class == Class::Demand && next < order.len())
+            // A waiting reader asks the next available source too once the
+            // last one asked is late.
+            let hedge_at = (class == Class::Demand && next < available)
                 .then(|| last_start + self.remotes[order[next - 1]].hedge_after());
             let wake = hedge_at.map_or(deadline, |h| h.min(deadline));
             let (idx, event) = match rx.recv_timeout(wake.saturating_duration_since(now)) {

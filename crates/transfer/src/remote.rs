@@ -85,6 +85,8 @@ struct Health {
     probation: bool,
     /// Smoothed time from request to the answer's headers.
     latency: Option<Duration>,
+    /// Smoothed deviation from it (as TCP smooths round trips).
+    jitter: Duration,
     /// Requests in flight, by ticket, and when each started: a request
     /// that has waited longer than the usual latency says more about the
     /// remote now than the average does.
@@ -187,10 +189,17 @@ impl Remote {
     }
 
     /// How long to wait for this remote's answer before asking the next
-    /// source too (a hedged request): a few times its usual latency.
+    /// source too (a hedged request): past its usual latency by four times
+    /// its usual deviation (as TCP's retransmission timeout), so that a
+    /// relay that sometimes fetches upstream first is not hedged on every
+    /// such fetch; at least 150 ms, at most 1 s.
     pub fn hedge_after(&self) -> Duration {
-        let usual = self.health.lock().latency.unwrap_or(UNMEASURED);
-        (usual * 4).clamp(Duration::from_millis(40), Duration::from_secs(1))
+        let h = self.health.lock();
+        let after = match h.latency {
+            Some(l) => l + h.jitter * 4,
+            None => UNMEASURED * 4,
+        };
+        after.clamp(Duration::from_millis(150), Duration::from_secs(1))
     }
 
     /// The remote's request timeout.
@@ -227,10 +236,17 @@ impl Remote {
 
     fn answered(&self, took: Duration) {
         let mut h = self.health.lock();
-        h.latency = Some(match h.latency {
-            None => took,
-            Some(l) => (l * 3 + took) / 4,
-        });
+        match h.latency {
+            None => {
+                h.latency = Some(took);
+                h.jitter = took / 2;
+            }
+            Some(l) => {
+                let off = took.abs_diff(l);
+                h.jitter = (h.jitter * 3 + off) / 4;
+                h.latency = Some((l * 7 + took) / 8);
+            }
+        }
         h.failures_in_row = 0;
         h.probation = false;
     }
