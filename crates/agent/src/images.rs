@@ -38,8 +38,20 @@ use crate::records::{now, DiskRecord, ImageRecord, TemplateRecord};
 /// Reports (phase, done, total) of a long operation.
 pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
-/// How long background completion keeps retrying after failures.
-const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(3600);
+/// The longest pause between background completion's tries.
+const COMPLETE_MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Background completions running, by image name.
+type Completions = Arc<parking_lot::Mutex<HashMap<String, Completion>>>;
+
+/// Where one image's background completion stands.
+#[derive(Debug, Clone, Default)]
+struct Completion {
+    left: u64,
+    waiting_for: Option<String>,
+    retry_at: Option<std::time::Instant>,
+    failures: u64,
+}
 
 /// The image service and the handles it works with.
 #[derive(Debug)]
@@ -63,6 +75,8 @@ pub struct Images {
     links: spore_transfer::Links,
     /// One mark per push in flight (see [`Images::push_image`]).
     pushes_dir: PathBuf,
+    /// Background completions running.
+    completing: Completions,
 }
 
 /// What the image service is configured with.
@@ -97,6 +111,7 @@ impl Images {
             profile_seconds: config.profile_seconds,
             links: config.links,
             pushes_dir: config.pushes_dir,
+            completing: Completions::default(),
         }
     }
 
@@ -602,6 +617,11 @@ impl Images {
             },
             used_by,
             export: format!("{IMAGE_PREFIX}{name}"),
+            completing: self
+                .completions()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| c),
         })
     }
 
@@ -688,7 +708,10 @@ impl Images {
     }
 
     /// Fetches the chunks of `chunks` that are not here, at low priority,
-    /// on a thread of its own.
+    /// on a thread of its own, until every one is here: a failed round is
+    /// tried again after a pause that grows to [`COMPLETE_MAX_PAUSE`], for
+    /// as long as the image exists. `image inspect` and the metrics show
+    /// how far it is and what it waits for.
     pub fn complete_in_background(&self, name: &str, chunks: &[ChunkId]) {
         let missing: Vec<ChunkId> = chunks
             .iter()
@@ -701,40 +724,93 @@ impl Images {
         if missing.is_empty() {
             return;
         }
+        {
+            let mut running = self.completing.lock();
+            if running.contains_key(name) {
+                return; // already under way
+            }
+            running.insert(
+                name.to_owned(),
+                Completion {
+                    left: missing.len() as u64,
+                    ..Completion::default()
+                },
+            );
+        }
         let store = self.store.clone();
+        let meta = self.meta.clone();
+        let completing = self.completing.clone();
         let name = name.to_owned();
         tracing::info!(image = %name, chunks = missing.len(), "completing image in the background");
+        let thread_name = name.clone();
         let spawned = std::thread::Builder::new().name(format!("complete-{name}")).spawn(move || {
-            // A source that is down for a while only delays completion: the
-            // missing chunks are asked for again, with a growing pause,
-            // for up to COMPLETE_RETRY_FOR (then at the next agent start).
-            let started = std::time::Instant::now();
-            let mut pause = std::time::Duration::from_secs(1);
+            let mut pause = Duration::from_secs(1);
             let mut missing = missing;
+            let update = |f: &mut dyn FnMut(&mut Completion)| {
+                if let Some(c) = completing.lock().get_mut(&thread_name) {
+                    f(c);
+                }
+            };
             loop {
                 let result = fetcher
-                    .fetch_background(&store, &missing, &|_, _| {})
+                    .fetch_background(&store, &missing, &|done, total| {
+                        update(&mut |c| c.left = total - done);
+                    })
                     .and_then(|()| Ok(store.sync()?));
                 let e = match result {
                     Ok(()) => {
-                        tracing::info!(image = %name, "image complete: every chunk is local");
-                        return;
+                        tracing::info!(image = %thread_name, "image complete: every chunk is local");
+                        break;
                     }
                     Err(e) => e,
                 };
                 missing.retain(|id| !store.contains(id));
-                if started.elapsed() > COMPLETE_RETRY_FOR {
-                    tracing::warn!(image = %name, error = %e, left = missing.len(), "completing image failed; it resumes when the agent restarts");
-                    return;
+                // Removed meanwhile: nothing left to complete.
+                if !matches!(meta.get::<ImageRecord>(Table::Images, &thread_name), Ok(Some(_))) {
+                    tracing::info!(image = %thread_name, "image removed; its completion stops");
+                    break;
                 }
-                tracing::warn!(image = %name, error = %e, left = missing.len(), retry_in = ?pause, "completing image: a fetch failed; trying again");
+                tracing::warn!(image = %thread_name, error = %e, left = missing.len(), retry_in = ?pause, "completing image: a fetch failed; trying again");
+                let why = e.to_string();
+                update(&mut |c| {
+                    c.left = missing.len() as u64;
+                    c.waiting_for = Some(why.clone());
+                    c.retry_at = Some(std::time::Instant::now() + pause);
+                    c.failures += 1;
+                });
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_secs(60));
+                update(&mut |c| c.retry_at = None);
+                pause = (pause * 2).min(COMPLETE_MAX_PAUSE);
             }
+            completing.lock().remove(&thread_name);
         });
         if let Err(e) = spawned {
+            self.completing.lock().remove(&name);
             tracing::warn!(error = %e, "cannot start background completion");
         }
+    }
+
+    /// Background completions under way: image, chunks left, and what
+    /// each waits for (for the metrics).
+    pub fn completions(&self) -> Vec<(String, spore_api::CompletionInfo)> {
+        let now = std::time::Instant::now();
+        self.completing
+            .lock()
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    spore_api::CompletionInfo {
+                        chunks_left: c.left,
+                        waiting_for: c.waiting_for.clone(),
+                        retry_in_s: c
+                            .retry_at
+                            .map(|t| t.saturating_duration_since(now).as_secs_f64()),
+                        failures: c.failures,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// On an image's first use here, records which blocks the boot reads,

@@ -97,6 +97,35 @@ pub fn render(a: &Agent) -> String {
             vec![(String::new(), f.stats.deadlines.load(Relaxed))],
         );
     }
+    let completions = a.images.completions();
+    metric(
+        "spore_image_completion_chunks_left",
+        "gauge",
+        "Chunks an image completing in the background still lacks.",
+        completions
+            .iter()
+            .map(|(name, c)| {
+                (
+                    format!("{{image=\"{}\"}}", escape_label(name)),
+                    c.chunks_left,
+                )
+            })
+            .collect(),
+    );
+    metric(
+        "spore_image_completion_waiting",
+        "gauge",
+        "1 while an image's background completion waits to try again after a failed fetch.",
+        completions
+            .iter()
+            .map(|(name, c)| {
+                (
+                    format!("{{image=\"{}\"}}", escape_label(name)),
+                    u64::from(c.waiting_for.is_some()),
+                )
+            })
+            .collect(),
+    );
     metric(
         "spore_peer_served_chunks_total",
         "counter",

@@ -144,6 +144,27 @@ pub struct ImageInfo {
     /// Disks created from the image.
     pub used_by: Vec<String>,
     pub export: String,
+    /// The image is being completed in the background (every chunk made
+    /// local): how far, and what it waits for after a failed fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completing: Option<CompletionInfo>,
+}
+
+/// Background completion of an image (`image pull --background`,
+/// `--complete-images`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CompletionInfo {
+    /// Chunks not local yet.
+    pub chunks_left: u64,
+    /// Why the last round stopped short (a source's error), while it
+    /// waits to try again.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+    /// Seconds until the next try, while waiting.
+    #[serde(default)]
+    pub retry_in_s: Option<f64>,
+    /// Failed rounds so far.
+    pub failures: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ pub mod fsck;
 pub mod migrate;
 pub mod procs;
 pub mod restart;
+pub mod slow_peers;
 pub mod storm;
 pub mod tls;
 pub mod tls_stream;

@@ -435,6 +435,9 @@ pub enum BenchCmd {
     /// Guest-visible I/O stall per agent restart (SIGTERM, SIGKILL), with and
     /// without the socket holder
     Restart(spore_bench::restart::Options),
+    /// 4 KiB read latency of a storm of cold hosts with a wedged and a slow
+    /// peer before the origin, against the same storm with healthy peers
+    SlowPeers(spore_bench::slow_peers::Options),
 }
 
 fn abs(path: &Path) -> Result<PathBuf> {
@@ -526,6 +529,10 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Command::Bench(BenchCmd::Restart(opts)) => {
             spore_bench::restart::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCmd::SlowPeers(opts)) => {
+            spore_bench::slow_peers::run(&opts)?;
             Ok(ExitCode::SUCCESS)
         }
         other => {
@@ -813,6 +820,22 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
             );
             println!("block map  {} in memory", human(i.map_bytes));
             println!("local      {} of {} chunks ({}); the rest comes from peers or the origin when read", i.local_chunks, i.chunks, human(i.local_bytes));
+            if let Some(c) = &i.completing {
+                match (&c.waiting_for, c.retry_in_s) {
+                    (Some(why), Some(s)) => println!(
+                        "completing {} chunks left; waiting {s:.0} s to try again after: {why}",
+                        c.chunks_left
+                    ),
+                    (Some(why), None) => println!(
+                        "completing {} chunks left; trying again after: {why}",
+                        c.chunks_left
+                    ),
+                    _ => println!(
+                        "completing {} chunks left, in the background",
+                        c.chunks_left
+                    ),
+                }
+            }
             if let (Some(p), Some(b)) = (i.profile_blocks, i.profile_bytes) {
                 println!(
                     "profile    boot reads {p} chunks ({}); cold hosts prefetch them in that order",

@@ -692,3 +692,48 @@ fn a_wedged_peer_costs_reads_a_hedge_not_a_timeout() {
     assert!(metrics.contains("spore_fetch_hedged_total"), "{metrics}");
     drop(origin);
 }
+
+/// The origin goes away while an image completes in the background: the
+/// completion says what it waits for (`image inspect`, metrics), keeps
+/// trying, and finishes once the origin is back; the image then reads
+/// back whole.
+#[test]
+fn background_completion_waits_out_an_origin_outage_and_says_so() {
+    let (mut origin, origin_port) = start_origin();
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 24 * MIB, 24);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let host = TestAgent::start_with(&["--origin", &url(origin_port)]);
+    host.ok(&["disk", "create", "d", "--image", "img"]);
+
+    let status = origin.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "origin exited with {status}");
+    origin.agent = None;
+    host.ok(&["image", "pull", "img", "--background"]);
+    let info = wait_inspect(&host, "img", "completion says what it waits for", |i| {
+        i["completing"]["waiting_for"].is_string()
+    });
+    assert!(
+        info["completing"]["chunks_left"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    let text = host.ok(&["image", "inspect", "img"]);
+    assert!(text.contains("completing"), "{text}");
+    let metrics = sh(Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(host.data_dir().join("api.sock"))
+        .arg("http://agent/metrics"));
+    assert!(
+        metrics.contains("spore_image_completion_waiting{image=\"img\"} 1"),
+        "{metrics}"
+    );
+
+    origin.restart_stopped();
+    let info = wait_inspect(&host, "img", "completion finished after the outage", |i| {
+        i["local_chunks"] == i["chunks"] && i["completing"].is_null()
+    });
+    assert!(info["chunks"].as_u64().unwrap() > 0);
+    let expect = std::fs::read(&src).unwrap();
+    drop(origin);
+    assert_eq!(nbd_copy(&host, "disk/d"), expect);
+}

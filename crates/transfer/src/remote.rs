@@ -197,7 +197,7 @@ impl Remote {
         let h = self.health.lock();
         let after = match h.latency {
             Some(l) => l + h.jitter * 4,
-            None => UNMEASURED * 4,
+            None => Duration::from_millis(250),
         };
         after.clamp(Duration::from_millis(150), Duration::from_secs(1))
     }
