@@ -77,6 +77,9 @@ pub struct AgentConfig {
     pub complete_images: bool,
     /// How long after an image's first use its boot profile is recorded.
     pub profile_seconds: u64,
+    /// How long a name found at the origin is used before a new disk or
+    /// VM made from it looks it up again (seconds).
+    pub name_max_age: u64,
     /// Re-export: answer peers' requests for names and chunks this host
     /// lacks by fetching them from its own sources first (a VirtMan-style
     /// hierarchy: hosts name a relay as their origin).
@@ -125,6 +128,7 @@ impl AgentConfig {
             origin_store: None,
             complete_images: false,
             profile_seconds: 60,
+            name_max_age: 300,
             relay: false,
             ram_dir: None,
             huge_pages: false,
@@ -404,6 +408,7 @@ impl Agent {
                 links: links.clone(),
                 complete_images: config.complete_images,
                 profile_seconds: config.profile_seconds,
+                name_max_age: std::time::Duration::from_secs(config.name_max_age),
                 pushes_dir: dir.join("pushing"),
             },
         ));
@@ -486,6 +491,7 @@ impl Agent {
         });
         agent.recover(previous_exit_clean)?;
         agent.vms.watch_io_errors();
+        agent.images.watch_names();
         Ok(agent)
     }
 

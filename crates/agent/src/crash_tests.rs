@@ -101,6 +101,8 @@ fn import(store: &ChunkStore, meta: &Meta, name: &str, data: &[u8]) -> Result<()
         created: 0,
         complete: false,
         profile: None,
+        resolved_at: None,
+        newer: None,
     };
     meta.put(Table::Images, name, &rec)
         .map_err(|e| e.to_string())

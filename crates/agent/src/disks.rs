@@ -243,6 +243,8 @@ impl Disks {
                 created: now(),
                 complete: false,
                 profile: None,
+                resolved_at: None,
+                newer: None,
             },
             None => self.images.resolve_image(image)?,
         };
@@ -328,6 +330,8 @@ impl Disks {
             created: now(),
             complete: false,
             profile: None,
+            resolved_at: None,
+            newer: None,
         };
         if !self.meta.insert_new(Table::Images, new_image, &rec)? {
             return Err(AgentError::Exists {

@@ -73,6 +73,9 @@ pub struct Images {
     profile_seconds: u64,
     /// How other hosts are reached.
     links: spore_transfer::Links,
+    /// How long a name found at the origin is used before it is looked up
+    /// again.
+    name_max_age: Duration,
     /// One mark per push in flight (see [`Images::push_image`]).
     pushes_dir: PathBuf,
     /// Background completions running.
@@ -87,6 +90,9 @@ pub struct ImagesConfig {
     pub links: spore_transfer::Links,
     pub complete_images: bool,
     pub profile_seconds: u64,
+    /// How long a name found at the origin is used before it is looked up
+    /// again (`--name-max-age`).
+    pub name_max_age: Duration,
     /// Where pushes in flight are marked (`DATA_DIR/pushing`).
     pub pushes_dir: PathBuf,
 }
@@ -110,6 +116,7 @@ impl Images {
             complete_images: config.complete_images,
             profile_seconds: config.profile_seconds,
             links: config.links,
+            name_max_age: config.name_max_age,
             pushes_dir: config.pushes_dir,
             completing: Completions::default(),
         }
@@ -172,37 +179,28 @@ impl Images {
 
     /// The image called `name`: known here, or else looked up at the
     /// origin, whose manifest and layers are fetched (data chunks come later,
-    /// when they are read) and the name recorded here.
+    /// when they are read) and the name recorded here. A name found at the
+    /// origin longer than `--name-max-age` ago is looked up again first
+    /// (see [`Images::refresh_name`]).
     pub fn resolve_image(&self, name: &str) -> Result<ImageRecord> {
-        if let Some(rec) = self.meta.get(Table::Images, name)? {
+        if let Some(rec) = self.meta.get::<ImageRecord>(Table::Images, name)? {
+            let stale = rec
+                .resolved_at
+                .is_some_and(|t| now().saturating_sub(t) >= self.name_max_age.as_secs());
+            if stale {
+                return self.refresh_name(name, rec);
+            }
             return Ok(rec);
         }
-        let (Some(origin), Some(fetcher)) = (&self.origin, &self.fetcher) else {
+        let (Some(origin), Some(_)) = (&self.origin, &self.fetcher) else {
             return Err(AgentError::NotFound {
                 kind: "image",
                 name: name.into(),
             });
         };
         check_name("image", name)?;
-        let remote =
-            spore_transfer::Remote::new(origin, crate::records::REMOTE_TIMEOUT, &self.links)
-                .map_err(|e| AgentError::Invalid(e.to_string()))?;
-        // An origin that a storm of hosts asks at once may not accept in
-        // time (or its answer is lost on a saturated link): ask again
-        // before failing the VM or disk that needs the name.
-        let mut looked_up = remote.resolve_image(name);
-        for pause in [Duration::from_millis(200), Duration::from_secs(1)] {
-            let Err(e) = &looked_up else { break };
-            tracing::info!(image = name, error = %e, "looking up the image at the origin failed; asking again");
-            std::thread::sleep(pause);
-            remote.forget_failure();
-            looked_up = remote.resolve_image(name);
-        }
-        let spore_transfer::Resolved {
-            manifest,
-            profile,
-            popular,
-        } = looked_up
+        let resolved = self
+            .lookup_at_origin(name, true)
             .map_err(|e| {
                 AgentError::State(format!("looking up image {name:?} at the origin: {e}"))
             })?
@@ -210,6 +208,90 @@ impl Images {
                 kind: "image (here or at the origin)",
                 name: name.into(),
             })?;
+        let rec = self.adopt(name, resolved, None)?;
+        tracing::info!(image = name, manifest = %rec.manifest, origin, "image found at the origin");
+        Ok(rec)
+    }
+
+    /// Looks `name` up at the origin again: a different manifest there is
+    /// fetched (manifest, layers, profile) and bound to the name here, for
+    /// new disks and VMs; disks and VMs made before keep the manifest they
+    /// were made from. When the origin cannot be asked, or no longer has
+    /// the name, the version known here is kept (with a warning).
+    pub fn refresh_name(&self, name: &str, rec: ImageRecord) -> Result<ImageRecord> {
+        let looked_up = self.lookup_at_origin(name, true);
+        let resolved = match looked_up {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tracing::warn!(
+                    image = name,
+                    "the origin no longer has this name; keeping the version known here"
+                );
+                return Ok(rec);
+            }
+            Err(e) => {
+                tracing::warn!(image = name, error = %e, "cannot look the name up at the origin; keeping the version known here");
+                return Ok(rec);
+            }
+        };
+        if resolved.manifest == rec.manifest {
+            let mut rec = rec;
+            rec.resolved_at = Some(now());
+            rec.newer = None;
+            self.meta.put(Table::Images, name, &rec)?;
+            return Ok(rec);
+        }
+        let old = rec.manifest;
+        let rec = self.adopt(name, resolved, Some(rec))?;
+        tracing::info!(image = name, from = %old, to = %rec.manifest, "the origin binds the name to a new version; new disks and VMs use it");
+        Ok(rec)
+    }
+
+    /// What the origin binds `name` to (None: nothing), asked a few times
+    /// before giving up; `popular`: with the chunks most asked for.
+    fn lookup_at_origin(
+        &self,
+        name: &str,
+        popular: bool,
+    ) -> std::result::Result<Option<spore_transfer::Resolved>, String> {
+        let Some(origin) = &self.origin else {
+            return Err("no origin is configured".into());
+        };
+        let remote =
+            spore_transfer::Remote::new(origin, crate::records::REMOTE_TIMEOUT, &self.links)
+                .map_err(|e| e.to_string())?;
+        // An origin that a storm of hosts asks at once may not accept in
+        // time (or its answer is lost on a saturated link): ask again
+        // before failing the VM or disk that needs the name.
+        let mut looked_up = remote.resolve_image_with(name, popular);
+        for pause in [Duration::from_millis(200), Duration::from_secs(1)] {
+            let Err(e) = &looked_up else { break };
+            tracing::info!(image = name, error = %e, "looking up the image at the origin failed; asking again");
+            std::thread::sleep(pause);
+            remote.forget_failure();
+            looked_up = remote.resolve_image_with(name, popular);
+        }
+        looked_up.map_err(|e| e.to_string())
+    }
+
+    /// Fetches what the origin resolved `name` to (manifest and layers; the
+    /// profile when it can be had), records the name here (replacing
+    /// `replacing`, or new), binds its export and starts the prefetch.
+    fn adopt(
+        &self,
+        name: &str,
+        resolved: spore_transfer::Resolved,
+        replacing: Option<ImageRecord>,
+    ) -> Result<ImageRecord> {
+        let fetcher = self
+            .fetcher
+            .as_ref()
+            .ok_or_else(|| AgentError::State("no origin or peers are configured".into()))?;
+        let spore_transfer::Resolved {
+            manifest,
+            profile,
+            popular,
+        } = resolved;
         let fetch = |ids: &[spore_chunks::ChunkId]| {
             fetcher
                 .fetch(&self.store, ids)
@@ -235,11 +317,20 @@ impl Images {
         let rec = ImageRecord {
             manifest,
             created: now(),
-            complete: self.complete_images,
+            complete: replacing
+                .as_ref()
+                .map_or(self.complete_images, |r| r.complete),
             profile,
+            resolved_at: Some(now()),
+            newer: None,
         };
-        if !self.meta.insert_new(Table::Images, name, &rec)? {
-            return self.image_record(name);
+        match &replacing {
+            None => {
+                if !self.meta.insert_new(Table::Images, name, &rec)? {
+                    return self.image_record(name);
+                }
+            }
+            Some(_) => self.meta.put(Table::Images, name, &rec)?,
         }
         self.exports.bind_image(name, manifest);
         drop(pin);
@@ -267,8 +358,57 @@ impl Images {
         if !ordered.is_empty() {
             self.complete_in_background(name, &ordered);
         }
-        tracing::info!(image = name, %manifest, origin, "image found at the origin");
         Ok(rec)
+    }
+
+    /// Checks every name found at the origin, every `--name-max-age`, for
+    /// a newer version there (recorded as `newer`, shown by `image ls`;
+    /// taken by `image pull` or the next disk or VM made from the name).
+    /// Runs for the agent's life.
+    pub fn watch_names(self: &Arc<Self>) {
+        if self.origin.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.name_max_age.max(Duration::from_secs(10));
+        let spawned = std::thread::Builder::new()
+            .name("names".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(images) = weak.upgrade() else { return };
+                images.check_names();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the name check");
+        }
+    }
+
+    fn check_names(&self) {
+        let Ok(records) = self.meta.list::<ImageRecord>(Table::Images) else {
+            return;
+        };
+        for (name, rec) in records.into_iter().filter(|(_, r)| r.resolved_at.is_some()) {
+            let newer = match self.lookup_at_origin(&name, false) {
+                Ok(Some(r)) if r.manifest != rec.manifest => Some(r.manifest),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(image = %name, error = %e, "name check failed");
+                    continue;
+                }
+            };
+            if newer != rec.newer {
+                // Written only if the record is still the one looked at.
+                if let Ok(Some(mut now_rec)) = self.meta.get::<ImageRecord>(Table::Images, &name) {
+                    if now_rec.manifest == rec.manifest {
+                        now_rec.newer = newer;
+                        let _ = self.meta.put(Table::Images, &name, &now_rec);
+                    }
+                }
+                if let Some(m) = newer {
+                    tracing::info!(image = %name, newer = %m, "the origin has a newer version of this image (`spore image pull` takes it)");
+                }
+            }
+        }
     }
 
     /// The blocks a profile lists, in first-read order.
@@ -303,7 +443,11 @@ impl Images {
         background: bool,
         progress: Progress<'_>,
     ) -> Result<PullResult> {
-        let mut rec = self.resolve_image(name)?;
+        // A pull takes the version the origin binds the name to now.
+        let mut rec = match self.meta.get::<ImageRecord>(Table::Images, name)? {
+            Some(rec) if rec.resolved_at.is_some() => self.refresh_name(name, rec)?,
+            _ => self.resolve_image(name)?,
+        };
         let dev = self.exports.open_image(&rec.manifest)?;
         let chunks = dev.image().flat.chunks();
         let missing: Vec<ChunkId> = chunks
@@ -462,6 +606,7 @@ impl Images {
             layers: m.layers.len(),
             created: rec.created,
             source: m.source,
+            newer_at_origin: rec.newer.map(|m| m.to_hex()),
         })
     }
 
@@ -521,6 +666,8 @@ impl Images {
             created: now(),
             complete: false,
             profile: None,
+            resolved_at: None,
+            newer: None,
         };
         if !self.meta.insert_new(Table::Images, &req.name, &rec)? {
             return Err(AgentError::Exists {

@@ -255,12 +255,33 @@ async fn own_record(a: &Arc<Agent>, name: &str) -> Result<Option<ImageRecord>> {
     off_thread(move || Ok(a.meta.get::<ImageRecord>(Table::Images, &name)?)).await
 }
 
-async fn resolve(State(a): S, Name(name): Name) -> Response {
+#[derive(serde::Deserialize)]
+struct ResolveQuery {
+    /// 0: leave the popular chunks out (a check for a newer version).
+    #[serde(default = "one")]
+    popular: u8,
+}
+
+fn one() -> u8 {
+    1
+}
+
+async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -> Response {
     respond(
         async {
-            let mut found = own_record(&a, &name)
-                .await?
-                .map(|r| (r.manifest, r.profile));
+            // A relay's own record of a name it found upstream is looked
+            // up there again once it is older than --name-max-age, so a
+            // new version reaches the hosts below it.
+            let own = own_record(&a, &name).await?;
+            let own = match own {
+                Some(r) if a.config.relay && r.resolved_at.is_some() => {
+                    let a = a.clone();
+                    let name = name.clone();
+                    Some(off_thread(move || a.images.resolve_image(&name)).await?)
+                }
+                other => other,
+            };
+            let mut found = own.map(|r| (r.manifest, r.profile));
             if let (None, Some(store)) = (found, &a.origin_store) {
                 found = store
                     .get_image(&name)
@@ -287,12 +308,15 @@ async fn resolve(State(a): S, Name(name): Name) -> Response {
             }
             // The chunks peers demanded most here (of any image: the asker
             // keeps those of this one).
-            let popular: Vec<String> = a
-                .popularity
-                .top(spore_transfer::MAX_POPULAR)
-                .iter()
-                .map(ChunkId::to_hex)
-                .collect();
+            let popular: Vec<String> = if q.popular == 0 {
+                Vec::new()
+            } else {
+                a.popularity
+                    .top(spore_transfer::MAX_POPULAR)
+                    .iter()
+                    .map(ChunkId::to_hex)
+                    .collect()
+            };
             if !popular.is_empty() {
                 body["popular"] = popular.into();
             }

@@ -19,6 +19,15 @@ pub struct ImageRecord {
     /// or received with the image.
     #[serde(default)]
     pub profile: Option<ChunkId>,
+    /// When the name was last looked up at the origin (unix seconds), for
+    /// a name found there; None for images made here. A new disk or VM
+    /// made from a name older than `--name-max-age` looks it up again.
+    #[serde(default)]
+    pub resolved_at: Option<u64>,
+    /// A different manifest the origin binds the name to now, seen by the
+    /// background check and not taken yet (`image pull` takes it).
+    #[serde(default)]
+    pub newer: Option<ChunkId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -100,6 +100,10 @@ pub struct ImageSummary {
     pub layers: usize,
     pub created: u64,
     pub source: String,
+    /// The manifest the origin binds the name to now, when that differs
+    /// from this one (`image pull` takes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newer_at_origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -140,6 +140,11 @@ pub struct AgentArgs {
     /// Seconds after an image's first use during which its boot profile is recorded
     #[arg(long, default_value_t = 60)]
     profile_seconds: u64,
+    /// Seconds a name found at the origin is used before a new disk or VM
+    /// made from it looks it up again (a new version there is taken then;
+    /// `image pull` always looks it up; running VMs keep their version)
+    #[arg(long, default_value_t = 300)]
+    name_max_age: u64,
     /// Serve peers' requests for images and chunks this host lacks by fetching them upstream first
     #[arg(long)]
     relay: bool,
@@ -459,6 +464,7 @@ pub fn run(cli: Cli, data_dir: PathBuf) -> Result<ExitCode> {
             config.origin_store = a.origin_store;
             config.complete_images = a.complete_images;
             config.profile_seconds = a.profile_seconds;
+            config.name_max_age = a.name_max_age;
             config.relay = a.relay;
             config.ram_dir = a.ram_dir.as_deref().map(abs).transpose()?;
             config.huge_pages = a.huge_pages;
@@ -780,7 +786,15 @@ async fn image_command(cmd: ImageCmd, c: &Client) -> Result<()> {
                             human(i.virtual_size),
                             human(i.block_size as u64),
                             i.layers.to_string(),
-                            i.manifest[..12].to_owned(),
+                            match &i.newer_at_origin {
+                                // `image pull NAME` takes the newer one.
+                                Some(n) => format!(
+                                    "{} (origin: {}, newer)",
+                                    &i.manifest[..12],
+                                    &n[..12.min(n.len())]
+                                ),
+                                None => i.manifest[..12].to_owned(),
+                            },
                             i.source,
                         ]
                     })

@@ -737,3 +737,56 @@ fn background_completion_waits_out_an_origin_outage_and_says_so() {
     drop(origin);
     assert_eq!(nbd_copy(&host, "disk/d"), expect);
 }
+
+/// A name rebound at the origin reaches a host that knew the old version:
+/// the background check shows it in `image ls`, a disk made from the name
+/// after `--name-max-age` gets the new version, and a disk made before
+/// keeps the version it was made from.
+#[test]
+fn a_name_rebound_at_the_origin_reaches_hosts_that_knew_the_old_one() {
+    let (origin, origin_port) = start_origin();
+    let builder = TestAgent::start();
+    let (v1, v2) = (builder.path("v1.raw"), builder.path("v2.raw"));
+    sparse_random_file(&v1, 4 * MIB, 31);
+    sparse_random_file(&v2, 4 * MIB, 32);
+    builder.ok(&["image", "import", v1.to_str().unwrap(), "--name", "img"]);
+    builder.ok(&["image", "push", "img", "--to", &url(origin_port)]);
+
+    let host = TestAgent::start_with(&["--origin", &url(origin_port), "--name-max-age", "2"]);
+    host.ok(&["disk", "create", "old", "--image", "img"]);
+    let first = host.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
+
+    builder.ok(&["image", "rm", "img"]);
+    builder.ok(&["image", "import", v2.to_str().unwrap(), "--name", "img"]);
+    builder.ok(&["image", "push", "img", "--to", &url(origin_port), "--force"]);
+    let second = builder.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
+    assert_ne!(first, second);
+
+    // The background check (every --name-max-age, at least 10 s) sees it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let list = host.json(&["image", "ls", "--json"]);
+        if list[0]["newer_at_origin"] == second {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image ls never showed the newer version: {list}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let text = host.ok(&["image", "ls"]);
+    assert!(text.contains("newer"), "{text}");
+
+    // A new disk takes the new version; the old disk keeps its own.
+    host.ok(&["disk", "create", "new", "--image", "img"]);
+    assert_eq!(
+        host.json(&["image", "inspect", "img", "--json"])["manifest"],
+        second
+    );
+    assert_eq!(nbd_copy(&host, "disk/new"), std::fs::read(&v2).unwrap());
+    assert_eq!(nbd_copy(&host, "disk/old"), std::fs::read(&v1).unwrap());
+    let list = host.json(&["image", "ls", "--json"]);
+    assert!(list[0]["newer_at_origin"].is_null(), "{list}");
+    drop(origin);
+}

@@ -369,10 +369,21 @@ impl Remote {
     /// What the remote binds to an image name, if anything: the manifest
     /// id and the image's boot profile, when it has one.
     pub fn resolve_image(&self, name: &str) -> Result<Option<Resolved>, RemoteError> {
+        self.resolve_image_with(name, true)
+    }
+
+    /// [`Remote::resolve_image`]; without `popular`, the remote leaves the
+    /// popular chunks out (a check for a newer version).
+    pub fn resolve_image_with(
+        &self,
+        name: &str,
+        popular: bool,
+    ) -> Result<Option<Resolved>, RemoteError> {
         self.check_up()?;
+        let query = if popular { "" } else { "?popular=0" };
         let resp = match self
             .agent
-            .get(&format!("{}/v1/images/{name}", self.url))
+            .get(&format!("{}/v1/images/{name}{query}", self.url))
             .call()
         {
             Ok(r) => r,

@@ -408,6 +408,8 @@ impl Templates {
             created: now(),
             complete: false,
             profile: None,
+            resolved_at: None,
+            newer: None,
         };
         if !self.meta.insert_new(Table::Images, image, &rec)? {
             return Err(AgentError::Exists {
