@@ -271,16 +271,27 @@ impl OriginStore {
         Ok(raw)
     }
 
-    /// [`OriginStore::get_raw`] for each of `ids`, in order, a few at a time.
+    /// [`OriginStore::get_raw`] for each of `ids`, in order, a few at a
+    /// time. A chunk the store fails to give (an error, not an absence)
+    /// is answered as missing, with a warning: one bad read fails that
+    /// chunk only, and the asker tries its next source for it.
     pub async fn get_raws(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>> {
         // Ids by value: a closure over borrowed items would make the future
         // unusable in a Send context (a higher-ranked lifetime rustc cannot
         // prove Send for).
-        stream::iter(ids.iter().copied())
-            .map(|id| async move { self.get_raw(&id).await })
+        Ok(stream::iter(ids.iter().copied())
+            .map(|id| async move {
+                match self.get_raw(&id).await {
+                    Ok(raw) => raw,
+                    Err(e) => {
+                        tracing::warn!(chunk = %id, error = %e, "origin store read failed; answered as missing");
+                        None
+                    }
+                }
+            })
             .buffered(CONCURRENCY)
-            .try_collect()
-            .await
+            .collect()
+            .await)
     }
 
     /// Which of `ids` the store lacks, in their order (one HEAD each, a few

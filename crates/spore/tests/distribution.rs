@@ -645,6 +645,32 @@ fn a_truncated_chunk_is_fetched_again_by_a_pull() {
     assert_eq!(nbd_copy(&host, "image/img"), std::fs::read(&src).unwrap());
 }
 
+/// A fake peer that accepts connections and holds them open without a
+/// byte (not even the TLS handshake): its port and how many connections
+/// it has taken.
+fn wedged_peer() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let wedged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = wedged.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in wedged.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c); // open, silent
+        }
+    });
+    (port, accepted)
+}
+
+/// The agent's metrics (Prometheus text).
+fn metrics(t: &TestAgent) -> String {
+    sh(Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(t.data_dir().join("api.sock"))
+        .arg("http://agent/metrics"))
+}
+
 /// A peer that accepts connections and never answers (not even the TLS
 /// handshake) sits before a healthy origin: reads spaced out over a
 /// quarter of a minute each cost a hedge at most, never the 10 s request
@@ -655,17 +681,7 @@ fn a_wedged_peer_costs_reads_a_hedge_not_a_timeout() {
     let src = origin.path("img.raw");
     sparse_random_file(&src, 16 * MIB, 23);
     origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
-    let wedged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let wedged_port = wedged.local_addr().unwrap().port();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in wedged.incoming().flatten() {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(c); // open, silent
-        }
-    });
+    let (wedged_port, accepted) = wedged_peer();
     let host = TestAgent::start_with(&["--peer", &url(wedged_port), "--origin", &url(origin_port)]);
     host.ok(&["disk", "create", "d", "--image", "img"]);
     let mut slowest = std::time::Duration::ZERO;
@@ -719,10 +735,7 @@ fn background_completion_waits_out_an_origin_outage_and_says_so() {
     );
     let text = host.ok(&["image", "inspect", "img"]);
     assert!(text.contains("completing"), "{text}");
-    let metrics = sh(Command::new("curl")
-        .args(["-s", "--unix-socket"])
-        .arg(host.data_dir().join("api.sock"))
-        .arg("http://agent/metrics"));
+    let metrics = metrics(&host);
     assert!(
         metrics.contains("spore_image_completion_waiting{image=\"img\"} 1"),
         "{metrics}"
@@ -788,5 +801,73 @@ fn a_name_rebound_at_the_origin_reaches_hosts_that_knew_the_old_one() {
     assert_eq!(nbd_copy(&host, "disk/old"), std::fs::read(&v1).unwrap());
     let list = host.json(&["image", "ls", "--json"]);
     assert!(list[0]["newer_at_origin"].is_null(), "{list}");
+    drop(origin);
+}
+
+/// A relay whose own upstream peer is wedged still serves its leaf: the
+/// relay hedges to the origin and answers in time, the leaf's reads never
+/// wait out a timeout, and the leaf never counts the relay as failed (the
+/// subtree stays on its relay instead of moving onto the origin).
+#[test]
+fn a_relay_whose_upstream_is_wedged_still_serves_its_leaf_in_time() {
+    let (origin, origin_port) = start_origin();
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 16 * MIB, 25);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let (wedged_port, _) = wedged_peer();
+    let (relay, relay_port) = TestAgent::start_listening(&[
+        "--relay",
+        "--peer",
+        &url(wedged_port),
+        "--origin",
+        &url(origin_port),
+    ]);
+    let leaf = TestAgent::start_with(&["--peer", &url(relay_port), "--origin", &url(origin_port)]);
+    let started = std::time::Instant::now();
+    leaf.ok(&["disk", "create", "d", "--image", "img"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "disk create took {:?}",
+        started.elapsed()
+    );
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..8u64 {
+        let started = std::time::Instant::now();
+        sh(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("read {}M 4096", i * 2 + 1)])
+            .arg(leaf.uri("disk/d")));
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < std::time::Duration::from_secs(4),
+        "a leaf read took {slowest:?} through a relay with a wedged upstream"
+    );
+    let m = metrics(&leaf);
+    let relay_failures = m
+        .lines()
+        .find(|l| {
+            l.starts_with("spore_fetch_failures_total") && l.contains(&relay_port.to_string())
+        })
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        relay_failures.ends_with(" 0"),
+        "the leaf blamed the relay: {relay_failures}"
+    );
+    let relay_chunks = m
+        .lines()
+        .find(|l| l.starts_with("spore_fetch_chunks_total") && l.contains(&relay_port.to_string()))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        relay_chunks > 0,
+        "the leaf's chunks did not come through its relay: {m}"
+    );
+    assert_eq!(
+        nbd_copy(&leaf, "disk/d"),
+        std::fs::read(&src).unwrap(),
+        "the leaf reads the image whole"
+    );
+    drop(relay);
     drop(origin);
 }

@@ -134,6 +134,10 @@ const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(200), Duration::from_
 /// the read fails (and QEMU pauses the VM until the agent resumes it).
 pub const DEMAND_DEADLINE: Duration = Duration::from_secs(5);
 
+/// A source is slow (asked after those that are not) only past this
+/// expected latency, and four times the best source's.
+const SLOW: Duration = Duration::from_millis(500);
+
 /// How long one background batch may take.
 const BACKGROUND_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -499,13 +503,17 @@ impl Fetcher {
     /// The remotes to ask, best first: healthy before those on probation
     /// (failed, not answered since), and among those, sources that answer
     /// as usual in the configured order (peers before the origin, which
-    /// keeps the re-export tree's load where it was put) before slow ones
-    /// (a source whose expected latency, counting how long its oldest
-    /// request has waited, is over four times the best one's). Then, as a
-    /// last resort, the sources backed off after a failure (all of them
-    /// count as available when `again`), so that a chunk no other source
-    /// has is still asked for. Sources on probation are probed in the
-    /// background. Returns the order and how many of it are available.
+    /// keeps the re-export tree's load where it was put) before slow ones.
+    /// Slow: an expected latency (the smoothed one for what readers wait
+    /// for, or how long the oldest such request has waited, if longer)
+    /// over four times the best source's and over [`SLOW`], so a relay a
+    /// little slower than the origin (it fetches upstream first) keeps its
+    /// subtree, while a source that stopped answering or takes a second
+    /// per answer is passed over. Then, as a last resort, the sources
+    /// backed off after a failure (all of them count as available when
+    /// `again`), so that a chunk no other source has is still asked for.
+    /// Sources on probation are probed in the background. Returns the
+    /// order and how many of it are available.
     fn order(&self, again: bool) -> (Vec<usize>, usize) {
         let standing: Vec<Option<Standing>> = self
             .remotes
@@ -537,7 +545,7 @@ impl Fetcher {
             .map(|s| s.latency)
             .min()
             .unwrap_or_default();
-        let slow = (best * 4).max(Duration::from_millis(50));
+        let slow = (best * 4).max(SLOW);
         let mut order: Vec<usize> = (0..self.remotes.len()).collect();
         order.sort_by_key(|i| match standing[*i] {
             Some(s) => (false, s.probation, s.latency > slow, *i),

@@ -234,8 +234,13 @@ impl Remote {
         Ticket { remote: self, id }
     }
 
-    fn answered(&self, took: Duration) {
+    /// The remote answered (in `took`, for a demand request): its failures
+    /// are forgiven and its latency learnt.
+    fn answered(&self, took: Option<Duration>) {
         let mut h = self.health.lock();
+        h.failures_in_row = 0;
+        h.probation = false;
+        let Some(took) = took else { return };
         match h.latency {
             None => {
                 h.latency = Some(took);
@@ -247,8 +252,6 @@ impl Remote {
                 h.latency = Some((l * 7 + took) / 8);
             }
         }
-        h.failures_in_row = 0;
-        h.probation = false;
     }
 
     pub fn url(&self) -> &str {
@@ -347,7 +350,10 @@ impl Remote {
             Class::Background => "",
         };
         let budget = budget.min(self.timeout).max(Duration::from_millis(1));
-        let _ticket = self.ticket();
+        // Only what a reader waits for counts towards the latency to
+        // expect: a background batch through a relay legitimately takes
+        // as long as the relay's own fetch of it upstream.
+        let _ticket = (class == Class::Demand).then(|| self.ticket());
         let started = Instant::now();
         let resp = self
             .agent
@@ -362,7 +368,7 @@ impl Remote {
         while let Some((id, raw)) = reader.next_record().map_err(|e| self.malformed(e))? {
             record(id, raw);
         }
-        self.answered(took);
+        self.answered((class == Class::Demand).then_some(took));
         Ok(())
     }
 
