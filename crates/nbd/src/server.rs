@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// connection's own thread runs each request before reading the next
     /// (no concurrency, but deterministic: the fuzz targets use it).
     pub workers_per_connection: usize,
+    /// Workers a connection may grow to when every worker is busy (a read
+    /// that waits on the network must not hold up the requests behind it
+    /// that the export can answer at once). QEMU's NBD client has at most
+    /// 16 requests in flight.
+    pub max_workers_per_connection: usize,
     /// READ/WRITE payload bytes one connection may have in flight; the
     /// reader stops reading requests beyond that.
     pub max_inflight_bytes: usize,
@@ -58,6 +63,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers_per_connection: 4,
+            max_workers_per_connection: 16,
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Some(Duration::from_secs(30)),
             max_connections: 256,

@@ -119,21 +119,44 @@ pub(crate) fn run<T: Transport + ?Sized, R: BufRead>(
     };
     debug!(export = %negotiated.name, workers, "transmission");
     let (tx, rx) = crossbeam_channel::bounded::<Job>(workers.max(1) * 4);
+    let most = config.max_workers_per_connection.max(workers);
+    let started = std::sync::atomic::AtomicUsize::new(0);
     thread::scope(|s| {
-        for i in 0..workers {
+        let conn = &conn;
+        let spawn = |rx: &Receiver<Job>| {
             let rx = rx.clone();
-            let conn = &conn;
+            let i = started.load(Ordering::Relaxed);
             let spawned = thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
                 .spawn_scoped(s, move || conn.work(rx));
-            if let Err(e) = spawned {
+            match spawned {
+                Ok(_) => {
+                    started.fetch_add(1, Ordering::Relaxed);
+                }
                 // The reader below still has the workers that did start, or
                 // runs the jobs itself if none did.
-                warn!(error = %e, "could not start an NBD worker thread");
+                Err(e) => warn!(error = %e, "could not start an NBD worker thread"),
             }
+        };
+        for _ in 0..workers {
+            spawn(&rx);
         }
-        drop(rx);
-        let end = conn.read_requests(reader, &tx);
+        // Kept for growing only while there are workers: with none, the
+        // channel must refuse jobs, so that the reader runs them itself.
+        let rx = (started.load(Ordering::Relaxed) > 0).then_some(rx);
+        // One more worker whenever every one is busy, up to `most`: a
+        // request that waits on the network (a chunk fetched from a peer,
+        // for up to the read deadline) never holds up one behind it.
+        let grow = || {
+            let n = started.load(Ordering::Relaxed);
+            if let Some(rx) = &rx {
+                if n < most && conn.busy.load(Ordering::Acquire) > n {
+                    debug!(workers = n + 1, "every NBD worker is busy; one more");
+                    spawn(rx);
+                }
+            }
+        };
+        let end = conn.read_requests(reader, &tx, &grow);
         if end.is_err() {
             // A broken or vanished client: a hard disconnect, so that workers
             // blocked sending to a client that no longer reads give up.
@@ -150,6 +173,7 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
         &self,
         reader: &mut R,
         jobs: &Sender<Job>,
+        grow: &dyn Fn(),
     ) -> Result<SessionEnd, ConnectionError> {
         let mut header = [0u8; proto::REQUEST_HEADER_LEN];
         // For requests the reader runs itself (no workers).
@@ -213,6 +237,7 @@ impl<T: Transport + ?Sized> Conn<'_, T> {
                 continue;
             }
             self.busy.fetch_add(1, Ordering::AcqRel);
+            grow();
             // Fails only if there are no workers (none configured, or none
             // could be started): then the reader runs the request itself.
             if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {

@@ -490,6 +490,35 @@ fn pipelined_requests_complete_out_of_order() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
+/// More reads waiting (on the network, say) than the connection has
+/// workers: a read the export can answer at once is not held up behind
+/// them, the connection grows a worker for it.
+#[test]
+fn slow_reads_beyond_the_workers_do_not_hold_up_a_quick_one() {
+    let (f, disk) = fixture();
+    disk.set_slow_read(0, Duration::from_secs(2));
+    let mut c = RawClient::open(&f.socket, "disk", false);
+    let start = Instant::now();
+    for h in 0..6 {
+        c.request(0, CMD_READ, 100 + h, 0, 512); // each waits 2 s
+    }
+    c.request(0, CMD_READ, 7, 4096, 512);
+    let (first, _) = c.reply(512).unwrap();
+    assert_eq!(
+        first.handle(),
+        7,
+        "the quick read waited behind the slow ones"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "the quick read took {:?}",
+        start.elapsed()
+    );
+    for _ in 0..6 {
+        c.reply(512).unwrap();
+    }
+}
+
 #[test]
 fn disconnect_waits_for_in_flight_requests() {
     let (f, disk) = fixture();
