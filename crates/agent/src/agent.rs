@@ -261,6 +261,11 @@ pub struct Agent {
     /// How often peers demanded each chunk here (access frequency); hosts
     /// that resolve an image here prefetch the most demanded.
     pub popularity: spore_transfer::Popularity,
+    /// The chunks of images resolves were answered for, by manifest (for
+    /// ranking only an image's own chunks by popularity).
+    pub image_chunks: parking_lot::Mutex<
+        std::collections::HashMap<spore_chunks::ChunkId, Arc<Vec<spore_chunks::ChunkId>>>,
+    >,
     /// Held shared by operations that write chunks not yet referenced by
     /// any name (import, commit), exclusively by garbage collection.
     pub gc_lock: Arc<RwLock<()>>,
@@ -477,6 +482,7 @@ impl Agent {
             origin_store,
             peer_stats: PeerStats::default(),
             popularity: Default::default(),
+            image_chunks: Default::default(),
             gc_lock,
             recovered: Default::default(),
             peer_addr,

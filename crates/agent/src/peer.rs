@@ -255,6 +255,49 @@ async fn own_record(a: &Arc<Agent>, name: &str) -> Result<Option<ImageRecord>> {
     off_thread(move || Ok(a.meta.get::<ImageRecord>(Table::Images, &name)?)).await
 }
 
+/// Image chunk lists kept for ranking resolves by popularity.
+const IMAGE_CHUNK_LISTS: usize = 32;
+
+/// The chunks of the image `manifest` (in the origin store, or else in
+/// this agent's own store) that peers demanded most here, most first: a
+/// resolve answers only these, not every image's.
+async fn popular_of(
+    a: &Arc<Agent>,
+    manifest: ChunkId,
+    in_origin_store: bool,
+) -> Result<Vec<ChunkId>> {
+    let cached = a.image_chunks.lock().get(&manifest).cloned();
+    let chunks = match cached {
+        Some(c) => c,
+        None => {
+            let list = match (&a.origin_store, in_origin_store) {
+                (Some(store), true) => store.image_chunks(&manifest).await?,
+                _ => {
+                    let a = a.clone();
+                    off_thread(move || {
+                        Ok(a.exports
+                            .open_image(&manifest)?
+                            .image()
+                            .flat
+                            .chunks()
+                            .to_vec())
+                    })
+                    .await?
+                }
+            };
+            let list = Arc::new(list);
+            let mut cache = a.image_chunks.lock();
+            if cache.len() >= IMAGE_CHUNK_LISTS {
+                cache.clear();
+            }
+            cache.insert(manifest, list.clone());
+            list
+        }
+    };
+    Ok(a.popularity
+        .ranked(chunks.iter(), 1, spore_transfer::MAX_POPULAR))
+}
+
 #[derive(serde::Deserialize)]
 struct ResolveQuery {
     /// 0: leave the popular chunks out (a check for a newer version).
@@ -282,11 +325,13 @@ async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -
                 other => other,
             };
             let mut found = own.map(|r| (r.manifest, r.profile));
+            let mut in_origin_store = false;
             if let (None, Some(store)) = (found, &a.origin_store) {
                 found = store
                     .get_image(&name)
                     .await?
                     .map(|r| (r.manifest, r.profile));
+                in_origin_store = found.is_some();
             }
             let (manifest, profile) = match found {
                 Some(f) => f,
@@ -306,13 +351,12 @@ async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -
             if let Some(p) = profile {
                 body["profile"] = p.to_hex().into();
             }
-            // The chunks peers demanded most here (of any image: the asker
-            // keeps those of this one).
+            // The chunks of this image peers demanded most here.
             let popular: Vec<String> = if q.popular == 0 {
                 Vec::new()
             } else {
-                a.popularity
-                    .top(spore_transfer::MAX_POPULAR)
+                popular_of(&a, manifest, in_origin_store)
+                    .await?
                     .iter()
                     .map(ChunkId::to_hex)
                     .collect()

@@ -360,17 +360,30 @@ impl OriginStore {
     /// Binds `name` to `rec`, once the manifest and every chunk it reaches
     /// (and the profile) are in the store; until then the name is left as
     /// it was and the error says what is lacking.
-    pub async fn bind_image(&self, name: &str, rec: &ImageRecord) -> Result<()> {
-        let Some(raw) = self.get_raw(&rec.manifest).await? else {
-            return Err(OriginError::NoManifest(rec.manifest));
+    /// The data chunks of the image whose manifest is `manifest`, as far
+    /// as the store holds its layers (a resolve ranks only these by
+    /// popularity).
+    pub async fn image_chunks(&self, manifest: &ChunkId) -> Result<Vec<ChunkId>> {
+        let Some(raw) = self.get_raw(manifest).await? else {
+            return Err(OriginError::NoManifest(*manifest));
         };
-        let manifest_id = rec.manifest;
-        let manifest = self
-            .decode(manifest_id, raw, spore_image::image::decode_manifest)
+        let m = self
+            .decode(*manifest, raw, spore_image::image::decode_manifest)
             .await?;
-        // The layers present are read to learn their chunks; a missing one
-        // is counted as missing below (its chunks cannot be known yet).
-        let layers: Vec<Option<spore_image::Layer>> = stream::iter(manifest.layers.iter().copied())
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for layer in self.layers(&m).await?.iter().flatten() {
+            out.extend(layer.chunks().iter().filter(|id| seen.insert(**id)));
+        }
+        Ok(out)
+    }
+
+    /// The layers of `manifest` the store holds (None where it lacks one).
+    async fn layers(
+        &self,
+        manifest: &spore_image::Manifest,
+    ) -> Result<Vec<Option<spore_image::Layer>>> {
+        stream::iter(manifest.layers.iter().copied())
             .map(|id| async move {
                 match self.get_raw(&id).await? {
                     Some(raw) => self
@@ -382,7 +395,20 @@ impl OriginStore {
             })
             .buffered(CONCURRENCY)
             .try_collect()
+            .await
+    }
+
+    pub async fn bind_image(&self, name: &str, rec: &ImageRecord) -> Result<()> {
+        let Some(raw) = self.get_raw(&rec.manifest).await? else {
+            return Err(OriginError::NoManifest(rec.manifest));
+        };
+        let manifest_id = rec.manifest;
+        let manifest = self
+            .decode(manifest_id, raw, spore_image::image::decode_manifest)
             .await?;
+        // The layers present are read to learn their chunks; a missing one
+        // is counted as missing below (its chunks cannot be known yet).
+        let layers = self.layers(&manifest).await?;
         let mut needed: HashSet<ChunkId> = manifest.layers.iter().copied().collect();
         for layer in layers.iter().flatten() {
             needed.extend(layer.chunks().iter().copied());

@@ -613,6 +613,34 @@ fn chunks_other_hosts_read_are_prefetched_by_the_next_host() {
         .args(["-f", "raw", "-c", "read 8M 1M"])
         .arg(b.uri("disk/d")));
     assert_eq!(fetched(&b), before, "A's range was already local on B");
+
+    // The origin answers each name with that image's popular chunks only:
+    // another image (other data) gets none of img's.
+    let other = builder.path("other.raw");
+    sparse_random_file(&other, 4 * MIB, 34);
+    builder.ok(&[
+        "image",
+        "import",
+        other.to_str().unwrap(),
+        "--name",
+        "other",
+    ]);
+    builder.ok(&["image", "push", "other", "--to", &url(origin_port)]);
+    let resolve = |name: &str| -> serde_json::Value {
+        let out = sh(Command::new("curl")
+            .args(common::curl_tls(&origin.tls_dir()))
+            .args(["-sS", &format!("{}/v1/images/{name}", url(origin_port))]));
+        serde_json::from_str(&out).unwrap()
+    };
+    let img = resolve("img");
+    assert!(
+        img["popular"]
+            .as_array()
+            .is_some_and(|p| p.len() as u64 >= read_by_a),
+        "{img}"
+    );
+    let other = resolve("other");
+    assert!(other["popular"].is_null(), "other image's answer: {other}");
     drop(origin);
 }
 
