@@ -370,6 +370,84 @@ async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -
     )
 }
 
+/// A relay's answer to a batch it must partly fetch upstream: the records
+/// in request order, each sent as soon as it (and every one before it) is
+/// here, so a reader below waiting for the first chunk of a large batch
+/// does not wait for the whole batch upstream. What cannot be had within
+/// `budget` is answered as missing, and the asker tries its next source.
+fn relay_stream(
+    a: Arc<Agent>,
+    fetcher: Arc<spore_transfer::Fetcher>,
+    ids: Vec<ChunkId>,
+    raws: Vec<Option<Bytes>>,
+    want: Vec<ChunkId>,
+    class: Class,
+    budget: std::time::Duration,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ChunkId>();
+    {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = fetcher.fetch_within_each(&a.store, &want, class, budget, &mut |id| {
+                let _ = tx.send(*id);
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "relay could not fetch chunks upstream");
+            }
+        });
+    }
+    struct State {
+        a: Arc<Agent>,
+        ids: Vec<ChunkId>,
+        raws: Vec<Option<Bytes>>,
+        next: usize,
+        arrived: std::collections::HashSet<ChunkId>,
+        rx: tokio::sync::mpsc::UnboundedReceiver<ChunkId>,
+        upstream_done: bool,
+    }
+    let head = wire::encode_response_head(ids.len());
+    let state = State {
+        a,
+        ids,
+        raws,
+        next: 0,
+        arrived: Default::default(),
+        rx,
+        upstream_done: false,
+    };
+    let records = futures_util::stream::unfold(state, |mut st| async move {
+        let i = st.next;
+        let id = *st.ids.get(i)?;
+        st.next += 1;
+        if st.raws[i].is_none() {
+            // Wait for this chunk, or for the upstream fetch to end.
+            while !st.upstream_done && !st.arrived.contains(&id) {
+                match st.rx.recv().await {
+                    Some(got) => {
+                        st.arrived.insert(got);
+                    }
+                    None => st.upstream_done = true,
+                }
+            }
+            let a = st.a.clone();
+            st.raws[i] = tokio::task::spawn_blocking(move || a.store.get_raw(&id))
+                .await
+                .ok()
+                .and_then(|r| r.ok().flatten())
+                .map(Bytes::from);
+        }
+        let raw = st.raws[i].take();
+        if let Some(r) = &raw {
+            st.a.peer_stats
+                .record(std::slice::from_ref(&Some(r.clone())));
+        }
+        let record = wire::encode_record(&id, raw.as_deref());
+        Some((Ok::<Bytes, std::io::Error>(Bytes::from(record)), st))
+    });
+    let body = futures_util::stream::once(async move { Ok(Bytes::from(head)) }).chain(records);
+    axum::body::Body::from_stream(body).into_response()
+}
+
 /// The positions of `raws` still empty, and the ids asked for there.
 fn lacking(ids: &[ChunkId], raws: &[Option<Bytes>]) -> (Vec<usize>, Vec<ChunkId>) {
     (0..ids.len())
@@ -429,24 +507,19 @@ async fn batch(
             }
             if let (true, Some(fetcher)) = (a.config.relay, a.fetcher.clone()) {
                 // Fetch what we lack from upstream (coalesced with any other
-                // request for the same chunks). What cannot be had is
-                // answered as missing, and the asker tries its next source.
-                let (at, want) = lacking(&ids, &raws);
+                // request for the same chunks), and answer as it arrives.
+                let (_, want) = lacking(&ids, &raws);
                 if !want.is_empty() {
-                    let a = a.clone();
-                    let got = off_thread(move || {
-                        let budget = fetcher.relay_budget(class, asked_budget);
-                        if let Err(e) = fetcher.fetch_within(&a.store, &want, class, budget) {
-                            tracing::warn!(error = %e, "relay could not fetch chunks upstream");
-                        }
-                        want.iter()
-                            .map(|id| Ok(a.store.get_raw(id)?.map(Bytes::from)))
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .await?;
-                    for (i, raw) in at.into_iter().zip(got) {
-                        raws[i] = raw;
-                    }
+                    let budget = fetcher.relay_budget(class, asked_budget);
+                    return Ok(relay_stream(
+                        a.clone(),
+                        fetcher,
+                        ids,
+                        raws,
+                        want,
+                        class,
+                        budget,
+                    ));
                 }
             }
             a.peer_stats.record(&raws);

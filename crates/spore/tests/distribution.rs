@@ -899,3 +899,113 @@ fn a_relay_whose_upstream_is_wedged_still_serves_its_leaf_in_time() {
     drop(relay);
     drop(origin);
 }
+
+/// A relay answers a batch it fetches upstream record by record: when its
+/// upstream sends the first chunk at once and the rest 3 s later, a reader
+/// below gets the first chunk at once too, not after the whole batch.
+#[test]
+fn a_relay_streams_a_batch_as_its_chunks_arrive() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sender =
+        spore_chunks::ChunkStore::open(dir.path().join("sender"), Default::default()).unwrap();
+    let files: Vec<(spore_chunks::ChunkId, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let put = sender
+                .put(format!("chunk {i} of the batch").as_bytes())
+                .unwrap();
+            (put.id, sender.get_raw(&put.id).unwrap().unwrap())
+        })
+        .collect();
+    // The upstream: the answer's head and first record at once, the rest
+    // 3 s later.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_port = upstream.local_addr().unwrap().port();
+    let served = files.clone();
+    std::thread::spawn(move || {
+        for c in upstream.incoming() {
+            let Ok(mut c) = c else { return };
+            let files = served.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let ids = loop {
+                    if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if req.len() >= end + 4 + len {
+                            break spore_transfer::wire::decode_request(
+                                &req[end + 4..end + 4 + len],
+                            )
+                            .unwrap();
+                        }
+                    }
+                    let Ok(n) = c.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                };
+                let raw = |id: &spore_chunks::ChunkId| {
+                    files.iter().find(|(f, _)| f == id).map(|(_, r)| r.clone())
+                };
+                let mut body = spore_transfer::wire::encode_response_head(ids.len());
+                let first = spore_transfer::wire::encode_record(&ids[0], raw(&ids[0]).as_deref());
+                body.extend_from_slice(&first);
+                let mut rest = Vec::new();
+                for id in &ids[1..] {
+                    rest.extend(spore_transfer::wire::encode_record(id, raw(id).as_deref()));
+                }
+                let total = body.len() + rest.len();
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {total}\r\nconnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(&body);
+                let _ = c.flush();
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                let _ = c.write_all(&rest);
+            });
+        }
+    });
+    let (relay, relay_port) = TestAgent::start_listening(&[
+        "--insecure-listen",
+        "--relay",
+        "--peer",
+        &format!("http://127.0.0.1:{upstream_port}"),
+    ]);
+    let links = spore_transfer::Links::default().allow_plaintext();
+    let remote = spore_transfer::Remote::new(
+        &format!("http://127.0.0.1:{relay_port}"),
+        std::time::Duration::from_secs(10),
+        &links,
+    )
+    .unwrap();
+    let ids: Vec<_> = files.iter().map(|(id, _)| *id).collect();
+    let started = std::time::Instant::now();
+    let mut arrivals = Vec::new();
+    remote
+        .batch_stream(
+            &ids,
+            spore_transfer::Class::Background,
+            std::time::Duration::from_secs(10),
+            &mut |id, raw| arrivals.push((id, raw.is_some(), started.elapsed())),
+        )
+        .unwrap();
+    assert_eq!(arrivals.len(), 3);
+    assert!(arrivals.iter().all(|(_, here, _)| *here), "{arrivals:?}");
+    assert!(
+        arrivals[0].2 < std::time::Duration::from_millis(2000),
+        "the first chunk came after {:?}, with the rest",
+        arrivals[0].2
+    );
+    assert!(
+        arrivals[2].2 >= std::time::Duration::from_millis(2500),
+        "{arrivals:?}"
+    );
+    drop(relay);
+}

@@ -275,6 +275,33 @@ impl Fetcher {
         }
     }
 
+    /// [`Fetcher::fetch_within`], calling `each` with every chunk of `ids`
+    /// as it is here: at once for those the store holds, then as each
+    /// arrives (a relay streams its answer so, record by record, instead
+    /// of after the whole batch).
+    pub fn fetch_within_each(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+        budget: Duration,
+        each: &mut dyn FnMut(&ChunkId),
+    ) -> Result<(), FetchError> {
+        let deadline = Instant::now() + budget;
+        match class {
+            Class::Demand => {
+                self.demand.fetch_add(1, Ordering::AcqRel);
+                let _done = DemandGuard(&self.demand);
+                if let Some(first) = ids.first() {
+                    let mut last = self.last_demand.lock();
+                    *last = (last.0 + 1, Some(*first));
+                }
+                self.fetch_from_remotes_each(store, ids, class, deadline, each)
+            }
+            Class::Background => self.fetch_from_remotes_each(store, ids, class, deadline, each),
+        }
+    }
+
     /// The budget a relay has for a peer that waits `asked` (the header
     /// [`crate::remote::DEADLINE_HEADER`]): that less a margin, within
     /// what this host would give the same class of fetch itself.
@@ -364,6 +391,19 @@ impl Fetcher {
         class: Class,
         deadline: Instant,
     ) -> Result<(), FetchError> {
+        self.fetch_from_remotes_each(store, ids, class, deadline, &mut |_| {})
+    }
+
+    /// [`Fetcher::fetch_from_remotes`], calling `each` with every chunk as
+    /// it is here.
+    fn fetch_from_remotes_each(
+        &self,
+        store: &ChunkStore,
+        ids: &[ChunkId],
+        class: Class,
+        deadline: Instant,
+        each: &mut dyn FnMut(&ChunkId),
+    ) -> Result<(), FetchError> {
         let started = Instant::now();
         let mut mine: HashMap<ChunkId, Arc<Flight>> = HashMap::new();
         let mut order = Vec::new();
@@ -371,11 +411,15 @@ impl Fetcher {
         {
             let mut inflight = self.inflight.lock();
             for id in ids {
-                if store.contains(id) || mine.contains_key(id) {
+                if mine.contains_key(id) {
+                    continue;
+                }
+                if store.contains(id) {
+                    each(id);
                     continue;
                 }
                 match inflight.get(id) {
-                    Some(flight) => theirs.push(flight.clone()),
+                    Some(flight) => theirs.push((*id, flight.clone())),
                     None => {
                         let flight = Arc::new(Flight::default());
                         inflight.insert(*id, flight.clone());
@@ -385,7 +429,7 @@ impl Fetcher {
                 }
             }
         }
-        let result = self.fetch_uncoalesced(store, &order, &mine, class, deadline);
+        let result = self.fetch_uncoalesced(store, &order, &mine, class, deadline, each);
         {
             let failure: Arc<str> = match &result {
                 Ok(()) => "chunk missing after its fetch".into(),
@@ -404,9 +448,9 @@ impl Fetcher {
             }
         }
         result?;
-        for flight in theirs {
+        for (id, flight) in theirs {
             match flight.wait_until(deadline) {
-                Some(Ok(())) => {}
+                Some(Ok(())) => each(&id),
                 Some(Err(e)) => return Err(FetchError::Shared(e)),
                 None => {
                     if class == Class::Demand {
@@ -432,6 +476,7 @@ impl Fetcher {
         flights: &HashMap<ChunkId, Arc<Flight>>,
         class: Class,
         deadline: Instant,
+        each: &mut dyn FnMut(&ChunkId),
     ) -> Result<(), FetchError> {
         let started = Instant::now();
         let mut missing: Vec<ChunkId> = ids
@@ -468,6 +513,7 @@ impl Fetcher {
                     deadline,
                     round > 0,
                     &mut tried,
+                    each,
                 )?);
             }
             missing = still;
@@ -573,6 +619,7 @@ impl Fetcher {
         deadline: Instant,
         again: bool,
         tried: &mut Tried,
+        each: &mut dyn FnMut(&ChunkId),
     ) -> Result<Vec<ChunkId>, FetchError> {
         let (order, available) = self.order(again);
         let mut want: Vec<ChunkId> = batch
@@ -658,6 +705,7 @@ impl Fetcher {
                             if let Some(flight) = flights.get(&id) {
                                 flight.finish(Ok(()));
                             }
+                            each(&id);
                             let len = raw.len() as u64;
                             self.stats.chunks.fetch_add(1, Ordering::Relaxed);
                             self.stats.bytes.fetch_add(len, Ordering::Relaxed);

@@ -83,24 +83,42 @@ pub fn decode_request(bytes: &[u8]) -> Result<Vec<ChunkId>, WireError> {
 pub fn encode_response<'a>(
     records: impl ExactSizeIterator<Item = (ChunkId, Option<&'a [u8]>)>,
 ) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&RESPONSE_MAGIC);
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    let mut out = encode_response_head(records.len());
     for (id, data) in records {
-        out.extend_from_slice(id.as_bytes());
-        match data {
-            Some(d) => {
-                out.push(0);
-                out.extend_from_slice(&(d.len() as u32).to_le_bytes());
-                out.extend_from_slice(d);
-            }
-            None => {
-                out.push(1);
-                out.extend_from_slice(&0u32.to_le_bytes());
-            }
-        }
+        put_record(&mut out, &id, data);
     }
     out
+}
+
+/// The start of a response of `count` records (for a response sent
+/// record by record, with [`encode_record`]).
+pub fn encode_response_head(count: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8);
+    out.extend_from_slice(&RESPONSE_MAGIC);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    out
+}
+
+/// One record of a response: `id` and its chunk file, or "missing".
+pub fn encode_record(id: &ChunkId, data: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(37 + data.map_or(0, <[u8]>::len));
+    put_record(&mut out, id, data);
+    out
+}
+
+fn put_record(out: &mut Vec<u8>, id: &ChunkId, data: Option<&[u8]>) {
+    out.extend_from_slice(id.as_bytes());
+    match data {
+        Some(d) => {
+            out.push(0);
+            out.extend_from_slice(&(d.len() as u32).to_le_bytes());
+            out.extend_from_slice(d);
+        }
+        None => {
+            out.push(1);
+            out.extend_from_slice(&0u32.to_le_bytes());
+        }
+    }
 }
 
 /// Parses a whole response to a request for `asked`: for each id, the raw
