@@ -55,6 +55,11 @@ pub struct Options {
     /// Measure full copy before boot on 1..=K hosts at once (0: skip)
     #[arg(long, default_value_t = 2)]
     pub full_copy_hosts: usize,
+    /// Measure full copy before boot through the same re-export tree, as a
+    /// storm of these N (every host pulls the whole image, then boots or
+    /// replays; 0: skip)
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub full_copy_tree: Vec<usize>,
     /// Rounds of single-host cold and warm boots
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -121,7 +126,11 @@ struct Storm {
     replay_max_s: f64,
     /// The QEMU hosts booting again at once from warm caches.
     warm_qemu_max_s: f64,
+    /// Chunk payload bytes the origin agent counted as served.
     origin_egress_bytes: u64,
+    /// Bytes the origin's network interface sent (headers, TLS and
+    /// retransmissions included), from its counters.
+    origin_wire_bytes: u64,
     mean_bytes_per_host: f64,
     hosts: Vec<Host>,
 }
@@ -295,6 +304,24 @@ impl Bench {
             }
         }
         Ok((all, from_origin))
+    }
+
+    /// Bytes the origin's interface has sent (`tx_bytes` in its namespace).
+    fn origin_wire_tx(&self) -> Result<u64> {
+        let out = self
+            .cluster
+            .origin
+            .command("cat")
+            .arg(format!(
+                "/sys/class/net/{}/statistics/tx_bytes",
+                spore_cluster::HOST_IFACE
+            ))
+            .output()
+            .context("reading the origin's interface counters")?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("the origin's tx_bytes")
     }
 
     fn origin_served(&self) -> Result<u64> {
@@ -498,7 +525,7 @@ pub fn run(o: &Options) -> Result<()> {
     }
     for &n in &o.nodes {
         for &(mode, fanout) in &modes {
-            let s = storm(&mut b, &facts, n, mode, fanout, o.qemu)?;
+            let s = storm(&mut b, &facts, n, mode, fanout, o.qemu, false)?;
             eprintln!(
                 "N={n:>3} {mode:<11}: ready p50 {:.2} s, p99 {:.2} s, max {:.2} s (qemu {:.2} s, warm qemu {:.2} s); origin sent {:.2} MB = {:.2} W",
                 s.ready_p50_s,
@@ -511,6 +538,16 @@ pub fn run(o: &Options) -> Result<()> {
             );
             storms.push(s);
         }
+    }
+
+    for &n in o.full_copy_tree.iter().filter(|n| (1..=max_n).contains(*n)) {
+        let s = storm(&mut b, &facts, n, "full-copy", o.fanout, o.qemu, true)?;
+        eprintln!(
+            "N={n:>3} full copy through the tree: all ready after {:.2} s; origin sent {:.2} MB",
+            s.ready_max_s,
+            s.origin_wire_bytes as f64 / 1e6
+        );
+        storms.push(s);
     }
 
     let report = Report {
@@ -541,6 +578,8 @@ pub fn run(o: &Options) -> Result<()> {
 }
 
 /// One storm: nodes 1..=n start from empty caches at the same instant.
+/// With `full_copy`, every host first pulls the whole image (through the
+/// same tree), then boots or replays: full copy before boot, measured.
 fn storm(
     b: &mut Bench,
     facts: &ImageFacts,
@@ -548,11 +587,13 @@ fn storm(
     mode: &'static str,
     fanout: usize,
     q: usize,
+    full_copy: bool,
 ) -> Result<Storm> {
     eprintln!("N={n} {mode}: starting {n} fresh agents");
     b.fresh_nodes(n, fanout)?;
     let qemu = qemu_nodes(n, q);
     let served_before = b.origin_served()?;
+    let wire_before = b.origin_wire_tx()?;
     let t0 = Instant::now();
     let b = &*b;
     let ready: Vec<Result<f64>> = std::thread::scope(|s| {
@@ -561,6 +602,9 @@ fn storm(
                 let is_qemu = qemu.contains(&node);
                 s.spawn(move || -> Result<f64> {
                     let d = b.node_dir(node);
+                    if full_copy {
+                        b.cli(&d, &["image", "pull", IMAGE])?;
+                    }
                     if is_qemu {
                         b.boot(&d, "storm")?;
                     } else {
@@ -590,6 +634,7 @@ fn storm(
         });
     }
     let origin_egress_bytes = b.origin_served()? - served_before;
+    let origin_wire_bytes = b.origin_wire_tx()?.saturating_sub(wire_before);
 
     // The same QEMU hosts again, all at once, now from warm caches.
     for &node in &qemu {
@@ -629,6 +674,7 @@ fn storm(
         replay_max_s: max(&of_kind("replay")),
         warm_qemu_max_s: max(&warm),
         origin_egress_bytes,
+        origin_wire_bytes,
         mean_bytes_per_host: hosts.iter().map(|h| h.fetched_bytes as f64).sum::<f64>() / n as f64,
         hosts,
     })
@@ -666,7 +712,7 @@ fn print_report(r: &Report) {
         );
     }
     println!(
-        "\n{:>4} {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>8} {:>10} {:>10} {:>12}",
+        "\n{:>4} {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
         "N",
         "mode",
         "p50 s",
@@ -676,19 +722,28 @@ fn print_report(r: &Report) {
         "qemu max",
         "warm qemu",
         "egress/W",
+        "wire/W",
         "MB/host",
         "full copy",
         "full/storm"
     );
     for s in &r.storms {
-        let fc = r
-            .full_copy_model
+        // The measured full copy through the tree at this N where there
+        // is one, else the origin-only model (marked *).
+        let measured = r
+            .storms
             .iter()
-            .find(|(n, _)| *n == s.n)
-            .map(|m| m.1)
-            .unwrap_or(f64::NAN);
+            .find(|f| f.n == s.n && f.mode == "full-copy")
+            .map(|f| (f.ready_max_s, ""));
+        let fc = measured.or_else(|| {
+            r.full_copy_model
+                .iter()
+                .find(|(n, _)| *n == s.n)
+                .map(|m| (m.1, "*"))
+        });
+        let (fc, mark) = fc.unwrap_or((f64::NAN, ""));
         println!(
-            "{:>4} {:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>10.2} {:>8.2} {:>10.2} {:>10.0} {:>12.0}",
+            "{:>4} {:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>10.2} {:>8.2} {:>8.2} {:>10.2} {:>10.0}{mark:1} {:>11.1}",
             s.n,
             s.mode,
             s.ready_p50_s,
@@ -698,23 +753,30 @@ fn print_report(r: &Report) {
             s.qemu_max_s,
             s.warm_qemu_max_s,
             s.origin_egress_bytes as f64 / w,
+            s.origin_wire_bytes as f64 / w,
             s.mean_bytes_per_host / 1e6,
             fc,
             fc / s.ready_max_s
         );
     }
+    println!("full copy: measured through the same tree at that N, or * the model N x pull(1) + warm boot");
 }
 
 /// A plotted line: name, colour, (N, seconds) points.
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// Ready time (max over hosts) against N, log scale: the tree, origin
-/// only, and full copy (modelled from the measured single pull).
+/// only, full copy through the tree where measured, and full copy
+/// modelled from the measured single pull.
 fn plot(r: &Report) -> String {
     let (w, h, l, t, pw, ph) = (720.0, 440.0, 70.0, 30.0, 600.0, 350.0);
     let max_n = r.storms.iter().map(|s| s.n).max().unwrap_or(1) as f64;
     let mut series: Vec<Series> = Vec::new();
-    for (mode, color) in [("tree", "#1b7837"), ("origin-only", "#d95f02")] {
+    for (mode, color) in [
+        ("tree", "#1b7837"),
+        ("origin-only", "#d95f02"),
+        ("full-copy", "#e7298a"),
+    ] {
         let pts: Vec<(f64, f64)> = r
             .storms
             .iter()
