@@ -1066,6 +1066,30 @@ mod tests {
         );
     }
 
+    /// A source a little slower than the next (a relay fetching upstream
+    /// first, say) keeps being asked first: only a source much slower
+    /// than the best, and over 500 ms, is passed over, so a re-export
+    /// tree's subtree does not move onto the origin.
+    #[test]
+    fn a_source_a_little_slower_than_the_origin_keeps_its_place() {
+        let (ids, files, dir) = chunks(6);
+        let (relay, relay_asked) = source(Acts::Slow(Duration::from_millis(120)), files.clone());
+        let (origin, origin_asked) = source(Acts::Good, files);
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let f = fetcher(&[&relay, &origin]);
+        for id in &ids {
+            f.fetch(&store, &[*id]).unwrap();
+        }
+        // The first read may be hedged (nothing is measured yet, and a
+        // loaded machine may be slow to connect); none after it.
+        assert_eq!(relay_asked.load(Ordering::SeqCst), ids.len());
+        assert!(
+            origin_asked.load(Ordering::SeqCst) <= 1,
+            "the origin was asked {} times",
+            origin_asked.load(Ordering::SeqCst)
+        );
+    }
+
     /// Three readers of one chunk whose only source is wedged all fail at
     /// the deadline, together: the retry chain runs once, not once each.
     #[test]
