@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent};
+use common::{chunk_files, fake_peer, nbd_copy, sh, sparse_random_file, TestAgent};
 
 const MIB: u64 = 1 << 20;
 
@@ -905,7 +905,6 @@ fn a_relay_whose_upstream_is_wedged_still_serves_its_leaf_in_time() {
 /// below gets the first chunk at once too, not after the whole batch.
 #[test]
 fn a_relay_streams_a_batch_as_its_chunks_arrive() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let sender =
         spore_chunks::ChunkStore::open(dir.path().join("sender"), Default::default()).unwrap();
@@ -919,59 +918,11 @@ fn a_relay_streams_a_batch_as_its_chunks_arrive() {
         .collect();
     // The upstream: the answer's head and first record at once, the rest
     // 3 s later.
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_port = upstream.local_addr().unwrap().port();
     let served = files.clone();
-    std::thread::spawn(move || {
-        for c in upstream.incoming() {
-            let Ok(mut c) = c else { return };
-            let files = served.clone();
-            std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                let ids = loop {
-                    if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if req.len() >= end + 4 + len {
-                            break spore_transfer::wire::decode_request(
-                                &req[end + 4..end + 4 + len],
-                            )
-                            .unwrap();
-                        }
-                    }
-                    let Ok(n) = c.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    req.extend_from_slice(&buf[..n]);
-                };
-                let raw = |id: &spore_chunks::ChunkId| {
-                    files.iter().find(|(f, _)| f == id).map(|(_, r)| r.clone())
-                };
-                let mut body = spore_transfer::wire::encode_response_head(ids.len());
-                let first = spore_transfer::wire::encode_record(&ids[0], raw(&ids[0]).as_deref());
-                body.extend_from_slice(&first);
-                let mut rest = Vec::new();
-                for id in &ids[1..] {
-                    rest.extend(spore_transfer::wire::encode_record(id, raw(id).as_deref()));
-                }
-                let total = body.len() + rest.len();
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {total}\r\nconnection: close\r\n\r\n"
-                );
-                let _ = c.write_all(&body);
-                let _ = c.flush();
-                std::thread::sleep(std::time::Duration::from_secs(3));
-                let _ = c.write_all(&rest);
-            });
-        }
-    });
+    let upstream_port = fake_peer::serve(
+        fake_peer::Acts::FirstThenPause(std::time::Duration::from_secs(3)),
+        std::sync::Arc::new(move |id| served.iter().find(|(f, _)| f == id).map(|(_, r)| r.clone())),
+    );
     let (relay, relay_port) = TestAgent::start_listening(&[
         "--insecure-listen",
         "--relay",
@@ -1008,4 +959,69 @@ fn a_relay_streams_a_batch_as_its_chunks_arrive() {
         "{arrivals:?}"
     );
     drop(relay);
+}
+
+/// Peers that answer badly sit before a healthy origin: one that answers a
+/// second late (and lacks the chunks), one that sends garbage, one that
+/// streams endless bytes, one that closes half-way. For each, a guest's
+/// reads through a real NBD client finish well within the read deadline
+/// with the image's bytes, and the agent's memory stays bounded (the
+/// endless peer would otherwise have it buffer until the timeout).
+#[test]
+fn reads_stay_quick_and_memory_bounded_whatever_a_peer_sends() {
+    let (origin, origin_port) = TestAgent::start_listening(&["--insecure-listen"]);
+    let src = origin.path("img.raw");
+    sparse_random_file(&src, 16 * MIB, 26);
+    origin.ok(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let expect = std::fs::read(&src).unwrap();
+    for acts in [
+        fake_peer::Acts::Slow(std::time::Duration::from_secs(1)),
+        fake_peer::Acts::Garbage,
+        fake_peer::Acts::Endless,
+        fake_peer::Acts::Vanishes,
+    ] {
+        let peer = fake_peer::serve(acts, std::sync::Arc::new(|_| None));
+        let host = TestAgent::start_with(&[
+            "--insecure-listen",
+            "--peer",
+            &format!("http://127.0.0.1:{peer}"),
+            "--origin",
+            &format!("http://127.0.0.1:{origin_port}"),
+        ]);
+        host.ok(&["disk", "create", "d", "--image", "img"]);
+        let mut slowest = std::time::Duration::ZERO;
+        for i in 0..6u64 {
+            let at = (i * 2 + 1) * MIB;
+            let started = std::time::Instant::now();
+            let out = Command::new("qemu-io")
+                .args(["-f", "raw", "-c", &format!("read -v {at} 16")])
+                .arg(host.uri("disk/d"))
+                .output()
+                .unwrap();
+            slowest = slowest.max(started.elapsed());
+            let text = String::from_utf8_lossy(&out.stdout);
+            let want: String = expect[at as usize..at as usize + 16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(text.contains(&want), "{acts:?}: read at {at}: {text}");
+        }
+        assert!(
+            slowest < std::time::Duration::from_secs(4),
+            "{acts:?}: a read took {slowest:?}"
+        );
+        let pid = host.agent.as_ref().unwrap().pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let peak_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        assert!(
+            peak_kib < 400 << 10,
+            "{acts:?}: the agent's peak memory was {peak_kib} KiB"
+        );
+    }
+    drop(origin);
 }
