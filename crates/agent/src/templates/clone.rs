@@ -251,12 +251,38 @@ impl Templates {
 /// A template's RAM image as the bytes of a memfs file.
 struct DeviceBacking(Arc<ImageDevice>, u64);
 
+/// How long a clone's page fault waits for its template's RAM when no
+/// source delivers it: a failed read is an EIO on the FUSE file, which
+/// kills the guest (SIGBUS), so a page is asked for again and again (each
+/// try bounded by the read deadline) while the vCPU waits, as a paused
+/// VM would.
+const RAM_READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl spore_memfs::Backing for DeviceBacking {
     fn size(&self) -> u64 {
         self.1
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_at(offset, buf)
+        let started = std::time::Instant::now();
+        let mut tries = 0u32;
+        loop {
+            match self.0.read_at(offset, buf) {
+                Ok(()) => {
+                    if tries > 0 {
+                        tracing::info!(offset, tries, "template RAM page arrived after a wait");
+                    }
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() < RAM_READ_PATIENCE => {
+                    if tries % 10 == 0 {
+                        tracing::warn!(offset, error = %e, waited = ?started.elapsed(), "template RAM page unavailable; the clone waits and it is asked for again");
+                    }
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
