@@ -274,7 +274,7 @@ impl spore_memfs::Backing for DeviceBacking {
                     return Ok(());
                 }
                 Err(e) if started.elapsed() < RAM_READ_PATIENCE => {
-                    if tries % 10 == 0 {
+                    if tries.is_multiple_of(10) {
                         tracing::warn!(offset, error = %e, waited = ?started.elapsed(), "template RAM page unavailable; the clone waits and it is asked for again");
                     }
                     tries += 1;
