@@ -187,6 +187,32 @@ pub fn refused_port() -> (std::os::fd::OwnedFd, u16) {
     }
 }
 
+/// Reads one HTTP/1.1 request from `c` (a fake server in a test): its body,
+/// as long as its `content-length` says. None if the client goes away
+/// first.
+pub fn read_http_body(c: &mut impl Read) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if req.len() >= end + 4 + len {
+                return Some(req[end + 4..end + 4 + len].to_vec());
+            }
+        }
+        let n = c.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

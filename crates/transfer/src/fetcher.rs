@@ -971,26 +971,7 @@ mod tests {
 
     /// Reads one batch request from `c`: its ids.
     fn read_request(c: &mut std::net::TcpStream) -> Option<Vec<ChunkId>> {
-        let mut req = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if req.len() >= end + 4 + len {
-                    return wire::decode_request(&req[end + 4..end + 4 + len]).ok();
-                }
-            }
-            let n = c.read(&mut buf).ok()?;
-            if n == 0 {
-                return None;
-            }
-            req.extend_from_slice(&buf[..n]);
-        }
+        wire::decode_request(&spore_testkit::read_http_body(c)?).ok()
     }
 
     /// `n` chunks in a sender's store: their ids and chunk files.

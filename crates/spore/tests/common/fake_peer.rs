@@ -2,7 +2,7 @@
 //! that answer the batch route (`POST /v1/chunks/batch`) badly on purpose.
 //! Plaintext: the agents they face run with `--insecure-listen`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,24 +105,5 @@ fn answer(mut c: TcpStream, acts: Acts, held: &Held) {
 
 /// Reads one batch request from `c`: the ids it asks for.
 pub fn read_batch_request(c: &mut TcpStream) -> Option<Vec<ChunkId>> {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if req.len() >= end + 4 + len {
-                return wire::decode_request(&req[end + 4..end + 4 + len]).ok();
-            }
-        }
-        let n = c.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        req.extend_from_slice(&buf[..n]);
-    }
+    wire::decode_request(&spore_testkit::read_http_body(c)?).ok()
 }
