@@ -6,7 +6,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{chunk_files, fake_peer, nbd_copy, sh, sparse_random_file, TestAgent};
+use common::{chunk_files, nbd_copy, sh, sparse_random_file, TestAgent};
+use spore_transfer::fake_peer;
 
 const MIB: u64 = 1 << 20;
 
@@ -922,7 +923,8 @@ fn a_relay_streams_a_batch_as_its_chunks_arrive() {
     let upstream_port = fake_peer::serve(
         fake_peer::Acts::FirstThenPause(std::time::Duration::from_secs(3)),
         std::sync::Arc::new(move |id| served.iter().find(|(f, _)| f == id).map(|(_, r)| r.clone())),
-    );
+    )
+    .port;
     let (relay, relay_port) = TestAgent::start_listening(&[
         "--insecure-listen",
         "--relay",
@@ -980,7 +982,7 @@ fn reads_stay_quick_and_memory_bounded_whatever_a_peer_sends() {
         fake_peer::Acts::Endless,
         fake_peer::Acts::Vanishes,
     ] {
-        let peer = fake_peer::serve(acts, std::sync::Arc::new(|_| None));
+        let peer = fake_peer::serve(acts, std::sync::Arc::new(|_| None)).port;
         let host = TestAgent::start_with(&[
             "--insecure-listen",
             "--peer",

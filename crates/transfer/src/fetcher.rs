@@ -800,6 +800,7 @@ impl PriorityQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_peer::Acts;
     use crate::wire;
     use std::io::{Read, Write};
     use std::net::TcpListener;
@@ -881,97 +882,11 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 
-    /// How a fake source behaves.
-    #[derive(Clone, Copy, PartialEq)]
-    enum Acts {
-        /// Answers every request with what it holds.
-        Good,
-        /// Reads the request and never answers (the connection stays open).
-        Wedged,
-        /// Answers after a pause of this long.
-        Slow(Duration),
-        /// Answers with bytes that are no batch response.
-        Garbage,
-        /// Starts a record and then sends bytes until the client goes.
-        Endless,
-        /// Sends part of the answer, then closes the connection.
-        Vanishes,
-    }
-
-    /// A fake source on a real socket, serving `chunks` as `acts` says, for
-    /// as long as the test runs. Returns its URL and how many requests it
-    /// has been sent.
+    /// A fake source on a real socket serving `chunks` as `acts` says:
+    /// its URL and how many requests it has read.
     fn source(acts: Acts, chunks: HashMap<ChunkId, Vec<u8>>) -> (String, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counter = asked.clone();
-        let chunks = Arc::new(chunks);
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                let Ok(mut c) = c else { return };
-                let (chunks, counter) = (chunks.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    let Some(ids) = read_request(&mut c) else {
-                        return;
-                    };
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let body = wire::encode_response(
-                        ids.iter().map(|id| (*id, chunks.get(id).map(|v| &v[..]))),
-                    );
-                    let head = |len: usize| {
-                        format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
-                        )
-                    };
-                    let _ = match acts {
-                        Acts::Good => c
-                            .write_all(head(body.len()).as_bytes())
-                            .and_then(|()| c.write_all(&body)),
-                        Acts::Slow(d) => {
-                            std::thread::sleep(d);
-                            c.write_all(head(body.len()).as_bytes())
-                                .and_then(|()| c.write_all(&body))
-                        }
-                        Acts::Wedged => {
-                            std::thread::sleep(Duration::from_secs(60));
-                            Ok(())
-                        }
-                        Acts::Garbage => {
-                            let junk = b"this is not a batch response at all";
-                            c.write_all(head(junk.len()).as_bytes())
-                                .and_then(|()| c.write_all(junk))
-                        }
-                        Acts::Endless => {
-                            // A record that says 60 MiB, then bytes for as
-                            // long as anyone reads (at most 30 s).
-                            let mut start = body[..8].to_vec();
-                            start.extend_from_slice(ids[0].as_bytes());
-                            start.push(0);
-                            start.extend_from_slice(&(60u32 << 20).to_le_bytes());
-                            let until = std::time::Instant::now() + Duration::from_secs(30);
-                            let junk = vec![7u8; 1 << 16];
-                            let mut r = c
-                                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
-                                .and_then(|()| c.write_all(&start));
-                            while r.is_ok() && std::time::Instant::now() < until {
-                                r = c.write_all(&junk);
-                            }
-                            r
-                        }
-                        Acts::Vanishes => c
-                            .write_all(head(body.len()).as_bytes())
-                            .and_then(|()| c.write_all(&body[..body.len() / 2])),
-                    };
-                });
-            }
-        });
-        (url, asked)
-    }
-
-    /// Reads one batch request from `c`: its ids.
-    fn read_request(c: &mut std::net::TcpStream) -> Option<Vec<ChunkId>> {
-        wire::decode_request(&spore_testkit::read_http_body(c)?).ok()
+        let peer = crate::fake_peer::serve(acts, Arc::new(move |id| chunks.get(id).cloned()));
+        (peer.url(), peer.asked)
     }
 
     /// `n` chunks in a sender's store: their ids and chunk files.

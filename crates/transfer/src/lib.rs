@@ -6,6 +6,8 @@
 //! it is stored or used, so a lying or broken remote costs a retry
 //! elsewhere, never a wrong byte. See docs/distribution.md.
 
+#[cfg(any(test, feature = "fake-peers"))]
+pub mod fake_peer;
 pub mod fetcher;
 pub mod links;
 pub mod popularity;

@@ -2,8 +2,6 @@
 //! directory, the `spore` CLI against it, and the demo guest.
 #![allow(dead_code)]
 
-pub mod fake_peer;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
