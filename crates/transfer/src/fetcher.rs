@@ -912,31 +912,37 @@ mod tests {
         )
     }
 
+    /// Reads 6 chunks one at a time, `pause` apart, from a first source
+    /// acting as `first` and a good origin: the slowest read, and how many
+    /// requests each source was sent.
+    fn reads_past(first: Acts, pause: Duration) -> (Duration, usize, usize, Fetcher) {
+        let (ids, files, dir) = chunks(6);
+        let (first, first_asked) = source(first, files.clone());
+        let (origin, origin_asked) = source(Acts::Good, files);
+        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
+        let f = fetcher(&[&first, &origin]);
+        let mut slowest = Duration::ZERO;
+        for id in &ids {
+            let started = std::time::Instant::now();
+            f.fetch(&store, &[*id]).unwrap();
+            slowest = slowest.max(started.elapsed());
+            std::thread::sleep(pause);
+        }
+        let asked = (
+            first_asked.load(Ordering::SeqCst),
+            origin_asked.load(Ordering::SeqCst),
+        );
+        (slowest, asked.0, asked.1, f)
+    }
+
     /// A source that accepts and never answers costs a reader a hedge
     /// (a few times the usual latency), not the 10 s timeout; it is then
     /// passed over while its request hangs, and backed off once it fails.
     #[test]
     fn a_wedged_first_source_costs_a_hedge_not_a_timeout() {
-        let (ids, files, dir) = chunks(6);
-        let (wedged, wedged_asked) = source(Acts::Wedged, files.clone());
-        let (origin, _) = source(Acts::Good, files);
-        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
-        let f = fetcher(&[&wedged, &origin]);
-        for id in &ids {
-            let started = std::time::Instant::now();
-            f.fetch(&store, &[*id]).unwrap();
-            assert!(
-                started.elapsed() < Duration::from_secs(3),
-                "a read took {:?} with a wedged first source",
-                started.elapsed()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        assert!(
-            wedged_asked.load(Ordering::SeqCst) <= 2,
-            "the wedged source was asked {} times",
-            wedged_asked.load(Ordering::SeqCst)
-        );
+        let (slowest, wedged, _, f) = reads_past(Acts::Wedged, Duration::from_millis(300));
+        assert!(slowest < Duration::from_secs(3), "a read took {slowest:?}");
+        assert!(wedged <= 2, "the wedged source was asked {wedged} times");
         assert!(f.stats.hedged.load(Ordering::Relaxed) >= 1);
     }
 
@@ -944,22 +950,11 @@ mod tests {
     /// the faster one once it has been measured.
     #[test]
     fn a_slow_source_is_passed_over_for_a_faster_one() {
-        let (ids, files, dir) = chunks(6);
-        let (slow, slow_asked) = source(Acts::Slow(Duration::from_secs(1)), files.clone());
-        let (origin, origin_asked) = source(Acts::Good, files);
-        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
-        let f = fetcher(&[&slow, &origin]);
-        for id in &ids {
-            let started = std::time::Instant::now();
-            f.fetch(&store, &[*id]).unwrap();
-            assert!(started.elapsed() < Duration::from_secs(3));
-        }
-        assert!(origin_asked.load(Ordering::SeqCst) >= ids.len() - 1);
-        assert!(
-            slow_asked.load(Ordering::SeqCst) <= 2,
-            "the slow source was asked {} times",
-            slow_asked.load(Ordering::SeqCst)
-        );
+        let (slowest, slow, origin, _) =
+            reads_past(Acts::Slow(Duration::from_secs(1)), Duration::ZERO);
+        assert!(slowest < Duration::from_secs(3), "a read took {slowest:?}");
+        assert!(origin >= 5, "the origin was asked {origin} times");
+        assert!(slow <= 2, "the slow source was asked {slow} times");
     }
 
     /// A source a little slower than the next (a relay fetching upstream
@@ -968,22 +963,12 @@ mod tests {
     /// tree's subtree does not move onto the origin.
     #[test]
     fn a_source_a_little_slower_than_the_origin_keeps_its_place() {
-        let (ids, files, dir) = chunks(6);
-        let (relay, relay_asked) = source(Acts::Slow(Duration::from_millis(120)), files.clone());
-        let (origin, origin_asked) = source(Acts::Good, files);
-        let store = ChunkStore::open(dir.path().join("b"), Default::default()).unwrap();
-        let f = fetcher(&[&relay, &origin]);
-        for id in &ids {
-            f.fetch(&store, &[*id]).unwrap();
-        }
+        let (_, relay, origin, _) =
+            reads_past(Acts::Slow(Duration::from_millis(120)), Duration::ZERO);
         // The first read may be hedged (nothing is measured yet, and a
         // loaded machine may be slow to connect); none after it.
-        assert_eq!(relay_asked.load(Ordering::SeqCst), ids.len());
-        assert!(
-            origin_asked.load(Ordering::SeqCst) <= 1,
-            "the origin was asked {} times",
-            origin_asked.load(Ordering::SeqCst)
-        );
+        assert_eq!(relay, 6);
+        assert!(origin <= 1, "the origin was asked {origin} times");
     }
 
     /// Three readers of one chunk whose only source is wedged all fail at
