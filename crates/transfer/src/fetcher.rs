@@ -260,19 +260,7 @@ impl Fetcher {
         class: Class,
         budget: Duration,
     ) -> Result<(), FetchError> {
-        let deadline = Instant::now() + budget;
-        match class {
-            Class::Demand => {
-                self.demand.fetch_add(1, Ordering::AcqRel);
-                let _done = DemandGuard(&self.demand);
-                if let Some(first) = ids.first() {
-                    let mut last = self.last_demand.lock();
-                    *last = (last.0 + 1, Some(*first));
-                }
-                self.fetch_from_remotes(store, ids, class, deadline)
-            }
-            Class::Background => self.fetch_from_remotes(store, ids, class, deadline),
-        }
+        self.fetch_within_each(store, ids, class, budget, &mut |_| {})
     }
 
     /// [`Fetcher::fetch_within`], calling `each` with every chunk of `ids`
