@@ -270,10 +270,23 @@ impl Bench {
             }
         });
         for node in 1..=n {
+            // Everything but the host's certificate (the cluster issued
+            // it once, at `up`).
             let dir = self.node_dir(node);
+            let keep = spore_pki::default_tls_dir(&dir);
             if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("wiping {}", dir.display()))?;
+                for entry in std::fs::read_dir(&dir)? {
+                    let path = entry?.path();
+                    if path == keep {
+                        continue;
+                    }
+                    let removed = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    removed.with_context(|| format!("wiping {}", path.display()))?;
+                }
             }
         }
         for node in 1..=n {
