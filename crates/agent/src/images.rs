@@ -242,8 +242,9 @@ impl Images {
             return Ok(rec);
         }
         let old = rec.manifest;
+        let bound_at = resolved.bound_at;
         let rec = self.adopt(name, resolved, Some(rec))?;
-        tracing::info!(image = name, from = %old, to = %rec.manifest, "the origin binds the name to a new version; new disks and VMs use it");
+        tracing::info!(image = name, from = %old, to = %rec.manifest, bound_at, "the origin binds the name to a new version; new disks and VMs use it");
         Ok(rec)
     }
 
@@ -291,6 +292,7 @@ impl Images {
             manifest,
             profile,
             popular,
+            ..
         } = resolved;
         let fetch = |ids: &[spore_chunks::ChunkId]| {
             fetcher

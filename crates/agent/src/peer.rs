@@ -324,21 +324,21 @@ async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -
                 }
                 other => other,
             };
-            let mut found = own.map(|r| (r.manifest, r.profile));
+            let mut found = own.map(|r| (r.manifest, r.profile, r.created));
             let mut in_origin_store = false;
             if let (None, Some(store)) = (found, &a.origin_store) {
                 found = store
-                    .get_image(&name)
+                    .get_image_at(&name)
                     .await?
-                    .map(|r| (r.manifest, r.profile));
+                    .map(|(r, at)| (r.manifest, r.profile, at));
                 in_origin_store = found.is_some();
             }
-            let (manifest, profile) = match found {
+            let (manifest, profile, bound_at) = match found {
                 Some(f) => f,
                 None if a.config.relay => {
                     let a = a.clone();
                     let rec = off_thread(move || a.images.resolve_image(&name)).await?;
-                    (rec.manifest, rec.profile)
+                    (rec.manifest, rec.profile, rec.created)
                 }
                 None => {
                     return Err(AgentError::NotFound {
@@ -347,7 +347,10 @@ async fn resolve(State(a): S, Name(name): Name, Query(q): Query<ResolveQuery>) -
                     })
                 }
             };
-            let mut body = serde_json::json!({ "manifest": manifest.to_hex() });
+            // The manifest is the version; `bound_at` (unix seconds) says
+            // since when the name has pointed at it here.
+            let mut body =
+                serde_json::json!({ "manifest": manifest.to_hex(), "bound_at": bound_at });
             if let Some(p) = profile {
                 body["profile"] = p.to_hex().into();
             }

@@ -241,6 +241,12 @@ impl OriginStore {
     /// The object at `path`, or None when there is none; objects larger
     /// than `limit` are an error and are not read.
     async fn get_object(&self, path: &Path, limit: u64) -> Result<Option<Bytes>> {
+        Ok(self.get_object_at(path, limit).await?.map(|(b, _)| b))
+    }
+
+    /// [`OriginStore::get_object`] and when the object was last written
+    /// (unix seconds).
+    async fn get_object_at(&self, path: &Path, limit: u64) -> Result<Option<(Bytes, u64)>> {
         let failed = |source| OriginError::Store {
             op: "reading",
             path: path.to_string(),
@@ -257,7 +263,8 @@ impl OriginStore {
                 len: got.meta.size,
             });
         }
-        got.bytes().await.map(Some).map_err(failed)
+        let at = u64::try_from(got.meta.last_modified.timestamp()).unwrap_or(0);
+        got.bytes().await.map(|b| Some((b, at))).map_err(failed)
     }
 
     /// The chunk file of `id` as stored (unverified: the receiver checks
@@ -346,11 +353,20 @@ impl OriginStore {
 
     /// What `name` is bound to, if anything.
     pub async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>> {
-        let Some(bytes) = self.get_object(&image_path(name), MAX_RECORD_LEN).await? else {
+        Ok(self.get_image_at(name).await?.map(|(r, _)| r))
+    }
+
+    /// [`OriginStore::get_image`] and when the name was bound (unix
+    /// seconds: the record object's last write).
+    pub async fn get_image_at(&self, name: &str) -> Result<Option<(ImageRecord, u64)>> {
+        let Some((bytes, at)) = self
+            .get_object_at(&image_path(name), MAX_RECORD_LEN)
+            .await?
+        else {
             return Ok(None);
         };
         ImageRecord::decode(&bytes)
-            .map(Some)
+            .map(|r| Some((r, at)))
             .map_err(|source| OriginError::Record {
                 name: name.into(),
                 source,

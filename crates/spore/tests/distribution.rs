@@ -803,6 +803,18 @@ fn a_name_rebound_at_the_origin_reaches_hosts_that_knew_the_old_one() {
     builder.ok(&["image", "push", "img", "--to", &url(origin_port), "--force"]);
     let second = builder.json(&["image", "inspect", "img", "--json"])["manifest"].clone();
     assert_ne!(first, second);
+    // The origin's answer names the version and since when it is bound.
+    let answer: serde_json::Value = serde_json::from_str(&sh(Command::new("curl")
+        .args(common::curl_tls(&origin.tls_dir()))
+        .args(["-sS", &format!("{}/v1/images/img", url(origin_port))])))
+    .unwrap();
+    assert_eq!(answer["manifest"], second, "{answer}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let bound_at = answer["bound_at"].as_u64().expect("bound_at");
+    assert!(bound_at + 120 >= now && bound_at <= now + 5, "{answer}");
 
     // The background check (every --name-max-age, at least 10 s) sees it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);

@@ -44,6 +44,9 @@ pub struct Resolved {
     /// The image's chunks that the remote's guests and peers asked for
     /// most, most asked for first.
     pub popular: Vec<ChunkId>,
+    /// Since when the name has pointed at this manifest there (unix
+    /// seconds), if the remote says.
+    pub bound_at: Option<u64>,
 }
 
 /// Most popular chunks a resolve answer may carry.
@@ -421,6 +424,7 @@ impl Remote {
             manifest: id,
             profile,
             popular,
+            bound_at: v["bound_at"].as_u64(),
         }))
     }
 
