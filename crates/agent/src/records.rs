@@ -49,11 +49,16 @@ pub struct PeerStats {
 
 impl PeerStats {
     pub fn record(&self, raws: &[Option<bytes::Bytes>]) {
-        use std::sync::atomic::Ordering::Relaxed;
         for r in raws.iter().flatten() {
-            self.chunks.fetch_add(1, Relaxed);
-            self.bytes.fetch_add(r.len() as u64, Relaxed);
+            self.record_one(r.len());
         }
+    }
+
+    /// One chunk file of `len` bytes served.
+    pub fn record_one(&self, len: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.chunks.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(len as u64, Relaxed);
     }
 }
 

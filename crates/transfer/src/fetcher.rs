@@ -243,11 +243,15 @@ impl Fetcher {
         ids: &[ChunkId],
         class: Class,
     ) -> Result<(), FetchError> {
-        let budget = match class {
+        self.fetch_within(store, ids, class, self.budget(class))
+    }
+
+    /// How long a fetch of `class` may take here.
+    fn budget(&self, class: Class) -> Duration {
+        match class {
             Class::Demand => self.demand_deadline,
             Class::Background => BACKGROUND_DEADLINE,
-        };
-        self.fetch_within(store, ids, class, budget)
+        }
     }
 
     /// [`Fetcher::fetch_as`] within `budget`: a relay answering a peer
@@ -294,10 +298,7 @@ impl Fetcher {
     /// [`crate::remote::DEADLINE_HEADER`]): that less a margin, within
     /// what this host would give the same class of fetch itself.
     pub fn relay_budget(&self, class: Class, asked: Option<Duration>) -> Duration {
-        let own = match class {
-            Class::Demand => self.demand_deadline,
-            Class::Background => BACKGROUND_DEADLINE,
-        };
+        let own = self.budget(class);
         match asked {
             Some(a) => a.saturating_sub(RELAY_MARGIN).min(own),
             None => own,
